@@ -1,0 +1,74 @@
+"""Arguments shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefixcap.errors import UserError
+from prefixcap.pretrained import DEFAULT_MODEL, REGISTRY
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str | None = DEFAULT_MODEL) -> None:
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        required=default_model is None,
+        help=f"registered name ({', '.join(REGISTRY)}), model directory or hub repo id"
+        + (f" (default: {default_model})" if default_model else ""),
+    )
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding (unset options use the model's defaults)")
+    group.add_argument("--num-beams", type=int, help="beam search with this many beams (1 = greedy)")
+    group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
+    group.add_argument("--temperature", type=float, help="sampling temperature")
+    group.add_argument("--top-k", type=int, help="sampling: keep only the k most likely tokens")
+    group.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
+    group.add_argument("--num-captions", type=int, help="captions per image (beam search or sampling)")
+    group.add_argument("--max-new-tokens", type=int, help="maximum caption length in tokens")
+    group.add_argument("--min-new-tokens", type=int, help="minimum caption length in tokens")
+    group.add_argument("--length-penalty", type=float, help="beam search length penalty exponent")
+    group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeated tokens")
+    group.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating n-grams of this size")
+    group.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options the user set, with HF `generate` names."""
+    names = {
+        "num_beams": "num_beams", "do_sample": "do_sample", "temperature": "temperature", "top_k": "top_k",
+        "top_p": "top_p", "num_captions": "num_return_sequences", "max_new_tokens": "max_new_tokens",
+        "min_new_tokens": "min_new_tokens", "length_penalty": "length_penalty",
+        "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size", "seed": "seed",
+    }  # fmt: skip
+    kwargs = {hf: getattr(args, arg) for arg, hf in names.items() if getattr(args, arg) is not None}
+    wanted = kwargs.get("num_return_sequences", 1)
+    if wanted > 1 and not kwargs.get("do_sample"):  # several captions need beams or sampling
+        kwargs["num_beams"] = max(kwargs.get("num_beams", 1), wanted)
+    return kwargs
+
+
+def check_generation(defaults: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Reject bad decoding options before any work starts, with the model's defaults applied."""
+    from prefixcap.generation import GenerationOptions
+
+    try:
+        GenerationOptions.from_kwargs({**defaults, **kwargs})
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def load_captioner(args: argparse.Namespace, **kwargs: Any):
+    from prefixcap.captioner import Captioner
+
+    return Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)

@@ -1,0 +1,33 @@
+"""`prefixcap convert-clipcap`: import an original ClipCap checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-clipcap",
+        help="convert a ClipCap (MLP mapper) checkpoint into a prefixcap model directory",
+        description="Convert a ClipCap checkpoint (rmokady/CLIP_prefix_caption, MLP mapper) into a "
+        "prefixcap model directory. The checkpoint is read with torch.load(weights_only=True); prefix "
+        "length and sizes are inferred from its tensors. Captions stop at '.' (ClipCap trained no EOS).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="ClipCap .pt file (e.g. coco_weights.pt)")
+    parser.add_argument("out_dir", type=Path, help="model directory to write")
+    parser.add_argument(
+        "--vision-encoder",
+        default="openai/clip-vit-base-patch32",
+        help="CLIP hub id or directory the checkpoint's features came from (default: %(default)s)",
+    )
+    parser.add_argument("--decoder", default="gpt2", help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefixcap.convert import convert_clipcap
+
+    model = convert_clipcap(args.checkpoint, args.out_dir, vision_encoder=args.vision_encoder, decoder=args.decoder)
+    print(f"wrote {args.out_dir} (mlp mapper, prefix length {model.config.prefix_length}, stop token '.')")
+    return 0

@@ -1,0 +1,357 @@
+"""Readers for the caption dataset formats users already have, all producing `CaptionRecord`s.
+
+Formats, detected from the path unless `format=` is given:
+
+| format       | path                                   | detected by                                  |
+|--------------|----------------------------------------|----------------------------------------------|
+| `coco`       | `captions_train2014.json`              | `.json` with `images` + `annotations`        |
+| `karpathy`   | `dataset_coco.json`                    | `.json` whose images carry `sentences`       |
+| `jsonl`      | `captions.jsonl`                       | `.jsonl`                                     |
+| `csv`        | `captions.csv`                         | `.csv`                                       |
+| `folder`     | `photos/` with `a.jpg` + `a.txt`       | a folder without `.tar` files                |
+| `webdataset` | `shards/`, `x.tar`, `x-{000..009}.tar` | a `.tar`, a folder of them, or a pattern     |
+
+Image files are not opened here: `prepare` reads each one and reports the unreadable ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefixcap.data.records import CaptionRecord, RecordMerger, parse_caption, parse_split, split_name
+from prefixcap.data.shards import expand_shards, is_shard_spec, member_reference, read_members, shard_files, tar_index
+from prefixcap.errors import UserError
+from prefixcap.images import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("coco", "karpathy", "jsonl", "csv", "folder", "webdataset")
+_JSON = "json"  # a .json file, COCO or Karpathy: told apart once the file is parsed
+
+
+def load_records(
+    path: str | Path, *, format: str | None = None, images_root: str | Path | None = None
+) -> list[CaptionRecord]:
+    """Read a caption dataset into records, in a deterministic order.
+
+    `images_root` is the folder relative image paths start from (COCO, Karpathy, JSONL, CSV); it
+    defaults to the dataset file's folder, or its parent if that folder is called `annotations`
+    (COCO's own layout). Folders and shards hold their images themselves and ignore it.
+    Every malformed input raises `UserError` with a one-line message naming the file.
+    """
+    if format is not None and format not in FORMATS:
+        raise UserError(f"unknown dataset format {format!r}; choose one of {', '.join(FORMATS)}")
+    source = str(path)
+    root = Path(images_root) if images_root is not None else None
+    kind = format or _detect_format(source)
+    try:
+        records = _READERS[kind](source, root)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(source, error) from None
+    except OSError as error:
+        raise UserError(f"{error.filename or source}: cannot read ({error.strerror or error})") from None
+    if not records:
+        raise UserError(f"{source}: no captioned images found (read as {kind})")
+    _check_unique_ids(records, source)
+    return records
+
+
+def _detect_format(path: str) -> str:
+    """The format name for `path` (a `.json` file is parsed later to tell COCO from Karpathy)."""
+    location = Path(path)
+    if location.is_dir():
+        return "webdataset" if shard_files(location) else "folder"
+    if location.is_file():
+        suffix = location.suffix.lower()
+        by_suffix = {".json": _JSON, ".jsonl": "jsonl", ".csv": "csv", ".tar": "webdataset"}
+        if suffix not in by_suffix:
+            raise UserError(f"{path}: cannot tell the dataset format from '{suffix}'; pass --format")
+        return by_suffix[suffix]
+    if is_shard_spec(path):
+        return "webdataset"
+    raise UserError(f"{path}: no such file or folder")
+
+
+# --- COCO and Karpathy ---------------------------------------------------------------------------
+
+
+def _read_json(source: str, images_root: Path | None, layout: str | None = None) -> list[CaptionRecord]:
+    """COCO or Karpathy: `layout` if forced by `format=`, else whichever the document looks like."""
+    path = _existing_file(source)
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    images = document.get("images") if isinstance(document, dict) else None
+    if not isinstance(images, list):
+        raise UserError(f"{path}: expected a JSON object with an 'images' list (COCO or Karpathy split file)")
+    layout = layout or ("coco" if "annotations" in document else "karpathy")
+    root = images_root or _default_root(path)
+    if layout == "coco":
+        return _coco_records(document, path, root)
+    return _karpathy_records(images, path, root)
+
+
+def _default_root(path: Path) -> Path:
+    """A dataset file's folder, or the parent of COCO's `annotations/` folder."""
+    return path.parent.parent if path.parent.name == "annotations" else path.parent
+
+
+def _coco_records(document: dict[str, Any], path: Path, root: Path) -> list[CaptionRecord]:
+    """Official COCO captions: `images` [{id, file_name}] and `annotations` [{image_id, caption}]."""
+    annotations = document.get("annotations")
+    if not isinstance(annotations, list):
+        raise UserError(f"{path}: not a COCO caption file (no 'annotations' list)")
+    file_names: dict[Any, str] = {}
+    for n, image in enumerate(document["images"]):
+        if not (isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)):
+            raise UserError(f"{path}: images[{n}] needs an 'id' and a string 'file_name'")
+        file_names[image["id"]] = image["file_name"]
+    captions: dict[Any, list[str]] = {}
+    for n, annotation in enumerate(annotations):
+        if not (isinstance(annotation, dict) and "image_id" in annotation and "caption" in annotation):
+            raise UserError(f"{path}: annotations[{n}] needs an 'image_id' and a 'caption'")
+        if annotation["image_id"] not in file_names:
+            raise UserError(f"{path}: annotations[{n}] names image_id {annotation['image_id']!r}, not in 'images'")
+        caption = parse_caption(annotation["caption"], f"{path}: annotations[{n}]")
+        captions.setdefault(annotation["image_id"], []).append(caption)
+    locate = _coco_image_locator(root)
+    return [
+        CaptionRecord(str(image_id), str(locate(name)), tuple(captions[image_id]), _coco_split(name, path))
+        for image_id, name in file_names.items()
+        if image_id in captions  # COCO lists images without captions too (e.g. test2014)
+    ]
+
+
+def _coco_image_locator(root: Path) -> Callable[[str], Path]:
+    """Resolve a COCO file name under `root`, or under `root/train2014/` for `COCO_train2014_...`."""
+    has_folder = functools.cache(lambda name: (root / name).is_dir())
+
+    def locate(file_name: str) -> Path:
+        match = re.match(r"COCO_([a-z]+\d{4})_", file_name)
+        if match and has_folder(match[1]):
+            return (root / match[1] / file_name).absolute()
+        return (root / file_name).absolute()
+
+    return locate
+
+
+def _coco_split(file_name: str, path: Path) -> str:
+    """The split named in the image file name (`..._val2014_...`), else in the JSON file name."""
+    for name in (file_name, path.name):
+        match = re.search(r"(train|val|test)20\d\d", name)
+        if match:
+            return match[1]
+    return "train"
+
+
+def _karpathy_records(images: list[Any], path: Path, root: Path) -> list[CaptionRecord]:
+    """Karpathy split files (`dataset_coco.json`, also Flickr8k/30k): images with their sentences."""
+    records = []
+    for n, image in enumerate(images):
+        where = f"{path}: images[{n}]"
+        if not (isinstance(image, dict) and isinstance(image.get("filename"), str)):
+            raise UserError(f"{where} needs a string 'filename'")
+        if not isinstance(image.get("sentences"), list) or "split" not in image:
+            raise UserError(f"{where} needs a 'sentences' list and a 'split' (is this a Karpathy split file?)")
+        relative = Path(image.get("filepath", ""), image["filename"])  # Flickr files have no filepath
+        captions = []
+        for sentence in image["sentences"]:
+            if not (isinstance(sentence, dict) and "raw" in sentence):
+                raise UserError(f"{where}: every sentence needs a 'raw' caption")
+            captions.append(parse_caption(sentence["raw"], where))
+        image_id = str(image["cocoid"]) if "cocoid" in image else relative.as_posix()
+        split = parse_split(image["split"], where)  # restval -> train
+        records.append(CaptionRecord(image_id, str((root / relative).absolute()), tuple(captions), split))
+    return records
+
+
+# --- JSONL and CSV -------------------------------------------------------------------------------
+
+
+def _read_jsonl(source: str, images_root: Path | None) -> list[CaptionRecord]:
+    """One JSON object per line; blank lines are allowed."""
+    path = _existing_file(source)
+    root = images_root or path.parent
+    merger = RecordMerger()
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            _add_row(merger, row, root, where)
+    return merger.records()
+
+
+def _read_csv(source: str, images_root: Path | None) -> list[CaptionRecord]:
+    """A header row, then one row per caption (`caption`) or per image (`captions`: a JSON list)."""
+    path = _existing_file(source)
+    root = images_root or path.parent
+    merger = RecordMerger()
+    with open(path, encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets add a BOM
+        reader = csv.DictReader(file)
+        columns = reader.fieldnames or []
+        if "image" not in columns or not {"caption", "captions"} & set(columns):
+            raise UserError(f"{path}: needs an 'image' column and a 'caption' or 'captions' column (has {columns})")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            # Empty cells count as absent, so one file may mix `caption` rows and `captions` rows.
+            row = {key: value for key, value in row.items() if key is not None and value not in (None, "")}
+            if "captions" in row:
+                try:
+                    row["captions"] = json.loads(row["captions"])
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{where}: 'captions' is not a JSON list ({error.msg})") from None
+            _add_row(merger, row, root, where)
+    return merger.records()
+
+
+def _add_row(merger: RecordMerger, row: dict[str, Any], root: Path, where: str) -> None:
+    """Check one JSONL/CSV row and add its captions to the record of its image."""
+    image = row.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise UserError(f"{where}: needs an 'image' path")
+    if ("caption" in row) == ("captions" in row):
+        raise UserError(f"{where}: needs exactly one of 'caption' (a string) or 'captions' (a list)")
+    if "caption" in row:
+        captions = [parse_caption(row["caption"], where)]
+    elif isinstance(row["captions"], list) and row["captions"]:
+        captions = [parse_caption(caption, where) for caption in row["captions"]]
+    else:
+        raise UserError(f"{where}: 'captions' must be a non-empty list of strings")
+    split = parse_split(row["split"], where) if "split" in row else "train"
+    image_id = str(row.get("image_id", Path(image).as_posix()))
+    merger.add(str((root / image).absolute()), image_id, captions, split, where)
+
+
+# --- Folders and WebDataset shards ---------------------------------------------------------------
+
+
+def _read_folder(source: str, images_root: Path | None) -> list[CaptionRecord]:
+    """Images anywhere under a folder, each captioned by a same-name `.txt` (one caption a line).
+
+    The split is the image's parent folder name when that names a split (`train/`, `val/`,
+    `test/`), else train. Hidden files and folders are skipped.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        raise UserError(f"{source}: not a folder")
+    images = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    records = []
+    for image in images:
+        text_file = image.with_suffix(".txt")
+        captions = _caption_lines(text_file.read_bytes(), str(text_file)) if text_file.is_file() else ()
+        if captions:
+            split = split_name(image.parent.name) or "train"
+            records.append(CaptionRecord(image.relative_to(folder).as_posix(), str(image.absolute()), captions, split))
+    _warn_uncaptioned(len(images) - len(records), source)
+    return records
+
+
+def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecord]:
+    """Samples `key.jpg` (or another image extension) + `key.txt` in tar shards, in shard order.
+
+    The split is the shard's folder name when that names a split, else the first word of the
+    shard's name (`train-000.tar`, `val_00.tar`), else train.
+    """
+    from webdataset.tariterators import base_plus_ext  # WebDataset's own rule for grouping members
+
+    shards = expand_shards(source)
+    root = os.path.commonpath([shard.absolute().parent for shard in shards])  # ids are relative to it
+    records = []
+    for shard in shards:
+        samples: dict[str, dict[str, str]] = {}  # key -> extension -> member name, in tar order
+        for member in tar_index(shard):
+            key, extension = base_plus_ext(member)
+            if key is not None:
+                samples.setdefault(key, {})[extension.lower()] = member
+        # (key, image member, caption member) of each sample that has both.
+        pairs = [(key, _image_member(members), members.get("txt")) for key, members in samples.items()]
+        pairs = [(key, image, text) for key, image, text in pairs if image and text]
+        texts = read_members(shard, [text for _, _, text in pairs])
+        split = _shard_split(shard)
+        shard_id = shard.absolute().relative_to(root).as_posix()
+        for (key, image, text), data in zip(pairs, texts):
+            captions = _caption_lines(data, member_reference(shard, text))
+            if captions:
+                records.append(CaptionRecord(f"{shard_id}#{key}", member_reference(shard, image), captions, split))
+        _warn_uncaptioned(len(samples) - len(pairs), str(shard))
+    return records
+
+
+def _image_member(members: dict[str, str]) -> str | None:
+    """The member holding a sample's image, by WebDataset extension (`jpg`, `png`, ...)."""
+    return next((name for extension, name in members.items() if f".{extension}" in IMAGE_EXTENSIONS), None)
+
+
+def _shard_split(shard: Path) -> str:
+    match = re.match(r"[a-z]+(?=[-_.])", shard.name.lower())
+    return split_name(shard.parent.name) or (match and split_name(match[0])) or "train"
+
+
+def _caption_lines(data: bytes, source: str) -> tuple[str, ...]:
+    """The captions of a `.txt` caption file: its non-empty lines."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(source, error) from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _warn_uncaptioned(count: int, source: str) -> None:
+    if count:
+        logger.warning("%s: skipped %d images without a caption .txt", source, count)
+
+
+# --- shared checks -------------------------------------------------------------------------------
+
+
+def _existing_file(source: str) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: no such file")
+    return path
+
+
+def _not_utf8(source: str, error: UnicodeDecodeError) -> UserError:
+    return UserError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})")
+
+
+def _check_unique_ids(records: list[CaptionRecord], source: str) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.image_id in seen:
+            raise UserError(f"{source}: image_id {record.image_id!r} is used by more than one image")
+        seen.add(record.image_id)
+
+
+_READERS: dict[str, Callable[[str, Path | None], list[CaptionRecord]]] = {
+    _JSON: _read_json,
+    "coco": functools.partial(_read_json, layout="coco"),
+    "karpathy": functools.partial(_read_json, layout="karpathy"),
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "folder": _read_folder,
+    "webdataset": _read_webdataset,
+}

@@ -1,0 +1,105 @@
+"""A synthetic caption dataset whose captions follow from the pixels, for tests and set-up checks.
+
+Each image is one filled shape on a plain background, captioned "a red shape on a white
+background". Only the two colours are named: a randomly initialised CLIP, as used by the tiny test
+models, separates global colours almost perfectly but hardly sees shape or position (a linear
+probe on its features reaches >= 99% on the colour pair and 60-66% on shape). A model that learned
+anything therefore captions held-out images exactly, and one that did not, cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# Object and background palettes are disjoint, so each caption names an unambiguous pixel pair.
+OBJECT_COLORS = {
+    "red": (220, 20, 20),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 0),
+}
+BACKGROUND_COLORS = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "pink": (255, 182, 193),
+}
+# Smallest bounding-box side (fraction of the image side) at which each shape covers >= 1/4 of the
+# image: square s^2, circle pi/4 s^2, triangle s^2/2. Large objects keep colour the dominant feature.
+_SHAPE_MIN_SIDE = {"square": 0.52, "circle": 0.6, "triangle": 0.74}  # with a margin for rasterising
+_MAX_SIDE = 0.9
+SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
+MIN_IMAGE_SIZE = 16
+CAPTIONS_FILE = "captions.jsonl"
+
+
+def caption_for(object_color: str, background_color: str) -> str:
+    return f"a {object_color} shape on a {background_color} background"
+
+
+def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: int = 0, image_size: int = 64) -> Path:
+    """Write `num_images` PNGs under `out_dir/images/` and `out_dir/captions.jsonl`; return the latter.
+
+    Every colour pair appears about equally often, in shuffled order; the first 80% of the images
+    are train, then 10% val and 10% test. The same arguments always give the same files.
+    """
+    if num_images < len(SPLIT_FRACTIONS) + 1:
+        raise ValueError(f"num_images must be at least {len(SPLIT_FRACTIONS) + 1}, one per split")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels")
+    rng = random.Random(seed)
+    pairs = [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS]
+    colors = [pairs[i % len(pairs)] for i in range(num_images)]  # balanced colour pairs...
+    rng.shuffle(colors)  # ...in random order, so every split sees all of them
+    splits = _split_names(num_images)
+    image_dir = Path(out_dir) / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    width = max(4, len(str(num_images - 1)))
+    lines = []
+    for index, (obj, bg) in enumerate(tqdm(colors, desc="drawing", unit="img", disable=None)):
+        name = f"images/{index:0{width}d}.png"
+        _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(Path(out_dir) / name)
+        lines.append(json.dumps({"image": name, "caption": caption_for(obj, bg), "split": splits[index]}))
+    # The captions file comes last and atomically: if it exists, the whole dataset does.
+    return _write_atomic(Path(out_dir) / CAPTIONS_FILE, "\n".join(lines) + "\n")
+
+
+def _split_names(num_images: int) -> list[str]:
+    counts = {split: max(1, round(num_images * fraction)) for split, fraction in SPLIT_FRACTIONS.items()}
+    names = ["train"] * (num_images - sum(counts.values()))
+    for split, count in counts.items():
+        names += [split] * count
+    return names
+
+
+def _draw(rng: random.Random, size: int, color: tuple[int, int, int], background: tuple[int, int, int]) -> Image.Image:
+    """One shape of random kind, size and position, never smaller than a quarter of the image."""
+    shape = rng.choice(sorted(_SHAPE_MIN_SIDE))
+    side = round(size * rng.uniform(_SHAPE_MIN_SIDE[shape], _MAX_SIDE))
+    left, top = rng.randint(0, size - side), rng.randint(0, size - side)
+    box = (left, top, left + side - 1, top + side - 1)  # PIL boxes include their last pixel
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    if shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "circle":
+        draw.ellipse(box, fill=color)
+    else:
+        draw.polygon([(left, box[3]), (box[2], box[3]), (left + (side - 1) / 2, top)], fill=color)
+    return image
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as file:
+        file.write(text)
+    os.replace(file.name, path)
+    return path

@@ -1,0 +1,123 @@
+"""One image loader for every entry point (CLI, Python API, data preparation, server).
+
+Captioning models see RGB pixels, but real inputs arrive as palette GIFs, 16-bit PNGs, CMYK
+JPEGs, rotated phone photos and truncated downloads. Normalising all of that in one place keeps
+every entry point equally robust, and turns every failure into one typed, readable error.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prefixcap.errors import ImageLoadError
+
+ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+
+# Refuse images above this many pixels before decoding them (decompression bombs). 64 MP
+# covers every camera photo; the server and CLI make it configurable.
+DEFAULT_MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser would
+
+
+def load_image(
+    source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Return `source` as an upright RGB PIL image, or raise `ImageLoadError` naming it."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, np.ndarray):
+            image = _from_array(source)
+        else:
+            image = _open(source)
+        _check_size(image, max_pixels)
+        image.seek(0)  # first frame of animations
+        image.load()  # decode now, so truncated files fail here and not later
+        return to_rgb(ImageOps.exif_transpose(image))
+    except ImageLoadError as error:
+        raise ImageLoadError(f"{label}: {error}") from None
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(f"{label}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageLoadError(f"{label}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{label}: not an image, or an unsupported format") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{label}: too many pixels ({error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({error})") from None
+
+
+def _open(source: str | Path | bytes | bytearray) -> Image.Image:
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageLoadError("empty data")
+        stream = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageLoadError("empty file")
+        stream = path
+    with warnings.catch_warnings():
+        # We enforce our own pixel limit below; PIL's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(stream)
+
+
+def _check_size(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageLoadError("image has no pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLoadError(
+            f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})"
+        )
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """Accept HxW or HxWxC arrays of uint8, uint16 or floats in [0, 1]."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageLoadError(f"array of shape {array.shape} is not HxW or HxWx{{1,3,4}}")
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageLoadError(f"array dtype {array.dtype} is not uint8, uint16 or float")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; alpha is composited on white, 16-bit is scaled down."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.uint32)
+        scale = 65535 if pixels.max(initial=0) > 255 else 255
+        return Image.fromarray((pixels * 255 // scale).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        peak = float(pixels.max(initial=0.0)) or 1.0
+        return Image.fromarray((np.clip(pixels / peak, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -1,0 +1,77 @@
+"""Prefix mappers: turn one image embedding into K embeddings in the decoder's input space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefixcap.config import CaptionConfig
+
+
+class LinearMapper(nn.Module):
+    """The seed's mapper: a single Linear + Tanh."""
+
+    def __init__(self, embed_dim: int, hidden_size: int, prefix_length: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(embed_dim, hidden_size * prefix_length), nn.Tanh())
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model(image_embeds)
+
+
+class MLPMapper(nn.Module):
+    """ClipCap's MLP mapper. Submodule names match ClipCap's `clip_project.model.{0,2}` keys."""
+
+    def __init__(self, embed_dim: int, hidden_size: int, prefix_length: int):
+        super().__init__()
+        width = hidden_size * prefix_length
+        self.model = nn.Sequential(nn.Linear(embed_dim, width // 2), nn.Tanh(), nn.Linear(width // 2, width))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model(image_embeds)
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapper: the embedding, expanded to `clip_length` tokens, attends
+    together with K learned constant tokens; the outputs at the constant positions are the prefix."""
+
+    def __init__(
+        self, embed_dim: int, hidden_size: int, prefix_length: int, clip_length: int, num_layers: int, num_heads: int
+    ):
+        super().__init__()
+        self.clip_length = clip_length
+        self.linear = nn.Linear(embed_dim, clip_length * hidden_size)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, hidden_size))
+        layer = nn.TransformerEncoderLayer(
+            hidden_size, num_heads, dim_feedforward=2 * hidden_size, dropout=0.0,
+            activation="relu", batch_first=True, norm_first=True,
+        )  # fmt: skip
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        batch = image_embeds.shape[0]
+        expanded = self.linear(image_embeds).view(batch, self.clip_length, -1)
+        constant = self.prefix_const.unsqueeze(0).expand(batch, -1, -1)
+        return self.transformer(torch.cat([expanded, constant], dim=1))[:, self.clip_length :]
+
+
+class PrefixMapper(nn.Module):
+    """Maps [B, embed_dim] image embeddings to [B, prefix_length, decoder_hidden_size] prefixes."""
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        self.prefix_length = config.prefix_length
+        self.hidden_size = config.decoder_hidden_size
+        sizes = (config.embed_dim, config.decoder_hidden_size, config.prefix_length)
+        if config.mapper == "linear":
+            self.mapper: nn.Module = LinearMapper(*sizes)
+        elif config.mapper == "mlp":
+            self.mapper = MLPMapper(*sizes)
+        else:
+            self.mapper = TransformerMapper(
+                *sizes, config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads
+            )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        prefix = self.mapper(image_embeds)
+        return prefix.reshape(image_embeds.shape[0], self.prefix_length, self.hidden_size)

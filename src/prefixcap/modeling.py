@@ -1,0 +1,314 @@
+"""CaptionModel: frozen CLIP image encoder -> PrefixMapper -> causal LM decoder (the ClipCap design).
+
+A model directory is self-contained:
+
+    config.json              CaptionConfig
+    mapper.safetensors       PrefixMapper weights
+    vision_encoder/          CLIPVisionModelWithProjection (absent when stored as a reference)
+    decoder/                 the causal LM (absent when a frozen decoder is stored as a reference)
+    tokenizer/               the decoder's tokenizer
+    image_processor/         the encoder's CLIPImageProcessor
+
+Everything loads from safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from prefixcap.config import CaptionConfig
+from prefixcap.errors import ModelLoadError
+from prefixcap.generation import GenerationOptions, generate_from_prefix
+from prefixcap.mapping import PrefixMapper
+
+MAPPER_WEIGHTS = "mapper.safetensors"
+
+
+class CaptionModel(nn.Module):
+    def __init__(
+        self,
+        config: CaptionConfig,
+        vision_encoder: CLIPVisionModelWithProjection,
+        decoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: CLIPImageProcessorPil,
+        mapper: PrefixMapper | None = None,
+    ):
+        super().__init__()
+        _check_sizes(config, vision_encoder, decoder)
+        self.config = config
+        self.vision_encoder = vision_encoder.eval().requires_grad_(False)
+        self.mapper = mapper if mapper is not None else PrefixMapper(config)
+        self.decoder = decoder
+        if config.freeze_decoder:
+            self.decoder.requires_grad_(False)
+        if tokenizer.pad_token_id is None:  # GPT-2 has no pad token; padding is masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    # ------------------------------------------------------------------ building and loading
+    @classmethod
+    def from_components(
+        cls,
+        vision_encoder: str = "openai/clip-vit-base-patch32",
+        decoder: str = "gpt2",
+        mapper: str = "mlp",
+        prefix_length: int = 10,
+        freeze_decoder: bool = False,
+        **config_overrides: Any,
+    ) -> "CaptionModel":
+        """A new model with an untrained mapper, from an encoder and a decoder (hub ids or dirs)."""
+        encoder_model = load_vision_encoder(vision_encoder)
+        decoder_model = _load_decoder(decoder)
+        config = CaptionConfig(
+            vision_encoder=str(vision_encoder),
+            decoder=str(decoder),
+            mapper=mapper,
+            prefix_length=prefix_length,
+            embed_dim=encoder_model.config.projection_dim,
+            decoder_hidden_size=decoder_model.get_input_embeddings().embedding_dim,
+            freeze_decoder=freeze_decoder,
+            **config_overrides,
+        )
+        return cls(config, encoder_model, decoder_model, _load_tokenizer(decoder), load_image_processor(vision_encoder))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> "CaptionModel":
+        """Load a registered name (`clipcap-coco`), a local model directory or a hub repo id."""
+        directory = resolve_model_dir(name_or_dir)
+        config = CaptionConfig.load(directory)
+        encoder_source = _local_or(directory / "vision_encoder", config.vision_encoder)
+        decoder_source = _local_or(directory / "decoder", config.decoder)
+        model = cls(
+            config,
+            load_vision_encoder(encoder_source),
+            _load_decoder(decoder_source),
+            _load_tokenizer(_local_or(directory / "tokenizer", config.decoder)),
+            load_image_processor(_local_or(directory / "image_processor", config.vision_encoder)),
+        )
+        mapper_path = directory / MAPPER_WEIGHTS
+        if not mapper_path.is_file():
+            raise ModelLoadError(f"{directory}: missing {MAPPER_WEIGHTS}")
+        try:
+            model.mapper.load_state_dict(load_file(mapper_path))
+        except RuntimeError as error:  # wrong keys or shapes: summarise, no tensor dump
+            first = str(error).splitlines()[1:2] or [str(error)]
+            raise ModelLoadError(f"{mapper_path}: does not match config.json ({first[0].strip()})") from None
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory: str | Path, *, save_frozen: bool = True) -> None:
+        """Write a model directory atomically. `save_frozen=False` stores frozen parts (the image
+        encoder, and a frozen decoder) as references to their hub ids instead of copying them."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.config.save(staging)
+            save_file({k: v.contiguous() for k, v in self.mapper.state_dict().items()}, staging / MAPPER_WEIGHTS)
+            if save_frozen:
+                self.vision_encoder.save_pretrained(staging / "vision_encoder")
+            if save_frozen or not self.config.freeze_decoder:
+                self.decoder.save_pretrained(staging / "decoder")
+            self.tokenizer.save_pretrained(staging / "tokenizer")
+            self.image_processor.save_pretrained(staging / "image_processor")
+            _replace_dir(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload prefixcap model") -> str:
+        """Upload a self-contained model directory to the Hugging Face hub; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as staging:
+            self.save_pretrained(Path(staging) / "model")
+            info = api.upload_folder(repo_id=repo_id, folder_path=Path(staging) / "model", commit_message=commit_message)
+        return str(info)
+
+    # ------------------------------------------------------------------ forward passes
+    @property
+    def device(self) -> torch.device:
+        return next(self.mapper.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, embed_dim], as CLIP's `get_image_features` gives."""
+        pixel_values = pixel_values.to(self.vision_encoder.device, self.vision_encoder.dtype)
+        return self.vision_encoder(pixel_values=pixel_values).image_embeds
+
+    def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Mapper output [B, K, hidden], in the decoder's dtype."""
+        mapper_dtype = next(self.mapper.parameters()).dtype
+        prefix = self.mapper(image_embeds.to(self.device, mapper_dtype))
+        return prefix.to(self.decoder.dtype)
+
+    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of pixel_values or image_embeds")
+        if image_embeds is None:
+            return self.encode_images(pixel_values)
+        if image_embeds.shape[-1] != self.config.embed_dim:
+            raise ValueError(
+                f"image_embeds have size {image_embeds.shape[-1]}, but this model's mapper expects "
+                f"{self.config.embed_dim} (features from a different image encoder?)"
+            )
+        return image_embeds
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """Teacher-forced pass over [prefix; caption tokens]. Logits cover both; the loss ignores the
+        prefix and every label set to -100 (padding)."""
+        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))
+        batch, prefix_length = prefix.shape[:2]
+        tokens = self.decoder.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix_mask = attention_mask.new_ones(batch, prefix_length)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((batch, prefix_length), -100), labels], dim=1)
+        return self.decoder(
+            inputs_embeds=torch.cat([prefix, tokens], dim=1),
+            attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
+            labels=labels,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        image_embeds: torch.Tensor | None = None,
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        """Caption token ids [B * num_return_sequences, T], padded with the pad token after the
+        stop. `image_embeds` (projected encoder embeddings) skip the image encoder."""
+        options = GenerationOptions.from_kwargs({**self.config.generation, **generation_kwargs})
+        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))
+        return generate_from_prefix(
+            self.decoder,
+            prefix,
+            options,
+            eos_token_ids=self.stop_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def stop_token_ids(self) -> list[int]:
+        """EOS, plus the configured stop token (ClipCap models were trained to end at ".")."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.config.stop_token:
+            stop = self.tokenizer.encode(self.config.stop_token, add_special_tokens=False)
+            if len(stop) != 1:
+                raise ModelLoadError(f"stop_token {self.config.stop_token!r} is not a single token")
+            ids.append(stop[0])
+        return ids
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+
+# ---------------------------------------------------------------------- component loaders
+def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
+    """The CLIP vision tower with its projection, from a full CLIP or a vision-only checkpoint."""
+    config = _hf_call(AutoConfig.from_pretrained, source, "image encoder config")
+    if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives at top level
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        config = vision_config
+    if config.model_type != "clip_vision_model":
+        raise ModelLoadError(f"{source}: expected a CLIP model, found model_type {config.model_type!r}")
+    return _hf_call(CLIPVisionModelWithProjection.from_pretrained, source, "image encoder", config=config, use_safetensors=True)
+
+
+def load_image_processor(source: str | Path) -> CLIPImageProcessorPil:
+    return _hf_call(CLIPImageProcessorPil.from_pretrained, source, "image processor")
+
+
+def _load_decoder(source: str | Path) -> PreTrainedModel:
+    return _hf_call(AutoModelForCausalLM.from_pretrained, source, "decoder", use_safetensors=True)
+
+
+def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    return _hf_call(AutoTokenizer.from_pretrained, source, "tokenizer")
+
+
+def _hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
+    """Run a transformers loader; turn its missing-file and bad-id errors into one clear line."""
+    try:
+        return loader(str(source), **kwargs)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None
+
+
+def _check_sizes(config: CaptionConfig, encoder: CLIPVisionModelWithProjection, decoder: PreTrainedModel) -> None:
+    encoder_dim = encoder.config.projection_dim
+    if encoder_dim != config.embed_dim:
+        raise ModelLoadError(
+            f"image encoder {config.vision_encoder!r} gives {encoder_dim}-d embeddings, but the mapper "
+            f"expects {config.embed_dim}-d; use the encoder the model was trained with"
+        )
+    hidden = decoder.get_input_embeddings().embedding_dim
+    if hidden != config.decoder_hidden_size:
+        raise ModelLoadError(
+            f"decoder {config.decoder!r} has hidden size {hidden}, but the mapper produces "
+            f"{config.decoder_hidden_size}-d prefixes; use the decoder the model was trained with"
+        )
+
+
+def _local_or(local: Path, reference: str) -> str | Path:
+    return local if local.is_dir() else reference
+
+
+def resolve_model_dir(name_or_dir: str | Path) -> Path:
+    """A registered name, a local directory or a hub repo id, as a local directory."""
+    from prefixcap import pretrained
+
+    if str(name_or_dir) in pretrained.REGISTRY:
+        return pretrained.resolve(str(name_or_dir))
+    path = Path(name_or_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: is a file; a model is a directory (see `prefixcap convert-clipcap`)")
+        return path
+    return pretrained.download_model_repo(str(name_or_dir))
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap `staging` into place so a reader never sees a half-written model directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)

@@ -1,0 +1,84 @@
+"""Named pretrained models, resolved and cached on first use (like open_clip's registry)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefixcap.errors import ModelLoadError
+
+DEFAULT_MODEL = "clipcap-coco"
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    repo_id: str  # hub repo holding the original ClipCap checkpoint
+    filename: str  # checkpoint file in that repo
+    vision_encoder: str  # CLIP the features came from
+    decoder: str  # base decoder architecture and tokenizer
+    description: str
+
+
+REGISTRY: dict[str, PretrainedSpec] = {
+    "clipcap-coco": PretrainedSpec(
+        "akhaliq/CLIP-prefix-captioning-COCO-weights", "coco_weights.pt",
+        "openai/clip-vit-base-patch32", "gpt2", "ClipCap MLP mapper (K=10) + fine-tuned GPT-2, trained on COCO",
+    ),
+    "clipcap-conceptual": PretrainedSpec(
+        "akhaliq/CLIP-prefix-captioning-conceptual-weights", "conceptual_weights.pt",
+        "openai/clip-vit-base-patch32", "gpt2",
+        "ClipCap MLP mapper (K=10) + fine-tuned GPT-2, trained on Conceptual Captions",
+    ),
+}  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """Converted models live beside the Hugging Face cache, so one setting moves both."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("PREFIXCAP_CACHE", Path(constants.HF_HOME) / "prefixcap"))
+
+
+def resolve(name: str) -> Path:
+    """Download and convert a registered checkpoint the first time; afterwards read the cache."""
+    from prefixcap.convert import convert_clipcap
+
+    spec = REGISTRY[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    checkpoint = _hub_download(spec.repo_id, spec.filename, name)
+    convert_clipcap(checkpoint, target, vision_encoder=spec.vision_encoder, decoder=spec.decoder, save_frozen=False)
+    return target
+
+
+def download_model_repo(repo_id: str) -> Path:
+    """A prefixcap model directory pushed to the hub with `push_to_hub`."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(f"{repo_id}: no such directory, and it is not in the hub cache (offline?)") from None
+    except (HfHubHTTPError, ValueError) as error:
+        names = ", ".join(REGISTRY)
+        raise ModelLoadError(
+            f"{repo_id}: not a model directory, a registered name ({names}) or a reachable hub repo ({error})"
+        ) from None
+
+
+def _hub_download(repo_id: str, filename: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{name}: {repo_id}/{filename} is not cached and the hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); connect once, or pass --model with a local directory"
+        ) from None
+    except HfHubHTTPError as error:
+        raise ModelLoadError(f"{name}: downloading {repo_id}/{filename} failed ({error})") from None
