@@ -98,14 +98,15 @@ class CaptionModel(nn.Module):
         """Load a registered name (`clipcap-coco`), a local model directory or a hub repo id."""
         directory = resolve_model_dir(name_or_dir)
         config = CaptionConfig.load(directory)
-        encoder_source = _local_or(directory / "vision_encoder", config.vision_encoder)
-        decoder_source = _local_or(directory / "decoder", config.decoder)
+        for required in ["tokenizer", "image_processor"] + ([] if config.freeze_decoder else ["decoder"]):
+            if not (directory / required).is_dir():
+                raise ModelLoadError(f"{directory}: missing {required}/ (the directory is incomplete)")
         model = cls(
             config,
-            load_vision_encoder(encoder_source),
-            _load_decoder(decoder_source),
-            _load_tokenizer(_local_or(directory / "tokenizer", config.decoder)),
-            load_image_processor(_local_or(directory / "image_processor", config.vision_encoder)),
+            load_vision_encoder(_local_or(directory / "vision_encoder", config.vision_encoder)),
+            _load_decoder(_local_or(directory / "decoder", config.decoder)),
+            _load_tokenizer(directory / "tokenizer"),
+            load_image_processor(directory / "image_processor"),
         )
         mapper_path = directory / MAPPER_WEIGHTS
         if not mapper_path.is_file():

@@ -292,11 +292,12 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
         texts = read_members(shard, [text for _, _, text in pairs])
         split = _shard_split(shard)
         shard_id = shard.absolute().relative_to(root).as_posix()
+        found = len(records)
         for (key, image, text), data in zip(pairs, texts):
             captions = _caption_lines(data, member_reference(shard, text))
             if captions:
                 records.append(CaptionRecord(f"{shard_id}#{key}", member_reference(shard, image), captions, split))
-        _warn_uncaptioned(len(samples) - len(pairs), str(shard))
+        _warn_uncaptioned(len(samples) - (len(records) - found), str(shard))
     return records
 
 
@@ -321,7 +322,7 @@ def _caption_lines(data: bytes, source: str) -> tuple[str, ...]:
 
 def _warn_uncaptioned(count: int, source: str) -> None:
     if count:
-        logger.warning("%s: skipped %d images without a caption .txt", source, count)
+        logger.warning("%s: skipped %d samples without an image or a non-empty caption .txt", source, count)
 
 
 # --- shared checks -------------------------------------------------------------------------------

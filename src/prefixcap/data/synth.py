@@ -38,6 +38,7 @@ BACKGROUND_COLORS = {
 _SHAPE_MIN_SIDE = {"square": 0.52, "circle": 0.6, "triangle": 0.74}  # with a margin for rasterising
 _MAX_SIDE = 0.9
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
+MIN_NUM_IMAGES = len(SPLIT_FRACTIONS) + 1  # one image per split at least
 MIN_IMAGE_SIZE = 16
 CAPTIONS_FILE = "captions.jsonl"
 
@@ -52,8 +53,8 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: 
     Every colour pair appears about equally often, in shuffled order; the first 80% of the images
     are train, then 10% val and 10% test. The same arguments always give the same files.
     """
-    if num_images < len(SPLIT_FRACTIONS) + 1:
-        raise ValueError(f"num_images must be at least {len(SPLIT_FRACTIONS) + 1}, one per split")
+    if num_images < MIN_NUM_IMAGES:
+        raise ValueError(f"num_images must be at least {MIN_NUM_IMAGES}, one per split")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels")
     rng = random.Random(seed)

@@ -18,6 +18,7 @@ import subprocess
 import urllib.error
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from prefixcap.errors import UserError
@@ -156,13 +157,21 @@ def _run_spice(
     gts: dict[str, list[str]], res: dict[str, list[str]], skipped: dict[str, str]
 ) -> list[tuple[str, float, Sequence[float]]]:
     """SPICE, or nothing with a one-line reason: it needs a CoreNLP download and a Java 8/11 JVM."""
+    from pycocoevalcap.spice import get_stanford_models
     from pycocoevalcap.spice.spice import Spice
 
     try:
         with captured_output() as output:  # download progress, Java stack traces
             corpus, per_image = Spice().compute_score(gts, res)  # downloads CoreNLP (~400 MB) once
-    except (urllib.error.URLError, OSError) as error:
-        reason = f"could not download Stanford CoreNLP, which SPICE needs ({error})"
+    except urllib.error.URLError as error:
+        lib = Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB)
+        reason = (
+            f"it needs Stanford CoreNLP 3.6.0, downloaded on first use, and the download failed "
+            f"({getattr(error, 'reason', error)}); run once online, or put {get_stanford_models.JAR}.jar and "
+            f"{get_stanford_models.JAR}-models.jar into {lib}"
+        )
+    except OSError as error:  # e.g. pycocoevalcap's folder is read-only: it writes temp files there
+        reason = f"could not run it ({error})"
     except subprocess.CalledProcessError as error:
         reason = f"its Java program failed with status {error.returncode} ({_java_error(output)}); SPICE 1.0 runs on Java 8 or 11"
     else:

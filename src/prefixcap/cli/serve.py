@@ -1,0 +1,108 @@
+"""`prefixcap serve`: an HTTP API and a web page for a model, with dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from typing import Callable
+
+from prefixcap.cli.common import add_model_arguments, load_captioner
+from prefixcap.images import DEFAULT_MAX_PIXELS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP: JSON API, web page, metrics",
+        description="Serve a model with FastAPI and uvicorn. Open http://HOST:PORT/ for a web page; "
+        "POST images to /v1/caption (multipart field 'images', or JSON {\"images\": [base64, ...]}); "
+        "GET /health, /metrics (Prometheus) and /docs (OpenAPI). Requests that arrive together are "
+        "captioned in one model batch.",
+        conflict_handler="resolve",  # lets --max-batch-size below take over the shared --batch-size
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--max-batch-size",
+        "--batch-size",
+        dest="batch_size",
+        metavar="N",
+        type=_at_least(int, 1),
+        default=32,
+        help="most images in one model batch; 1 turns batching off (default: 32)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        metavar="MS",
+        type=_at_least(float, 0),
+        default=10.0,
+        help="longest an image waits for others to share its batch (default: 10)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; the server has no "
+        "authentication, so think twice before 0.0.0.0)",
+    )
+    parser.add_argument("--port", type=_at_least(int, 0), default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--max-upload-mb",
+        metavar="MB",
+        type=_at_least(float, 0.001),
+        default=20.0,
+        help="largest request body in MiB; larger ones get 413 (default: 20)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        metavar="N",
+        type=_at_least(int, 1),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest image, in pixels (width x height); larger ones get 400 (default: {DEFAULT_MAX_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="uvicorn log level (default: info)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from prefixcap.serving import ServerConfig, create_app
+
+    if not _is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach it can use this server", file=sys.stderr)
+    captioner = load_captioner(args, max_pixels=args.max_pixels)
+    config = ServerConfig(
+        model_name=args.model,
+        max_batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+    )
+    uvicorn.run(create_app(captioner, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _at_least(type_: Callable[[str], float], low: float) -> Callable[[str], float]:
+    """An argparse type that also checks a lower bound, so mistakes fail before the model loads."""
+
+    def parse(text: str) -> float:
+        value = type_(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+

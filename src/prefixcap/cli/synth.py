@@ -1,0 +1,51 @@
+"""`prefixcap synth`: write a small synthetic dataset to try the pipeline end to end."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, make_synthetic_dataset
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "synth",
+        help="write a synthetic captioned image set for checking a set-up",
+        description="Draw images of one coloured shape on a coloured background, captioned "
+        "'a red shape on a white background', and write OUT_DIR/images/*.png plus "
+        "OUT_DIR/captions.jsonl with train/val/test splits (80/10/10). A working pipeline "
+        "(prepare, train, caption) learns these captions even with tiny models on a CPU.",
+    )
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
+    parser.add_argument(
+        "--num-images", type=_int_at_least(MIN_NUM_IMAGES), default=600, metavar="N", help="number of images (default: 600)"
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)")
+    parser.add_argument(
+        "--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64, metavar="PX",
+        help="image width and height in pixels (default: 64)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    captions = make_synthetic_dataset(args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {args.num_images} images and {captions}")
+    return 0
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for integers >= `minimum`, so bad values fail before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse

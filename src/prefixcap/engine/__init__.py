@@ -1,0 +1,84 @@
+"""Fast batched decoding from prefix embeddings for GPT-2 decoders.
+
+`generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on GPT-2: it prefills the
+prefix once per input, keeps the KV cache in one preallocated tensor, runs greedy, sampling and
+beam search batched with finished rows masked, and never syncs with the host inside the step loop.
+On CUDA each decode step is replayed from a CUDA graph. Other decoders keep using HF `generate`
+(see `supports`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from prefixcap.engine.gpt2 import GPT2Forward, supports
+from prefixcap.engine.runner import DecodeRunner
+from prefixcap.engine.spec import DecodeSpec, GenerationOptionsLike
+
+__all__ = ["DecodeSpec", "generate_from_prefix", "supports"]
+
+# Graphed runners kept per decoder (each holds a KV cache for its batch size).
+MAX_CACHED_RUNNERS = 4
+
+_runners: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, DecodeRunner]] = weakref.WeakKeyDictionary()
+_runners_lock = threading.Lock()  # graphed runners own shared buffers: one decode at a time
+
+
+@torch.no_grad()
+def generate_from_prefix(
+    decoder: nn.Module,
+    prefix_embeds: torch.Tensor,
+    options: GenerationOptionsLike,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    cuda_graphs: bool = True,
+    compile_blocks: bool = False,
+) -> torch.Tensor:
+    """New token ids [B * num_return_sequences, T] continuing `prefix_embeds` [B, K, E].
+
+    Rows keep their stop token (any of `eos_token_ids`) and are padded with `pad_token_id` after
+    it; T is the longest row. Sampling is reproducible for a fixed `options.seed`. On CUDA, steps
+    run as CUDA graphs unless `cuda_graphs=False`, and `compile_blocks=True` also fuses the
+    blocks' elementwise work with `torch.compile` (slow to start, faster per step).
+    """
+    if not supports(decoder):
+        raise ValueError(f"the decoding engine supports plain GPT-2 decoders, not {type(decoder).__name__}")
+    spec = DecodeSpec.from_options(options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
+    batch, prefix_length, _ = prefix_embeds.shape
+    prefix_embeds = prefix_embeds.to(decoder.device, decoder.dtype)
+    if decoder.device.type != "cuda" or not cuda_graphs:
+        model = GPT2Forward(decoder, compile_blocks=compile_blocks)
+        return DecodeRunner(model, spec, batch, prefix_length).run(prefix_embeds, seed)
+
+    # Runners hold a power-of-two batch (extra rows are padding) so that a few captured shapes
+    # serve every batch size.
+    capacity = 1 << (batch - 1).bit_length()
+    with _runners_lock:
+        runner = _graphed_runner(decoder, spec, capacity, prefix_length, compile_blocks)
+        return runner.run(prefix_embeds, seed)
+
+
+def _graphed_runner(
+    decoder: nn.Module, spec: DecodeSpec, batch: int, prefix_length: int, compile_blocks: bool
+) -> DecodeRunner:
+    """A captured runner for this shape, from the per-decoder cache (least recently used out).
+    The key includes the weights' address and dtype: graphs read the weights in place."""
+    weights = decoder.get_input_embeddings().weight
+    key = (spec, batch, prefix_length, compile_blocks, weights.data_ptr(), weights.dtype)
+    runners = _runners.setdefault(decoder, OrderedDict())
+    if key in runners:
+        runners.move_to_end(key)
+        return runners[key]
+    runner = DecodeRunner(GPT2Forward(decoder, compile_blocks=compile_blocks), spec, batch, prefix_length)
+    runner.capture()
+    runners[key] = runner
+    if len(runners) > MAX_CACHED_RUNNERS:
+        runners.popitem(last=False)
+    return runner

@@ -1,0 +1,151 @@
+"""A lean functional GPT-2 forward over a Hugging Face `GPT2LMHeadModel`'s own parameters.
+
+Decoding needs three things from the model: add positions, run the blocks against a KV cache, and
+project the last hidden state to logits. Doing that directly, instead of through `model.forward`,
+makes each decode step a short, fixed sequence of kernels with static shapes (what CUDA graph
+capture needs), keeps the whole KV cache in one preallocated tensor that beam search can reorder
+with one gather, and lets attention read only the filled part of the cache without a mask.
+
+The parameters are used in place (no copies), so the forward follows the module's device, dtype
+and any in-place weight update.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Activations that equal GPT-2's `gelu_new` (the tanh approximation of GELU).
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def supports(decoder: nn.Module) -> bool:
+    """Whether `decoder` is a plain GPT-2 that this forward reproduces exactly."""
+    from transformers import GPT2LMHeadModel
+
+    if type(decoder) is not GPT2LMHeadModel:
+        return False
+    config = decoder.config
+    return (
+        config.activation_function in _TANH_GELU
+        and config.scale_attn_weights
+        and not config.scale_attn_by_inverse_layer_idx
+        and not config.reorder_and_upcast_attn
+        and not config.add_cross_attention
+    )
+
+
+class Block(NamedTuple):
+    """One transformer block's parameters. Linear weights are HF Conv1D weights, [in, out]."""
+
+    ln_1_weight: torch.Tensor
+    ln_1_bias: torch.Tensor
+    attn_weight: torch.Tensor
+    attn_bias: torch.Tensor
+    attn_proj_weight: torch.Tensor
+    attn_proj_bias: torch.Tensor
+    ln_2_weight: torch.Tensor
+    ln_2_bias: torch.Tensor
+    fc_weight: torch.Tensor
+    fc_bias: torch.Tensor
+    mlp_proj_weight: torch.Tensor
+    mlp_proj_bias: torch.Tensor
+
+
+def attention_input(x: torch.Tensor, block: Block, eps: float) -> torch.Tensor:
+    """ln_1 then the fused q/k/v projection: [rows, E] -> [rows, 3E]."""
+    h = F.layer_norm(x, x.shape[-1:], block.ln_1_weight, block.ln_1_bias, eps)
+    return torch.addmm(block.attn_bias, h, block.attn_weight)
+
+
+def block_output(x: torch.Tensor, attended: torch.Tensor, block: Block, eps: float) -> torch.Tensor:
+    """Attention output projection, residual, ln_2, MLP with tanh-GELU, residual: [rows, E]."""
+    x = x + torch.addmm(block.attn_proj_bias, attended, block.attn_proj_weight)
+    h = F.layer_norm(x, x.shape[-1:], block.ln_2_weight, block.ln_2_bias, eps)
+    h = F.gelu(torch.addmm(block.fc_bias, h, block.fc_weight), approximate="tanh")
+    return x + torch.addmm(block.mlp_proj_bias, h, block.mlp_proj_weight)
+
+
+class GPT2Forward:
+    """GPT-2's forward pass for decoding against a static KV cache.
+
+    The cache is one tensor [layers, 2 (key, value), rows, heads, length, head_dim]. A call feeds
+    `S` new positions starting at `start` for every row: the prefill feeds the whole prefix
+    (start 0, causal), a decode step feeds one token (no mask: every cached position is visible).
+
+    `compile_blocks=True` compiles the position-independent parts of each block with `torch.compile`
+    (fusing layer norms, GELU and residual adds); attention and the cache stay eager, so the
+    compiled code sees only fixed shapes and compiles once per batch size.
+    """
+
+    def __init__(self, model: nn.Module, *, compile_blocks: bool = False):
+        config = model.config
+        transformer = model.transformer
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.max_positions = config.n_positions
+        self.eps = config.layer_norm_epsilon
+        self.wte = transformer.wte.weight
+        self.wpe = transformer.wpe.weight
+        self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
+        self.lm_head = model.lm_head.weight
+        self.blocks = [
+            Block(
+                h.ln_1.weight, h.ln_1.bias, h.attn.c_attn.weight, h.attn.c_attn.bias,
+                h.attn.c_proj.weight, h.attn.c_proj.bias, h.ln_2.weight, h.ln_2.bias,
+                h.mlp.c_fc.weight, h.mlp.c_fc.bias, h.mlp.c_proj.weight, h.mlp.c_proj.bias,
+            )  # fmt: skip
+            for h in transformer.h
+        ]
+        self._attention_input = attention_input
+        self._block_output = block_output
+        if compile_blocks:
+            self._attention_input = torch.compile(attention_input, dynamic=False)
+            self._block_output = torch.compile(block_output, dynamic=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.wte.shape[1]
+
+    def new_cache(self, rows: int, length: int) -> torch.Tensor:
+        shape = (len(self.blocks), 2, rows, self.num_heads, length, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [rows, 1, E] for a decode step."""
+        return F.embedding(tokens, self.wte).unsqueeze(1)
+
+    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+        """Run `embeds` [rows, S, E] at positions start..start+S-1, writing their keys and values
+        into `cache`; return the final hidden state of the last position, [rows, E]."""
+        rows, length, width = embeds.shape
+        end = start + length
+        x = (embeds + self.wpe[start:end]).view(rows * length, width)
+        for block, layer_cache in zip(self.blocks, cache):
+            qkv = self._attention_input(x, block, self.eps)
+            # [rows*S, 3E] -> [3 (q, k, v), rows, heads, S, head_dim], a view
+            qkv = qkv.view(rows, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            layer_cache[:, :, :, start:end] = qkv[1:]
+            # A prefill starts at 0, so its causal mask is the plain lower triangle
+            attended = F.scaled_dot_product_attention(
+                qkv[0], layer_cache[0, :, :, :end], layer_cache[1, :, :, :end], is_causal=length > 1
+            )
+            attended = attended.transpose(1, 2).reshape(rows * length, width)
+            x = self._block_output(x, attended, block, self.eps)
+        last = x.view(rows, length, width)[:, -1]
+        return F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype."""
+        return F.linear(hidden, self.lm_head)

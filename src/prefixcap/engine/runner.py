@@ -1,0 +1,111 @@
+"""One decode, end to end: static buffers, the prefill, the step loop, and its CUDA graphs.
+
+A `DecodeRunner` is built for one shape (batch, prefix length, spec). Step 0 prefills the prefix
+once per input and picks the first token; step t > 0 feeds token t-1 and picks token t. Each step
+is a plain function of the runner's buffers with shapes fixed by t alone, so the same code runs
+eagerly (CPU, tests) or is recorded once per step into a CUDA graph and replayed (CUDA): one graph
+per step lets attention read exactly the filled part of the cache instead of masking a maximum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefixcap.engine.gpt2 import GPT2Forward
+from prefixcap.engine.search import BeamSearch, GreedySearch
+from prefixcap.engine.spec import DecodeSpec
+
+# Steps between checks of "have all rows finished?": the only host syncs of the loop.
+FINISH_CHECK_INTERVAL = 4
+
+
+class DecodeRunner:
+    def __init__(self, model: GPT2Forward, spec: DecodeSpec, batch: int, prefix_length: int):
+        total = prefix_length + spec.max_new_tokens - 1  # the last token is never fed back
+        if total > model.max_positions:
+            raise ValueError(
+                f"prefix ({prefix_length}) + max_new_tokens ({spec.max_new_tokens}) exceeds the "
+                f"decoder's {model.max_positions} positions"
+            )
+        self.model, self.spec = model, spec
+        self.batch, self.prefix_length = batch, prefix_length
+        self.rows_per_input = spec.rows_per_input
+        rows = batch * self.rows_per_input
+        device = model.device
+        self.prefix = torch.zeros((batch, prefix_length, model.hidden_size), dtype=model.dtype, device=device)
+        self.cache = model.new_cache(rows, total)
+        # rows sharing an input share its prefix: prefill it once, then copy it to each row
+        self.prefix_cache = model.new_cache(batch, prefix_length) if self.rows_per_input > 1 else self.cache
+        self.generator = torch.Generator(device) if spec.do_sample else None
+        if spec.num_beams > 1:
+            self.search: GreedySearch | BeamSearch = BeamSearch(spec, batch, device)
+        else:
+            self.search = GreedySearch(spec, rows, device, self.generator)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+
+    def _prefill(self) -> None:
+        """Step 0: run the prefix, share its cache among the input's rows, pick the first token."""
+        hidden = self.model(self.prefix, 0, self.prefix_cache)
+        logits = self.model.logits(hidden)
+        if self.rows_per_input > 1:
+            shared = self.cache[:, :, :, :, : self.prefix_length].unflatten(2, (self.batch, self.rows_per_input))
+            shared.copy_(self.prefix_cache.unsqueeze(3))
+            logits = logits.repeat_interleave(self.rows_per_input, dim=0)
+        self.search.select(0, logits)
+
+    def _decode(self, step: int) -> None:
+        """Step t > 0: feed token t-1 at position K+t-1, pick token t."""
+        position = self.prefix_length + step - 1
+        hidden = self.model(self.model.embed(self.search.next_input(step - 1)), position, self.cache)
+        self.search.select(step, self.model.logits(hidden))
+        if isinstance(self.search, BeamSearch):
+            # beams continue other beams: move the generated part of the cache along with them
+            # (the prefix part is identical for all beams of an input)
+            generated = self.cache[:, :, :, :, self.prefix_length : position + 1]
+            generated.copy_(generated.index_select(2, self.search.parents))
+
+    def _step(self, step: int) -> None:
+        if step == 0:
+            self._prefill()
+        else:
+            self._decode(step)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record every step into its own CUDA graph (after one eager warm-up of each kind of
+        step, which also triggers any compilation). The graphs share one memory pool: they always
+        replay in order, one at a time."""
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for step in range(min(2, self.spec.max_new_tokens)):
+                self._step(step)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = []
+        for step in range(self.spec.max_new_tokens):
+            graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._step(step)
+            self.graphs.append(graph)
+
+    @torch.no_grad()
+    def run(self, prefix_embeds: torch.Tensor, seed: int) -> torch.Tensor:
+        """Decode `prefix_embeds` [b, K, E], b <= batch; returns [b * n, T] new tokens. Rows past
+        b are padding: they start finished and are left out of the result."""
+        inputs = prefix_embeds.shape[0]
+        self.prefix[:inputs] = prefix_embeds
+        self.search.reset(inputs)
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+        for step in range(self.spec.max_new_tokens):
+            if self.graphs is not None:
+                self.graphs[step].replay()
+            else:
+                self._step(step)
+            checkpoint = (step + 1) % FINISH_CHECK_INTERVAL == 0 and step + 1 >= self.spec.min_new_tokens
+            if checkpoint and bool(self.search.all_finished()):
+                break
+        return self.search.result()

@@ -1,0 +1,148 @@
+"""CLIPScore and RefCLIPScore (Hessel et al., EMNLP 2021), with any transformers CLIP.
+
+    CLIP-S(c, v)       = w * max(cos(E_v, E_c), 0),            w = 2.5
+    RefCLIP-S(c, R, v) = H-mean(CLIP-S(c, v), max(max_r cos(E_c, E_r), 0))
+
+Captions and references are both embedded with the prompt "A photo depicts " in front, as in
+Hessel's reference code; the reference term carries no w. Scores are on Hessel's scale (a good
+COCO model gets about 0.75), not torchmetrics' 100 * cos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.evaluation.notices import notice
+from prefixcap.images import load_image
+
+PROMPT = "A photo depicts "
+W = 2.5
+
+
+def clip_s(image_embeds: torch.Tensor, text_embeds: torch.Tensor, w: float = W) -> torch.Tensor:
+    """Per-pair CLIP-S of [N, D] image and caption embeddings (any scale; they are normalised)."""
+    return w * F.cosine_similarity(image_embeds, text_embeds, dim=-1).clamp(min=0)
+
+
+def ref_clip_s(
+    clip_scores: torch.Tensor, caption_embeds: torch.Tensor, reference_embeds: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per-caption RefCLIP-S from CLIP-S [N], caption embeddings [N, D] and each caption's references [R_i, D]."""
+    ref_sim = torch.stack(
+        [F.cosine_similarity(caption[None], refs, dim=-1).max() for caption, refs in zip(caption_embeds, reference_embeds)]
+    ).clamp(min=0)
+    total = clip_scores + ref_sim
+    # The harmonic mean is 0 when both terms are (Hessel's code gives NaN there); NaN stays NaN.
+    return torch.where(total == 0, torch.zeros_like(total), 2 * clip_scores * ref_sim / total)
+
+
+@dataclass
+class CLIPScoreResult:
+    clip_s: torch.Tensor  # [N] CLIP-S per image; NaN where the image could not be read
+    ref_clip_s: torch.Tensor | None  # [N] RefCLIP-S per image, None without references
+
+    def summary(self) -> dict[str, float]:
+        """Corpus means over the readable images, named as in metrics.json."""
+        out = {"CLIPScore": float(self.clip_s.nanmean())}
+        if self.ref_clip_s is not None:
+            out["RefCLIPScore"] = float(self.ref_clip_s.nanmean())
+        return out
+
+
+class CLIPScorer:
+    """A full CLIP (both towers) with its tokenizer and image processor, batched on one device."""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, *, batch_size: int = 64) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64) -> "CLIPScorer":
+        from transformers import AutoConfig, AutoTokenizer, CLIPModel
+
+        from prefixcap.modeling import load_image_processor
+
+        try:
+            config = AutoConfig.from_pretrained(name_or_dir)
+            if config.model_type != "clip":
+                raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
+            model, info = CLIPModel.from_pretrained(name_or_dir, use_safetensors=True, output_loading_info=True)
+            if info["missing_keys"]:
+                raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
+            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise UserError(f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model") from None
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(device), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, D] projected embeddings of PROMPT + text, truncated to CLIP's context length."""
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = [PROMPT + text for text in texts[start : start + self.batch_size]]
+            inputs = self.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            chunks.append(_features(self.model.get_text_features(**inputs)).float().cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, D] projected image embeddings."""
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self.model.dtype)
+        return _features(self.model.get_image_features(pixel_values=pixels)).float().cpu()
+
+    def score(
+        self,
+        images: Sequence[Any],
+        captions: Sequence[str],
+        references: Sequence[Sequence[str]] | None = None,
+        *,
+        load: Callable[[Any], Image.Image] = load_image,
+    ) -> CLIPScoreResult:
+        """CLIP-S (and RefCLIP-S with references) of each caption for its image.
+
+        `images` are whatever `load` opens (paths by default). Unreadable images get NaN and
+        are left out of the means, with one notice, so one bad file does not stop a run.
+        """
+        image_embeds = torch.full((len(images), self.model.config.projection_dim), float("nan"))
+        failures: list[str] = []
+        batches = range(0, len(images), self.batch_size)
+        for start in tqdm(batches, desc="CLIPScore", unit="batch", leave=False):
+            loaded = {}
+            for index in range(start, min(start + self.batch_size, len(images))):
+                try:
+                    loaded[index] = load(images[index])
+                except ImageLoadError as error:
+                    failures.append(str(error))
+            if loaded:
+                image_embeds[list(loaded)] = self.embed_images(list(loaded.values()))
+        if failures:
+            notice(f"CLIPScore left out {len(failures)} unreadable image(s), e.g. {failures[0]}")
+        caption_embeds = self.embed_texts(captions)
+        scores = clip_s(image_embeds, caption_embeds)  # NaN rows stay NaN
+        if references is None:
+            return CLIPScoreResult(scores, None)
+        flat = [ref for refs in references for ref in refs]
+        reference_embeds = self.embed_texts(flat).split([len(refs) for refs in references])
+        return CLIPScoreResult(scores, ref_clip_s(scores, caption_embeds, reference_embeds))
+
+
+def _features(output: Any) -> torch.Tensor:
+    """Projected features from get_*_features: a tensor in transformers 4, an output object in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

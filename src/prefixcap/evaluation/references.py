@@ -1,0 +1,100 @@
+"""What gets scored: generated captions (COCO results files) matched with their references."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from prefixcap.data import CaptionRecord, load_records, read_image_bytes, split_records
+from prefixcap.errors import UserError
+from prefixcap.evaluation.notices import notice
+from prefixcap.images import load_image
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to score."""
+
+    image_id: str  # as a string: COCO results files give ints, datasets give strings
+    caption: str  # the generated caption
+    references: tuple[str, ...]  # its human captions
+    image: str | None = None  # file path or "shard.tar#member" (for CLIPScore and the report); None: unknown
+
+
+@dataclass
+class References:
+    """The reference split to score against, plus the training captions when the dataset has them."""
+
+    records: list[CaptionRecord]  # the images of the evaluated split
+    train_captions: list[str] | None  # for the novelty statistic; None when no train split is known
+
+
+def load_results(path: str | Path) -> dict[str, str]:
+    """Read a COCO results file, `[{"image_id": ..., "caption": ...}, ...]`, as {image id: caption}."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a COCO results list [{{\"image_id\": ..., \"caption\": ...}}]")
+    results: dict[str, str] = {}
+    for n, row in enumerate(rows):
+        if not (isinstance(row, dict) and "image_id" in row and isinstance(row.get("caption"), str)):
+            raise UserError(f"{path}: entry {n} needs an 'image_id' and a string 'caption'")
+        image_id = str(row["image_id"])
+        if image_id in results:
+            raise UserError(f"{path}: image_id {image_id} has more than one caption; keep one per image")
+        results[image_id] = row["caption"]
+    if not results:
+        raise UserError(f"{path}: no captions")
+    return results
+
+
+def load_references(
+    path: str | Path, *, split: str = "test", images_root: str | Path | None = None, format: str | None = None
+) -> References:
+    """The `split` images of any dataset `load_records` reads.
+
+    A dataset with a single split (an official COCO file, a JSONL without splits) is used whole,
+    whatever `split` says; with several splits, `split` must be one of them.
+    """
+    records = load_records(path, format=format, images_root=images_root)
+    splits = sorted({record.split for record in records})
+    if len(splits) == 1:
+        return References(records, None)
+    selected = split_records(records, split)
+    if not selected:
+        raise UserError(f"{path}: no {split!r} split (it has {', '.join(splits)}); choose one with --split")
+    train = [caption for record in split_records(records, "train") for caption in record.captions]
+    return References(selected, train or None)
+
+
+def match_samples(results: Mapping[str, str], references: Sequence[CaptionRecord]) -> list[Sample]:
+    """Pair each generated caption with its image's references, in reference order.
+
+    Every result must have references. Images without a result are allowed (scoring a subset)
+    but announced, because corpus metrics over a subset are not comparable with the full split.
+    """
+    by_id = {record.image_id: record for record in references}
+    unknown = [image_id for image_id in results if image_id not in by_id]
+    if unknown:
+        raise UserError(f"{len(unknown)} result image_id(s) are not in the references, e.g. {unknown[0]!r}")
+    samples = [
+        Sample(record.image_id, results[record.image_id], record.captions, record.image)
+        for record in references
+        if record.image_id in results
+    ]
+    if len(samples) < len(references):
+        notice(f"scoring {len(samples)} of the {len(references)} reference images; the others have no result")
+    return samples
+
+
+def open_image(image: str) -> Image.Image:
+    """A record's image (a file or a WebDataset member) as RGB; raises ImageLoadError."""
+    return load_image(read_image_bytes(image), name=image)

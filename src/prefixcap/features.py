@@ -1,0 +1,257 @@
+"""The feature store: every image of a dataset encoded once by the frozen CLIP encoder.
+
+Training and evaluation read fp16 projected embeddings from here instead of re-running CLIP on
+every image at every epoch. Layout (like clip-retrieval: tensor shards plus row metadata):
+
+    FEATURES/
+      store.json                 manifest: encoder id, embed_dim, preprocessing, counts
+      shards/000000.safetensors  "image_embeds" [n, embed_dim] float16, one row per good image
+      shards/000000.jsonl        one line per record of the shard: image_id, image, split,
+                                 captions, and "row" (its embedding row) or "error" (bad image)
+      bad_images.jsonl           every image that could not be read, with the reason
+
+Shard i holds records [i * shard_size, (i + 1) * shard_size) of the dataset's deterministic record
+order. Each shard file is written atomically, its `.jsonl` first and its `.safetensors` last, and
+the latter records a fingerprint of its inputs: a shard whose `.safetensors` exists with the
+current fingerprint is finished, so a killed `prepare` resumes where it stopped. `store.json` is
+written last, by one process, once every shard exists: a store with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prefixcap.config import CaptionConfig
+from prefixcap.data import CaptionRecord
+from prefixcap.errors import UserError
+
+MANIFEST = "store.json"
+BAD_IMAGES = "bad_images.jsonl"
+SHARD_DIR = "shards"
+EMBEDS_KEY = "image_embeds"
+FORMAT_VERSION = 1
+# The image processor settings that change pixels; other keys (class names) may differ harmlessly.
+PREPROCESSING_KEYS = (
+    "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
+    "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+)  # fmt: skip
+
+
+@dataclass
+class StoreManifest:
+    encoder: str  # the vision encoder the embeddings came from: hub id or absolute directory
+    embed_dim: int  # size of each projected image embedding
+    preprocessing: dict[str, Any]  # the encoder's image processor settings (PREPROCESSING_KEYS)
+    shard_size: int  # records per shard (the last shard may hold fewer)
+    num_shards: int
+    num_records: int  # images the dataset lists
+    num_images: int  # images encoded: num_records minus the bad ones
+    num_bad: int  # unreadable images, listed in bad_images.jsonl
+    splits: dict[str, int] = field(default_factory=dict)  # encoded images per split
+    source: str = ""  # the dataset prepare read
+    dtype: str = "float16"  # dtype of the stored embeddings
+    format_version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------- reading
+class FeatureStore:
+    """A finished feature store, read-only.
+
+    >>> store = FeatureStore("features/coco")
+    >>> store.check_encoder(model.config)            # UserError if the model expects other features
+    >>> records, embeds = store.records("val"), store.embeddings("val")   # row i <-> records[i]
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        # (shard, row in shard, record) for every encoded image, in dataset order.
+        self._index: list[tuple[int, int, CaptionRecord]] = []
+        for shard in range(self.manifest.num_shards):
+            for entry in read_shard_index(self.path, shard):
+                if "row" in entry:
+                    self._index.append((shard, entry["row"], _record(entry)))
+
+    @property
+    def encoder(self) -> str:
+        return self.manifest.encoder
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest.embed_dim
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def records(self, split: str | None = None) -> list[CaptionRecord]:
+        """The encoded images (all, or one split's) in dataset order."""
+        return [record for _, _, record in self._select(split)]
+
+    def embeddings(self, split: str | None = None) -> torch.Tensor:
+        """float16 [len(records(split)), embed_dim]; row i belongs to records(split)[i].
+        Loads the selected rows into memory (COCO: 123k images, 126 MB)."""
+        rows_by_shard: dict[int, list[int]] = {}
+        for shard, row, _ in self._select(split):
+            rows_by_shard.setdefault(shard, []).append(row)
+        parts = [torch.empty(0, self.embed_dim, dtype=torch.float16)]
+        for shard, rows in rows_by_shard.items():
+            with safe_open(shard_path(self.path, shard, ".safetensors"), framework="pt") as file:
+                parts.append(file.get_tensor(EMBEDS_KEY)[rows])
+        return torch.cat(parts)
+
+    def check_encoder(self, config: CaptionConfig, image_processor: Any = None) -> None:
+        """Raise UserError unless a model with `config` (and `image_processor`) expects exactly
+        these features: the same encoder, embedding size and, if given, preprocessing."""
+        where = f"{self.path}: features from {self.encoder!r}"
+        if config.embed_dim != self.embed_dim:
+            raise UserError(f"{where} are {self.embed_dim}-d, but the model's mapper expects {config.embed_dim}-d")
+        if normalize_encoder_id(config.vision_encoder) != self.encoder:
+            raise UserError(f"{where}, but the model uses {config.vision_encoder!r}; prepare features with its encoder")
+        if image_processor is not None and preprocessing_of(image_processor) != self.manifest.preprocessing:
+            raise UserError(f"{where} used other image preprocessing than the model's image processor")
+
+    def _select(self, split: str | None) -> list[tuple[int, int, CaptionRecord]]:
+        if split is not None and split not in self.manifest.splits:
+            raise UserError(f"{self.path}: no images in split {split!r} (splits: {', '.join(self.manifest.splits)})")
+        return [item for item in self._index if split is None or item[2].split == split]
+
+
+def read_manifest(path: Path) -> StoreManifest:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        hint = "an interrupted `prefixcap prepare`; rerun it to finish" if (path / SHARD_DIR).is_dir() else "run `prefixcap prepare`"
+        raise UserError(f"{path}: not a finished feature store (no {MANIFEST}; {hint})")
+    try:
+        values = json.loads(manifest.read_text())
+        result = StoreManifest(**values)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"{manifest}: not a prefixcap feature manifest ({error})") from None
+    if result.format_version != FORMAT_VERSION:
+        raise UserError(f"{manifest}: store format {result.format_version}, this prefixcap reads {FORMAT_VERSION}")
+    return result
+
+
+def read_shard_index(path: Path, shard: int) -> list[dict[str, Any]]:
+    index = shard_path(path, shard, ".jsonl")
+    try:
+        return [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise UserError(f"{index}: missing; the feature store is damaged, rerun `prefixcap prepare`") from None
+
+
+def _record(entry: dict[str, Any]) -> CaptionRecord:
+    return CaptionRecord(entry["image_id"], entry["image"], tuple(entry["captions"]), entry["split"])
+
+
+# ---------------------------------------------------------------------- writing
+def shard_path(store: Path, shard: int, suffix: str) -> Path:
+    return store / SHARD_DIR / f"{shard:06d}{suffix}"
+
+
+def normalize_encoder_id(encoder: str | Path) -> str:
+    """A local encoder directory as an absolute path (so that it compares equal from any working
+    directory); a hub id as given."""
+    path = Path(encoder)
+    return str(path.resolve()) if path.exists() else str(encoder)
+
+
+def preprocessing_of(image_processor: Any) -> dict[str, Any]:
+    """The pixel-relevant settings of an image processor, JSON-normalised (enums to ints)."""
+    settings = json.loads(image_processor.to_json_string())
+    return {key: settings[key] for key in PREPROCESSING_KEYS if key in settings}
+
+
+def shard_fingerprint(settings: dict[str, Any], records: Sequence[CaptionRecord]) -> str:
+    """A digest of everything a shard's content depends on: the encoder settings and its records."""
+    payload = json.dumps([settings, [asdict(record) for record in records]], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def is_finished(store: Path, shard: int, fingerprint: str) -> bool:
+    """Whether shard `shard` was written completely, from the same inputs."""
+    embeds = shard_path(store, shard, ".safetensors")
+    if not (embeds.is_file() and shard_path(store, shard, ".jsonl").is_file()):
+        return False
+    with safe_open(embeds, framework="pt") as file:
+        return (file.metadata() or {}).get("fingerprint") == fingerprint
+
+
+def write_shard(
+    store: Path,
+    shard: int,
+    records: Sequence[CaptionRecord],
+    embeds: dict[int, torch.Tensor],
+    errors: dict[int, str],
+    fingerprint: str,
+    embed_dim: int,
+) -> None:
+    """Write one shard atomically; `embeds`/`errors` map a record's position in `records` to its
+    embedding or to the reason it could not be read."""
+    rows, entries = [], []
+    for position, record in enumerate(records):
+        entry: dict[str, Any] = asdict(record)
+        if position in embeds:
+            entry["row"] = len(rows)
+            rows.append(embeds[position])
+        else:
+            entry["error"] = errors[position]
+        entries.append(entry)
+    tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
+    write_atomic(shard_path(store, shard, ".jsonl"), _jsonl(entries))
+    # The .safetensors comes last: its presence, with this fingerprint, marks the shard finished.
+    staging = _staging_path(shard_path(store, shard, ".safetensors"))
+    save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata={"fingerprint": fingerprint})
+    os.replace(staging, shard_path(store, shard, ".safetensors"))
+
+
+def finish_store(store: Path, manifest: StoreManifest) -> None:
+    """Collect the shards' bad images and counts into `bad_images.jsonl` and `store.json`."""
+    bad, splits = [], Counter()
+    for shard in range(manifest.num_shards):
+        for entry in read_shard_index(store, shard):
+            if "row" in entry:
+                splits[entry["split"]] += 1
+            else:
+                bad.append({"image_id": entry["image_id"], "image": entry["image"], "reason": entry["error"]})
+    manifest.num_bad = len(bad)
+    manifest.num_images = manifest.num_records - len(bad)
+    manifest.splits = dict(sorted(splits.items()))
+    write_atomic(store / BAD_IMAGES, _jsonl(bad))
+    _remove_stale_shards(store, manifest.num_shards)
+    write_atomic(store / MANIFEST, json.dumps(asdict(manifest), indent=2) + "\n")
+
+
+def _remove_stale_shards(store: Path, num_shards: int) -> None:
+    """Drop shards numbered past the end, left by an earlier run over a larger dataset."""
+    for path in (store / SHARD_DIR).glob("*.*"):
+        if path.stem.isdigit() and int(path.stem) >= num_shards:
+            path.unlink()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    staging = _staging_path(path)
+    Path(staging).write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _staging_path(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    return name
+
+
+def _jsonl(entries: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny real models built locally, so no test touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+EXAMPLE_IMAGES = sorted((Path(__file__).parents[1] / "examples" / "images").glob("*.jpg"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(clip_dir, gpt2_dir): a tiny CLIPModel + image processor, a tiny GPT-2 + BPE tokenizer."""
+    from prefixcap.testing import build_components
+
+    return build_components(tmp_path_factory.mktemp("components"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_components: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved, untrained CaptionModel directory (MLP mapper, K=4)."""
+    from prefixcap import CaptionModel
+
+    torch.manual_seed(0)
+    model = CaptionModel.from_components(*tiny_components, mapper="mlp", prefix_length=4)
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def example_images() -> list[Path]:
+    return EXAMPLE_IMAGES

@@ -1,0 +1,66 @@
+"""`prefixcap caption` from the shell: input expansion, output formats, and bad files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from prefixcap.cli.caption import expand_paths
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "prefixcap", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, example_images):
+    folder = tmp_path_factory.mktemp("images")
+    shutil.copy(example_images[0], folder / "img1.jpg")
+    shutil.copy(example_images[1], folder / "img2.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a complete jpeg")
+    return folder
+
+
+def test_good_and_bad_files(tiny_model_dir, image_dir):
+    paths = [image_dir / "img1.jpg", image_dir / "broken.jpg", image_dir / "img2.jpg"]
+    result = run_cli("caption", "--model", tiny_model_dir, *paths, "--max-new-tokens", "6")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(paths[0]), str(paths[2])]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in errors if "broken.jpg" in line] and len(errors) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_jsonl_and_csv_with_several_captions(tiny_model_dir, image_dir, tmp_path):
+    good = [image_dir / "img1.jpg", image_dir / "img2.jpg"]
+    args = ["--model", tiny_model_dir, "--num-captions", "3", "--max-new-tokens", "5"]
+    result = run_cli("caption", *good, *args, "--format", "jsonl", "--output", tmp_path / "out.jsonl")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in good]
+    assert all(len(r["captions"]) == 3 and r["caption"] == r["captions"][0] for r in records)
+    result = run_cli("caption", *good, *args, "--format", "csv")
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", "caption", "caption_2", "caption_3"] and len(rows) == 3
+
+
+def test_folders_and_globs_expand_to_images_only(image_dir, tmp_path):
+    (image_dir / "notes.txt").write_text("not an image")
+    paths, missing = expand_paths([str(image_dir), str(image_dir / "img*.jpg"), str(tmp_path / "nothing-*.png")])
+    assert paths == [str(image_dir / name) for name in ("broken.jpg", "img1.jpg", "img2.jpg")]
+    assert missing == [(str(tmp_path / "nothing-*.png"), "no match")]
+
+
+def test_bad_options_and_missing_model_are_one_line_errors(tiny_model_dir, image_dir, tmp_path):
+    result = run_cli("caption", image_dir / "img1.jpg", "--model", tiny_model_dir, "--top-p", "1.5", "--do-sample")
+    assert result.returncode == 2 and result.stderr.strip() == "error: top_p must be in (0, 1]"
+    result = run_cli("caption", image_dir / "img1.jpg", "--model", tmp_path / "no-model")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "no-model" in result.stderr

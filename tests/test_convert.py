@@ -1,0 +1,121 @@
+"""An imported ClipCap checkpoint behaves exactly like ClipCap's own forward pass."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPModel, GPT2LMHeadModel
+
+from prefixcap import CaptionModel, Captioner
+from prefixcap.errors import ModelLoadError
+from tests.reference import naive_greedy, strip_padding
+
+PREFIX_LENGTH = 5
+
+
+def make_clipcap_checkpoint(gpt2_dir, path, seed=0):
+    """A checkpoint with ClipCap's exact keys, including the legacy attention buffers."""
+    torch.manual_seed(seed)
+    gpt = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    hidden, embed = gpt.config.n_embd, 24
+    width = hidden * PREFIX_LENGTH
+    state = {
+        "clip_project.model.0.weight": torch.randn(width // 2, embed) * 0.2,
+        "clip_project.model.0.bias": torch.randn(width // 2) * 0.1,
+        "clip_project.model.2.weight": torch.randn(width, width // 2) * 0.2,
+        "clip_project.model.2.bias": torch.randn(width) * 0.1,
+    }
+    for key, value in gpt.state_dict().items():
+        state[f"gpt.{key}"] = value + 0.01 * torch.randn_like(value)  # "fine-tuned" GPT-2
+    for layer in range(gpt.config.n_layer):
+        state[f"gpt.transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 96, 96))
+        state[f"gpt.transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path)
+    return state
+
+
+class ClipCapReference:
+    """ClipCap's forward, written independently: MLP -> view -> concat -> GPT-2."""
+
+    def __init__(self, state, clip_dir, gpt2_dir):
+        self.clip = CLIPModel.from_pretrained(clip_dir).eval()
+        self.processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
+        self.gpt = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+        self.gpt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("gpt.") and ".attn.bias" not in k and "masked_bias" not in k})
+        self.w0, self.b0 = state["clip_project.model.0.weight"], state["clip_project.model.0.bias"]
+        self.w2, self.b2 = state["clip_project.model.2.weight"], state["clip_project.model.2.bias"]
+
+    @torch.no_grad()
+    def prefix(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor(image, return_tensors="pt").pixel_values
+        feature = self.clip.get_image_features(pixel_values=pixels).pooler_output
+        hidden = torch.tanh(feature @ self.w0.T + self.b0) @ self.w2.T + self.b2
+        return hidden.view(1, PREFIX_LENGTH, -1)
+
+    @torch.no_grad()
+    def logits(self, image: Image.Image, tokens: torch.Tensor) -> torch.Tensor:
+        embeds = torch.cat([self.prefix(image), self.gpt.transformer.wte(tokens)], dim=1)
+        return self.gpt(inputs_embeds=embeds).logits
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_components, tmp_path_factory):
+    clip_dir, gpt2_dir = tiny_components
+    root = tmp_path_factory.mktemp("clipcap")
+    state = make_clipcap_checkpoint(gpt2_dir, root / "ckpt.pt")
+    result = subprocess.run(
+        [sys.executable, "-m", "prefixcap", "convert-clipcap", str(root / "ckpt.pt"), str(root / "model"),
+         "--vision-encoder", str(clip_dir), "--decoder", str(gpt2_dir)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return root / "model", ClipCapReference(state, clip_dir, gpt2_dir)
+
+
+def test_converted_config(converted):
+    model = CaptionModel.from_pretrained(converted[0])
+    assert model.config.mapper == "mlp" and model.config.prefix_length == PREFIX_LENGTH
+    assert model.config.stop_token == "." and model.config.generation["max_new_tokens"] == 67
+
+
+def test_logits_match_clipcap_forward(converted, example_images):
+    model_dir, reference = converted
+    model = CaptionModel.from_pretrained(model_dir)
+    image = Image.open(example_images[0]).convert("RGB")
+    tokens = torch.tensor([[5, 17, 42, 8]])
+    pixels = model.image_processor(image, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ours = model(input_ids=tokens, pixel_values=pixels).logits
+    torch.testing.assert_close(ours, reference.logits(image, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_captions_match_clipcap_loop(converted, example_images):
+    model_dir, reference = converted
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    model = captioner.model
+    stop_ids = model.stop_token_ids()
+    assert model.tokenizer.decode([stop_ids[1]]) == "."
+    images = [Image.open(path).convert("RGB") for path in example_images]
+    expected = [naive_greedy(reference.gpt, reference.prefix(image), 67, stop_ids)[0] for image in images]
+    pixels = torch.stack([captioner.preprocess(image) for image in images])
+    assert strip_padding(model.generate(pixels), stop_ids) == expected
+    assert [c[0] for c in captioner(images)] == [" ".join(model.tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in expected]
+
+
+def test_non_clipcap_files_are_refused(tmp_path, tiny_components):
+    torch.save({"something.else": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="other.pt: not a ClipCap MLP checkpoint"):
+        from prefixcap.convert import convert_clipcap
+
+        convert_clipcap(tmp_path / "other.pt", tmp_path / "out", vision_encoder=str(tiny_components[0]), decoder=str(tiny_components[1]))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    result = subprocess.run(
+        [sys.executable, "-m", "prefixcap", "convert-clipcap", str(tmp_path / "garbage.pt"), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "garbage.pt" in result.stderr
+    assert "Traceback" not in result.stderr

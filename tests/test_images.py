@@ -1,0 +1,119 @@
+"""The shared image loader: every mode becomes RGB, and every bad input fails one typed way."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prefixcap.errors import ImageLoadError
+from prefixcap.images import load_image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    image = load_image(Image.new(mode, (7, 5)))
+    assert image.mode == "RGB" and image.size == (7, 5)
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_png_keeps_brightness(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(path)
+    assert load_image(path).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    loaded = load_image(encode(image, "JPEG", exif=exif))
+    assert loaded.size == (20, 40)
+
+
+def test_first_frame_of_animation():
+    frames = [Image.new("RGB", (8, 8), color) for color in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    pixel = load_image(buffer.getvalue()).getpixel((0, 0))
+    assert pixel[0] > 200 and pixel[2] < 50
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((6, 4), np.uint8),
+        np.zeros((6, 4, 3), np.uint8),
+        np.zeros((6, 4, 4), np.uint8),
+        np.ones((6, 4, 3), np.float32),
+        np.zeros((6, 4, 1), np.uint16),
+    ],
+)
+def test_numpy_arrays(array):
+    assert load_image(array).size == (4, 6)
+
+
+def test_path_and_bytes_give_the_same_pixels(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (3, 3), (10, 20, 30)).save(path)
+    assert load_image(path).tobytes() == load_image(path.read_bytes()).tobytes() == load_image(str(path)).tobytes()
+
+
+def test_pixel_limit_refuses_bombs_before_decoding():
+    data = encode(Image.new("L", (2000, 2000)))
+    with pytest.raises(ImageLoadError, match="bomb.png: too many pixels"):
+        load_image(data, max_pixels=1_000_000, name="bomb.png")
+    assert load_image(data, max_pixels=None).size == (2000, 2000)
+
+
+def make_bad_inputs(tmp_path):
+    jpeg = encode(Image.new("RGB", (64, 64), "green"), "JPEG")
+    files = {
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image at all",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "corrupt.png": encode(Image.new("RGB", (16, 16)))[:40] + b"\x00" * 200,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.jpg", "empty file"),
+        ("text.jpg", "not an image"),
+        ("truncated.jpg", "corrupt or truncated"),
+        ("corrupt.png", "corrupt or truncated|not an image"),
+        ("missing.jpg", "no such file"),
+    ],
+)
+def test_bad_files_raise_one_error_naming_file_and_reason(tmp_path, name, reason):
+    make_bad_inputs(tmp_path)
+    with pytest.raises(ImageLoadError, match=f"{name}: ({reason})") as info:
+        load_image(tmp_path / name)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_bytes_and_arrays(tmp_path):
+    with pytest.raises(ImageLoadError, match="upload.bin: empty data"):
+        load_image(b"", name="upload.bin")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(b"GIF89a garbage")
+    with pytest.raises(ImageLoadError, match="shape"):
+        load_image(np.zeros((2, 2, 2, 2), np.uint8))
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)

@@ -1,0 +1,138 @@
+"""CaptionModel files: round trips, references to frozen parts, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefixcap import CaptionModel
+from prefixcap.errors import ModelLoadError
+from tests.reference import naive_greedy, strip_padding
+
+PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mapper", ["linear", "mlp", "transformer"])
+def test_save_and_load_give_identical_outputs(tiny_components, tmp_path, mapper):
+    torch.manual_seed(1)
+    model = CaptionModel.from_components(
+        *tiny_components, mapper=mapper, prefix_length=3, mapper_num_layers=2, mapper_num_heads=4
+    ).eval()
+    model.save_pretrained(tmp_path / "model")
+    loaded = CaptionModel.from_pretrained(tmp_path / "model")
+    assert loaded.config == model.config
+    ids = torch.randint(0, 100, (3, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=PIXELS).logits
+        actual = loaded(input_ids=ids, pixel_values=PIXELS).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert torch.equal(loaded.generate(PIXELS, max_new_tokens=8), model.generate(PIXELS, max_new_tokens=8))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.json", "decoder", "image_processor", "mapper.safetensors", "tokenizer", "vision_encoder",
+    ]  # fmt: skip
+
+
+def test_frozen_parts_can_be_stored_as_references(tiny_components, tmp_path):
+    model = CaptionModel.from_components(*tiny_components, mapper="linear", prefix_length=2, freeze_decoder=True)
+    model.save_pretrained(tmp_path / "m", save_frozen=False)
+    assert not (tmp_path / "m" / "decoder").exists() and not (tmp_path / "m" / "vision_encoder").exists()
+    loaded = CaptionModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.generate(PIXELS, max_new_tokens=5), model.eval().generate(PIXELS, max_new_tokens=5))
+
+
+def test_greedy_generation_matches_a_full_recompute_loop(tiny_model_dir):
+    """KV-cached batched greedy decoding == ClipCap-style naive loop, token for token."""
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    embeds = model.encode_images(PIXELS)
+    # Stop on the token the naive loop emits third for image 0, so rows stop at different steps.
+    free_run = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids=[])
+    stop_ids = [model.tokenizer.eos_token_id, free_run[0][2]]
+    expected = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids)
+    from prefixcap.generation import GenerationOptions, generate_from_prefix
+
+    ids = generate_from_prefix(
+        model.decoder, model.prefix_embeds(embeds), GenerationOptions(max_new_tokens=12),
+        eos_token_ids=stop_ids, pad_token_id=model.tokenizer.pad_token_id,
+    )  # fmt: skip
+    assert strip_padding(ids, stop_ids) == expected
+    assert torch.equal(model.generate(image_embeds=embeds, max_new_tokens=12), model.generate(PIXELS, max_new_tokens=12))
+
+
+def test_loss_ignores_prefix_and_padding(tiny_model_dir):
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 100, (2, 5))
+    labels = ids.clone()
+    labels[:, 3:] = -100
+    out = model(input_ids=ids, labels=labels, pixel_values=PIXELS[:2])
+    logits = out.logits[:, model.config.prefix_length - 1 : -1]  # position t predicts token t+1
+    expected = torch.nn.functional.cross_entropy(logits[:, :3].reshape(-1, logits.shape[-1]), ids[:, :3].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_encoder_size_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["embed_dim"] = 999
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="gives 24-d embeddings, but the mapper expects 999-d"):
+        CaptionModel.from_pretrained(broken)
+
+
+def test_decoder_size_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["decoder_hidden_size"] = 64
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="hidden size 32, but the mapper produces 64-d"):
+        CaptionModel.from_pretrained(broken)
+
+
+def test_image_embeds_from_another_encoder_are_refused(tiny_model_dir):
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="size 512, but this model's mapper expects 24"):
+        model.generate(image_embeds=torch.zeros(1, 512))
+
+
+@pytest.mark.parametrize("missing", ["config.json", "mapper.safetensors", "decoder", "tokenizer"])
+def test_missing_files_are_clear_errors(tiny_model_dir, tmp_path, missing):
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, broken)
+    target = broken / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ModelLoadError) as info:
+        CaptionModel.from_pretrained(broken)
+    assert "\n" not in str(info.value)
+    assert str(broken) in str(info.value) or "gpt2" in str(info.value)
+
+
+def test_unknown_directory_and_offline_names(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a prefixcap model directory"):
+        CaptionModel.from_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not in the hub cache|not cached"):
+        CaptionModel.from_pretrained("someone/not-a-real-model")
+
+
+def test_registered_name_offline_explains_itself(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="clipcap-coco: .*coco_weights.pt is not cached"):
+        CaptionModel.from_pretrained("clipcap-coco")
+
+
+def test_weights_are_safetensors_only(tiny_model_dir):
+    assert not list(tiny_model_dir.rglob("*.bin")) and not list(tiny_model_dir.rglob("*.pt"))
+    assert set(load_file(tiny_model_dir / "mapper.safetensors")) == {
+        "mapper.model.0.weight", "mapper.model.0.bias", "mapper.model.2.weight", "mapper.model.2.bias",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 4}, {"do_sample": True, "top_k": 50, "seed": 3}])
+def test_several_captions_are_distinct(tiny_model_dir, options):
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    ids = model.generate(PIXELS[:1], num_return_sequences=4, max_new_tokens=6, **options)
+    assert ids.shape[0] == 4 and len({tuple(row) for row in ids.tolist()}) == 4
