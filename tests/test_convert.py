@@ -119,3 +119,32 @@ def test_non_clipcap_files_are_refused(tmp_path, tiny_components):
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "garbage.pt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, monkeypatch):
+    """`clipcap-coco` resolves through hf_hub_download + convert-clipcap, once; later loads hit the cache."""
+    import huggingface_hub
+
+    from prefixcap import pretrained
+
+    clip_dir, gpt2_dir = tiny_components
+    make_clipcap_checkpoint(gpt2_dir, tmp_path / "coco_weights.pt")
+    downloads = []
+
+    def fake_download(repo_id, filename):
+        downloads.append((repo_id, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
+    spec = pretrained.REGISTRY["clipcap-coco"]
+    monkeypatch.setitem(
+        pretrained.REGISTRY, "clipcap-coco",
+        pretrained.PretrainedSpec(spec.repo_id, spec.filename, str(clip_dir), str(gpt2_dir), spec.description),
+    )  # fmt: skip
+    first = CaptionModel.from_pretrained("clipcap-coco")
+    second = CaptionModel.from_pretrained("clipcap-coco")
+    assert downloads == [("akhaliq/CLIP-prefix-captioning-COCO-weights", "coco_weights.pt")]
+    assert (tmp_path / "cache" / "clipcap-coco" / "config.json").is_file()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(first.generate(pixels), second.generate(pixels))

@@ -136,3 +136,24 @@ def test_several_captions_are_distinct(tiny_model_dir, options):
     model = CaptionModel.from_pretrained(tiny_model_dir)
     ids = model.generate(PIXELS[:1], num_return_sequences=4, max_new_tokens=6, **options)
     assert ids.shape[0] == 4 and len({tuple(row) for row in ids.tolist()}) == 4
+
+
+def test_push_to_hub_uploads_a_loadable_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """The upload is the same self-contained directory that from_pretrained reads (hub mocked)."""
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            shutil.copytree(folder_path, tmp_path / "hub")
+            return f"https://hub/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    assert model.push_to_hub("me/tiny").endswith("commit/1") and uploaded["repo"] == "me/tiny"
+    reloaded = CaptionModel.from_pretrained(tmp_path / "hub")
+    assert torch.equal(reloaded.generate(PIXELS, max_new_tokens=4), model.generate(PIXELS, max_new_tokens=4))
