@@ -1,22 +1,34 @@
-"""prefixcap: image captioning with CLIP prefixes and GPT-2 (the ClipCap design)."""
+"""prefixcap: image captioning with CLIP prefixes and GPT-2 (the ClipCap design).
 
-from prefixcap.captioner import Captioner
-from prefixcap.config import CaptionConfig
-from prefixcap.errors import ImageLoadError, ModelLoadError, UserError
-from prefixcap.generation import GenerationOptions
-from prefixcap.images import load_image
-from prefixcap.modeling import CaptionModel
-from prefixcap.pretrained import REGISTRY as PRETRAINED_MODELS
+The public names load lazily, so `import prefixcap.data` or `prefixcap --help` do not pay for
+importing torch and transformers up front.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "CaptionConfig",
-    "CaptionModel",
-    "Captioner",
-    "GenerationOptions",
-    "ImageLoadError",
-    "ModelLoadError",
-    "PRETRAINED_MODELS",
-    "UserError",
-    "load_image",
-]
+
+_EXPORTS = {
+    "CaptionConfig": "prefixcap.config",
+    "CaptionModel": "prefixcap.modeling",
+    "Captioner": "prefixcap.captioner",
+    "GenerationOptions": "prefixcap.generation",
+    "ImageLoadError": "prefixcap.errors",
+    "ModelLoadError": "prefixcap.errors",
+    "UserError": "prefixcap.errors",
+    "load_image": "prefixcap.images",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'prefixcap' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -20,18 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
     parser.add_argument(
-        "--num-images", type=_int_at_least(MIN_NUM_IMAGES), default=600, metavar="N", help="number of images (default: 600)"
+        "--num-images", type=_int_at_least(MIN_NUM_IMAGES), default=600, metavar="N",
+        help="number of images (default: 600)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)"
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)")
     parser.add_argument(
         "--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64, metavar="PX",
         help="image width and height in pixels (default: 64)",
-    )
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    captions = make_synthetic_dataset(args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size)
+    captions = make_synthetic_dataset(
+        args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size
+    )
     print(f"wrote {args.num_images} images and {captions}")
     return 0
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from prefixcap.data.records import CaptionRecord, RecordMerger, parse_caption, parse_split, split_name
 from prefixcap.data.shards import expand_shards, is_shard_spec, member_reference, read_members, shard_files, tar_index
 from prefixcap.errors import UserError
@@ -278,9 +280,9 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
     from webdataset.tariterators import base_plus_ext  # WebDataset's own rule for grouping members
 
     shards = expand_shards(source)
-    root = os.path.commonpath([shard.absolute().parent for shard in shards])  # ids are relative to it
+    root = os.path.commonpath([shard.parent for shard in shards])  # ids are relative to it
     records = []
-    for shard in shards:
+    for shard in tqdm(shards, desc="indexing shards", unit="shard", disable=None, leave=False):
         samples: dict[str, dict[str, str]] = {}  # key -> extension -> member name, in tar order
         for member in tar_index(shard):
             key, extension = base_plus_ext(member)
@@ -291,7 +293,7 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
         pairs = [(key, image, text) for key, image, text in pairs if image and text]
         texts = read_members(shard, [text for _, _, text in pairs])
         split = _shard_split(shard)
-        shard_id = shard.absolute().relative_to(root).as_posix()
+        shard_id = shard.relative_to(root).as_posix()
         found = len(records)
         for (key, image, text), data in zip(pairs, texts):
             captions = _caption_lines(data, member_reference(shard, text))

@@ -39,7 +39,7 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def expand_shards(spec: str) -> list[Path]:
-    """The shard files named by a folder, a file, or a pattern in WebDataset's own syntax.
+    """The absolute paths of the shards named by a folder, a file, or a WebDataset pattern.
 
     Patterns are expanded like `webdataset.WebDataset` does (`shards-{000..009}.tar`, several
     patterns joined by `::`), and each result may also be a shell glob.
@@ -47,7 +47,7 @@ def expand_shards(spec: str) -> list[Path]:
     from webdataset.shardlists import expand_urls  # imports torch: only when shards are used
 
     if Path(spec).is_dir():
-        shards = shard_files(Path(spec))
+        shards = shard_files(Path(spec).absolute())
         if not shards:
             raise UserError(f"{spec}: folder holds no .tar shards")
         return shards
@@ -59,7 +59,7 @@ def expand_shards(spec: str) -> list[Path]:
         for match in matches:
             if not Path(match).is_file():
                 raise UserError(f"{match}: no such shard file")
-            shards.append(Path(match))
+            shards.append(Path(match).absolute())
     return shards
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -62,16 +61,16 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: 
     colors = [pairs[i % len(pairs)] for i in range(num_images)]  # balanced colour pairs...
     rng.shuffle(colors)  # ...in random order, so every split sees all of them
     splits = _split_names(num_images)
-    image_dir = Path(out_dir) / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    width = max(4, len(str(num_images - 1)))
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    digits = max(4, len(str(num_images - 1)))
     lines = []
     for index, (obj, bg) in enumerate(tqdm(colors, desc="drawing", unit="img", disable=None)):
-        name = f"images/{index:0{width}d}.png"
-        _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(Path(out_dir) / name)
+        name = f"images/{index:0{digits}d}.png"
+        _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
         lines.append(json.dumps({"image": name, "caption": caption_for(obj, bg), "split": splits[index]}))
     # The captions file comes last and atomically: if it exists, the whole dataset does.
-    return _write_atomic(Path(out_dir) / CAPTIONS_FILE, "\n".join(lines) + "\n")
+    return _write_atomic(out_dir / CAPTIONS_FILE, "\n".join(lines) + "\n")
 
 
 def _split_names(num_images: int) -> list[str]:
@@ -100,7 +99,7 @@ def _draw(rng: random.Random, size: int, color: tuple[int, int, int], background
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as file:
-        file.write(text)
-    os.replace(file.name, path)
+    staging = path.with_name(f".{path.name}.partial")  # same folder, so the rename is atomic
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
     return path
