@@ -16,19 +16,41 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java
 
 # Eight images with three to five references each; cased, punctuated and contracted like COCO.
 REFERENCES = {
-    1: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave.", "Man on a surfboard in the ocean."],
-    2: ["Two dogs playing with a ball in the grass.", "Dogs chase a red ball on a lawn.", "Two puppies play outside.",
-        "A pair of dogs running on grass."],
-    3: ["A plate of food with broccoli and rice.", "Rice, broccoli and chicken on a white plate.",
-        "A healthy meal on a plate.", "Dinner plate with vegetables.", "A plate holds rice and greens."],
+    1: [
+        "A man riding a wave on top of a surfboard.",
+        "A surfer rides a large wave.",
+        "Man on a surfboard in the ocean.",
+    ],
+    2: [
+        "Two dogs playing with a ball in the grass.",
+        "Dogs chase a red ball on a lawn.",
+        "Two puppies play outside.",
+        "A pair of dogs running on grass.",
+    ],
+    3: [
+        "A plate of food with broccoli and rice.",
+        "Rice, broccoli and chicken on a white plate.",
+        "A healthy meal on a plate.",
+        "Dinner plate with vegetables.",
+        "A plate holds rice and greens.",
+    ],
     4: ["A cat sitting on a couch.", "The cat's asleep on the sofa.", "A grey cat lies on a couch."],
-    5: ["A red bus driving down a city street.", "A double-decker bus on the road.", "A bus in traffic.",
-        "The red bus is parked near a sidewalk."],
+    5: [
+        "A red bus driving down a city street.",
+        "A double-decker bus on the road.",
+        "A bus in traffic.",
+        "The red bus is parked near a sidewalk.",
+    ],
     6: ["A kitchen with white cabinets and a stove.", "An empty kitchen.", "A clean kitchen with wooden floors."],
-    7: ["A giraffe standing next to a tree.", "A tall giraffe eats leaves.", "Giraffe in a zoo enclosure.",
-        "A giraffe near some trees.", "One giraffe beside a tree."],
+    7: [
+        "A giraffe standing next to a tree.",
+        "A tall giraffe eats leaves.",
+        "Giraffe in a zoo enclosure.",
+        "A giraffe near some trees.",
+        "One giraffe beside a tree.",
+    ],
     8: ["People flying kites on a beach.", "Kites in the sky above the sand.", "A crowd on the beach with kites."],
-}  # fmt: skip
+}
 PREDICTIONS = {
     1: "a man riding a wave on a surfboard",
     2: "two dogs playing with a frisbee in the grass",
@@ -52,6 +74,7 @@ def test_simple_tokenize_lowercases_and_drops_punctuation() -> None:
 
 
 @needs_java
+@pytest.mark.slow  # two METEOR JVMs: ours and COCOEvalCap's
 def test_scores_are_identical_to_cocoevalcap(monkeypatch: pytest.MonkeyPatch) -> None:
     from pycocoevalcap import eval as coco_eval
     from pycocotools.coco import COCO
@@ -78,8 +101,15 @@ def test_scores_are_identical_to_cocoevalcap(monkeypatch: pytest.MonkeyPatch) ->
     official.evaluate()
 
     ours = coco_scores(_as_strings(PREDICTIONS), _as_strings(REFERENCES), metrics=("bleu", "meteor", "rouge", "cider"))
-    names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4",
-             "METEOR": "METEOR", "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}  # fmt: skip
+    names = {
+        "BLEU-1": "Bleu_1",
+        "BLEU-2": "Bleu_2",
+        "BLEU-3": "Bleu_3",
+        "BLEU-4": "Bleu_4",
+        "METEOR": "METEOR",
+        "ROUGE-L": "ROUGE_L",
+        "CIDEr": "CIDEr",
+    }
     assert ours.tokenization == "ptb"
     assert set(ours.corpus) == set(names)
     for name, official_name in names.items():
@@ -144,7 +174,9 @@ def test_spice_download_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, cap
 
 
 @needs_java
-def test_spice_java_failure_quotes_the_java_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_spice_java_failure_quotes_the_java_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from pycocoevalcap.spice import get_stanford_models, spice
 
     corenlp = Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB, f"{get_stanford_models.JAR}.jar")

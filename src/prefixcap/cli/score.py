@@ -7,12 +7,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prefixcap.cli.synth import _int_at_least
+from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
 
 if TYPE_CHECKING:
     from prefixcap.evaluation import Evaluation, References, Sample, ScoreConfig
 
 METRIC_NAMES = "bleu,meteor,rouge,cider,spice,bertscore,clipscore,stats"  # prefixcap.evaluation.ALL_METRICS
+DATASETS_HELP = (
+    "reference captions: a COCO caption file, a Karpathy split file (dataset_coco.json), JSONL, CSV, "
+    "an image folder with .txt captions or WebDataset shards (any dataset `prefixcap prepare` reads)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,58 +28,90 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score generated captions, e.g. another system's, against reference captions, and write "
         "DIR/metrics.json, DIR/per_image.json and a self-contained DIR/report.html.",
     )
-    parser.add_argument("--results", required=True, type=Path, help='COCO results file: [{"image_id": ..., "caption": ...}]')
-    add_reference_arguments(parser, data_flag="--references")
-    parser.add_argument("--out", type=Path, help="output folder (default: the results file's folder)")
+    parser.add_argument(
+        "--results",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help='COCO results file: [{"image_id": ..., "caption": ...}]',
+    )
+    add_reference_arguments(parser, data_flag="--references", data_help=DATASETS_HELP)
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: the results file's folder)")
+    parser.add_argument(
+        "--device", help="device for BERTScore and CLIPScore, e.g. cpu, cuda:1 (default: cuda if available)"
+    )
     add_scoring_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str) -> None:
-    """Where the references (and images) come from; `evaluate` names the same file --data."""
+def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, data_help: str) -> None:
+    """Where the references (and images) come from; `evaluate` calls the same thing --data."""
+    parser.add_argument(data_flag, dest="data", required=True, metavar="DATA", help=data_help)
+    parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
     parser.add_argument(
-        data_flag, dest="data", required=True,
-        help="reference captions: COCO caption file, Karpathy split file (dataset_coco.json), JSONL, CSV, "
-        "image folder or WebDataset shards (any format `prefixcap prepare` reads)",
-    )  # fmt: skip
-    parser.add_argument("--format", help="dataset format, if not detected: coco, karpathy, jsonl, csv, folder, webdataset")
-    parser.add_argument(
-        "--split", default="test",
+        "--split",
+        default="test",
         help="split to use when the dataset has several, e.g. Karpathy's train/val/test (default: test); "
         "a dataset with one split is used whole",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--images", "--images-root", dest="images", type=Path,
+        "--images",
+        "--images-root",
+        dest="images",
+        type=Path,
+        metavar="DIR",
         help="folder the dataset's image paths start from, e.g. the COCO root holding val2014/ "
         "(default: the dataset file's folder); CLIPScore and the report's pictures need the images",
-    )  # fmt: skip
+    )
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metrics")
     group.add_argument(
         "--metrics",
+        metavar="LIST",
         help=f"comma-separated subset of {METRIC_NAMES}. Default: all that can run here, skipping the others with "
         "a one-line reason (SPICE needs Java 8/11 and a CoreNLP download; METEOR needs Java; BERTScore and "
         "CLIPScore need their models; CLIPScore needs the images). Named metrics must run.",
     )
-    group.add_argument("--bertscore-model", default="roberta-large", help="BERTScore model: hub id or folder (default: roberta-large)")
     group.add_argument(
-        "--bertscore-layers", type=int,
+        "--bertscore-model",
+        default="roberta-large",
+        metavar="ID_OR_DIR",
+        help="BERTScore model: hub id or folder (default: roberta-large)",
+    )
+    group.add_argument(
+        "--bertscore-layers",
+        type=_int_at_least(0),
+        metavar="N",
         help="BERTScore representation layer (default: bert-score's choice for the model, 17 for roberta-large)",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--bertscore-baseline", type=Path,
+        "--bertscore-baseline",
+        type=Path,
+        metavar="FILE",
         help="baseline TSV for rescaled BERTScore (default: the file bert-score ships for the model, if any)",
-    )  # fmt: skip
+    )
     group.add_argument(
         "--clip-model",
+        metavar="ID_OR_DIR",
         help="full CLIP model (hub id or folder, with text tower and tokenizer) for CLIPScore "
         "(default: openai/clip-vit-base-patch32, as in Hessel et al.; `evaluate` defaults to the model's own CLIP)",
     )
-    group.add_argument("--device", help="device for BERTScore and CLIPScore, e.g. cpu, cuda:1 (default: cuda if available)")
-    group.add_argument("--metric-batch-size", type=int, default=64, help="sentences or images per BERTScore/CLIPScore batch (default: 64)")
-    group.add_argument("--examples", type=int, default=24, help="random examples shown in report.html (default: 24)")
+    group.add_argument(
+        "--metric-batch-size",
+        type=_int_at_least(1),
+        metavar="N",
+        default=64,
+        help="sentences or images per BERTScore/CLIPScore batch (default: 64)",
+    )
+    group.add_argument(
+        "--examples",
+        type=_int_at_least(0),
+        default=24,
+        metavar="N",
+        help="random examples in report.html (default: 24)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,11 +144,19 @@ def score_config(args: argparse.Namespace, *, default_clip_model: str | None = N
         device=args.device,
     )
     clip_model = args.clip_model or default_clip_model or DEFAULT_CLIP_MODEL
-    return ScoreConfig(metrics, bertscore=bertscore, clip_model=clip_model, device=args.device, batch_size=args.metric_batch_size)
+    return ScoreConfig(
+        metrics, bertscore=bertscore, clip_model=clip_model, device=args.device, batch_size=args.metric_batch_size
+    )
 
 
 def score_and_report(
-    samples: list[Sample], references: References, config: ScoreConfig, out: Path, args: argparse.Namespace, *, source: str
+    samples: list[Sample],
+    references: References,
+    config: ScoreConfig,
+    out: Path,
+    args: argparse.Namespace,
+    *,
+    source: str,
 ) -> Evaluation:
     """Score, write metrics.json / per_image.json / report.html, and print the metrics."""
     from prefixcap.evaluation import score_samples, write_outputs

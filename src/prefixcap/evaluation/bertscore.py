@@ -7,6 +7,7 @@ caption gets its best match, which is what bert-score does with a list of refere
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ class BERTScoreResult:
         return out
 
 
-def bertscore(candidates: Sequence[str], references: Sequence[Sequence[str]], config: BERTScoreConfig) -> BERTScoreResult:
+def bertscore(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], config: BERTScoreConfig
+) -> BERTScoreResult:
     """Score each candidate against its references; rescale with the baseline when there is one.
 
     The model runs once: rescaling is bert-score's affine map (x - b) / (1 - b) of the raw
@@ -66,9 +69,13 @@ def bertscore(candidates: Sequence[str], references: Sequence[Sequence[str]], co
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise UserError(f"cannot load BERTScore model {config.model_type!r} ({reason})") from None
-    precision, recall, f1 = scorer.score(list(candidates), [list(refs) for refs in references], batch_size=config.batch_size)
+    precision, recall, f1 = scorer.score(
+        list(candidates), [list(refs) for refs in references], batch_size=config.batch_size
+    )
     try:
-        baseline = scorer.baseline_vals  # [3]: P, R, F1 baselines of this model and layer
+        with warnings.catch_warnings():  # bert-score wraps pandas' read-only array; harmless here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            baseline = scorer.baseline_vals  # [3]: P, R, F1 baselines of this model and layer
     except (ValueError, IndexError):  # no baseline file, or no row for this layer
         notice(
             f"BERTScore rescaling skipped: no baseline for {config.model_type!r} at layer {num_layers} "

@@ -37,7 +37,10 @@ def ref_clip_s(
 ) -> torch.Tensor:
     """Per-caption RefCLIP-S from CLIP-S [N], caption embeddings [N, D] and each caption's references [R_i, D]."""
     ref_sim = torch.stack(
-        [F.cosine_similarity(caption[None], refs, dim=-1).max() for caption, refs in zip(caption_embeds, reference_embeds)]
+        [
+            F.cosine_similarity(caption[None], refs, dim=-1).max()
+            for caption, refs in zip(caption_embeds, reference_embeds)
+        ]
     ).clamp(min=0)
     total = clip_scores + ref_sim
     # The harmonic mean is 0 when both terms are (Hessel's code gives NaN there); NaN stays NaN.
@@ -67,7 +70,7 @@ class CLIPScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64) -> "CLIPScorer":
+    def from_pretrained(cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64) -> CLIPScorer:
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         from prefixcap.modeling import load_image_processor
@@ -82,7 +85,9 @@ class CLIPScorer:
             tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
-            raise UserError(f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model") from None
+            raise UserError(
+                f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model"
+            ) from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size)
 
@@ -123,7 +128,7 @@ class CLIPScorer:
         image_embeds = torch.full((len(images), self.model.config.projection_dim), float("nan"))
         failures: list[str] = []
         batches = range(0, len(images), self.batch_size)
-        for start in tqdm(batches, desc="CLIPScore", unit="batch", leave=False):
+        for start in tqdm(batches, desc="CLIPScore", unit="batch", leave=False, disable=None):
             loaded = {}
             for index in range(start, min(start + self.batch_size, len(images))):
                 try:

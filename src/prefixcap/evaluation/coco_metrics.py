@@ -97,8 +97,8 @@ def coco_scores(
         java = has_java
         if not java:
             notice(
-                "Java not found on PATH: METEOR and SPICE skipped; BLEU, ROUGE-L and CIDEr-D use simple "
-                "tokenization (close to, not comparable with, published numbers). Install Java for the standard pipeline."
+                "Java not found on PATH: METEOR and SPICE skipped; BLEU, ROUGE-L and CIDEr-D use simple tokenization "
+                "(close to, not comparable with, published numbers). Install Java for the standard pipeline."
             )
 
     result = CocoScores(tokenization="ptb" if java else "simple")
@@ -160,20 +160,24 @@ def _run_spice(
     from pycocoevalcap.spice import get_stanford_models
     from pycocoevalcap.spice.spice import Spice
 
+    lib = Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB)
+    corenlp = get_stanford_models.JAR  # "stanford-corenlp-3.6.0"
     try:
         with captured_output() as output:  # download progress, Java stack traces
             corpus, per_image = Spice().compute_score(gts, res)  # downloads CoreNLP (~400 MB) once
     except urllib.error.URLError as error:
-        lib = Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB)
         reason = (
             f"it needs Stanford CoreNLP 3.6.0, downloaded on first use, and the download failed "
-            f"({getattr(error, 'reason', error)}); run once online, or put {get_stanford_models.JAR}.jar and "
-            f"{get_stanford_models.JAR}-models.jar into {lib}"
+            f"({getattr(error, 'reason', error)}); run once online, "
+            f"or put {corenlp}.jar and {corenlp}-models.jar into {lib}"
         )
     except OSError as error:  # e.g. pycocoevalcap's folder is read-only: it writes temp files there
         reason = f"could not run it ({error})"
     except subprocess.CalledProcessError as error:
-        reason = f"its Java program failed with status {error.returncode} ({_java_error(output)}); SPICE 1.0 runs on Java 8 or 11"
+        reason = (
+            f"its Java program failed with status {error.returncode} ({_java_error(output)}); "
+            f"SPICE 1.0 needs Java 8 or 11 and {corenlp}.jar and {corenlp}-models.jar in {lib}"
+        )
     else:
         # Spice returns its per-image scores in sorted id order, unlike every other scorer.
         by_id = dict(zip(sorted(gts), per_image))

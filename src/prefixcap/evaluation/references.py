@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ def load_results(path: str | Path) -> dict[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not a JSON file ({error})") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}: expected a COCO results list [{{\"image_id\": ..., \"caption\": ...}}]")
+        raise UserError(f'{path}: expected a COCO results list [{{"image_id": ..., "caption": ...}}]')
     results: dict[str, str] = {}
     for n, row in enumerate(rows):
         if not (isinstance(row, dict) and "image_id" in row and isinstance(row.get("caption"), str)):
@@ -56,23 +56,39 @@ def load_results(path: str | Path) -> dict[str, str]:
     return results
 
 
+def results_json(captions: Mapping[str, str]) -> list[dict[str, int | str]]:
+    """{image id: caption} in COCO results format; numeric ids become ints, as COCO tools expect."""
+    return [{"image_id": _coco_id(image_id), "caption": caption} for image_id, caption in captions.items()]
+
+
+def _coco_id(image_id: str) -> int | str:
+    return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
+
+
 def load_references(
     path: str | Path, *, split: str = "test", images_root: str | Path | None = None, format: str | None = None
 ) -> References:
-    """The `split` images of any dataset `load_records` reads.
+    """The `split` images of any dataset `load_records` reads (see `choose_split`)."""
+    records = load_records(path, format=format, images_root=images_root)
+    chosen = choose_split({record.split for record in records}, split, path)
+    if chosen is None:
+        return References(records, None)
+    train = [caption for record in split_records(records, "train") for caption in record.captions]
+    return References(split_records(records, chosen), train or None)
+
+
+def choose_split(splits: Iterable[str], split: str, source: str | Path) -> str | None:
+    """`split`, checked against a dataset's `splits`; None when the dataset has only one split.
 
     A dataset with a single split (an official COCO file, a JSONL without splits) is used whole,
     whatever `split` says; with several splits, `split` must be one of them.
     """
-    records = load_records(path, format=format, images_root=images_root)
-    splits = sorted({record.split for record in records})
+    splits = sorted(set(splits))
     if len(splits) == 1:
-        return References(records, None)
-    selected = split_records(records, split)
-    if not selected:
-        raise UserError(f"{path}: no {split!r} split (it has {', '.join(splits)}); choose one with --split")
-    train = [caption for record in split_records(records, "train") for caption in record.captions]
-    return References(selected, train or None)
+        return None
+    if split not in splits:
+        raise UserError(f"{source}: no {split!r} split (it has {', '.join(splits)}); choose one with --split")
+    return split
 
 
 def match_samples(results: Mapping[str, str], references: Sequence[CaptionRecord]) -> list[Sample]:

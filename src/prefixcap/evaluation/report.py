@@ -13,14 +13,11 @@ import math
 import random
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.evaluation.coco_metrics import simple_tokenize
 from prefixcap.evaluation.references import Sample, open_image
-
-if TYPE_CHECKING:
-    from prefixcap.evaluation.scoring import Evaluation
+from prefixcap.evaluation.scoring import SIMPLE_SUFFIX, Evaluation
 
 # Published figures (COCO Karpathy test; reference.md §4) and the seed's BERTScore (§2).
 PUBLISHED: dict[str, dict[str, float]] = {
@@ -32,11 +29,19 @@ PUBLISHED: dict[str, dict[str, float]] = {
 # Table rows in reading order: (metric key, how to print it).
 METRIC_ROWS = [
     *((f"BLEU-{n}", "{:.2f}") for n in range(1, 5)),
-    ("METEOR", "{:.2f}"), ("ROUGE-L", "{:.2f}"), ("CIDEr", "{:.2f}"), ("SPICE", "{:.2f}"),
-    ("BERTScore-P", "{:.4f}"), ("BERTScore-R", "{:.4f}"), ("BERTScore-F1", "{:.4f}"),
-    ("BERTScore-P (rescaled)", "{:.4f}"), ("BERTScore-R (rescaled)", "{:.4f}"), ("BERTScore-F1 (rescaled)", "{:.4f}"),
-    ("CLIPScore", "{:.4f}"), ("RefCLIPScore", "{:.4f}"),
-]  # fmt: skip
+    ("METEOR", "{:.2f}"),
+    ("ROUGE-L", "{:.2f}"),
+    ("CIDEr", "{:.2f}"),
+    ("SPICE", "{:.2f}"),
+    ("BERTScore-P", "{:.4f}"),
+    ("BERTScore-R", "{:.4f}"),
+    ("BERTScore-F1", "{:.4f}"),
+    ("BERTScore-P (rescaled)", "{:.4f}"),
+    ("BERTScore-R (rescaled)", "{:.4f}"),
+    ("BERTScore-F1 (rescaled)", "{:.4f}"),
+    ("CLIPScore", "{:.4f}"),
+    ("RefCLIPScore", "{:.4f}"),
+]
 STAT_ROWS = [
     ("num_captions", "captions", "{:,}"),
     ("vocab_size", "vocabulary (distinct words)", "{:,}"),
@@ -45,30 +50,51 @@ STAT_ROWS = [
     ("repetition_rate_pct", "captions with a repeated word or trigram (%)", "{:.1f}"),
     ("novel_captions_pct", "novel captions, not in the train split (%)", "{:.1f}"),
 ]
-RANKING_METRICS = ("CIDEr", "CIDEr (simple tokenization)", "BERTScore-F1", "CLIPScore")  # first one present ranks
-SIMPLE = " (simple tokenization)"
+# Per-image scores shown on each example card: (metric key, label, format).
+CARD_SCORES = [
+    ("CIDEr", "CIDEr", "{:.1f}"),
+    ("CIDEr" + SIMPLE_SUFFIX, "CIDEr (simple)", "{:.1f}"),
+    ("BERTScore-F1", "BERTScore-F1", "{:.3f}"),
+    ("CLIPScore", "CLIP-S", "{:.3f}"),
+    ("RefCLIPScore", "RefCLIP-S", "{:.3f}"),
+]
+RANKING_METRICS = ("CIDEr", "CIDEr" + SIMPLE_SUFFIX, "BERTScore-F1", "CLIPScore")  # the first one present ranks
 
 _CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;padding:24px;color:#1d232a;background:#fafbfc}
-h1{margin:0 0 4px}h2{margin:32px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
-.meta{color:#5c6670;margin:0 0 4px}.skipped{background:#fff6e0;border:1px solid #f0d48a;border-radius:6px;padding:8px 14px}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;padding:24px;
+  color:#1d232a;background:#fafbfc}
+h1{margin:0 0 4px}
+h2{margin:32px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+.meta{color:#5c6670;margin:0 0 4px}
+.skipped{background:#fff6e0;border:1px solid #f0d48a;border-radius:6px;padding:8px 14px}
 table{border-collapse:collapse;background:#fff;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #dde1e6;padding:5px 10px;text-align:right}th:first-child,td:first-child{text-align:left}
-thead th{background:#eef1f4;font-weight:600;vertical-align:bottom;max-width:150px}td.ours{font-weight:600;background:#f1f7ff}
+th,td{border:1px solid #dde1e6;padding:5px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+thead th{background:#eef1f4;font-weight:600;vertical-align:bottom;max-width:150px}
+td.ours{font-weight:600;background:#f1f7ff}
 .note{color:#5c6670;font-size:13px;max-width:900px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
 .card{background:#fff;border:1px solid #dde1e6;border-radius:8px;overflow:hidden}
 .card img,.noimg{width:100%;height:180px;object-fit:cover;display:block;background:#e9ecef}
 .noimg{display:flex;align-items:center;justify-content:center;color:#7a848e;font-size:13px}
-.body{padding:8px 12px}.caption{font-weight:600;margin:0 0 6px}.refs{margin:0;padding-left:18px;color:#48525c;font-size:13px}
-.scores{margin-top:6px;font-size:12px;color:#2a5d9f}.id{font-size:11px;color:#8a949e;word-break:break-all}
+.body{padding:8px 12px}
+.caption{font-weight:600;margin:0 0 6px}
+.refs{margin:0;padding-left:18px;color:#48525c;font-size:13px}
+.scores{margin-top:6px;font-size:12px;color:#2a5d9f}
+.id{font-size:11px;color:#8a949e;word-break:break-all}
 """
 
 
 def render_report(
-    evaluation: Evaluation, *, title: str = "prefixcap evaluation", source: str | None = None,
-    num_examples: int = 24, num_extremes: int = 6, thumbnail_size: int = 256, seed: int = 0,
-) -> str:  # fmt: skip
+    evaluation: Evaluation,
+    *,
+    title: str = "prefixcap evaluation",
+    source: str | None = None,
+    num_examples: int = 24,
+    num_extremes: int = 6,
+    thumbnail_size: int = 256,
+    seed: int = 0,
+) -> str:
     """The report as one HTML document.
 
     `source` says what was evaluated (model, data); `num_examples` random images (fixed `seed`)
@@ -141,7 +167,7 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     head = "".join(f"<th>{_e(name)}</th>" for name in PUBLISHED)
     rows = []
     for key, fmt in METRIC_ROWS:
-        name = key if key in metrics else key + SIMPLE if key + SIMPLE in metrics else None
+        name = next((name for name in (key, key + SIMPLE_SUFFIX) if name in metrics), None)
         published = [PUBLISHED[system].get(key) for system in PUBLISHED]
         if name is None and not any(value is not None for value in published):
             continue
@@ -155,13 +181,15 @@ def _metrics_table(metrics: dict[str, float]) -> str:
         "The seed scored one truncated reference per image on the split it chose its checkpoint with, "
         "so its BERTScore is higher than a multi-reference one would be for the same captions. "
         "Simple-tokenization scores (no Java) are close to, but not comparable with, published ones. "
-        "CLIPScore follows Hessel et al. (2021): w = 2.5, prompt \"A photo depicts\".</p>"
+        'CLIPScore follows Hessel et al. (2021): w = 2.5, prompt "A photo depicts".</p>'
     )
 
 
 def _stats_table(metrics: dict[str, float]) -> str:
     rows = "".join(
-        f"<tr><td>{_e(label)}</td><td>{fmt.format(metrics[key])}</td></tr>" for key, label, fmt in STAT_ROWS if key in metrics
+        f"<tr><td>{_e(label)}</td><td>{fmt.format(metrics[key])}</td></tr>"
+        for key, label, fmt in STAT_ROWS
+        if key in metrics
     )
     return f"<h2>Corpus statistics</h2><table><tbody>{rows}</tbody></table>" if rows else ""
 
@@ -172,7 +200,7 @@ def _length_histogram(samples: Sequence[Sample]) -> str:
 
     generated = [len(simple_tokenize(s.caption).split()) for s in samples]
     references = [len(simple_tokenize(ref).split()) for s in samples for ref in s.references]
-    bins = range(0, max(generated + references) + 2)
+    bins = [edge - 0.5 for edge in range(max(generated + references) + 2)]  # one bar per word count
     figure = Figure(figsize=(7, 2.8), dpi=110, layout="tight")
     axes = figure.subplots()
     axes.hist(references, bins=bins, density=True, alpha=0.45, color="#8a949e", label="references")
@@ -210,20 +238,23 @@ class _Thumbnails:
 
 
 def _grid(samples: Sequence[Sample], evaluation: Evaluation, thumbnails: _Thumbnails) -> str:
-    return '<div class="grid">' + "".join(_card(s, evaluation.per_image[s.image_id], thumbnails) for s in samples) + "</div>"
+    return (
+        '<div class="grid">'
+        + "".join(_card(s, evaluation.per_image[s.image_id], thumbnails) for s in samples)
+        + "</div>"
+    )
 
 
 def _card(sample: Sample, scores: dict[str, float], thumbnails: _Thumbnails) -> str:
     """One example: picture, generated caption, references, and its per-image scores."""
     uri = thumbnails(sample.image)
-    picture = f'<img alt="{_e(sample.image_id)}" src="{uri}">' if uri else '<div class="noimg">image not available</div>'
+    picture = (
+        f'<img alt="{_e(sample.image_id)}" src="{uri}">' if uri else '<div class="noimg">image not available</div>'
+    )
     refs = "".join(f"<li>{_e(ref)}</li>" for ref in sample.references)
-    shown = [
-        (label, scores[name])
-        for name, label in (("CIDEr", "CIDEr"), ("CIDEr" + SIMPLE, "CIDEr*"), ("CLIPScore", "CLIP-S"), ("RefCLIPScore", "RefCLIP-S"))
-        if _finite(scores.get(name))
-    ]
-    line = " · ".join(f"{label} {value:.1f}" if label.startswith("CIDEr") else f"{label} {value:.3f}" for label, value in shown)
+    line = " · ".join(
+        f"{label} {fmt.format(scores[key])}" for key, label, fmt in CARD_SCORES if _finite(scores.get(key))
+    )
     return (
         f'<div class="card">{picture}<div class="body"><p class="caption">{_e(sample.caption)}</p>'
         f'<ul class="refs">{refs}</ul><div class="scores">{_e(line)}</div>'

@@ -18,13 +18,14 @@ from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
-from prefixcap.evaluation.clipscore import PROMPT, W, CLIPScorer
+from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, W
 from prefixcap.evaluation.coco_metrics import COCO_METRICS, coco_scores
 from prefixcap.evaluation.corpus_stats import corpus_stats
 from prefixcap.evaluation.notices import notice
 from prefixcap.evaluation.references import Sample, open_image
 
 ALL_METRICS = (*COCO_METRICS, "bertscore", "clipscore", "stats")
+SIMPLE_SUFFIX = " (simple tokenization)"  # on the names of metrics computed without PTB tokenisation
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # the ViT-B/32 that Hessel et al. used
 _IMAGE_PROBES = 8  # images tried before loading CLIP, to skip CLIPScore early when none is there
 
@@ -54,7 +55,12 @@ class Evaluation:
 
     def summary(self) -> dict[str, Any]:
         """The content of metrics.json."""
-        return {"num_images": len(self.samples), "metrics": self.metrics, "skipped": self.skipped, "settings": self.settings}
+        return {
+            "num_images": len(self.samples),
+            "metrics": self.metrics,
+            "skipped": self.skipped,
+            "settings": self.settings,
+        }
 
     def add_per_image(self, name: str, values: Sequence[float]) -> None:
         for scores, value in zip(self.per_image.values(), values):
@@ -92,7 +98,7 @@ def _coco(evaluation: Evaluation, metrics: list[str], config: ScoreConfig) -> No
     references = {s.image_id: s.references for s in evaluation.samples}
     result = coco_scores(predictions, references, java=config.java, metrics=metrics)
     # Simple-tokenisation numbers get other names, so nobody compares them with papers by mistake.
-    suffix = "" if result.tokenization == "ptb" else " (simple tokenization)"
+    suffix = "" if result.tokenization == "ptb" else SIMPLE_SUFFIX
     evaluation.metrics |= {name + suffix: value for name, value in result.corpus.items()}
     for image_id, scores in result.per_image.items():
         evaluation.per_image[image_id] |= {name + suffix: value for name, value in scores.items()}
@@ -105,12 +111,13 @@ def _bertscore(evaluation: Evaluation, config: ScoreConfig) -> None:
     result = bertscore([s.caption for s in samples], [s.references for s in samples], config.bertscore)
     evaluation.metrics |= result.summary()
     evaluation.add_per_image("BERTScore-F1", result.f1.tolist())
+    baseline = (config.bertscore.baseline_path or "bert-score's own") if result.rescaled is not None else None
     evaluation.settings["bertscore"] = {
         "model": config.bertscore.model_type,
         "num_layers": result.num_layers,
         "idf": False,
         "references": "all, best match per caption",
-        "rescale_baseline": (config.bertscore.baseline_path or "bert-score's own") if result.rescaled is not None else None,
+        "rescale_baseline": baseline,
     }
 
 
@@ -118,8 +125,9 @@ def _clipscore(evaluation: Evaluation, config: ScoreConfig) -> None:
     samples = evaluation.samples
     _check_images_present([s.image for s in samples])
     scorer = CLIPScorer.from_pretrained(config.clip_model, device=config.device, batch_size=config.batch_size)
-    result = scorer.score([s.image for s in samples], [s.caption for s in samples], [s.references for s in samples],
-                          load=open_image)  # fmt: skip
+    result = scorer.score(
+        [s.image for s in samples], [s.caption for s in samples], [s.references for s in samples], load=open_image
+    )
     evaluation.metrics |= result.summary()
     evaluation.add_per_image("CLIPScore", result.clip_s.tolist())
     evaluation.add_per_image("RefCLIPScore", result.ref_clip_s.tolist())
@@ -160,7 +168,9 @@ def write_outputs(out_dir: str | Path, evaluation: Evaluation, **report_kwargs: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", evaluation.summary())
-    per_image = [{"image_id": s.image_id, "caption": s.caption, **evaluation.per_image[s.image_id]} for s in evaluation.samples]
+    per_image = [
+        {"image_id": s.image_id, "caption": s.caption, **evaluation.per_image[s.image_id]} for s in evaluation.samples
+    ]
     write_json(out / "per_image.json", per_image)
     write_atomic(out / "report.html", render_report(evaluation, **report_kwargs))
     return out
@@ -173,8 +183,13 @@ def write_json(path: Path, value: Any) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file, so a crash never leaves half a file."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as file:
         file.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file.name, 0o666 & ~umask)  # temporary files are private; the result should not be
     os.replace(file.name, path)
 
 

@@ -1,0 +1,119 @@
+"""BERTScore through bert-score's real code path, with a tiny RoBERTa built locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixcap.errors import UserError
+from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
+
+CANDIDATES = ["a red shape on a blue background", "two dogs playing with a ball", "a plate of food"]
+REFERENCES = [
+    ["a red shape on a white background", "a red circle on blue"],
+    ["dogs playing in the grass", "two dogs with a ball", "a dog"],
+    ["a plate of rice and broccoli"],
+]
+
+
+def build_tiny_roberta(directory: Path) -> Path:
+    """A 3-layer RoBERTa with a byte-level BPE tokenizer trained on the test sentences."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = CANDIDATES + [ref for refs in REFERENCES for ref in refs]
+    bpe.train_from_iterator(
+        corpus * 4, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False
+    )
+    bpe.save_model(str(directory))
+    tokenizer = RobertaTokenizer(
+        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=64
+    )
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_roberta(tmp_path_factory.mktemp("bertscore") / "roberta")
+
+
+@pytest.fixture(scope="module")
+def baseline_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rescale baseline in bert-score's TSV layout: one row per layer, columns P, R, F."""
+    path = tmp_path_factory.mktemp("baseline") / "tiny.tsv"
+    rows = [f"{layer},{0.5 + layer / 100},{0.4 + layer / 100},{0.45 + layer / 100}" for layer in range(4)]
+    path.write_text("LAYER,P,R,F\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_multi_reference_scores_are_bert_scores_best_match(roberta_dir: Path) -> None:
+    import bert_score
+
+    result = bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(roberta_dir), num_layers=2, device="cpu"))
+    expected = bert_score.score(CANDIDATES, REFERENCES, model_type=str(roberta_dir), num_layers=2, device="cpu")
+    for ours, theirs in zip((result.precision, result.recall, result.f1), expected):
+        torch.testing.assert_close(ours, theirs)
+
+    # Best match: each caption's F1 is the largest of its single-reference F1s.
+    pairs = [(c, r) for c, refs in zip(CANDIDATES, REFERENCES) for r in refs]
+    *_, single_f1 = bert_score.score(
+        [c for c, _ in pairs], [r for _, r in pairs], model_type=str(roberta_dir), num_layers=2
+    )
+    best = torch.stack([part.max() for part in single_f1.split([len(refs) for refs in REFERENCES])])
+    torch.testing.assert_close(result.f1, best)
+    assert len(set(result.f1.tolist())) == len(CANDIDATES)  # real, distinct scores
+
+
+def test_rescaled_scores_equal_bert_scores_rescaling(roberta_dir: Path, baseline_file: Path) -> None:
+    import bert_score
+
+    config = BERTScoreConfig(model_type=str(roberta_dir), num_layers=2, baseline_path=str(baseline_file), device="cpu")
+    result = bertscore(CANDIDATES, REFERENCES, config)
+    expected = bert_score.score(
+        CANDIDATES,
+        REFERENCES,
+        model_type=str(roberta_dir),
+        num_layers=2,
+        lang="en",
+        rescale_with_baseline=True,
+        baseline_path=str(baseline_file),
+        device="cpu",
+    )
+    assert result.rescaled is not None
+    for ours, theirs in zip(result.rescaled, expected):
+        torch.testing.assert_close(ours, theirs)
+    summary = result.summary()
+    assert summary["BERTScore-F1 (rescaled)"] == pytest.approx(expected[2].mean().item())
+    assert summary["BERTScore-F1"] != summary["BERTScore-F1 (rescaled)"]
+
+
+def test_without_a_baseline_only_raw_scores(roberta_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    result = bertscore(
+        CANDIDATES[:1], REFERENCES[:1], BERTScoreConfig(model_type=str(roberta_dir), num_layers=1, device="cpu")
+    )
+    assert result.rescaled is None
+    assert set(result.summary()) == {"BERTScore-P", "BERTScore-R", "BERTScore-F1"}
+    assert "BERTScore rescaling skipped" in capsys.readouterr().err
+
+
+def test_unknown_model_needs_a_layer_and_missing_model_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--bertscore-layers"):
+        bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(tmp_path)))
+    with pytest.raises(UserError, match="cannot load BERTScore model"):
+        bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(tmp_path / "missing"), num_layers=1))
