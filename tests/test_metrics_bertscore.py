@@ -9,6 +9,7 @@ import torch
 
 from prefixcap.errors import UserError
 from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
+from prefixcap.testing import build_roberta
 
 CANDIDATES = ["a red shape on a blue background", "two dogs playing with a ball", "a plate of food"]
 REFERENCES = [
@@ -19,33 +20,7 @@ REFERENCES = [
 
 
 def build_tiny_roberta(directory: Path) -> Path:
-    """A 3-layer RoBERTa with a byte-level BPE tokenizer trained on the test sentences."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    corpus = CANDIDATES + [ref for refs in REFERENCES for ref in refs]
-    bpe.train_from_iterator(
-        corpus * 4, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False
-    )
-    bpe.save_model(str(directory))
-    tokenizer = RobertaTokenizer(
-        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=64
-    )
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=70,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    RobertaModel(config).save_pretrained(directory)
-    return directory
+    return build_roberta(directory, CANDIDATES + [ref for refs in REFERENCES for ref in refs])
 
 
 @pytest.fixture(scope="module")

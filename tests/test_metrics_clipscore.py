@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import string
 from pathlib import Path
 
 import pytest
@@ -16,26 +14,9 @@ from prefixcap.errors import UserError
 from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, clip_s, ref_clip_s
 
 
-def add_clip_tokenizer(clip_dir: Path) -> Path:
-    """Save a character-level CLIPTokenizer into a tiny CLIP folder (the test CLIP has none).
-
-    BOS and EOS differ (1 and 0), so the text tower pools at the EOS token, as real CLIP does.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ".,'":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32).save_pretrained(clip_dir)
-    return clip_dir
-
-
 @pytest.fixture(scope="module")
-def clip_dir(tiny_components: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("clipscore") / "clip"
-    shutil.copytree(tiny_components[0], directory)
-    return add_clip_tokenizer(directory)
+def clip_dir(tiny_components: tuple[Path, Path]) -> Path:
+    return tiny_components[0]
 
 
 @pytest.fixture(scope="module")

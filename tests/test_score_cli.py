@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_metrics_bertscore import build_tiny_roberta
-from test_metrics_clipscore import add_clip_tokenizer
 
 from prefixcap.cli import main
 from prefixcap.data import load_records
 from prefixcap.data.synth import make_synthetic_dataset
+from prefixcap.testing import build_roberta
 
 WRONG = "a purple shape on a gray background"
 
@@ -27,10 +25,8 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tiny_components: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("score-clip") / "clip"
-    shutil.copytree(tiny_components[0], directory)
-    return add_clip_tokenizer(directory)
+def clip_dir(tiny_components: tuple[Path, Path]) -> Path:
+    return tiny_components[0]
 
 
 def write_results(path: Path, captions: dict) -> Path:
@@ -193,10 +189,10 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
 
 
 def test_score_bertscore_options(synthetic: Path, tmp_path: Path) -> None:
-    roberta = build_tiny_roberta(tmp_path / "roberta")
+    test = [r for r in load_records(synthetic) if r.split == "test"]
+    roberta = build_roberta(tmp_path / "roberta", [c for r in test for c in r.captions])
     baseline = tmp_path / "baseline.tsv"
     baseline.write_text("LAYER,P,R,F\n0,0.1,0.1,0.1\n1,0.2,0.2,0.2\n2,0.3,0.3,0.3\n")
-    test = [r for r in load_records(synthetic) if r.split == "test"]
     results = write_results(tmp_path / "results.json", half_right(test))
     assert (
         main(

@@ -7,6 +7,7 @@ Speed does not depend on weight values, so the full-size variants serve the benc
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -37,8 +38,20 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 400):
     return tokenizer
 
 
+def build_clip_tokenizer(out_dir: str | Path) -> None:
+    """A character-level CLIPTokenizer. BOS and EOS differ (1 and 0), so the text tower pools at
+    the EOS token as real CLIP does."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ".,'":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32).save_pretrained(out_dir)
+
+
 def build_clip(out_dir: str | Path, *, full_size: bool = False, seed: int = 0) -> Path:
-    """A CLIPModel (both towers, as on the hub) plus its image processor, with random weights."""
+    """A CLIPModel (both towers, as on the hub) plus its image processor and tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     torch.manual_seed(seed)
@@ -54,6 +67,7 @@ def build_clip(out_dir: str | Path, *, full_size: bool = False, seed: int = 0) -
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(out_dir)
+    build_clip_tokenizer(out_dir)
     return Path(out_dir)
 
 
@@ -76,3 +90,25 @@ def build_components(root: str | Path, *, full_size: bool = False) -> tuple[Path
     """(clip_dir, gpt2_dir) under `root`; loadable with `CaptionModel.from_components`."""
     root = Path(root)
     return build_clip(root / "clip", full_size=full_size), build_gpt2(root / "gpt2", full_size=full_size)
+
+
+def build_roberta(out_dir: str | Path, corpus: list[str]) -> Path:
+    """A 3-layer RoBERTa with a byte-level BPE tokenizer trained on `corpus` (for BERTScore)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(corpus * 4, vocab_size=300, special_tokens=specials, show_progress=False)
+    bpe.save_model(str(out_dir))
+    tokenizer = RobertaTokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=64)
+    tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=70, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    RobertaModel(config).save_pretrained(out_dir)
+    return out_dir
