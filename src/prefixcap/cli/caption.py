@@ -1,14 +1,14 @@
-"""`prefixcap caption`: caption image files, folders and globs."""
+"""`prefixcap caption`: caption image files, folders, globs and WebDataset shards, in one process
+or split over many (`accelerate launch -m prefixcap caption ... --output OUT_DIR/`)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
-import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
 
 from prefixcap.cli.common import (
     add_generation_arguments,
@@ -17,90 +17,169 @@ from prefixcap.cli.common import (
     generation_kwargs,
     load_captioner,
 )
-from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.distributed import FORMATS
+from prefixcap.distributed.plan import is_remote
+from prefixcap.errors import UserError
 from prefixcap.images import IMAGE_EXTENSIONS
+
+EPILOG = """\
+output:
+  By default one file (--output FILE) or stdout. A folder instead (OUT_DIR/captions.<format>,
+  OUT_DIR/summary.json and OUT_DIR/parts/) when --output is an existing folder or ends with "/",
+  and always when several processes run. A rerun into the same folder skips the parts that are
+  already finished, so a killed job loses at most one part per process.
+
+examples:
+  prefixcap caption photos/ 'more/*.png' > captions.txt
+  prefixcap caption 'shards/train-{000..099}.tar' --output out/ --format parquet
+  accelerate launch --multi_gpu --num_processes 8 -m prefixcap caption shards/*.tar --output out/
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "caption",
         help="caption images",
-        description="Caption image files, folders (searched recursively) and glob patterns. "
+        description="Caption image files, folders (searched recursively), glob patterns and WebDataset "
+        "shards (local .tar files, URLs, 'pipe:' commands, brace patterns like shard-{000..099}.tar). "
         "Unreadable images are reported on stderr as 'error: PATH: REASON' and skipped; "
-        "the exit status is 1 if any image failed.",
+        "the exit status is 1 if any image failed, except with folder output, where failures are "
+        "expected at scale and counted in summary.json.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob pattern")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or WebDataset shard")
     add_model_arguments(parser)
     add_generation_arguments(parser)
     parser.add_argument(
         "--format",
-        choices=["text", "jsonl", "csv"],
-        default="text",
-        help="text: 'path<TAB>caption' lines; jsonl: {path, caption, captions}; csv: path,caption,... (default: text)",
+        choices=FORMATS,
+        help="text: 'path<TAB>caption' lines; jsonl: {path, caption, captions}; csv: path,caption,...; "
+        "parquet: columns path, caption, captions (default: text, or jsonl into a folder)",
     )
-    parser.add_argument("--output", type=Path, help="write results to this file instead of stdout")
-    parser.add_argument("--workers", type=int, default=4, help="threads decoding images ahead of the model (default: 4)")
+    parser.add_argument("--output", help="write results to this file, or into this folder (see 'output' below)")
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1),
+        help="DataLoader processes decoding images ahead of the model, per process; 0 decodes in the "
+        "main process (default: 4, or the number of CPUs if fewer)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--part-size", type=int, default=1000,
+        help="folder output: images per part file, the unit of work and of resuming; each WebDataset "
+        "shard is one part (default: 1000)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+
     kwargs = generation_kwargs(args)
-    paths, failures = expand_paths(args.paths)
-    for path, reason in failures:
-        print(f"error: {path}: {reason}", file=sys.stderr)
-    if not paths:
+    if args.workers < 0 or args.part_size < 1:
+        raise UserError("--workers must be >= 0 and --part-size >= 1")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    to_folder = _writes_folder(args.output, state.num_processes)
+    fmt = args.format or ("jsonl" if to_folder else "text")
+    if fmt == "parquet" and not args.output:
+        raise UserError("parquet output needs --output FILE or --output FOLDER/")
+    sources, missing = expand_paths(args.paths)
+    if state.is_main_process:
+        for path, reason in missing:
+            print(f"error: {path}: {reason}", file=sys.stderr)
+    if not sources:
         raise UserError("no images found in the given paths")
+    if args.device is None and state.num_processes > 1:
+        args.device = str(state.device)  # each process on its own GPU
     captioner = load_captioner(args)
     check_generation(captioner.model.config.generation, kwargs)
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    if to_folder:
+        return _caption_to_folder(captioner, sources, missing, args, fmt, kwargs, state)
+    failed = _caption_to_file(captioner, sources, args, fmt, kwargs)
+    return 1 if failed or missing else 0
+
+
+def _writes_folder(output: str | None, num_processes: int) -> bool:
+    """Folder output when several processes run, or when --output names a folder."""
+    named_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    if not (named_folder or num_processes > 1):
+        return False
+    if output is None:
+        raise UserError("with several processes, results go to a folder: add --output OUT_DIR/")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UserError(f"{output}: is a file, but results go to a folder here")
+    return True
+
+
+def _caption_to_file(captioner, sources: list[str], args: argparse.Namespace, fmt: str, kwargs: dict) -> int:
+    """Caption in this process, writing records in input order as they come. Returns the number of failures."""
+    from tqdm import tqdm
+
+    from prefixcap.distributed import RecordWriter, caption_parts, in_input_order, plan_parts
+    from prefixcap.distributed.outputs import open_output
+
+    # Parts of one batch each: every worker decodes a batch while the model captions another.
+    parts = plan_parts(sources, part_size=args.batch_size)
+    total = None if any(part.is_shard for part in parts) else len(sources)
+    show_progress = sys.stderr.isatty() and (total is None or total > args.batch_size)
+    out = open_output(args.output, fmt) if args.output else sys.stdout
+    failed = 0
     try:
-        failed = _caption_to(out, captioner, paths, args, kwargs)
+        writer = RecordWriter(out, fmt)
+        with tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr) as bar:
+            done = caption_parts(
+                captioner, parts, batch_size=args.batch_size, num_workers=args.workers, progress=bar, **kwargs
+            )
+            for result in in_input_order(done):
+                if result.captions is None:
+                    failed += 1
+                    tqdm.write(f"error: {result.path}: {result.error}", file=sys.stderr)
+                else:
+                    writer.write(result.path, result.captions)
+        writer.close()
     finally:
         if args.output:
             out.close()
-    return 1 if failed or failures else 0
-
-
-def _caption_to(out: TextIO, captioner, paths: list[str], args: argparse.Namespace, kwargs: dict) -> int:
-    from tqdm import tqdm
-
-    writer = _RecordWriter(out, args.format)
-    show_progress = sys.stderr.isatty() and len(paths) > args.batch_size
-    failed = 0
-    stream = captioner.stream(paths, batch_size=args.batch_size, num_workers=args.workers, **kwargs)
-    for path, captions in tqdm(stream, total=len(paths), unit="img", disable=not show_progress, file=sys.stderr):
-        if isinstance(captions, ImageLoadError):
-            failed += 1
-            tqdm.write(f"error: {captions}", file=sys.stderr)
-        else:
-            writer.write(path, captions)
     return failed
 
 
-class _RecordWriter:
-    """One record per image, in input order, flushed as it goes so a crash loses nothing written."""
+def _caption_to_folder(
+    captioner,
+    sources: list[str],
+    missing: list[tuple[str, str]],
+    args: argparse.Namespace,
+    fmt: str,
+    kwargs: dict,
+    state,
+) -> int:
+    from prefixcap.distributed import caption_to_directory
 
-    def __init__(self, out: TextIO, fmt: str):
-        self.out, self.fmt = out, fmt
-        self.csv = csv.writer(out) if fmt == "csv" else None
-        self.header_written = False
+    settings = {"model": _model_key(args.model), "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
+    summary = caption_to_directory(
+        captioner, sources, args.output, state=state, fmt=fmt, part_size=args.part_size,
+        batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing, **kwargs,
+    )  # fmt: skip
+    if summary is not None:  # the main process
+        print(
+            f"{summary.captioned} of {summary.images} images captioned ({summary.failed} failed) by "
+            f"{summary.processes} process(es) at {summary.images_per_second:.2f} images/s; "
+            f"wrote {summary.output}",
+            file=sys.stderr,
+        )
+    return 0  # a non-zero status would make accelerate/torchrun report a crashed job
 
-    def write(self, path: str, captions: list[str]) -> None:
-        if self.fmt == "text":
-            self.out.write("\t".join([path, *captions]) + "\n")
-        elif self.fmt == "jsonl":
-            self.out.write(json.dumps({"path": path, "caption": captions[0], "captions": captions}) + "\n")
-        else:
-            if not self.header_written:
-                self.csv.writerow(["path", "caption", *[f"caption_{i + 2}" for i in range(len(captions) - 1)]])
-                self.header_written = True
-            self.csv.writerow([path, *captions])
-        self.out.flush()
+
+def _model_key(model: str) -> str:
+    """The model as part of the part-file names: local folders by absolute path, so that a
+    rerun from another working directory still recognises its parts."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files as given, folders searched recursively for image extensions, globs expanded.
-    Returns (image paths in a stable order without duplicates, [(pattern, reason)] for misses)."""
+    """Files as given, folders searched recursively for image extensions, globs expanded, and
+    WebDataset shards: tar files, URLs and `pipe:` commands, with brace patterns
+    (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does.
+    Returns (inputs in a stable order without duplicates, [(pattern, reason)] for misses)."""
     paths: dict[str, None] = {}
     missing = []
     for pattern in patterns:
@@ -117,6 +196,19 @@ def _expand_one(pattern: str) -> Iterator[str]:
         yield from sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     elif path.exists():
         yield pattern  # an explicit file is tried whatever its extension
+    elif is_remote(pattern):
+        yield from _expand_braces(pattern)  # remote shards are only opened when their turn comes
+    elif (names := _expand_braces(pattern)) != [pattern]:
+        for name in names:
+            yield from _expand_one(name)
     elif glob.has_magic(pattern):
         for match in sorted(glob.glob(pattern, recursive=True)):
             yield from _expand_one(match) if Path(match).is_dir() else [match]
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    if "{" not in pattern and "::" not in pattern:
+        return [pattern]
+    from webdataset.shardlists import expand_urls
+
+    return expand_urls(pattern)
