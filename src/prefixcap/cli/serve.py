@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from prefixcap.cli.common import add_model_arguments, load_captioner
+from prefixcap.errors import UserError
 from prefixcap.images import DEFAULT_MAX_PIXELS
 
 
@@ -36,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MS",
         type=_at_least(float, 0),
         default=10.0,
-        help="longest an image waits for others to share its batch (default: 10)",
+        help="once the model is free, a batch starts when full or when no image has arrived for "
+        "this long (default: 10)",
     )
     parser.add_argument(
         "--host",
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach it can use this server", file=sys.stderr)
+    listener = _listen(args.host, args.port)  # before the slow model load, so a busy port fails fast
     captioner = load_captioner(args, max_pixels=args.max_pixels)
     config = ServerConfig(
         model_name=args.model,
@@ -82,8 +87,27 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_mb=args.max_upload_mb,
     )
-    uvicorn.run(create_app(captioner, config), host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(uvicorn.Config(create_app(captioner, config), log_level=args.log_level))
+    print(
+        f"serving {args.model} on {captioner.model.device} at {_url(listener)}/ (API docs at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run(sockets=[listener])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserError(f"cannot listen on {host}:{port} ({reason})") from None
+
+
+def _url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _at_least(type_: Callable[[str], float], low: float) -> Callable[[str], float]:

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -25,11 +26,16 @@ from prefixcap import __version__
 from prefixcap.captioner import Captioner
 from prefixcap.errors import ImageLoadError
 from prefixcap.serving.batching import DynamicBatcher
-from prefixcap.serving.errors import ErrorBody, install_error_handlers, APIError
+from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
 from prefixcap.serving.inputs import NamedImage, generation_kwargs, read_caption_request
 from prefixcap.serving.limits import BodySizeLimit
 from prefixcap.serving.metrics import RequestMetricsMiddleware, ServerMetrics
-from prefixcap.serving.schemas import GeneratedText, Health, JSONCaptionRequest, MultipartCaptionRequest
+from prefixcap.serving.schemas import (
+    GeneratedText,
+    Health,
+    JSONCaptionRequest,
+    MultipartCaptionRequest,
+)
 
 STATIC_DIR = Path(__file__).with_name("static")
 CAPTION_PATH = "/v1/caption"
@@ -38,14 +44,17 @@ T = TypeVar("T")
 
 @dataclass
 class ServerConfig:
+    """Server limits. The caps on decoding options keep one request from holding the model for
+    long; a request over any of them gets a 422."""
+
     model_name: str  # what /health and the page call the model
     max_batch_size: int = 32  # most images in one model batch
-    max_wait_ms: float = 10.0  # longest an image waits for others to share its batch
+    max_wait_ms: float = 10.0  # a batch starts when full or after this long without a new image
     max_upload_mb: float = 20.0  # larger request bodies are refused with 413
     max_images: int = 64  # images per request
-    max_new_tokens: int = 128  # per-request caps on decoding options, so that one request
-    max_beams: int = 8  #   cannot occupy the model for long; over them is a 422
-    max_captions: int = 8  #   (max_captions caps num_return_sequences)
+    max_new_tokens: int = 128  # cap on max_new_tokens (also kept within the decoder's positions)
+    max_beams: int = 8  # cap on num_beams
+    max_captions: int = 8  # cap on num_return_sequences
 
 
 def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
@@ -81,13 +90,15 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         CAPTION_PATH,
         summary="Caption images",
         response_model=list[list[GeneratedText]],
-        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 500)},
+        responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 500, 503)},
         openapi_extra={"requestBody": _request_body_docs()},
     )
     async def caption(request: Request) -> Any:
         """One entry per image, in order; each lists `num_return_sequences` captions. Send files in a
         repeatable multipart field `images` with options as form fields, or JSON
         `{"images": [base64, ...], "num_beams": 3, ...}`."""
+        if not batcher.running:
+            raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
         kwargs = generation_kwargs(options, captioner.model.config.generation, limits)
         captions = await _unless_disconnected(request, _caption(captioner, batcher, images, kwargs))

@@ -4,8 +4,12 @@ A model captions 16 images in far less than 16 times the time of one, so a serve
 every request alone wastes most of its throughput. Each image becomes a job with its own future;
 jobs wait in one queue per set of generation options (a batch runs with one set), and a single
 worker thread runs the model so the event loop keeps accepting and answering requests meanwhile.
-A batch starts when it is full or when its oldest job has waited `max_wait_ms`, the bounds TGI and
-TorchServe use as well.
+
+Once the model is free, the next batch starts when it is full, or when `max_wait_ms` has passed
+without a new image (counting from the moment the model got free). So a burst of requests that
+is still being decoded stays together, and under steady load the clients whose answers just went
+out send their next request in time to share the next batch: batches stay full instead of
+settling into alternating half-full groups. The added wait is at most max_batch_size * max_wait.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 # run_batch(items, options) -> one result per item; called in the worker thread.
 BatchFunction = Callable[[list[Any], Mapping[str, Any]], list[Any]]
@@ -96,9 +101,10 @@ class DynamicBatcher:
                 await self._arrived.wait()
             # 2. serve the options group holding the oldest job
             key, queue = min(self._queues.items(), key=lambda entry: entry[1][0].arrived)
-            # 3. let the batch fill until it is full or its oldest job has waited max_wait
-            deadline = queue[0].arrived + self.max_wait
-            while len(queue) < self.max_batch_size and (timeout := deadline - loop.time()) > 0:
+            # 3. let the batch fill until it is full, or until max_wait passes with no new image
+            #    since the model got free
+            free_since = loop.time()
+            while len(queue) < self.max_batch_size and (timeout := self._linger(free_since, queue)) > 0:
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), timeout)
@@ -106,6 +112,11 @@ class DynamicBatcher:
             jobs = self._take(key, queue)
             if jobs:
                 await self._run(jobs, dict(key))
+
+    def _linger(self, free_since: float, queue: deque[_Job]) -> float:
+        """Seconds left to wait for more images: max_wait after the model got free or after the
+        newest arrival, whichever is later, so that a burst still arriving is kept together."""
+        return max(free_since, queue[-1].arrived) + self.max_wait - asyncio.get_running_loop().time()
 
     def _take(self, key: Hashable, queue: deque[_Job]) -> list[_Job]:
         """Up to max_batch_size live jobs from the front of `queue`; cancelled ones are dropped."""
@@ -122,7 +133,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self.run_batch, [job.item for job in jobs], options)
-        except Exception as error:  # the whole batch failed: every request in it gets the error
+        except Exception as error:  # noqa: BLE001 - any failure fails the batch: each request gets it
             _fail(jobs, error)
             return
         except asyncio.CancelledError:  # stop() during the batch

@@ -10,7 +10,8 @@ import base64
 import binascii
 import dataclasses
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
