@@ -131,7 +131,11 @@ class FeatureStore:
 def read_manifest(path: Path) -> StoreManifest:
     manifest = path / MANIFEST
     if not manifest.is_file():
-        hint = "an interrupted `prefixcap prepare`; rerun it to finish" if (path / SHARD_DIR).is_dir() else "run `prefixcap prepare`"
+        hint = (
+            "an interrupted `prefixcap prepare`; rerun it to finish"
+            if (path / SHARD_DIR).is_dir()
+            else "run `prefixcap prepare`"
+        )
         raise UserError(f"{path}: not a finished feature store (no {MANIFEST}; {hint})")
     try:
         values = json.loads(manifest.read_text())

@@ -1,0 +1,66 @@
+"""`prefixcap prepare`: encode a caption dataset's images once into a feature store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefixcap.cli.synth import _int_at_least
+from prefixcap.data import FORMATS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="encode a dataset's images once into a feature store for training and evaluation",
+        description="Read a caption dataset (COCO captions JSON, Karpathy dataset_coco.json, JSONL, CSV, "
+        "a folder of images with .txt captions, or WebDataset .tar shards), encode every image once "
+        "with the CLIP image encoder, and write fp16 embeddings in shards plus an index of image ids, "
+        "paths, splits and captions to FEATURES. Unreadable images are skipped and listed with their "
+        "reasons in FEATURES/bad_images.jsonl. A rerun keeps finished shards, so an interrupted run "
+        "resumes. Runs data-parallel under `accelerate launch -m prefixcap prepare ...`.",
+    )
+    parser.add_argument("data", metavar="DATA", help="dataset file, folder or WebDataset shard pattern")
+    parser.add_argument("--out", type=Path, required=True, metavar="FEATURES", help="feature store folder to write")
+    parser.add_argument(
+        "--images-root",
+        type=Path,
+        metavar="DIR",
+        help="folder that relative image paths start from (default: the dataset file's folder)",
+    )
+    parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
+    parser.add_argument(
+        "--vision-encoder", default="openai/clip-vit-base-patch32", metavar="ID_OR_DIR",
+        help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=256, metavar="N", help="images per encoder batch (default: 256)"
+    )
+    parser.add_argument(
+        "--shard-size", type=_int_at_least(1), default=2048, metavar="N",
+        help="images per shard; an interrupted run redoes at most one shard per process (default: 2048)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=_int_at_least(0), metavar="N",
+        help="image decoding processes per encoder process (default: this machine's CPUs shared by its "
+        "processes, at most 8)",
+    )  # fmt: skip
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefixcap.features import BAD_IMAGES, MANIFEST
+    from prefixcap.prepare import prepare_features
+
+    manifest = prepare_features(
+        args.data, args.out, images_root=args.images_root, format=args.format, vision_encoder=args.vision_encoder,
+        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+    )  # fmt: skip
+    if manifest is None:  # not the main process: it wrote its shards, the main process reports
+        return 0
+    splits = ", ".join(f"{count} {split}" for split, count in manifest.splits.items())
+    print(f"encoded {manifest.num_images} images ({splits}) into {args.out / MANIFEST}")
+    if manifest.num_bad:
+        print(f"skipped {manifest.num_bad} unreadable images; reasons in {args.out / BAD_IMAGES}", file=sys.stderr)
+    return 0

@@ -1,0 +1,113 @@
+"""`prefixcap train`: train a caption model on a feature store written by `prefixcap prepare`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefixcap.config import MAPPER_KINDS
+from prefixcap.training.config import BEST_METRICS, CAPTION_MODES, PRECISIONS, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+_OPTION_NAMES = frozenset(TrainConfig.__dataclass_fields__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a caption model on a feature store",
+        description="Train a prefix mapper (and optionally the decoder) on the image embeddings and "
+        "captions of a feature store. Writes RUN_DIR/best and RUN_DIR/last (model folders that "
+        "`prefixcap caption --model` loads), metrics.csv, curves.png and TensorBoard logs. "
+        "Options may also come from --config FILE (YAML or JSON, keys as below without the dashes); "
+        "command-line flags win. Data-parallel: `accelerate launch -m prefixcap train ...`.",
+    )
+    add = _adder(parser)
+    add("features", nargs="?", metavar="FEATURES", help="feature store folder written by `prefixcap prepare`")
+    add("--out", metavar="RUN_DIR", help="folder for checkpoints and logs")
+    add("--config", dest="config_file", metavar="FILE", help="YAML or JSON file of options (flags win)")
+    add(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in RUN_DIR from RUN_DIR/last exactly where it stopped, with the run's own options "
+        "(FEATURES and the other options may be left out; given ones must match)",
+    )
+
+    model = parser.add_argument_group("model")
+    add = _adder(model)
+    add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
+    add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
+    add("--prefix-length", type=int, metavar="K", help="prefix embeddings per image")
+    add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
+        "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10)")  # fmt: skip
+
+    optim = parser.add_argument_group("optimisation")
+    add = _adder(optim)
+    add("--epochs", type=int, metavar="N", help="passes over the training set")
+    add("--batch-size", type=int, metavar="N", help="captions per process per step (x processes x --grad-accum in all)")
+    add("--lr", type=float, help="peak learning rate (AdamW)")
+    add("--warmup", type=float, metavar="W", help="warm-up: a fraction of all steps if < 1, else a number of steps")
+    add("--lr-schedule", choices=SCHEDULES, help="decay after warm-up")
+    add("--weight-decay", type=float, metavar="X", help="AdamW weight decay of weight matrices")
+    add("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step")
+    add("--max-grad-norm", type=float, metavar="X", help="clip the gradient norm to X (0: no clipping)")
+    add("--compile", action="store_true", help="torch.compile the model: faster steps on GPUs after a slow first few")
+    add("--precision", choices=PRECISIONS, help="bf16/fp16 autocast or fp32 (default: bf16 on a CUDA GPU, else fp32)")
+    add("--seed", type=int, metavar="S", help="seed for weights, data order and dropout")
+
+    data = parser.add_argument_group("data")
+    add = _adder(data)
+    add(
+        "--captions-per-image",
+        choices=CAPTION_MODES,
+        help="per epoch, every (image, caption) pair, or one random caption per image",
+    )
+    add(
+        "--max-caption-tokens", type=int, metavar="N",
+        help="longest target in tokens, EOS included; longer captions are cut "
+        "(default: long enough for 99%% of the training captions)",
+    )  # fmt: skip
+
+    validation = parser.add_argument_group("validation, checkpoints and logs")
+    add = _adder(validation)
+    add(
+        "--val-images",
+        type=int,
+        metavar="N",
+        help="val images captioned (greedy) for BLEU-4 and CIDEr-D after each epoch",
+    )
+    add("--best-metric", choices=BEST_METRICS, help="what chooses RUN_DIR/best (loss: the lowest val loss)")
+    add(
+        "--save-every", type=int, metavar="N", help="also checkpoint RUN_DIR/last every N steps (0: at epoch ends only)"
+    )
+    add(
+        "--log-every", type=int, metavar="N", help="steps between train-loss points in the progress bar and TensorBoard"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefixcap.training import resolve_config
+    from prefixcap.training.trainer import Trainer
+
+    options = {name: value for name, value in vars(args).items() if name in _OPTION_NAMES}
+    config, given = resolve_config(options, args.config_file)
+    Trainer(config, resume=args.resume, given=given).fit()
+    return 0
+
+
+def _adder(group: Any):
+    """`group.add_argument`, with default None (so that a config file can fill the option) and
+    the TrainConfig default appended to the help."""
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        name = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        if name in _OPTION_NAMES:
+            kwargs.setdefault("default", None)
+            default = getattr(DEFAULTS, name)
+            if default is not None:
+                kwargs["help"] += f" (default: {default})"
+        group.add_argument(*flags, **kwargs)
+
+    return add

@@ -1,0 +1,156 @@
+"""Encode every image of a caption dataset once, into a feature store (layout in `features`).
+
+Images are read and preprocessed by DataLoader worker processes while the encoder runs on the
+previous batch. Under `accelerate launch` or `torchrun`, shard i is encoded by process
+i % num_processes; each process writes only its own shards, and the main process writes the
+manifest once all of them exist, so any number of processes gives the same store as one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from prefixcap.data import CaptionRecord, load_records, read_image_bytes
+from prefixcap.errors import ImageLoadError
+from prefixcap.features import (
+    MANIFEST,
+    StoreManifest,
+    finish_store,
+    is_finished,
+    normalize_encoder_id,
+    preprocessing_of,
+    shard_fingerprint,
+    write_shard,
+)
+from prefixcap.images import DEFAULT_MAX_PIXELS, load_image
+from prefixcap.modeling import load_image_processor, load_vision_encoder
+
+DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
+
+
+class ImageDataset(Dataset):
+    """Record images as preprocessed pixels; an unreadable image yields its reason instead."""
+
+    def __init__(self, images: Sequence[str], image_processor, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.images = images
+        self.image_processor = image_processor
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        image = self.images[index]
+        try:
+            pixels = load_image(read_image_bytes(image), max_pixels=self.max_pixels, name=image)
+            return index, self.image_processor(pixels, return_tensors="pt").pixel_values[0]
+        except ImageLoadError as error:
+            return index, str(error).removeprefix(f"{image}: ")
+        except ValueError as error:  # an image the processor cannot handle, e.g. 1 pixel wide
+            return index, f"cannot preprocess ({error})"
+
+
+def collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """(indices of the good images, their stacked pixels or None, {index: reason} for bad ones)."""
+    good = [(index, pixels) for index, pixels in items if isinstance(pixels, torch.Tensor)]
+    errors = {index: reason for index, reason in items if isinstance(reason, str)}
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [index for index, _ in good], pixels, errors
+
+
+def prepare_features(
+    source: str | Path,
+    out: str | Path,
+    *,
+    images_root: str | Path | None = None,
+    format: str | None = None,
+    vision_encoder: str | Path = DEFAULT_ENCODER,
+    batch_size: int = 256,
+    shard_size: int = 2048,
+    num_workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> StoreManifest | None:
+    """Build (or finish) the feature store at `out`; returns its manifest on the main process and
+    None on the others. Finished shards from an earlier run with the same inputs are kept."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(out)
+    records = load_records(source, format=format, images_root=images_root)
+    image_processor = load_image_processor(vision_encoder)
+    settings = {"encoder": normalize_encoder_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
+    shards = [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
+    fingerprints = [shard_fingerprint(settings, shard) for shard in shards]
+    finished = [is_finished(out, i, fingerprint) for i, fingerprint in enumerate(fingerprints)]
+    todo = [i for i in range(state.process_index, len(shards), state.num_processes) if not finished[i]]
+    if state.is_main_process:
+        kept = f"; {sum(finished)} finished shards kept" if any(finished) else ""
+        print(f"{len(records)} images in {len(shards)} shards{kept}", file=sys.stderr)
+        if not all(finished):  # the store is incomplete until the manifest is rewritten at the end
+            (out / MANIFEST).unlink(missing_ok=True)
+
+    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
+    encoder = load_vision_encoder(vision_encoder).to(state.device, dtype).eval()
+    embed_dim = encoder.config.projection_dim
+    if num_workers is None:  # share the CPUs between the processes of this machine
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        num_workers = min(8, (os.cpu_count() or 1) // local_processes)
+    # One flat stream of images across this process's shards keeps the workers and the encoder busy.
+    work = [(i, shards[i], fingerprints[i]) for i in todo]
+    images = ImageDataset([record.image for _, records, _ in work for record in records], image_processor, max_pixels)
+    loader = DataLoader(
+        images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+        pin_memory=state.device.type == "cuda",
+    )  # fmt: skip
+    _encode_shards(encoder, loader, work, out, state)
+
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    manifest = StoreManifest(
+        encoder=settings["encoder"], embed_dim=embed_dim, preprocessing=settings["preprocessing"],
+        shard_size=shard_size, num_shards=len(shards), num_records=len(records), num_images=0, num_bad=0,
+        source=str(source),
+    )  # fmt: skip
+    finish_store(out, manifest)
+    return manifest
+
+
+@torch.inference_mode()
+def _encode_shards(
+    encoder, loader: DataLoader, shards: list[tuple[int, list[CaptionRecord], str]], out: Path, state
+) -> None:
+    """Encode the (number, records, fingerprint) `shards`, whose images `loader` yields in order,
+    and write each shard as soon as its last image is done."""
+    owners = [(number, position) for number, records, _ in shards for position in range(len(records))]
+    embed_dim = encoder.config.projection_dim
+    by_number = {number: (records, fingerprint) for number, records, fingerprint in shards}
+    results = {number: ({}, {}) for number in by_number}  # number -> (embeds, errors) by position
+    remaining = {number: len(records) for number, (records, _) in by_number.items()}
+    label = "encoding" if state.num_processes == 1 else f"encoding (process {state.process_index})"
+    with tqdm(total=len(owners), desc=label, unit="img", position=state.process_index, disable=None) as bar:
+        for indices, pixels, errors in loader:
+            # 1. Encode the good images of the batch.
+            if pixels is not None:
+                embeds = encoder(pixel_values=pixels.to(state.device, encoder.dtype, non_blocking=True)).image_embeds
+                for index, embed in zip(indices, embeds.to(torch.float16).cpu()):
+                    number, position = owners[index]
+                    results[number][0][position] = embed
+            for index, reason in errors.items():
+                number, position = owners[index]
+                results[number][1][position] = reason
+            # 2. Write every shard this batch completed.
+            for index in [*indices, *errors]:
+                number = owners[index][0]
+                remaining[number] -= 1
+                if remaining[number] == 0:
+                    records, fingerprint = by_number[number]
+                    write_shard(out, number, records, *results.pop(number), fingerprint, embed_dim)
+            bar.update(len(indices) + len(errors))

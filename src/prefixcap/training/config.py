@@ -1,0 +1,132 @@
+"""Training options: one dataclass, filled from its defaults, then a YAML/JSON file, then the command
+line (flags win). A run stores its resolved options, so `--resume` continues with the same ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefixcap.config import MAPPER_KINDS
+from prefixcap.errors import UserError
+
+_FREEZE = re.compile(r"^(frozen|none|first:(\d+))$")
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("linear", "cosine")
+CAPTION_MODES = ("all", "one")
+BEST_METRICS = ("cider", "bleu4", "loss")
+
+
+@dataclass
+class TrainConfig:
+    features: str | None = None  # FEATURES folder written by `prefixcap prepare`
+    out: str | None = None  # RUN_DIR: checkpoints, logs and plots
+    decoder: str = "gpt2"  # causal LM to start from: hub id or folder
+    mapper: str = "mlp"  # prefix mapper: linear | mlp | transformer
+    prefix_length: int = 10  # K, prefix embeddings per image
+    freeze: str = "none"  # frozen: mapper only (ClipCap) | none | first:N embeddings + first N blocks
+    epochs: int = 10
+    batch_size: int = 256  # captions per process per micro-batch
+    lr: float = 1e-4  # peak learning rate
+    warmup: float = 0.05  # warm-up: a fraction of all steps if < 1, else a number of steps
+    lr_schedule: str = "linear"  # decay after warm-up: linear | cosine
+    weight_decay: float = 0.01  # AdamW decay of weight matrices (not of biases and norms)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 = no clipping)
+    precision: str | None = None  # bf16 | fp16 | fp32 (None: bf16 on a CUDA GPU that has it, else fp32)
+    seed: int = 0  # initial weights, data order, caption choice and dropout all follow from it
+    captions_per_image: str = "all"  # all: every (image, caption) pair per epoch; one: one random caption
+    max_caption_tokens: int | None = None  # caption tokens incl. EOS (None: enough for 99% of captions)
+    val_images: int = 1000  # val images captioned for BLEU-4 and CIDEr-D after each epoch (0 = none)
+    best_metric: str = "cider"  # what picks RUN_DIR/best: cider | bleu4 | loss (val loss)
+    save_every: int = 0  # also checkpoint RUN_DIR/last every N optimizer steps (0 = at epoch ends)
+    log_every: int = 10  # optimizer steps between train-loss points in TensorBoard
+    compile: bool = False  # torch.compile the model (worth it on GPUs; the first steps compile)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mapper in MAPPER_KINDS, f"mapper must be one of {', '.join(MAPPER_KINDS)}"),
+            (_FREEZE.match(self.freeze) is not None, "freeze must be frozen, none or first:N"),
+            (
+                self.precision is None or self.precision in PRECISIONS,
+                f"precision must be one of {', '.join(PRECISIONS)}",
+            ),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.captions_per_image in CAPTION_MODES, "captions_per_image must be all or one"),
+            (self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}"),
+            (self.prefix_length >= 1, "prefix_length must be >= 1"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.warmup >= 0, "warmup must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.max_caption_tokens is None or self.max_caption_tokens >= 2, "max_caption_tokens must be >= 2"),
+            (self.val_images >= 0, "val_images must be >= 0"),
+            (self.save_every >= 0, "save_every must be >= 0"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def frozen_blocks(self) -> int | None:
+        """N for `first:N`, else None."""
+        match = _FREEZE.match(self.freeze)
+        return int(match[2]) if match and match[2] else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve_config(cli_values: dict[str, Any], config_file: str | Path | None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The options from defaults, then `config_file`, then `cli_values` (None = not given).
+    Returns the config and the values given explicitly, which a resumed run must agree with."""
+    given = read_config_file(config_file) if config_file else {}
+    given.update({name: value for name, value in cli_values.items() if value is not None})
+    return TrainConfig(**given), given
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Option values from a YAML or JSON mapping; keys may use dashes (`batch-size`) or underscores."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML or JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: a config file must hold a mapping of option names to values")
+    values = {}
+    for key, value in document.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"{path}: unknown option {key!r}; valid: {', '.join(sorted(FIELDS))}")
+        values[name] = _check_type(name, value, f"{path}: {key}")
+    return values
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    """`value` if it suits the field's type; YAML's `1e-4` (a string in YAML 1.1) becomes a float."""
+    kind = FIELDS[name].type  # a string, as this module uses postponed annotations
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("float") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind.split(" ")[0]]
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        raise UserError(f"{where} must be {kind.split(' ')[0]}, got {value!r}")
+    return value

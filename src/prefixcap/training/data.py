@@ -1,0 +1,109 @@
+"""Training targets from a feature store: captions tokenised once, epoch orders that follow from
+(seed, epoch) alone, and batches padded only to their own longest caption.
+
+Every target ends with EOS, so models learn to stop; captions longer than `max_tokens` are cut
+and then carry no EOS, since teaching a stop in mid-sentence would be wrong. Labels are -100 on
+padding (and CaptionModel adds -100 for the prefix), so neither counts in the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prefixcap.data import CaptionRecord
+
+COVERAGE_PERCENTILE = 99  # the default max_tokens fits this share of the training captions
+
+
+@dataclass
+class CaptionTargets:
+    """Every (image, caption) pair of one split, as token ids ready to batch."""
+
+    embeds: torch.Tensor  # [images, embed_dim] image embeddings
+    image_of: np.ndarray  # [captions] index of each caption's image (captions grouped by image)
+    ids: np.ndarray  # [captions, max_tokens] int32 targets (caption + EOS), padded with the pad id
+    lengths: np.ndarray  # [captions] target lengths
+    num_cut: int  # captions longer than max_tokens, cut to it
+    pad_token_id: int
+
+    @classmethod
+    def build(
+        cls, records: Sequence[CaptionRecord], embeds: torch.Tensor, tokenizer, max_tokens: int | None = None
+    ) -> CaptionTargets:
+        """Tokenise every caption of `records` (whose images are the rows of `embeds`);
+        `max_tokens=None` picks the length that fits COVERAGE_PERCENTILE % of the captions."""
+        captions = [caption for record in records for caption in record.captions]
+        image_of = np.repeat(np.arange(len(records)), [len(record.captions) for record in records])
+        token_ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+        return cls.from_token_ids(
+            token_ids, image_of, embeds, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens
+        )
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        token_ids: Sequence[Sequence[int]],
+        image_of: np.ndarray,
+        embeds: torch.Tensor,
+        eos_token_id: int,
+        pad_token_id: int,
+        max_tokens: int | None = None,
+    ) -> CaptionTargets:
+        full_lengths = np.array([len(ids) + 1 for ids in token_ids])  # + EOS
+        if max_tokens is None:
+            max_tokens = int(np.percentile(full_lengths, COVERAGE_PERCENTILE, method="higher"))
+        ids = np.full((len(token_ids), max_tokens), pad_token_id, dtype=np.int32)
+        for row, caption in zip(ids, token_ids):
+            target = [*caption, eos_token_id][:max_tokens]
+            row[: len(target)] = target
+        lengths = np.minimum(full_lengths, max_tokens)
+        return cls(embeds, image_of, ids, lengths, int((full_lengths > max_tokens).sum()), pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def num_images(self) -> int:
+        return self.embeds.shape[0]
+
+    def epoch_order(self, captions_per_image: str, seed: int, epoch: int) -> np.ndarray:
+        """Caption indices for one epoch, a function of (seed, epoch) only, so that a resumed run
+        sees the same order. `all`: every caption once; `one`: one random caption per image."""
+        rng = np.random.default_rng([seed, epoch])
+        if captions_per_image == "all":
+            return rng.permutation(len(self))
+        first = np.searchsorted(self.image_of, np.arange(self.num_images))
+        counts = np.bincount(self.image_of, minlength=self.num_images)
+        chosen = first + rng.integers(0, counts)
+        return chosen[rng.permutation(self.num_images)]
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """CaptionModel inputs for captions `indices`, padded to the longest of them:
+        image_embeds, input_ids, attention_mask, and labels (-100 on padding)."""
+        lengths = self.lengths[indices]
+        width = int(lengths.max())
+        input_ids = torch.from_numpy(self.ids[indices, :width].astype(np.int64))
+        attention_mask = torch.from_numpy(np.arange(width) < lengths[:, None]).long()
+        return {
+            "image_embeds": self.embeds[torch.from_numpy(self.image_of[indices])],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }
+
+
+def process_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """This process's share of an epoch: every `world_size`-th index, in batches. The order is
+    first padded by repeating its start (as DistributedSampler does) so that every process gets
+    the same number of batches and none waits for the others at the end of an epoch."""
+    padding = (-len(order)) % world_size
+    mine = np.concatenate([order, order[:padding]])[rank::world_size]
+    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]

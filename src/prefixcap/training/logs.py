@@ -1,0 +1,88 @@
+"""Run logs: `metrics.csv`, TensorBoard events and `curves.png`, all under RUN_DIR.
+
+The CSV is rewritten from the full metric history after every epoch (atomically), so a resumed
+run never duplicates or loses a row; the plot likewise, at most once a minute (drawing takes about
+a second) and at the end. TensorBoard drops the events written after the checkpoint that a run
+resumes from (`purge_step`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from prefixcap.features import write_atomic
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+PLOT_INTERVAL_S = 60.0
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+        self.plotted_at = -PLOT_INTERVAL_S  # time.monotonic() of the last plot
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step values (train loss, learning rate) for TensorBoard."""
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def epoch(self, history: list[dict[str, Any]], *, last: bool = False) -> None:
+        """Log the newest epoch of `history`; rewrite the CSV and (if due, or `last`) the curves."""
+        latest = history[-1]
+        for name, value in latest.items():
+            if name not in ("epoch", "step") and value is not None:
+                self.writer.add_scalar(f"epoch/{name}", value, latest["step"])
+        self.writer.flush()
+        write_atomic(self.run_dir / METRICS_CSV, _csv(history))
+        if last or time.monotonic() - self.plotted_at >= PLOT_INTERVAL_S:
+            plot_curves(history, self.run_dir / CURVES_PNG)
+            self.plotted_at = time.monotonic()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _csv(history: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(name for row in history for name in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return text.getvalue()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Losses (left) and caption metrics (right) by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (losses, metrics) = plt.subplots(1, 2, figsize=(10, 4))
+    for axes, names, title in (
+        (losses, ("train_loss", "val_loss"), "loss"),
+        (metrics, ("BLEU-4", "CIDEr"), "val metrics (x100)"),
+    ):
+        for name in names:
+            points = [(epoch, row.get(name)) for epoch, row in zip(epochs, history) if row.get(name) is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", label=name)
+        axes.set(title=title, xlabel="epoch")
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.partial.png")
+    figure.savefig(staging, dpi=100)
+    plt.close(figure)
+    staging.replace(path)

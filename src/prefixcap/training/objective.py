@@ -1,0 +1,43 @@
+"""The training objective: next-token cross-entropy on the caption tokens and EOS only.
+
+`CaptionModel.forward` returns logits for every position, prefix and padding included: with
+K=10, 10-20 caption tokens and GPT-2's 50,257-word vocabulary, about half of the largest matmul
+and of the float32 cross-entropy work is for positions whose loss is then thrown away. Here the
+LM head runs only where there is a target. The loss is the same (a test checks it); the module
+is what Accelerate wraps for data parallelism, so its forward is the whole training computation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from prefixcap.modeling import CaptionModel
+
+
+class CaptionLoss(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        *,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the targets (labels != -100) of a `CaptionTargets` batch."""
+        decoder = self.model.decoder
+        prefix = self.model.prefix_embeds(image_embeds)
+        prefix_length = prefix.shape[1]
+        embeds = torch.cat([prefix, decoder.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        hidden = decoder.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Position K-1+t predicts caption token t; keep only the positions that have a target.
+        targets = labels != -100
+        hidden = hidden[:, prefix_length - 1 : -1][targets]
+        logits = decoder.get_output_embeddings()(hidden)
+        return F.cross_entropy(logits.float(), labels[targets])

@@ -1,0 +1,102 @@
+"""Training state without pickles: tensors go to safetensors, everything else to JSON.
+
+`RUN_DIR/last/training_state/` holds the optimizer, LR scheduler and gradient scaler state dicts,
+every process's RNG states, the progress counters and the resolved options. Any nested state dict
+is stored by `to_storable`: each tensor is replaced by a reference to a safetensors entry, and dicts
+with non-string keys (an optimizer's per-parameter state) keep their keys as [key, value] pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefixcap.errors import UserError
+
+STATE_DIR = "training_state"
+TENSORS_FILE = "state.safetensors"
+JSON_FILE = "state.json"
+_TENSOR = "__tensor__"  # {"__tensor__": key}: the safetensors entry `key`
+_ITEMS = "__items__"  # {"__items__": [[key, value], ...]}: a dict whose keys are not all strings
+
+
+@dataclass
+class TrainingState:
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    scheduler: dict[str, Any]  # LR scheduler state_dict()
+    scaler: dict[str, Any] | None  # fp16 gradient scaler state_dict(), if any
+    rng: list[dict[str, Any]]  # capture_rng() of each process, by rank
+    progress: dict[str, Any]  # epoch, step counters, running loss, best score, metric history
+    config: dict[str, Any]  # the resolved TrainConfig
+
+
+def save_training_state(directory: Path, state: TrainingState) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    document = to_storable(state.__dict__, tensors, "")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / TENSORS_FILE)
+    (directory / JSON_FILE).write_text(json.dumps(document) + "\n")
+
+
+def load_training_state(directory: Path) -> TrainingState:
+    if not (directory / JSON_FILE).is_file():
+        raise UserError(f"{directory}: missing, so there is no checkpoint to resume from")
+    tensors = load_file(directory / TENSORS_FILE)
+    return TrainingState(**from_storable(json.loads((directory / JSON_FILE).read_text()), tensors))
+
+
+def to_storable(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """`value` as JSON-able data; its tensors are moved into `tensors` under dotted keys."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().clone()  # clone: safetensors refuses shared storage
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        if all(isinstance(name, str) for name in value):
+            return {name: to_storable(item, tensors, f"{key}.{name}") for name, item in value.items()}
+        return {_ITEMS: [[name, to_storable(item, tensors, f"{key}.{name}")] for name, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [to_storable(item, tensors, f"{key}.{i}") for i, item in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in the training state (at {key!r})")
+
+
+def from_storable(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `to_storable` (tuples come back as lists, which state dicts accept)."""
+    if isinstance(value, dict):
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _ITEMS in value:
+            return {name: from_storable(item, tensors) for name, item in value[_ITEMS]}
+        return {name: from_storable(item, tensors) for name, item in value.items()}
+    if isinstance(value, list):
+        return [from_storable(item, tensors) for item in value]
+    return value
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA random states."""
+    numpy_name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_name, keys.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((numpy_name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,356 @@
+"""The training loop: data-parallel through Accelerate, validation every epoch, checkpoints that
+resume exactly.
+
+Run layout:
+
+    RUN_DIR/
+      best/            model directory with the best validation score (`--best-metric`)
+      last/            model directory of the latest checkpoint, plus training_state/
+      metrics.csv      one row per epoch
+      curves.png       loss and metrics by epoch
+      tensorboard/     event files
+
+Exact resume: the epoch order is a function of (seed, epoch), the checkpoint holds the optimizer,
+scheduler, scaler and every process's RNG states, and a resumed run skips the batches already
+done in the checkpoint's epoch. With the same number of processes, a run resumed from any
+checkpoint ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from prefixcap.errors import UserError
+from prefixcap.features import FeatureStore
+from prefixcap.modeling import CaptionModel, _replace_dir
+from prefixcap.training.config import TrainConfig
+from prefixcap.training.data import CaptionTargets, process_batches
+from prefixcap.training.logs import RunLog
+from prefixcap.training.objective import CaptionLoss
+from prefixcap.training.state import (
+    STATE_DIR,
+    TrainingState,
+    capture_rng,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
+from prefixcap.training.step import (
+    build_accelerator,
+    build_optimizer,
+    build_scheduler,
+    default_precision,
+    freeze_first_blocks,
+    train_step,
+)
+
+LAST, BEST = "last", "best"
+_METRIC_NAMES = {"cider": "CIDEr", "bleu4": "BLEU-4", "loss": "val_loss"}
+
+
+class Trainer:
+    """Trains a CaptionModel on a feature store; `Trainer(config).fit()`."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, given: dict[str, Any] | None = None):
+        from accelerate.utils import set_seed
+
+        if config.out is None:
+            raise UserError("give --out RUN_DIR (on the command line or in --config)")
+        self.run_dir = Path(config.out)
+        saved = load_training_state(self.run_dir / LAST / STATE_DIR) if resume else None
+        if saved is not None:
+            config = _resumed_config(saved.config, given or {})
+        elif (self.run_dir / LAST).exists():
+            raise UserError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        if config.features is None:
+            raise UserError("give the FEATURES folder (on the command line or in --config)")
+        config = dataclasses.replace(
+            config, features=str(Path(config.features).resolve()), precision=config.precision or default_precision()
+        )
+        self.accelerator = build_accelerator(config)
+        if config.precision == "fp16" and self.accelerator.device.type != "cuda":
+            raise UserError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32")
+        set_seed(config.seed)
+
+        # 1. The model, new or from the checkpoint, and which of its parts train.
+        store = FeatureStore(config.features)
+        model = _load_model(config, store, self.run_dir / LAST if saved is not None else None)
+
+        # 2. Targets, tokenised once; the train split fixes the caption length.
+        if "train" not in store.manifest.splits:
+            raise UserError(f"{config.features}: no train split to train on")
+        self.train_set = CaptionTargets.build(
+            store.records("train"), store.embeddings("train"), model.tokenizer, config.max_caption_tokens
+        )
+        config = dataclasses.replace(config, max_caption_tokens=self.train_set.max_tokens)
+        self.val_records = store.records("val") if "val" in store.manifest.splits else []
+        self.val_set = None
+        if not self.val_records:
+            self._say(
+                f"note: {config.features} has no val split, so there is no validation and no {self.run_dir / BEST}"
+            )
+        elif config.val_images == 0 and config.best_metric != "loss":
+            raise UserError(
+                f"--best-metric {config.best_metric} needs captions: set --val-images above 0, or --best-metric loss"
+            )
+        else:
+            val_embeds = store.embeddings("val")
+            self.val_set = CaptionTargets.build(
+                self.val_records, val_embeds, model.tokenizer, config.max_caption_tokens
+            )
+        self.config = config
+
+        # 3. Optimizer and schedule; then everything onto the device(s).
+        self.steps_per_epoch = math.ceil(len(self._process_batches(0)) / config.grad_accum)
+        total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = build_optimizer(model.to(self.accelerator.device), config, self.accelerator.device)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.model = model  # the CaptionModel: validated, saved
+        self.objective, self.optimizer = self.accelerator.prepare(CaptionLoss(model), self.optimizer)  # trained
+        self.progress = _new_progress() if saved is None else saved.progress
+        if saved is not None:
+            self._restore(saved)
+        self._describe(model, total_steps)
+        self.log = RunLog(self.run_dir, purge_step=self.progress["step"]) if self.accelerator.is_main_process else None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the progress (history, best score)."""
+        progress = self.progress
+        while progress["epoch"] < self.config.epochs:
+            self._train_epoch()
+            metrics = self._validate() if self.accelerator.is_main_process else {}
+            improved = self._record_epoch(metrics)
+            self._checkpoint(best=improved)
+        if self.log is not None:
+            self.log.close()
+            best = progress["best"]
+            if best is not None:
+                name = _METRIC_NAMES[self.config.best_metric]
+                self._say(f"best {name} {best:.4g} after epoch {progress['best_epoch']}: {self.run_dir / BEST}")
+        self.accelerator.end_training()
+        return progress
+
+    def _train_epoch(self) -> None:
+        config, progress, accelerator = self.config, self.progress, self.accelerator
+        batches = self._process_batches(progress["epoch"])
+        steps = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
+        self._train_mode()
+        window_loss = torch.zeros((), device=accelerator.device)  # summed step losses since the last report
+        window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        bar = tqdm(
+            total=len(steps), initial=progress["epoch_step"], desc=f"epoch {progress['epoch'] + 1}/{config.epochs}",
+            unit="step", file=sys.stderr, disable=not accelerator.is_main_process or None,
+        )  # fmt: skip
+        for step in steps[progress["epoch_step"] :]:
+            micro_batches = [self.train_set.batch(indices) for indices in step]
+            loss = train_step(
+                self.objective, self.optimizer, self.scheduler, accelerator, micro_batches, config.max_grad_norm
+            )
+            window_loss += loss
+            window_steps += 1
+            window_samples += sum(len(indices) for indices in step) * accelerator.num_processes
+            progress["epoch_step"] += 1
+            progress["step"] += 1
+            bar.update()
+            last_step = progress["epoch_step"] == len(steps)
+            checkpoint = config.save_every and progress["step"] % config.save_every == 0 and not last_step
+            if progress["step"] % config.log_every == 0 or last_step or checkpoint:
+                # Report, and move the loss into the progress: one device sync per report, not per step.
+                window_total = window_loss.item()
+                mean_loss = window_total / window_steps
+                progress["loss_sum"] += window_total
+                progress["loss_steps"] += window_steps
+                rate = window_samples / (time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                if self.log is not None:
+                    self.log.step(progress["step"], {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+                window_loss.zero_()
+                window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+            if checkpoint:
+                self._checkpoint(best=False)
+        bar.close()
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        """Val loss over every val caption, and BLEU-4 / CIDEr-D of greedy captions for the
+        first `val_images` val images (pycocoevalcap scorers on simply tokenised text, no Java)."""
+        from prefixcap.evaluation.coco_metrics import coco_scores
+
+        if self.val_set is None:
+            return {}
+        model, objective, config = self.model, self.accelerator.unwrap_model(self.objective), self.config
+        model.eval()
+        metrics: dict[str, float] = {}
+        with self.accelerator.autocast():
+            loss_sum = tokens = 0.0
+            for start in range(0, len(self.val_set), config.batch_size):
+                batch = self.val_set.batch(np.arange(start, min(start + config.batch_size, len(self.val_set))))
+                batch = {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
+                count = int((batch["labels"] != -100).sum())
+                loss_sum += objective(**batch).item() * count
+                tokens += count
+            metrics["val_loss"] = loss_sum / tokens
+            records = self.val_records[: config.val_images]  # val_set.embeds rows follow this order
+            predictions = {}
+            for start in range(0, len(records), config.batch_size):
+                embeds = self.val_set.embeds[start : min(start + config.batch_size, len(records))]
+                ids = model.generate(
+                    image_embeds=embeds.to(self.accelerator.device), max_new_tokens=config.max_caption_tokens
+                )
+                for record, caption in zip(records[start:], model.decode(ids)):
+                    predictions[record.image_id] = caption
+        if predictions:
+            references = {record.image_id: list(record.captions) for record in records}
+            scores = coco_scores(predictions, references, java=False, metrics=("bleu", "cider")).corpus
+            metrics.update({"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"]})
+        self._train_mode()
+        return metrics
+
+    def _record_epoch(self, metrics: dict[str, float]) -> bool:
+        """Close the epoch in the progress and the logs; whether it is the best so far."""
+        progress = self.progress
+        progress["epoch"] += 1
+        row = {
+            "epoch": progress["epoch"], "step": progress["step"],
+            "train_loss": progress["loss_sum"] / max(1, progress["loss_steps"]),
+            "lr": self.scheduler.get_last_lr()[0], **metrics,
+        }  # fmt: skip
+        progress["history"].append(row)
+        progress.update(epoch_step=0, loss_sum=0.0, loss_steps=0)
+        score = metrics.get(_METRIC_NAMES[self.config.best_metric])
+        lower_is_better = self.config.best_metric == "loss"
+        improved = score is not None and (
+            progress["best"] is None or (score < progress["best"] if lower_is_better else score > progress["best"])
+        )
+        if improved:
+            progress.update(best=score, best_epoch=progress["epoch"])
+        if self.log is not None:
+            self.log.epoch(progress["history"], last=progress["epoch"] == self.config.epochs)
+            shown = ", ".join(
+                f"{name} {value:.4g}" for name, value in row.items() if name not in ("epoch", "step", "lr")
+            )
+            self._say(f"epoch {progress['epoch']}/{self.config.epochs}: {shown}")
+        return improved
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, *, best: bool) -> None:
+        """Write RUN_DIR/last (model + training state) and, if `best`, RUN_DIR/best. Every process
+        contributes its RNG state; only the main process writes."""
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([capture_rng()])
+        if self.accelerator.is_main_process:
+            if best:
+                self.model.save_pretrained(self.run_dir / BEST)
+            state = TrainingState(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+                rng=rng_states,
+                progress=self.progress,
+                config=self.config.to_dict(),
+            )
+            save_checkpoint(self.run_dir / LAST, self.model, state)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, saved: TrainingState) -> None:
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        if saved.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved.scaler)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if len(saved.rng) != world:
+            raise UserError(f"{self.run_dir} ran on {len(saved.rng)} processes; resume it on as many (not {world})")
+        restore_rng(saved.rng[rank])
+
+    # ------------------------------------------------------------------ helpers
+    def _process_batches(self, epoch: int) -> list[np.ndarray]:
+        order = self.train_set.epoch_order(self.config.captions_per_image, self.config.seed, epoch)
+        return process_batches(
+            order, self.config.batch_size, self.accelerator.process_index, self.accelerator.num_processes
+        )
+
+    def _train_mode(self) -> None:
+        self.objective.train()
+        self.model.vision_encoder.eval()  # unused while training on stored features
+        if self.model.config.freeze_decoder:  # a frozen decoder is a fixed function: no dropout (as ClipCap)
+            self.model.decoder.eval()
+
+    def _describe(self, model: CaptionModel, total_steps: int) -> None:
+        config, data = self.config, self.train_set
+        per_step = config.batch_size * self.accelerator.num_processes * config.grad_accum
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cut = f"{data.num_cut} of {len(data)} training captions ({data.num_cut / max(1, len(data)):.2%}) cut"
+        self._say(
+            f"train: {data.num_images} images, {len(data)} captions; max caption length "
+            f"{config.max_caption_tokens} tokens incl. EOS, {cut}\n"
+            f"{self.steps_per_epoch} steps per epoch of {per_step} captions ({config.batch_size} x "
+            f"{self.accelerator.num_processes} processes x {config.grad_accum} accumulated), {total_steps} steps; "
+            f"{trainable:,} trainable parameters; precision {config.precision}"
+            + (f"; resuming after step {self.progress['step']}" if self.progress["step"] else "")
+        )
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message, file=sys.stderr)
+
+
+def _new_progress() -> dict[str, Any]:
+    return {
+        "epoch": 0,  # epochs finished
+        "epoch_step": 0,  # optimizer steps finished in the current epoch
+        "step": 0,  # optimizer steps finished in all
+        "loss_sum": 0.0, "loss_steps": 0,  # running train loss of the current epoch
+        "best": None, "best_epoch": None,  # best validation score so far
+        "history": [],  # one metrics row per finished epoch
+    }  # fmt: skip
+
+
+def _load_model(config: TrainConfig, store: FeatureStore, checkpoint: Path | None) -> CaptionModel:
+    """A new model on the store's encoder, or the checkpoint's; frozen as `config.freeze` says."""
+    if checkpoint is None:
+        model = CaptionModel.from_components(
+            vision_encoder=store.encoder, decoder=config.decoder, mapper=config.mapper,
+            prefix_length=config.prefix_length, freeze_decoder=config.freeze == "frozen",
+        )  # fmt: skip
+    else:
+        model = CaptionModel.from_pretrained(checkpoint)
+    store.check_encoder(model.config, model.image_processor)
+    if config.frozen_blocks is not None:
+        freeze_first_blocks(model.decoder, config.frozen_blocks)
+    return model
+
+
+def _resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+    """The run's own options; options given again must agree with them (FEATURES may move)."""
+    for name, value in given.items():
+        if name not in ("features", "out") and saved[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {value} differs from the resumed run's {saved[name]}; a resumed run keeps its options"
+            )
+    return TrainConfig(**{**saved, "features": given.get("features", saved["features"])})
+
+
+def save_checkpoint(directory: Path, model: CaptionModel, state: TrainingState) -> None:
+    """Write a model directory plus its training_state/, then swap it into place, so that
+    `directory` always holds one complete checkpoint."""
+    staging = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    model.save_pretrained(staging)
+    save_training_state(staging / STATE_DIR, state)
+    _replace_dir(staging, directory)

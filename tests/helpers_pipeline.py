@@ -1,0 +1,118 @@
+"""Shared by the prepare and train tests: subprocess runs (single and two-process), kills, and
+comparisons of feature stores and weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from prefixcap.features import FeatureStore
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process (the same numerics as the in-process runs under `one_thread`), CPU
+    only, offline."""
+    return {
+        **os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }  # fmt: skip
+
+
+def prefixcap_command(*args: str | Path, processes: int = 1) -> list[str]:
+    """`python -m prefixcap ARGS`, or the same under `accelerate launch` with `processes` CPU
+    processes (gloo; `--multi_gpu` is accelerate's torchrun launcher, which also serves CPUs)."""
+    if processes == 1:
+        return [sys.executable, "-m", "prefixcap", *map(str, args)]
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+    return [*launch, "-m", "prefixcap", *map(str, args)]
+
+
+def run_prefixcap(*args: str | Path, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        prefixcap_command(*args, processes=processes),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_when(args: list[str | Path], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start `prefixcap ARGS`, SIGKILL it as soon as `ready()`, and check it really died mid-run."""
+    process = subprocess.Popen(
+        prefixcap_command(*args), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, f"finished before it could be killed:\n{process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out waiting to kill"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def store_contents(path: Path) -> tuple[list, dict[str, torch.Tensor]]:
+    """Everything a reader sees in a feature store: its records and embeddings, by split."""
+    store = FeatureStore(path)
+    return store.records(), {split: store.embeddings(split) for split in store.manifest.splits}
+
+
+def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved CaptionModel's trainable parts (mapper and decoder)."""
+    weights = {f"mapper.{k}": v for k, v in load_file(model_dir / "mapper.safetensors").items()}
+    for path in sorted((model_dir / "decoder").glob("*.safetensors")):
+        weights.update({f"decoder.{k}": v for k, v in load_file(path).items()})
+    return weights
+
+
+def build_learnable_components(root: Path) -> tuple[Path, Path]:
+    """Tiny models that learn the synthetic captions within seconds: a random CLIP with 64-d
+    features (a linear probe separates the colour pairs; the 24-d test CLIP's reaches ~90%) and a
+    64-d GPT-2 without dropout."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, GPT2Config, GPT2LMHeadModel
+
+    from prefixcap.testing import build_tokenizer
+
+    torch.manual_seed(0)
+    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**tower, "vocab_size": 400, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0}
+    clip_config = CLIPConfig(
+        text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=64
+    )
+    CLIPModel(clip_config).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip"
+    )
+    tokenizer = build_tokenizer(root / "gpt2")
+    gpt2_config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(gpt2_config).save_pretrained(root / "gpt2")
+    return root / "clip", root / "gpt2"

@@ -1,0 +1,204 @@
+"""`prefixcap prepare` and the feature store: every format, bad images, correct rows, resume after
+SIGKILL, and two processes writing the same store as one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_pipeline import kill_when, run_prefixcap, store_contents
+from test_data_formats import DATASET, WRITERS, write_images
+
+from prefixcap.cli import main
+from prefixcap.config import CaptionConfig
+from prefixcap.data import load_records
+from prefixcap.data.synth import make_synthetic_dataset
+from prefixcap.errors import UserError
+from prefixcap.features import BAD_IMAGES, MANIFEST, FeatureStore, shard_path
+from prefixcap.images import load_image
+from prefixcap.modeling import load_image_processor, load_vision_encoder
+from prefixcap.prepare import prepare_features
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in the subprocesses, so that in-process results match bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_coco(root: Path) -> Path:
+    """The official COCO layout: annotations/captions_train2014.json with images in train2014/."""
+    names = [name for name, _, _ in DATASET]
+    write_images(root / "train2014", [f"COCO_train2014_{name}" for name in names])
+    document = {
+        "images": [{"id": i, "file_name": f"COCO_train2014_{name}.png"} for i, name in enumerate(names)],
+        "annotations": [
+            {"image_id": i, "caption": caption} for i, (_, _, captions) in enumerate(DATASET) for caption in captions
+        ],
+    }
+    (root / "annotations").mkdir()
+    path = root / "annotations" / "captions_train2014.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize("format", sorted([*WRITERS, "coco"]))
+def test_every_dataset_format_prepares(tmp_path: Path, tiny_components, format: str) -> None:
+    data = write_coco(tmp_path) if format == "coco" else WRITERS[format](tmp_path)
+
+    assert (
+        main(
+            [
+                "prepare",
+                str(data),
+                "--out",
+                str(tmp_path / "features"),
+                "--vision-encoder",
+                str(tiny_components[0]),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+
+    store = FeatureStore(tmp_path / "features")
+    assert store.records() == load_records(data)  # every record, in dataset order, with its captions
+    assert store.embeddings().shape == (len(DATASET), store.embed_dim)
+    assert store.manifest.num_bad == 0
+
+
+def test_store_rows_are_the_encoder_embeddings_of_their_images(tmp_path: Path, tiny_components) -> None:
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=30, image_size=16)
+
+    manifest = prepare_features(
+        captions, tmp_path / "features", vision_encoder=tiny_components[0], shard_size=7, batch_size=4, num_workers=2
+    )
+
+    store = FeatureStore(tmp_path / "features")
+    assert (manifest.num_shards, manifest.num_images, manifest.embed_dim) == (5, 30, 24)
+    assert manifest.encoder == str(tiny_components[0].resolve())
+    encoder, processor = load_vision_encoder(tiny_components[0]), load_image_processor(tiny_components[0])
+    assert manifest.preprocessing["crop_size"] == processor.crop_size
+    for split in ("train", "val", "test"):
+        records = store.records(split)
+        pixels = processor([load_image(record.image) for record in records], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            expected = encoder(pixel_values=pixels).image_embeds
+        torch.testing.assert_close(store.embeddings(split).float(), expected, atol=2e-3, rtol=2e-3)  # fp16 storage
+
+
+def test_bad_images_are_skipped_and_listed_with_reasons(tmp_path: Path, tiny_components) -> None:
+    write_images(tmp_path / "img", ["good"])
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    lines = [
+        {"image": "img/good.png", "caption": "a good image"},
+        {"image": "img/broken.png", "caption": "a broken image"},
+        {"image": "img/missing.png", "caption": "a missing image"},
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    manifest = prepare_features(
+        tmp_path / "data.jsonl", tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0
+    )
+
+    assert (manifest.num_records, manifest.num_images, manifest.num_bad) == (3, 1, 2)
+    assert [record.captions for record in FeatureStore(tmp_path / "features").records()] == [("a good image",)]
+    bad = [json.loads(line) for line in (tmp_path / "features" / BAD_IMAGES).read_text().splitlines()]
+    assert [entry["image_id"] for entry in bad] == ["img/broken.png", "img/missing.png"]
+    assert "corrupt or truncated" in bad[0]["reason"] and "no such file" in bad[1]["reason"]
+
+
+def test_rerun_keeps_finished_shards_and_redoes_changed_ones(tmp_path: Path, tiny_components) -> None:
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=20, image_size=16)
+    options = {"vision_encoder": tiny_components[0], "shard_size": 8, "num_workers": 0}
+    prepare_features(captions, tmp_path / "features", **options)
+    written = {i: shard_path(tmp_path / "features", i, ".safetensors").stat().st_mtime_ns for i in range(3)}
+
+    lines = captions.read_text().splitlines()
+    lines[10] = lines[10].replace("shape", "thing")  # a caption of shard 1 changes
+    captions.write_text("\n".join(lines) + "\n")
+    prepare_features(captions, tmp_path / "features", **options)
+
+    rewritten = {i: shard_path(tmp_path / "features", i, ".safetensors").stat().st_mtime_ns for i in range(3)}
+    assert [rewritten[i] == written[i] for i in range(3)] == [True, False, True]
+    assert "thing" in FeatureStore(tmp_path / "features").records()[10].captions[0]
+
+
+def test_feature_store_checks_the_model_encoder(tmp_path: Path, tiny_components) -> None:
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=10, image_size=16)
+    prepare_features(captions, tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0)
+    store = FeatureStore(tmp_path / "features")
+    matching = CaptionConfig(vision_encoder=str(tiny_components[0]), embed_dim=24)
+
+    store.check_encoder(matching, load_image_processor(tiny_components[0]))
+    with pytest.raises(UserError, match="24-d, but the model's mapper expects 512-d"):
+        store.check_encoder(CaptionConfig(vision_encoder=str(tiny_components[0]), embed_dim=512))
+    with pytest.raises(UserError, match="but the model uses 'openai/clip-vit-base-patch32'"):
+        store.check_encoder(CaptionConfig(embed_dim=24))
+    with pytest.raises(UserError, match="no images in split 'nope'"):
+        store.records("nope")
+    with pytest.raises(UserError, match="not a finished feature store"):
+        FeatureStore(tmp_path / "synth")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_store(tmp_path: Path, tiny_components, one_thread) -> None:
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=240, image_size=16)
+    features = tmp_path / "killed"
+    args = [
+        "prepare",
+        captions,
+        "--out",
+        features,
+        "--vision-encoder",
+        tiny_components[0],
+        "--shard-size",
+        "10",
+        "--batch-size",
+        "5",
+        "--workers",
+        "0",
+    ]
+
+    kill_when(args, ready=lambda: shard_path(features, 0, ".safetensors").exists())
+    survivors = {path.name: path.stat().st_mtime_ns for path in (features / "shards").glob("*.safetensors")}
+    assert not (features / MANIFEST).exists() and 1 <= len(survivors) < 24
+    prepare_features(captions, features, vision_encoder=tiny_components[0], shard_size=10, num_workers=0)  # the rerun
+    prepare_features(
+        captions, tmp_path / "uninterrupted", vision_encoder=tiny_components[0], shard_size=10, num_workers=0
+    )
+
+    assert all(
+        shard_path(features, int(name[:6]), ".safetensors").stat().st_mtime_ns == mtime
+        for name, mtime in survivors.items()
+    )
+    (records, embeds), (expected_records, expected_embeds) = (
+        store_contents(features),
+        store_contents(tmp_path / "uninterrupted"),
+    )
+    assert records == expected_records == load_records(captions)  # nothing missing, nothing twice
+    assert all(torch.equal(embeds[split], expected_embeds[split]) for split in expected_embeds)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store_as_one(tmp_path: Path, tiny_components, one_thread) -> None:
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=50, image_size=16)
+    args = ["prepare", captions, "--vision-encoder", tiny_components[0], "--shard-size", "8", "--workers", "0"]
+
+    run_prefixcap(*args, "--out", tmp_path / "two", processes=2)
+    prepare_features(captions, tmp_path / "one", vision_encoder=tiny_components[0], shard_size=8, num_workers=0)
+
+    (records, embeds), (expected_records, expected_embeds) = (
+        store_contents(tmp_path / "two"),
+        store_contents(tmp_path / "one"),
+    )
+    assert records == expected_records
+    assert all(torch.equal(embeds[split], expected_embeds[split]) for split in expected_embeds)
+    manifest = json.loads((tmp_path / "two" / MANIFEST).read_text())
+    assert manifest == json.loads((tmp_path / "one" / MANIFEST).read_text())

@@ -1,0 +1,308 @@
+"""`prefixcap train`: targets and masking, options, exact state round trips, freezing, and end to
+end: learnability, SIGKILL + --resume, and two-process training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_pipeline import build_learnable_components, kill_when, model_weights, run_prefixcap
+
+from prefixcap import Captioner, CaptionModel
+from prefixcap.cli import main
+from prefixcap.data import CaptionRecord, load_records
+from prefixcap.data.synth import make_synthetic_dataset
+from prefixcap.errors import UserError
+from prefixcap.prepare import prepare_features
+from prefixcap.training import TrainConfig, resolve_config
+from prefixcap.training.data import CaptionTargets, process_batches
+from prefixcap.training.objective import CaptionLoss
+from prefixcap.training.state import (
+    STATE_DIR,
+    capture_rng,
+    from_storable,
+    load_training_state,
+    restore_rng,
+    to_storable,
+)
+from prefixcap.training.step import freeze_first_blocks
+from prefixcap.training.trainer import Trainer
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in the subprocesses, so that in-process results match bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_features(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A feature store of 100 synthetic images (80 train, 10 val, 10 test) from the tiny CLIP."""
+    root = tmp_path_factory.mktemp("synth")
+    captions = make_synthetic_dataset(root / "data", num_images=100, image_size=16)
+    prepare_features(captions, root / "features", vision_encoder=tiny_components[0], num_workers=0)
+    return root / "features"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_components) -> CaptionModel:
+    torch.manual_seed(0)
+    return CaptionModel.from_components(*tiny_components, mapper="mlp", prefix_length=3)
+
+
+# ---------------------------------------------------------------------- targets and masking
+def test_targets_end_with_eos_and_padding_is_masked(tiny_model: CaptionModel) -> None:
+    tokenizer = tiny_model.tokenizer
+    records = [
+        CaptionRecord("a", "a.png", ("a red shape", "a man riding a horse on a beach"), "train"),
+        CaptionRecord("b", "b.png", ("two dogs",), "train"),
+    ]
+    targets = CaptionTargets.build(records, torch.randn(2, 24), tokenizer, max_tokens=6)
+
+    batch = targets.batch(np.arange(3))
+    ids = [
+        tokenizer(c, add_special_tokens=False)["input_ids"]
+        for c in ("a red shape", "a man riding a horse on a beach", "two dogs")
+    ]
+    eos = tokenizer.eos_token_id
+    assert len(ids[0]) + 1 <= 6 < len(ids[1]) + 1 and len(ids[2]) + 1 < len(ids[0]) + 1
+    width = 6  # the longest target in the batch: the cut caption
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
+    assert batch["input_ids"][0, : len(ids[0]) + 1].tolist() == ids[0] + [eos]  # ends with EOS...
+    assert batch["input_ids"][1].tolist() == ids[1][:6]  # ...unless cut: no EOS mid-sentence
+    assert batch["attention_mask"].sum(1).tolist() == [len(ids[0]) + 1, 6, len(ids[2]) + 1]
+    assert (batch["labels"] == torch.where(batch["attention_mask"] == 1, batch["input_ids"], -100)).all()
+    assert batch["labels"][2, len(ids[2])].item() == eos and (batch["labels"][2, len(ids[2]) + 1 :] == -100).all()
+    torch.testing.assert_close(batch["image_embeds"], targets.embeds[[0, 0, 1]])
+    assert targets.num_cut == 1
+    assert targets.batch(np.array([2]))["input_ids"].shape[1] == len(ids[2]) + 1  # padded to its own batch only
+
+
+def test_default_length_fits_99_percent_of_captions(tiny_model: CaptionModel) -> None:
+    token_ids = [[5] * (n % 10) for n in range(200)] + [[5] * 40]  # lengths 0..9, and one outlier
+    targets = CaptionTargets.from_token_ids(
+        token_ids, np.arange(201), torch.zeros(201, 4), eos_token_id=0, pad_token_id=0
+    )
+
+    assert targets.max_tokens == 10 and targets.num_cut == 1
+
+
+def test_loss_counts_caption_tokens_and_eos_only(tiny_model: CaptionModel) -> None:
+    records = [
+        CaptionRecord(str(i), f"{i}.png", (caption,), "train")
+        for i, caption in enumerate(["a red shape on a blue background", "two dogs"])
+    ]
+    targets = CaptionTargets.build(records, torch.randn(2, 24), tiny_model.tokenizer)
+    batch = targets.batch(np.arange(2))
+    tiny_model.eval()
+
+    with torch.no_grad():
+        output = tiny_model(**batch)
+        training_loss = CaptionLoss(tiny_model)(**batch)
+        noisy = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
+        changed_padding = CaptionLoss(tiny_model)(**noisy)
+
+    # Logits at position K-1+t predict target token t; the prefix and the padding predict nothing.
+    k = tiny_model.config.prefix_length
+    logits = output.logits[:, k - 1 : -1]
+    mask = batch["attention_mask"].bool()
+    expected = torch.nn.functional.cross_entropy(logits[mask], batch["input_ids"][mask])
+    torch.testing.assert_close(output.loss, expected)
+    torch.testing.assert_close(training_loss, expected)  # the lean training objective: the same loss
+    torch.testing.assert_close(changed_padding, expected)  # padding ids do not matter
+
+
+def test_epoch_orders_follow_seed_and_epoch_and_split_evenly() -> None:
+    targets = CaptionTargets.from_token_ids([[1]] * 7, np.array([0, 0, 0, 1, 2, 2, 3]), torch.zeros(4, 2), 0, 0)
+
+    everything = targets.epoch_order("all", seed=1, epoch=0)
+    assert sorted(everything) == list(range(7))
+    assert (targets.epoch_order("all", 1, 0) == everything).all() and (
+        targets.epoch_order("all", 1, 1) != everything
+    ).any()
+    one = targets.epoch_order("one", seed=1, epoch=0)
+    assert sorted(targets.image_of[one]) == [0, 1, 2, 3]  # one caption of each image
+    shares = [np.concatenate(process_batches(everything, 2, rank, 2)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 4  # padded to equal shares: no process waits
+    assert set(np.concatenate(shares)) == set(range(7))
+
+
+# ---------------------------------------------------------------------- options
+def test_config_file_fills_options_and_flags_win(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("lr: 1e-4\nbatch-size: 64\nfreeze: first:10\nmapper: linear\n")
+
+    config, given = resolve_config({"batch_size": 32, "epochs": None}, tmp_path / "run.yaml")
+
+    assert (config.lr, config.batch_size, config.freeze, config.mapper, config.epochs) == (
+        1e-4,
+        32,
+        "first:10",
+        "linear",
+        10,
+    )
+    assert config.frozen_blocks == 10
+    assert given == {"lr": 1e-4, "batch_size": 32, "freeze": "first:10", "mapper": "linear"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr: fast\n", "lr must be float"),
+        ("batch_size: 1.5\n", "batch_size must be int"),
+        ("learning_rate: 1\n", "unknown option 'learning_rate'"),
+        ("- 1\n", "must hold a mapping"),
+        ("freeze: some\n", "freeze must be frozen, none or first:N"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+
+    with pytest.raises(UserError, match=message):
+        resolve_config({}, tmp_path / "bad.yaml")
+
+
+# ---------------------------------------------------------------------- state and freezing
+def test_optimizer_and_rng_state_survive_safetensors_round_trip(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(
+        [{"params": [model[0].weight]}, {"params": [model[0].bias, *model[1].parameters()], "weight_decay": 0.0}]
+    )
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+    tensors: dict[str, torch.Tensor] = {}
+    document = json.loads(
+        json.dumps(to_storable({"optimizer": optimizer.state_dict(), "rng": capture_rng()}, tensors, ""))
+    )
+    expected_draw = torch.rand(3)  # the next draw after the capture
+    save_file(tensors, tmp_path / "state.safetensors")
+    restored = from_storable(document, load_file(tmp_path / "state.safetensors"))
+
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = torch.optim.AdamW(
+        [{"params": [twin[0].weight]}, {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0}]
+    )
+    twin_optimizer.load_state_dict(restored["optimizer"])
+    restore_rng(restored["rng"])
+    assert torch.equal(torch.rand(3), expected_draw)
+    for net, opt in ((model, optimizer), (twin, twin_optimizer)):
+        opt.zero_grad()
+        net(torch.ones(2, 4)).sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_freeze_modes(tiny_components) -> None:
+    frozen = CaptionModel.from_components(*tiny_components, prefix_length=2, freeze_decoder=True)
+    partly = CaptionModel.from_components(*tiny_components, prefix_length=2)
+    freeze_first_blocks(partly.decoder, 1)
+
+    assert {name.split(".")[0] for name, p in frozen.named_parameters() if p.requires_grad} == {"mapper"}
+    trainable = {name for name, p in partly.decoder.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("transformer.h.1.", "transformer.ln_f.")) for name in trainable)
+    with pytest.raises(UserError, match="only 2 blocks"):
+        freeze_first_blocks(partly.decoder, 3)
+
+
+# ---------------------------------------------------------------------- runs
+def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfig:
+    values = {"features": str(features), "out": str(out), "decoder": str(decoder), "prefix_length": 4,
+              "epochs": 2, "batch_size": 8, "lr": 1e-3, "val_images": 5, "seed": 3, **options}  # fmt: skip
+    return TrainConfig(**values)
+
+
+def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+) -> None:
+    config = small_run(synth_features, tmp_path / "run", tiny_components[1])
+    Trainer(config).fit()
+
+    run = tmp_path / "run"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["epoch", "step", "train_loss", "lr", "val_loss", "BLEU-4", "CIDEr"] and len(rows) == 3
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG") and list((run / "tensorboard").iterdir())
+    assert CaptionModel.from_pretrained(run / "best").config.prefix_length == 4
+    state = load_training_state(run / "last" / STATE_DIR)
+    assert state.progress["epoch"] == 2 and state.config["max_caption_tokens"] is not None and len(state.rng) == 1
+    assert not list(run.glob(".*"))  # no staging folders left
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        Trainer(config)
+    with pytest.raises(UserError, match="--lr 0.1 differs from the resumed run's 0.001"):
+        Trainer(config, resume=True, given={"lr": 0.1})
+    assert Trainer(TrainConfig(out=str(run)), resume=True).fit()["step"] == 20  # options from the run; nothing left
+
+
+@pytest.mark.slow
+def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) -> None:
+    """Tiny real models learn the synthetic captions: greedy captions of held-out images match."""
+    clip, gpt2 = build_learnable_components(tmp_path / "models")
+    assert main(["synth", str(tmp_path / "data"), "--num-images", "600", "--seed", "0"]) == 0
+    assert main(["prepare", str(tmp_path / "data" / "captions.jsonl"), "--out", str(tmp_path / "features"),
+                 "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
+    assert main(["train", str(tmp_path / "features"), "--decoder", str(gpt2), "--out", str(tmp_path / "run"),
+                 "--prefix-length", "4", "--epochs", "20", "--batch-size", "16", "--lr", "3e-3",
+                 "--val-images", "60", "--seed", "0"]) == 0  # fmt: skip
+
+    test = [record for record in load_records(tmp_path / "data" / "captions.jsonl") if record.split == "test"]
+    captions = Captioner.from_pretrained(tmp_path / "run" / "best")([record.image for record in test])
+    exact = sum(caption[0] == record.captions[0] for caption, record in zip(captions, test))
+    assert exact >= 0.9 * len(test), f"{exact}/{len(test)} exact"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+) -> None:
+    """Checkpoints every 7 steps (10 steps per epoch): the kill lands mid-epoch, so the resumed
+    run must restore optimizer, scheduler, RNG (the tiny GPT-2 has dropout) and the data position."""
+    options = {"epochs": 3, "save_every": 7}
+    killed = small_run(synth_features, tmp_path / "killed", tiny_components[1], **options)
+    args = ["train", synth_features, "--out", killed.out, "--decoder", killed.decoder, "--prefix-length", "4",
+            "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--val-images", "5", "--seed", "3",
+            "--save-every", "7"]  # fmt: skip
+
+    kill_when(args, ready=lambda: (tmp_path / "killed" / "last" / STATE_DIR / "state.json").exists())
+    assert load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress["step"] < 30
+    Trainer(killed, resume=True, given={"epochs": 3, "seed": 3}).fit()
+    Trainer(small_run(synth_features, tmp_path / "straight", tiny_components[1], **options)).fit()
+
+    resumed, straight = model_weights(tmp_path / "killed" / "last"), model_weights(tmp_path / "straight" / "last")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    histories = [
+        load_training_state(tmp_path / run / "last" / STATE_DIR).progress["history"] for run in ("killed", "straight")
+    ]
+    assert len(histories[0]) == len(histories[1]) == 3
+    assert histories[0] == histories[1]  # losses and metrics too
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_write_one_checkpoint(tmp_path: Path, synth_features: Path, tiny_components) -> None:
+    result = run_prefixcap(
+        "train", synth_features, "--decoder", tiny_components[1], "--out", tmp_path / "run", "--prefix-length", "4",
+        "--epochs", "2", "--batch-size", "8", "--val-images", "5", processes=2,
+    )  # fmt: skip
+
+    assert result.stderr.count("epoch 2/2:") == 1  # only the main process reports
+    assert "5 steps per epoch of 16 captions (8 x 2 processes" in result.stderr
+    state = load_training_state(tmp_path / "run" / "last" / STATE_DIR)
+    assert state.progress["step"] == 10 and len(state.rng) == 2
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [
+        "best",
+        "curves.png",
+        "last",
+        "metrics.csv",
+        "tensorboard",
+    ]
+    CaptionModel.from_pretrained(tmp_path / "run" / "last")
