@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prefixcap.atomic import atomic_path, write_atomic
 from prefixcap.config import CaptionConfig
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
@@ -215,9 +214,8 @@ def write_shard(
     tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
     write_atomic(shard_path(store, shard, ".jsonl"), _jsonl(entries))
     # The .safetensors comes last: its presence, with this fingerprint, marks the shard finished.
-    staging = _staging_path(shard_path(store, shard, ".safetensors"))
-    save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata={"fingerprint": fingerprint})
-    os.replace(staging, shard_path(store, shard, ".safetensors"))
+    with atomic_path(shard_path(store, shard, ".safetensors")) as staging:
+        save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata={"fingerprint": fingerprint})
 
 
 def finish_store(store: Path, manifest: StoreManifest) -> None:
@@ -242,19 +240,6 @@ def _remove_stale_shards(store: Path, num_shards: int) -> None:
     for path in (store / SHARD_DIR).glob("*.*"):
         if path.stem.isdigit() and int(path.stem) >= num_shards:
             path.unlink()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    staging = _staging_path(path)
-    Path(staging).write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
-def _staging_path(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    return name
 
 
 def _jsonl(entries: Iterable[dict[str, Any]]) -> str:

@@ -14,7 +14,6 @@ Everything loads from safetensors; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
+from prefixcap.atomic import replace_dir
 from prefixcap.config import CaptionConfig
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import GenerationOptions, generate_from_prefix
@@ -133,7 +133,7 @@ class CaptionModel(nn.Module):
                 self.decoder.save_pretrained(staging / "decoder")
             self.tokenizer.save_pretrained(staging / "tokenizer")
             self.image_processor.save_pretrained(staging / "image_processor")
-            _replace_dir(staging, directory)
+            replace_dir(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -302,14 +302,3 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
             raise ModelLoadError(f"{path}: is a file; a model is a directory (see `prefixcap convert-clipcap`)")
         return path
     return pretrained.download_model_repo(str(name_or_dir))
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap `staging` into place so a reader never sees a half-written model directory."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)

@@ -115,7 +115,12 @@ def _caption_to_file(captioner, sources: list[str], args: argparse.Namespace, fm
     """Caption in this process, writing records in input order as they come. Returns the number of failures."""
     from tqdm import tqdm
 
-    from prefixcap.distributed import RecordWriter, caption_parts, in_input_order, plan_parts
+    from prefixcap.distributed import (
+        RecordWriter,
+        caption_parts,
+        in_input_order,
+        plan_parts,
+    )
     from prefixcap.distributed.outputs import open_output
 
     # Parts of one batch each: every worker decodes a batch while the model captions another.

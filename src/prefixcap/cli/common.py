@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
 from prefixcap.errors import UserError
 from prefixcap.pretrained import DEFAULT_MODEL, REGISTRY
@@ -72,3 +72,18 @@ def load_captioner(args: argparse.Namespace, **kwargs: Any):
     from prefixcap.captioner import Captioner
 
     return Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for integers >= `minimum`, so bad values fail before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse

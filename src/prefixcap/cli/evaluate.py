@@ -11,6 +11,7 @@ from prefixcap.cli.common import (
     add_model_arguments,
     check_generation,
     generation_kwargs,
+    int_at_least,
     load_captioner,
 )
 from prefixcap.cli.score import (
@@ -20,7 +21,6 @@ from prefixcap.cli.score import (
     score_and_report,
     score_config,
 )
-from prefixcap.cli.synth import _int_at_least
 from prefixcap.errors import UserError
 
 
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=min(4, os.cpu_count() or 1),
         metavar="N",
         help="image decoding processes when DATA is a dataset, not a feature store (default: %(default)s)",
@@ -53,7 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.evaluation import caption_records, load_references, match_samples, results_json
+    from prefixcap.evaluation import (
+        caption_records,
+        load_references,
+        match_samples,
+        results_json,
+    )
     from prefixcap.evaluation.notices import notice
     from prefixcap.evaluation.scoring import write_json
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
+from prefixcap.cli.common import int_at_least
 from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, make_synthetic_dataset
 
 
@@ -20,14 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
     parser.add_argument(
-        "--num-images", type=_int_at_least(MIN_NUM_IMAGES), default=600, metavar="N",
+        "--num-images", type=int_at_least(MIN_NUM_IMAGES), default=600, metavar="N",
         help="number of images (default: 600)",
     )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)"
     )
     parser.add_argument(
-        "--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64, metavar="PX",
+        "--image-size", type=int_at_least(MIN_IMAGE_SIZE), default=64, metavar="PX",
         help="image width and height in pixels (default: 64)",
     )  # fmt: skip
     parser.set_defaults(func=run)
@@ -39,18 +39,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.num_images} images and {captions}")
     return 0
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type for integers >= `minimum`, so bad values fail before any work starts."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse

@@ -6,7 +6,13 @@ import argparse
 from typing import Any
 
 from prefixcap.config import MAPPER_KINDS
-from prefixcap.training.config import BEST_METRICS, CAPTION_MODES, PRECISIONS, SCHEDULES, TrainConfig
+from prefixcap.training.config import (
+    BEST_METRICS,
+    CAPTION_MODES,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+)
 
 DEFAULTS = TrainConfig()
 _OPTION_NAMES = frozenset(TrainConfig.__dataclass_fields__)

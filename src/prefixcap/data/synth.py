@@ -10,12 +10,13 @@ anything therefore captions held-out images exactly, and one that did not, canno
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from prefixcap.atomic import write_atomic
 
 # Object and background palettes are disjoint, so each caption names an unambiguous pixel pair.
 OBJECT_COLORS = {
@@ -70,7 +71,8 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: 
         _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
         lines.append(json.dumps({"image": name, "caption": caption_for(obj, bg), "split": splits[index]}))
     # The captions file comes last and atomically: if it exists, the whole dataset does.
-    return _write_atomic(out_dir / CAPTIONS_FILE, "\n".join(lines) + "\n")
+    write_atomic(out_dir / CAPTIONS_FILE, "\n".join(lines) + "\n")
+    return out_dir / CAPTIONS_FILE
 
 
 def _split_names(num_images: int) -> list[str]:
@@ -96,10 +98,3 @@ def _draw(rng: random.Random, size: int, color: tuple[int, int, int], background
     else:
         draw.polygon([(left, box[3]), (box[2], box[3]), (left + (side - 1) / 2, top)], fill=color)
     return image
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    staging = path.with_name(f".{path.name}.partial")  # same folder, so the rename is atomic
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-    return path

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcap.atomic import atomic_file
 from prefixcap.distributed.loading import caption_parts
-from prefixcap.distributed.outputs import SUFFIXES, RecordWriter, atomic_file, read_part, write_part
+from prefixcap.distributed.outputs import SUFFIXES, RecordWriter, read_part, write_part
 from prefixcap.distributed.plan import Part, plan_parts
 from prefixcap.errors import UserError
 

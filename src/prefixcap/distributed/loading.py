@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from prefixcap.distributed.outputs import Result
 from prefixcap.distributed.plan import Part
 from prefixcap.errors import ImageLoadError
-from prefixcap.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource, load_image
+from prefixcap.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    load_image,
+)
 
 _IMAGE_KEYS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}  # WebDataset sample keys
 

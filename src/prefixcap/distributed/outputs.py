@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from prefixcap.atomic import atomic_file
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -104,16 +103,3 @@ def read_part(path: Path) -> Iterator[Result]:
     with open(path, encoding="utf-8") as file:
         for line in file:
             yield Result.from_json(line)
-
-
-@contextmanager
-def atomic_file(path: Path, *, binary: bool = False) -> Iterator[IO]:
-    """A temporary file next to `path` that replaces `path` only once written completely."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8") as file:
-            yield file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

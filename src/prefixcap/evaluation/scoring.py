@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcap.atomic import write_atomic
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
 from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, W
@@ -179,18 +178,6 @@ def write_outputs(out_dir: str | Path, evaluation: Evaluation, **report_kwargs: 
 def write_json(path: Path, value: Any) -> None:
     """Strict JSON (NaN, e.g. the CLIPScore of an unreadable image, becomes null), written atomically."""
     write_atomic(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file, so a crash never leaves half a file."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as file:
-        file.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(file.name, 0o666 & ~umask)  # temporary files are private; the result should not be
-    os.replace(file.name, path)
 
 
 def _finite(value: Any) -> Any:

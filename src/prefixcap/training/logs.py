@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixcap.features import write_atomic
+from prefixcap.atomic import write_atomic
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"

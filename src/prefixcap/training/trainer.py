@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixcap.atomic import replace_dir
 from prefixcap.errors import UserError
 from prefixcap.features import FeatureStore
-from prefixcap.modeling import CaptionModel, _replace_dir
+from prefixcap.modeling import CaptionModel
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches
 from prefixcap.training.logs import RunLog
@@ -353,4 +354,4 @@ def save_checkpoint(directory: Path, model: CaptionModel, state: TrainingState) 
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     model.save_pretrained(staging)
     save_training_state(staging / STATE_DIR, state)
-    _replace_dir(staging, directory)
+    replace_dir(staging, directory)
