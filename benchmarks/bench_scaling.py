@@ -66,7 +66,8 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 
 def preprocessing_rate(model: Path, images: Path) -> float:
     """Images/s that one core decodes (JPEG) and preprocesses (resize, crop, normalise) in one thread."""
-    from prefixcap.distributed import PartImages, plan_parts
+    from prefixcap.distributed.loading import PartImages
+    from prefixcap.distributed.plan import plan_parts
     from prefixcap.modeling import load_image_processor
 
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ from prefixcap.cli.common import (
     generation_kwargs,
     load_captioner,
 )
-from prefixcap.distributed import FORMATS
+from prefixcap.distributed.outputs import FORMATS
 from prefixcap.distributed.plan import is_remote
 from prefixcap.errors import UserError
 from prefixcap.images import IMAGE_EXTENSIONS
@@ -115,13 +115,9 @@ def _caption_to_file(captioner, sources: list[str], args: argparse.Namespace, fm
     """Caption in this process, writing records in input order as they come. Returns the number of failures."""
     from tqdm import tqdm
 
-    from prefixcap.distributed import (
-        RecordWriter,
-        caption_parts,
-        in_input_order,
-        plan_parts,
-    )
-    from prefixcap.distributed.outputs import open_output
+    from prefixcap.distributed.loading import caption_parts, in_input_order
+    from prefixcap.distributed.outputs import RecordWriter, open_output
+    from prefixcap.distributed.plan import plan_parts
 
     # Parts of one batch each: every worker decodes a batch while the model captions another.
     parts = plan_parts(sources, part_size=args.batch_size)
@@ -157,7 +153,7 @@ def _caption_to_folder(
     kwargs: dict,
     state,
 ) -> int:
-    from prefixcap.distributed import caption_to_directory
+    from prefixcap.distributed.job import caption_to_directory
 
     settings = {"model": _model_key(args.model), "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
     summary = caption_to_directory(
