@@ -6,6 +6,8 @@ step, so stop tokens land at different positions in different rows.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -39,9 +41,13 @@ def engine(model, prefix, stop_ids, **options) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_generate(model, prefix, stop_ids, **options) -> torch.Tensor:
+    """HF `generate` with the same options, defaults included (greedy or beam search)."""
+    hf_options = dataclasses.asdict(GenerationOptions(**options))
+    for sampling_only in ("seed", "temperature", "top_k", "top_p"):
+        del hf_options[sampling_only]
     mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
     return model.generate(
-        inputs_embeds=prefix, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=PAD, **options
+        inputs_embeds=prefix, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=PAD, **hf_options
     )
 
 
@@ -106,9 +112,11 @@ def test_beam_equals_hf(model, length_penalty, early_stopping, num_return_sequen
     assert torch.equal(engine(model, prefix, stop_ids, **options), hf_generate(model, prefix, stop_ids, **options))
 
 
+@pytest.mark.filterwarnings("ignore:Passing `:UserWarning")  # HF: rules apply to generated tokens only
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize(
-    "rule", [{"repetition_penalty": 1.5}, {"repetition_penalty": 0.7}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 6}]
+    "rule",
+    [{"repetition_penalty": 1.5}, {"repetition_penalty": 0.7}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 6}],
 )
 def test_logits_rules_equal_hf(model, num_beams, rule):
     prefix = prefixes(4, seed=4)
@@ -164,11 +172,12 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert not torch.equal(first, engine(model, prefix, [VOCAB - 1], seed=8, **options))
 
 
-@pytest.mark.parametrize("options", [dict(num_beams=4), dict(do_sample=True, seed=0)])
-def test_num_return_sequences_are_distinct(model, options):
-    tokens = engine(model, prefixes(3, seed=9), [VOCAB - 1], max_new_tokens=10, num_return_sequences=4, **options)
-    assert tokens.shape[0] == 12
-    for group in tokens.view(3, 4, -1):
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("options", [dict(num_beams=4), dict(do_sample=True, temperature=0.8, seed=0)])
+def test_num_return_sequences_are_distinct(model, batch, options):
+    tokens = engine(model, prefixes(batch, seed=9), [VOCAB - 1], max_new_tokens=10, num_return_sequences=4, **options)
+    assert tokens.shape[0] == batch * 4
+    for group in tokens.view(batch, 4, -1):
         assert len({tuple(row.tolist()) for row in group}) == 4
 
 
@@ -205,7 +214,9 @@ def test_cuda_graphs_equal_eager_in_bf16(options):
     model = tiny_gpt2("cuda", torch.bfloat16)
     prefix = prefixes(6, seed=11, device="cuda", dtype=torch.bfloat16)
     kwargs = dict(eos_token_ids=[3, 5], pad_token_id=PAD)
-    eager = generate_from_prefix(model, prefix, GenerationOptions(max_new_tokens=16, **options), cuda_graphs=False, **kwargs)
+    eager = generate_from_prefix(
+        model, prefix, GenerationOptions(max_new_tokens=16, **options), cuda_graphs=False, **kwargs
+    )
     graphed = generate_from_prefix(model, prefix, GenerationOptions(max_new_tokens=16, **options), **kwargs)
     assert torch.equal(graphed, eager)
 
@@ -215,7 +226,9 @@ def test_cuda_greedy_equals_full_recompute_and_beam_equals_hf():
     model = tiny_gpt2("cuda")
     prefix = prefixes(6, seed=12, device="cuda")
     stop_ids = stop_ids_seen_in(model, prefix, [(0, 2), (3, 6)])
-    assert torch.equal(engine(model, prefix, stop_ids, max_new_tokens=14), full_recompute_greedy(model, prefix, 14, stop_ids))
+    assert torch.equal(
+        engine(model, prefix, stop_ids, max_new_tokens=14), full_recompute_greedy(model, prefix, 14, stop_ids)
+    )
     options = dict(max_new_tokens=12, num_beams=4, num_return_sequences=2, early_stopping=False)
     assert torch.equal(engine(model, prefix, stop_ids, **options), hf_generate(model, prefix, stop_ids, **options))
 

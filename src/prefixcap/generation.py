@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from prefixcap import engine
+
 
 @dataclass
 class GenerationOptions:
@@ -71,7 +73,15 @@ def generate_from_prefix(
     pad_token_id: int,
 ) -> torch.Tensor:
     """New token ids [B * num_return_sequences, T] continuing `prefix_embeds` [B, K, E]; rows are
-    padded with `pad_token_id` after their stop token, which is kept."""
+    padded with `pad_token_id` after their stop token, which is kept.
+
+    GPT-2 decoders run on prefixcap's decoding engine (`prefixcap.engine`: the same tokens as HF
+    `generate` for greedy and beam search, faster, most of all on CUDA); other decoders use HF
+    `generate`."""
+    if engine.supports(decoder):
+        return engine.generate_from_prefix(
+            decoder, prefix_embeds, options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id
+        )
     if options.seed is not None:
         torch.manual_seed(options.seed)
     attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)

@@ -1,10 +1,10 @@
 """Fast batched decoding from prefix embeddings for GPT-2 decoders.
 
 `generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on GPT-2: it prefills the
-prefix once per input, keeps the KV cache in one preallocated tensor, runs greedy, sampling and
-beam search batched with finished rows masked, and never syncs with the host inside the step loop.
-On CUDA each decode step is replayed from a CUDA graph. Other decoders keep using HF `generate`
-(see `supports`).
+prefix once per input, keeps the KV cache in one preallocated tensor, and runs greedy, sampling and
+beam search batched, with finished rows masked. Steps never read values back to the host; the loop
+only asks every few steps whether all rows have finished, to stop early. On CUDA each step is
+replayed from a CUDA graph. Other decoders keep using HF `generate` (see `supports`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def generate_from_prefix(
     if not supports(decoder):
         raise ValueError(f"the decoding engine supports plain GPT-2 decoders, not {type(decoder).__name__}")
     spec = DecodeSpec.from_options(options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
-    seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
+    seed = options.seed
+    if spec.do_sample and seed is None:  # draw one from torch's global RNG: torch.manual_seed applies
+        seed = int(torch.randint(2**62, ()))
     batch, prefix_length, _ = prefix_embeds.shape
     prefix_embeds = prefix_embeds.to(decoder.device, decoder.dtype)
     if decoder.device.type != "cuda" or not cuda_graphs:

@@ -38,6 +38,13 @@ def supports(decoder: nn.Module) -> bool:
     )
 
 
+# One block's parameter names in an HF GPT-2 layer, in `Block` field order.
+BLOCK_PARAMETERS = (
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+)  # fmt: skip
+
+
 class Block(NamedTuple):
     """One transformer block's parameters. Linear weights are HF Conv1D weights, [in, out]."""
 
@@ -78,7 +85,7 @@ class GPT2Forward:
 
     `compile_blocks=True` compiles the position-independent parts of each block with `torch.compile`
     (fusing layer norms, GELU and residual adds); attention and the cache stay eager, so the
-    compiled code sees only fixed shapes and compiles once per batch size.
+    compiled code sees only fixed shapes (one compilation per batch size, for prefill and decode).
     """
 
     def __init__(self, model: nn.Module, *, compile_blocks: bool = False):
@@ -92,14 +99,7 @@ class GPT2Forward:
         self.wpe = transformer.wpe.weight
         self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
         self.lm_head = model.lm_head.weight
-        self.blocks = [
-            Block(
-                h.ln_1.weight, h.ln_1.bias, h.attn.c_attn.weight, h.attn.c_attn.bias,
-                h.attn.c_proj.weight, h.attn.c_proj.bias, h.ln_2.weight, h.ln_2.bias,
-                h.mlp.c_fc.weight, h.mlp.c_fc.bias, h.mlp.c_proj.weight, h.mlp.c_proj.bias,
-            )  # fmt: skip
-            for h in transformer.h
-        ]
+        self.blocks = [Block(*(layer.get_parameter(name) for name in BLOCK_PARAMETERS)) for layer in transformer.h]
         self._attention_input = attention_input
         self._block_output = block_output
         if compile_blocks:
@@ -132,7 +132,7 @@ class GPT2Forward:
         rows, length, width = embeds.shape
         end = start + length
         x = (embeds + self.wpe[start:end]).view(rows * length, width)
-        for block, layer_cache in zip(self.blocks, cache):
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
             qkv = self._attention_input(x, block, self.eps)
             # [rows*S, 3E] -> [3 (q, k, v), rows, heads, S, head_dim], a view
             qkv = qkv.view(rows, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -147,5 +147,12 @@ class GPT2Forward:
         return F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype."""
-        return F.linear(hidden, self.lm_head)
+        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype.
+
+        The logits are written into rows padded to a multiple of 64 entries (the result is a view
+        of the first V): cuBLAS's fast kernels need 16-byte aligned rows, and GPT-2's V = 50257 is
+        odd (nanoGPT pads the vocabulary to 50304 for the same reason).
+        """
+        vocab = self.lm_head.shape[0]
+        padded = hidden.new_empty((hidden.shape[0], -(-vocab // 64) * 64))
+        return torch.mm(hidden, self.lm_head.t(), out=padded[:, :vocab])

@@ -36,6 +36,7 @@ class DecodeRunner:
         self.cache = model.new_cache(rows, total)
         # rows sharing an input share its prefix: prefill it once, then copy it to each row
         self.prefix_cache = model.new_cache(batch, prefix_length) if self.rows_per_input > 1 else self.cache
+        self.input_of_row = torch.arange(batch, device=device).repeat_interleave(self.rows_per_input)
         self.generator = torch.Generator(device) if spec.do_sample else None
         if spec.num_beams > 1:
             self.search: GreedySearch | BeamSearch = BeamSearch(spec, batch, device)
@@ -50,7 +51,7 @@ class DecodeRunner:
         if self.rows_per_input > 1:
             shared = self.cache[:, :, :, :, : self.prefix_length].unflatten(2, (self.batch, self.rows_per_input))
             shared.copy_(self.prefix_cache.unsqueeze(3))
-            logits = logits.repeat_interleave(self.rows_per_input, dim=0)
+            logits = logits.index_select(0, self.input_of_row)
         self.search.select(0, logits)
 
     def _decode(self, step: int) -> None:
@@ -92,9 +93,9 @@ class DecodeRunner:
             self.graphs.append(graph)
 
     @torch.no_grad()
-    def run(self, prefix_embeds: torch.Tensor, seed: int) -> torch.Tensor:
+    def run(self, prefix_embeds: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Decode `prefix_embeds` [b, K, E], b <= batch; returns [b * n, T] new tokens. Rows past
-        b are padding: they start finished and are left out of the result."""
+        b are padding: they start finished and are left out of the result. `seed` seeds sampling."""
         inputs = prefix_embeds.shape[0]
         self.prefix[:inputs] = prefix_embeds
         self.search.reset(inputs)

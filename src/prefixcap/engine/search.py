@@ -26,9 +26,7 @@ class GreedySearch:
     probability p_i like `torch.multinomial`, but without a host sync, from `generator`.
     """
 
-    def __init__(
-        self, spec: DecodeSpec, rows: int, device: torch.device, generator: torch.Generator | None = None
-    ):
+    def __init__(self, spec: DecodeSpec, rows: int, device: torch.device, generator: torch.Generator | None = None):
         self.spec = spec
         self.generator = generator
         self.stop_ids = torch.tensor(spec.stop_token_ids, device=device)
@@ -107,7 +105,6 @@ class BeamSearch:
         self.done_lengths = torch.empty((batch, beams), dtype=torch.long, device=device)
         self.done_valid = torch.empty((batch, beams), dtype=torch.bool, device=device)
         self.open = torch.empty(batch, dtype=torch.bool, device=device)  # can still take hypotheses
-        self.inputs = batch
         self.reset(batch)
 
     def reset(self, inputs: int) -> None:
@@ -147,17 +144,18 @@ class BeamSearch:
         joins = ends & self.in_top_beams & accepting.unsqueeze(1)
         final = torch.where(joins, cand_scores / (step + 1) ** spec.length_penalty, -float("inf"))
         merged_scores, keep = torch.cat((self.done_scores, final), dim=1).topk(beams, dim=-1)
+        merged_tokens = torch.cat((self.done_tokens, cand_seqs), dim=1)
+        merged_lengths = torch.cat((self.done_lengths, torch.full_like(cand_beams, step + 1)), dim=1)
         self.done_scores.copy_(merged_scores)
-        self.done_tokens.copy_(torch.cat((self.done_tokens, cand_seqs), dim=1).gather(1, _expand(keep, self.done_tokens)))
-        lengths = torch.cat((self.done_lengths, torch.full_like(cand_beams, step + 1)), dim=1)
-        self.done_lengths.copy_(lengths.gather(1, keep))
+        self.done_tokens.copy_(merged_tokens.gather(1, _expand(keep, merged_tokens)))
+        self.done_lengths.copy_(merged_lengths.gather(1, keep))
         self.done_valid.copy_(torch.cat((self.done_valid, joins), dim=1).gather(1, keep))
 
         # 3. the best unfinished candidates run on
         running = cand_scores.masked_fill(ends, -float("inf"))
         run_scores, pick = running.topk(beams, dim=-1)
         self.scores.copy_(run_scores)
-        self.tokens.copy_(cand_seqs.gather(1, _expand(pick, self.tokens)))
+        self.tokens.copy_(cand_seqs.gather(1, _expand(pick, cand_seqs)))
         self.parents.copy_((cand_beams.gather(1, pick) + self.row_offsets).view(-1))
 
         # 4. can the best running beam still beat the worst hypothesis? (HF's heuristic)

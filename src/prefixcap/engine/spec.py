@@ -45,9 +45,7 @@ class DecodeSpec:
     pad_token_id: int  # fills rows after their stop token
 
     @classmethod
-    def from_options(
-        cls, options: GenerationOptionsLike, *, eos_token_ids: list[int], pad_token_id: int
-    ) -> "DecodeSpec":
+    def from_options(cls, options: GenerationOptionsLike, *, eos_token_ids: list[int], pad_token_id: int) -> DecodeSpec:
         spec = cls(
             max_new_tokens=options.max_new_tokens,
             min_new_tokens=options.min_new_tokens,
@@ -81,8 +79,5 @@ class DecodeSpec:
     def processes_logits(self) -> bool:
         """Whether any rule changes the logits (if not, greedy can take the argmax directly)."""
         return (
-            self.repetition_penalty != 1.0
-            or self.no_repeat_ngram_size > 0
-            or self.min_new_tokens > 0
-            or self.do_sample
+            self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0 or self.do_sample
         )
