@@ -99,6 +99,13 @@ class GPT2Forward:
         self.wpe = transformer.wpe.weight
         self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
         self.lm_head = model.lm_head.weight
+        # cuBLAS's fast kernels need 16-byte aligned rows, and GPT-2's V = 50257 is odd: on CUDA
+        # the head multiplies a copy padded to a multiple of 64 rows (nanoGPT pads to 50304).
+        self.vocab, width = self.lm_head.shape
+        self.padded_head = None
+        if self.lm_head.is_cuda and self.vocab % 64:
+            self.padded_head = self.lm_head.new_zeros((-(-self.vocab // 64) * 64, width))
+            self.refresh()
         self.blocks = [Block(*(layer.get_parameter(name) for name in BLOCK_PARAMETERS)) for layer in transformer.h]
         self._attention_input = attention_input
         self._block_output = block_output
@@ -146,13 +153,15 @@ class GPT2Forward:
         last = x.view(rows, length, width)[:, -1]
         return F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype.
+    def refresh(self) -> None:
+        """Copy the live LM-head weights into the padded copy that CUDA steps read (weights may
+        have changed since capture, e.g. during training)."""
+        if self.padded_head is not None:
+            self.padded_head[: self.vocab].copy_(self.lm_head)
 
-        The logits are written into rows padded to a multiple of 64 entries (the result is a view
-        of the first V): cuBLAS's fast kernels need 16-byte aligned rows, and GPT-2's V = 50257 is
-        odd (nanoGPT pads the vocabulary to 50304 for the same reason).
-        """
-        vocab = self.lm_head.shape[0]
-        padded = hidden.new_empty((hidden.shape[0], -(-vocab // 64) * 64))
-        return torch.mm(hidden, self.lm_head.t(), out=padded[:, :vocab])
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype (on CUDA, a view of
+        rows padded to a multiple of 64 entries)."""
+        if self.padded_head is None:
+            return F.linear(hidden, self.lm_head)
+        return F.linear(hidden, self.padded_head)[:, : self.vocab]

@@ -97,6 +97,7 @@ class DecodeRunner:
         """Decode `prefix_embeds` [b, K, E], b <= batch; returns [b * n, T] new tokens. Rows past
         b are padding: they start finished and are left out of the result. `seed` seeds sampling."""
         inputs = prefix_embeds.shape[0]
+        self.model.refresh()
         self.prefix[:inputs] = prefix_embeds
         self.search.reset(inputs)
         if self.generator is not None:
