@@ -212,7 +212,7 @@ class CaptionModel(nn.Module):
     ) -> torch.Tensor:
         """Caption token ids [B * num_return_sequences, T], padded with the pad token after the
         stop. `image_embeds` (projected encoder embeddings) skip the image encoder."""
-        options = GenerationOptions.from_kwargs({**self.config.generation, **generation_kwargs})
+        options = self.generation_options(**generation_kwargs)
         prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))
         return generate_from_prefix(
             self.decoder,
@@ -221,6 +221,24 @@ class CaptionModel(nn.Module):
             eos_token_ids=self.stop_token_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
         )
+
+    def generation_options(self, **generation_kwargs: Any) -> GenerationOptions:
+        """This model's generation defaults updated with `generation_kwargs`, validated: raises
+        ValueError with a readable reason, before any work starts."""
+        options = GenerationOptions.from_kwargs({**self.config.generation, **generation_kwargs})
+        limit = self.max_new_tokens_limit
+        if limit is not None and options.max_new_tokens > limit:
+            raise ValueError(
+                f"max_new_tokens must be <= {limit}: the decoder has {limit + self.config.prefix_length} "
+                f"positions and the prefix takes {self.config.prefix_length}"
+            )
+        return options
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """The longest caption that fits in the decoder's positions after the prefix."""
+        positions = getattr(self.decoder.config, "max_position_embeddings", None)
+        return None if positions is None else positions - self.config.prefix_length
 
     def stop_token_ids(self) -> list[int]:
         """EOS, plus the configured stop token (ClipCap models were trained to end at ".")."""

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # each process on its own GPU
     captioner = load_captioner(args)
-    check_generation(captioner.model.config.generation, kwargs)
+    check_generation(captioner.model, kwargs)
     if to_folder:
         return _caption_to_folder(captioner, sources, missing, args, fmt, kwargs, state)
     failed = _caption_to_file(captioner, sources, args, fmt, kwargs)

@@ -58,12 +58,10 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def check_generation(defaults: dict[str, Any], kwargs: dict[str, Any]) -> None:
+def check_generation(model, kwargs: dict[str, Any]) -> None:
     """Reject bad decoding options before any work starts, with the model's defaults applied."""
-    from prefixcap.generation import GenerationOptions
-
     try:
-        GenerationOptions.from_kwargs({**defaults, **kwargs})
+        model.generation_options(**kwargs)
     except ValueError as error:
         raise UserError(str(error)) from None
 

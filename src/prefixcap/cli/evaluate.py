@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate scores one caption per image; drop --num-captions")
     captioner = load_captioner(args)
     model = captioner.model
-    check_generation(model.config.generation, kwargs)
+    check_generation(model, kwargs)
     config = score_config(args, default_clip_model=model.config.vision_encoder)  # the model's own CLIP
 
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.

@@ -134,10 +134,8 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
 def _option_limits(captioner: Captioner, config: ServerConfig) -> dict[str, int]:
     """Upper bounds on per-request options; new tokens also stop where the decoder runs out of
     positions after the prefix."""
-    positions = getattr(captioner.model.decoder.config, "max_position_embeddings", None)
-    max_new_tokens = config.max_new_tokens
-    if positions is not None:
-        max_new_tokens = min(max_new_tokens, positions - captioner.model.config.prefix_length)
+    limit = captioner.model.max_new_tokens_limit
+    max_new_tokens = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit)
     return {"max_new_tokens": max_new_tokens, "num_beams": config.max_beams, "num_return_sequences": config.max_captions}
 
 
