@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
 from prefixcap import __version__
 from prefixcap.captioner import Captioner
@@ -80,6 +82,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         description="Caption images with CLIP prefixes and GPT-2. Errors are "
         '`{"error": {"kind": ..., "message": ...}}`.',
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's default page loads from a CDN
     )
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -127,7 +130,18 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="prefixcap API",
+            swagger_js_url="/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/swagger/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
     return app
 
 
