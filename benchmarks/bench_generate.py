@@ -32,34 +32,15 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    GPT2Config,
-    GPT2LMHeadModel,
-)
 
 from prefixcap import engine
 from prefixcap.captioner import Captioner
-from prefixcap.config import CaptionConfig
 from prefixcap.generation import GenerationOptions
 from prefixcap.modeling import CaptionModel
-from prefixcap.testing import build_tokenizer
+from prefixcap.testing import build_full_size_model
 
 NEW_TOKENS = 20
 PREFIX_LENGTH = 10
-
-
-def build_model(device: torch.device, dtype: torch.dtype, workdir: Path) -> CaptionModel:
-    """A full-size CaptionModel with random weights, built in memory."""
-    torch.manual_seed(0)
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=32, projection_dim=512))  # ViT-B/32
-    decoder = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M
-    config = CaptionConfig(mapper="mlp", prefix_length=PREFIX_LENGTH, embed_dim=512, decoder_hidden_size=768)
-    tokenizer = build_tokenizer(workdir / "tokenizer")
-    model = CaptionModel(config, vision, decoder, tokenizer, CLIPImageProcessorPil())
-    return model.to(device, dtype).eval()
 
 
 # ---------------------------------------------------------------------- the three decoders
@@ -342,7 +323,7 @@ def main() -> None:
     print(f"CLIP ViT-B/32 + MLP mapper (K={PREFIX_LENGTH}) + GPT-2 124M, random weights; {NEW_TOKENS} new tokens each")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(device, dtype, Path(tmp))
+        model = CaptionModel.from_pretrained(build_full_size_model(tmp), device=device, dtype=dtype).eval()
         for mode in [mode.strip() for mode in args.modes.split(",") if mode.strip()]:
             if mode not in ("greedy", "beam"):
                 raise SystemExit(f"error: unknown mode {mode!r} (choose greedy, beam)")

@@ -37,19 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prefixcap.modeling import CaptionModel
-from prefixcap.testing import build_components
+from prefixcap.testing import build_full_size_model
 
 NEW_TOKENS = 20
-
-
-def build_model(workdir: Path) -> Path:
-    """A saved full-size CaptionModel with random weights."""
-    torch.manual_seed(0)
-    clip_dir, gpt2_dir = build_components(workdir / "components", full_size=True)
-    model = CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=10)
-    model.save_pretrained(workdir / "model")
-    return workdir / "model"
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -125,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         workdir = Path(tmp)
         print(f"building a full-size random model and {args.images} JPEGs in {workdir} ...", file=sys.stderr)
-        model = build_model(workdir)
+        model = build_full_size_model(workdir)
         make_images(workdir / "images", args.images)
         decode_rate = preprocessing_rate(model, workdir / "images")
         # (processes, threads per process): the cores are shared out between the processes.

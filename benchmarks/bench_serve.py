@@ -34,23 +34,11 @@ import torch
 import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixcap import CaptionModel
 from prefixcap.serving.launcher import serve_in_subprocess
-from prefixcap.testing import build_components
+from prefixcap.testing import build_full_size_model
 
 PHOTOS = [path.read_bytes() for path in sorted((Path(__file__).parents[1] / "examples" / "images").glob("*.jpg"))]
 PREFIX_LENGTH = 10
-
-
-def build_model(workdir: Path) -> Path:
-    """A saved full-size random-weight model; reused when `workdir` already holds one."""
-    model_dir = workdir / "model"
-    if not (model_dir / "config.json").is_file():
-        print(f"building a full-size random-weight model in {model_dir} ...", flush=True)
-        torch.manual_seed(0)
-        clip_dir, gpt2_dir = build_components(workdir / "components", full_size=True)
-        CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=PREFIX_LENGTH).save_pretrained(model_dir)
-    return model_dir
 
 
 async def measure(url: str, requests: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -136,7 +124,7 @@ def main() -> None:
         "batching off (--max-batch-size 1)": 1,
     }
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
-        model_dir = build_model(args.workdir or Path(tmp))
+        model_dir = build_full_size_model(args.workdir or tmp)
         urls = {}
         for name, batch_size in configurations.items():
             serve_args = ["--device", args.device, "--max-batch-size", str(batch_size), "--max-wait-ms", str(args.max_wait_ms)]

@@ -28,17 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    GPT2Config,
-    GPT2LMHeadModel,
-)
 
-from prefixcap.config import CaptionConfig
 from prefixcap.modeling import CaptionModel
-from prefixcap.testing import build_tokenizer
+from prefixcap.testing import build_full_size_model
 from prefixcap.training import TrainConfig
 from prefixcap.training.data import CaptionTargets
 from prefixcap.training.objective import CaptionLoss
@@ -53,19 +45,6 @@ from prefixcap.training.trainer import (
 PREFIX_LENGTH = 10
 CAPTION_TOKENS = (10, 20)  # shortest and longest caption, in tokens
 CLIPCAP_BATCH = 40
-
-
-def build_model(workdir: Path) -> CaptionModel:
-    """GPT-2 124M + MLP mapper with random weights; a minimal image tower (unused in training)."""
-    torch.manual_seed(0)
-    vision = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=512
-        )
-    )
-    config = CaptionConfig(mapper="mlp", prefix_length=PREFIX_LENGTH, embed_dim=512, decoder_hidden_size=768)
-    tokenizer = build_tokenizer(workdir / "tokenizer")
-    return CaptionModel(config, vision, GPT2LMHeadModel(GPT2Config()), tokenizer, CLIPImageProcessorPil())
 
 
 def random_targets(num_captions: int, seed: int = 0) -> CaptionTargets:
@@ -173,10 +152,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
     with tempfile.TemporaryDirectory() as workdir:
-        clipcap = bench_clipcap(build_model(Path(workdir)), targets, args, device)
+        model_dir = build_full_size_model(workdir)
+        clipcap = bench_clipcap(CaptionModel.from_pretrained(model_dir), targets, args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        ours = bench_prefixcap(build_model(Path(workdir)), targets, args, config)
+        ours = bench_prefixcap(CaptionModel.from_pretrained(model_dir), targets, args, config)
 
     optimizer = "AdamW (fused)" if device.type == "cuda" else "AdamW"
     results = {

@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in the subprocesses, so that in-process results match bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(clip_dir, gpt2_dir): a tiny CLIPModel + image processor, a tiny GPT-2 + BPE tokenizer."""

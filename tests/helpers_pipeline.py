@@ -95,7 +95,13 @@ def build_learnable_components(root: Path) -> tuple[Path, Path]:
     """Tiny models that learn the synthetic captions within seconds: a random CLIP with 64-d
     features (a linear probe separates the colour pairs; the 24-d test CLIP's reaches ~90%) and a
     64-d GPT-2 without dropout."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     from prefixcap.testing import build_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, GPT2LMHeadModel
 
-from prefixcap import CaptionModel, Captioner
+from prefixcap import Captioner, CaptionModel
 from prefixcap.errors import ModelLoadError
 from tests.reference import naive_greedy, strip_padding
 

@@ -22,15 +22,6 @@ from prefixcap.modeling import load_image_processor, load_vision_encoder
 from prefixcap.prepare import prepare_features
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch, as in the subprocesses, so that in-process results match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_coco(root: Path) -> Path:
     """The official COCO layout: annotations/captions_train2014.json with images in train2014/."""
     names = [name for name, _, _ in DATASET]

@@ -267,7 +267,9 @@ def test_bad_results_file(tmp_path: Path, synthetic: Path, capsys: pytest.Captur
 
 
 def test_metric_names_in_help_match_the_library() -> None:
-    from prefixcap.cli.score import METRIC_NAMES  # spelled out so that --help needs no heavy import
+    from prefixcap.cli.score import (
+        METRIC_NAMES,  # spelled out so that --help needs no heavy import
+    )
     from prefixcap.evaluation import ALL_METRICS
 
     assert METRIC_NAMES.split(",") == list(ALL_METRICS)

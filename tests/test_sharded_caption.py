@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader
 
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
-from prefixcap.distributed.loading import PartImages, caption_parts, in_input_order, read_shard
+from prefixcap.distributed.loading import (
+    PartImages,
+    caption_parts,
+    in_input_order,
+    read_shard,
+)
 from prefixcap.distributed.plan import plan_parts
 
 CAPTION = ["caption", "--max-new-tokens", "5", "--batch-size", "2"]

@@ -12,7 +12,11 @@ from PIL import Image
 
 from prefixcap.cli import main
 from prefixcap.data import load_records, split_records
-from prefixcap.data.synth import BACKGROUND_COLORS, OBJECT_COLORS, make_synthetic_dataset
+from prefixcap.data.synth import (
+    BACKGROUND_COLORS,
+    OBJECT_COLORS,
+    make_synthetic_dataset,
+)
 
 
 def read_dataset(out_dir: Path) -> list[tuple[dict, np.ndarray]]:

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_pipeline import build_learnable_components, kill_when, model_weights, run_prefixcap
+from helpers_pipeline import (
+    build_learnable_components,
+    kill_when,
+    model_weights,
+    run_prefixcap,
+)
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
@@ -30,15 +35,6 @@ from prefixcap.training.state import (
 )
 from prefixcap.training.step import freeze_first_blocks
 from prefixcap.training.trainer import Trainer
-
-
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch, as in the subprocesses, so that in-process results match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,19 @@ def build_components(root: str | Path, *, full_size: bool = False) -> tuple[Path
     return build_clip(root / "clip", full_size=full_size), build_gpt2(root / "gpt2", full_size=full_size)
 
 
+def build_full_size_model(workdir: str | Path) -> Path:
+    """A saved CaptionModel with ClipCap's architecture and random weights (CLIP ViT-B/32, MLP
+    mapper with K=10, GPT-2 124M), for speed benchmarks; reused when `workdir` already holds one."""
+    from prefixcap.modeling import CaptionModel
+
+    model_dir = Path(workdir) / "model"
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        clip_dir, gpt2_dir = build_components(Path(workdir) / "components", full_size=True)
+        CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=10).save_pretrained(model_dir)
+    return model_dir
+
+
 def build_roberta(out_dir: str | Path, corpus: list[str]) -> Path:
     """A 3-layer RoBERTa with a byte-level BPE tokenizer trained on `corpus` (for BERTScore)."""
     from tokenizers import ByteLevelBPETokenizer
