@@ -73,23 +73,20 @@ def test_loss_ignores_prefix_and_padding(tiny_model_dir):
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_encoder_size_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("embed_dim", 999, "gives 24-d embeddings, but the mapper expects 999-d"),
+        ("decoder_hidden_size", 64, "hidden size 32, but the mapper produces 64-d"),
+    ],
+)
+def test_size_mismatches_are_clear_errors(tiny_model_dir, tmp_path, key, value, message):
     broken = tmp_path / "m"
     shutil.copytree(tiny_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
-    config["embed_dim"] = 999
+    config[key] = value
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="gives 24-d embeddings, but the mapper expects 999-d"):
-        CaptionModel.from_pretrained(broken)
-
-
-def test_decoder_size_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
-    broken = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["decoder_hidden_size"] = 64
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="hidden size 32, but the mapper produces 64-d"):
+    with pytest.raises(ModelLoadError, match=message):
         CaptionModel.from_pretrained(broken)
 
 

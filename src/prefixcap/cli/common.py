@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from prefixcap.errors import UserError
 from prefixcap.pretrained import DEFAULT_MODEL, REGISTRY
 
+Number = TypeVar("Number", int, float)
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str | None = DEFAULT_MODEL) -> None:
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, default_model: str | None = DEFAULT_MODEL, batch_size: bool = True
+) -> None:
     parser.add_argument(
         "--model",
         default=default_model,
@@ -24,7 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str |
         choices=["float32", "bfloat16", "float16"],
         help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
+    if batch_size:
+        parser.add_argument("--batch-size", type=at_least(int, 1), default=32, help="images per model batch (default: 32)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,14 +77,15 @@ def load_captioner(args: argparse.Namespace, **kwargs: Any):
     return Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type for integers >= `minimum`, so bad values fail before any work starts."""
+def at_least(kind: Callable[[str], Number], minimum: Number) -> Callable[[str], Number]:
+    """An argparse type (`int` or `float`) with a lower bound, so bad values fail before any work
+    starts."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Number:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value

@@ -9,9 +9,9 @@ from pathlib import Path
 from prefixcap.cli.common import (
     add_generation_arguments,
     add_model_arguments,
+    at_least,
     check_generation,
     generation_kwargs,
-    int_at_least,
     load_captioner,
 )
 from prefixcap.cli.score import (
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=int_at_least(0),
+        type=at_least(int, 0),
         default=min(4, os.cpu_count() or 1),
         metavar="N",
         help="image decoding processes when DATA is a dataset, not a feature store (default: %(default)s)",

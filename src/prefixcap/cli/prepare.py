@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prefixcap.cli.common import int_at_least
+from prefixcap.cli.common import at_least
 from prefixcap.data import FORMATS
 
 
@@ -35,14 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int_at_least(1), default=256, metavar="N", help="images per encoder batch (default: 256)"
+        "--batch-size", type=at_least(int, 1), default=256, metavar="N", help="images per encoder batch (default: 256)"
     )
     parser.add_argument(
-        "--shard-size", type=int_at_least(1), default=2048, metavar="N",
+        "--shard-size", type=at_least(int, 1), default=2048, metavar="N",
         help="images per shard; an interrupted run redoes at most one shard per process (default: 2048)",
     )  # fmt: skip
     parser.add_argument(
-        "--workers", type=int_at_least(0), metavar="N",
+        "--workers", type=at_least(int, 0), metavar="N",
         help="image decoding processes per encoder process (default: this machine's CPUs shared by its "
         "processes, at most 8)",
     )  # fmt: skip

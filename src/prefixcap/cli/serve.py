@@ -7,9 +7,8 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable
 
-from prefixcap.cli.common import add_model_arguments, load_captioner
+from prefixcap.cli.common import add_model_arguments, at_least, load_captioner
 from prefixcap.errors import UserError
 from prefixcap.images import DEFAULT_MAX_PIXELS
 
@@ -22,22 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "POST images to /v1/caption (multipart field 'images', or JSON {\"images\": [base64, ...]}); "
         "GET /health, /metrics (Prometheus) and /docs (OpenAPI). Requests that arrive together are "
         "captioned in one model batch.",
-        conflict_handler="resolve",  # lets --max-batch-size below take over the shared --batch-size
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, batch_size=False)
     parser.add_argument(
         "--max-batch-size",
         "--batch-size",
         dest="batch_size",
         metavar="N",
-        type=_at_least(int, 1),
+        type=at_least(int, 1),
         default=32,
         help="most images in one model batch; 1 turns batching off (default: 32)",
     )
     parser.add_argument(
         "--max-wait-ms",
         metavar="MS",
-        type=_at_least(float, 0),
+        type=at_least(float, 0),
         default=10.0,
         help="once the model is free, a batch starts when full or when no image has arrived for "
         "this long (default: 10)",
@@ -48,18 +46,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to listen on (default: 127.0.0.1, this machine only; the server has no "
         "authentication, so think twice before 0.0.0.0)",
     )
-    parser.add_argument("--port", type=_at_least(int, 0), default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=at_least(int, 0), default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument(
         "--max-upload-mb",
         metavar="MB",
-        type=_at_least(float, 0.001),
+        type=at_least(float, 0.001),
         default=20.0,
         help="largest request body in MiB; larger ones get 413 (default: 20)",
     )
     parser.add_argument(
         "--max-pixels",
         metavar="N",
-        type=_at_least(int, 1),
+        type=at_least(int, 1),
         default=DEFAULT_MAX_PIXELS,
         help=f"largest image, in pixels (width x height); larger ones get 400 (default: {DEFAULT_MAX_PIXELS:,})",
     )
@@ -108,18 +106,6 @@ def _listen(host: str, port: int) -> socket.socket:
 def _url(listener: socket.socket) -> str:
     host, port = listener.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _at_least(type_: Callable[[str], float], low: float) -> Callable[[str], float]:
-    """An argparse type that also checks a lower bound, so mistakes fail before the model loads."""
-
-    def parse(text: str) -> float:
-        value = type_(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-        return value
-
-    return parse
 
 
 def _is_loopback(host: str) -> bool:
