@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prefixcap.errors import ImageLoadError
+from prefixcap.errors import ImageLoadError, ImageTooLargeError
 from prefixcap.images import load_image
 
 
@@ -73,7 +73,7 @@ def test_path_and_bytes_give_the_same_pixels(tmp_path):
 
 def test_pixel_limit_refuses_bombs_before_decoding():
     data = encode(Image.new("L", (2000, 2000)))
-    with pytest.raises(ImageLoadError, match="bomb.png: too many pixels"):
+    with pytest.raises(ImageTooLargeError, match="bomb.png: too many pixels"):
         load_image(data, max_pixels=1_000_000, name="bomb.png")
     assert load_image(data, max_pixels=None).size == (2000, 2000)
 

@@ -9,5 +9,9 @@ class ImageLoadError(UserError):
     """An image could not be read; the message names the source and the reason."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than the configured limit (a decompression-bomb guard)."""
+
+
 class ModelLoadError(UserError):
     """A model directory or hub id is missing files or has inconsistent sizes."""

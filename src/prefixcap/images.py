@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prefixcap.errors import ImageLoadError
+from prefixcap.errors import ImageLoadError, ImageTooLargeError
 
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
@@ -45,7 +45,7 @@ def load_image(
         image.load()  # decode now, so truncated files fail here and not later
         return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError as error:
-        raise ImageLoadError(f"{label}: {error}") from None
+        raise type(error)(f"{label}: {error}") from None
     except FileNotFoundError:
         raise ImageLoadError(f"{label}: no such file") from None
     except IsADirectoryError:
@@ -55,7 +55,7 @@ def load_image(
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not an image, or an unsupported format") from None
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(f"{label}: too many pixels ({error})") from None
+        raise ImageTooLargeError(f"{label}: too many pixels ({error})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({error})") from None
 
@@ -81,7 +81,7 @@ def _check_size(image: Image.Image, max_pixels: int | None) -> None:
     if width == 0 or height == 0:
         raise ImageLoadError("image has no pixels")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(
+        raise ImageTooLargeError(
             f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})"
         )
 

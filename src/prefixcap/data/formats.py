@@ -28,8 +28,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prefixcap.data.records import CaptionRecord, RecordMerger, parse_caption, parse_split, split_name
-from prefixcap.data.shards import expand_shards, is_shard_spec, member_reference, read_members, shard_files, tar_index
+from prefixcap.data.records import (
+    CaptionRecord,
+    RecordMerger,
+    parse_caption,
+    parse_split,
+    split_name,
+)
+from prefixcap.data.shards import (
+    expand_shards,
+    is_shard_spec,
+    member_reference,
+    read_members,
+    shard_files,
+    tar_index,
+)
 from prefixcap.errors import UserError
 from prefixcap.images import IMAGE_EXTENSIONS
 
@@ -277,7 +290,9 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
     The split is the shard's folder name when that names a split, else the first word of the
     shard's name (`train-000.tar`, `val_00.tar`), else train.
     """
-    from webdataset.tariterators import base_plus_ext  # WebDataset's own rule for grouping members
+    from webdataset.tariterators import (
+        base_plus_ext,  # WebDataset's own rule for grouping members
+    )
 
     shards = expand_shards(source)
     root = os.path.commonpath([shard.parent for shard in shards])  # ids are relative to it

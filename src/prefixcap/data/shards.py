@@ -44,7 +44,9 @@ def expand_shards(spec: str) -> list[Path]:
     Patterns are expanded like `webdataset.WebDataset` does (`shards-{000..009}.tar`, several
     patterns joined by `::`), and each result may also be a shell glob.
     """
-    from webdataset.shardlists import expand_urls  # imports torch: only when shards are used
+    from webdataset.shardlists import (
+        expand_urls,  # imports torch: only when shards are used
+    )
 
     if Path(spec).is_dir():
         shards = shard_files(Path(spec).absolute())

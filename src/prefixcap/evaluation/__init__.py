@@ -5,8 +5,19 @@ metrics=("bleu", "cider"))`: pycocoevalcap's scorers on `simple_tokenize`d text,
 """
 
 from prefixcap.evaluation.bertscore import BERTScoreConfig, BERTScoreResult, bertscore
-from prefixcap.evaluation.clipscore import CLIPScorer, CLIPScoreResult, clip_s, ref_clip_s
-from prefixcap.evaluation.coco_metrics import COCO_METRICS, CocoScores, coco_scores, ptb_tokenize, simple_tokenize
+from prefixcap.evaluation.clipscore import (
+    CLIPScorer,
+    CLIPScoreResult,
+    clip_s,
+    ref_clip_s,
+)
+from prefixcap.evaluation.coco_metrics import (
+    COCO_METRICS,
+    CocoScores,
+    coco_scores,
+    ptb_tokenize,
+    simple_tokenize,
+)
 from prefixcap.evaluation.corpus_stats import corpus_stats, has_repetition
 from prefixcap.evaluation.generate import caption_records
 from prefixcap.evaluation.references import (
@@ -19,7 +30,13 @@ from prefixcap.evaluation.references import (
     results_json,
 )
 from prefixcap.evaluation.report import render_report
-from prefixcap.evaluation.scoring import ALL_METRICS, Evaluation, ScoreConfig, score_samples, write_outputs
+from prefixcap.evaluation.scoring import (
+    ALL_METRICS,
+    Evaluation,
+    ScoreConfig,
+    score_samples,
+    write_outputs,
+)
 
 __all__ = [
     "ALL_METRICS",

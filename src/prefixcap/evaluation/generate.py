@@ -60,7 +60,10 @@ def _batches(
             stop = min(start + batch_size, len(records))
             yield list(range(start, stop)), {"image_embeds": embeddings[start:stop]}
         return
-    from prefixcap.prepare import ImageDataset, collate  # prepare's loader: files and WebDataset members
+    from prefixcap.prepare import (  # prepare's loader: files and WebDataset members
+        ImageDataset,
+        collate,
+    )
 
     images = ImageDataset([record.image for record in records], model.image_processor)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)

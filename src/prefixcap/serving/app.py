@@ -26,7 +26,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from prefixcap import __version__
 from prefixcap.captioner import Captioner
-from prefixcap.errors import ImageLoadError
+from prefixcap.errors import ImageLoadError, ImageTooLargeError
 from prefixcap.serving.batching import DynamicBatcher
 from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
 from prefixcap.serving.inputs import NamedImage, generation_kwargs, read_caption_request
@@ -165,7 +165,7 @@ def _preprocess(captioner: Captioner, name: str, data: bytes) -> torch.Tensor:
     try:
         return captioner.preprocess(data, name=name)
     except ImageLoadError as error:
-        kind = "too_many_pixels" if "too many pixels" in str(error) else "invalid_image"
+        kind = "too_many_pixels" if isinstance(error, ImageTooLargeError) else "invalid_image"
         raise APIError(400, kind, str(error)) from None
 
 
