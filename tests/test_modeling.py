@@ -154,3 +154,26 @@ def test_push_to_hub_uploads_a_loadable_directory(tiny_model_dir, tmp_path, monk
     assert model.push_to_hub("me/tiny").endswith("commit/1") and uploaded["repo"] == "me/tiny"
     reloaded = CaptionModel.from_pretrained(tmp_path / "hub")
     assert torch.equal(reloaded.generate(PIXELS, max_new_tokens=4), model.generate(PIXELS, max_new_tokens=4))
+
+
+def test_any_causal_lm_can_be_the_decoder(tiny_components, tmp_path):
+    """A non-GPT-2 decoder (tiny Llama) runs through HF `generate`, still equal to a naive loop."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixcap.testing import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    model = CaptionModel.from_components(tiny_components[0], tmp_path / "llama", mapper="linear", prefix_length=3)
+    model.save_pretrained(tmp_path / "model")
+    model = CaptionModel.from_pretrained(tmp_path / "model")
+    stop_ids = model.stop_token_ids()
+    expected = naive_greedy(model.decoder, model.prefix_embeds(model.encode_images(PIXELS)), 8, stop_ids)
+    assert strip_padding(model.generate(PIXELS, max_new_tokens=8), stop_ids) == expected
+    assert model.generate(PIXELS, num_beams=3, num_return_sequences=2, max_new_tokens=5).shape[0] == 6

@@ -87,8 +87,12 @@ def generate_from_prefix(
     attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
     kwargs = dataclasses.asdict(options)
     kwargs.pop("seed")
-    if not options.do_sample:  # HF warns about sampling options that greedy/beam would ignore
+    # HF warns about options the chosen mode ignores: drop them
+    if not options.do_sample:
         for name in ("temperature", "top_k", "top_p"):
+            kwargs.pop(name)
+    if options.num_beams == 1:
+        for name in ("length_penalty", "early_stopping"):
             kwargs.pop(name)
     return decoder.generate(
         inputs_embeds=prefix_embeds,
