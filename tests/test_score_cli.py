@@ -34,6 +34,11 @@ def write_results(path: Path, captions: dict) -> Path:
     return path
 
 
+def score(results: Path, references: Path, *options: str | Path) -> int:
+    """`prefixcap score --results RESULTS --references REFERENCES OPTIONS...`, in process."""
+    return main(["score", "--results", str(results), "--references", str(references), *map(str, options)])
+
+
 def half_right(records) -> dict[str, str]:
     """The true caption for even-numbered images, a wrong one for the others."""
     return {r.image_id: r.captions[0] if n % 2 == 0 else WRONG for n, r in enumerate(records)}
@@ -50,19 +55,7 @@ def suffix(metrics_json: dict) -> str:
 def test_score_jsonl_writes_metrics_and_report(synthetic: Path, clip_dir: Path, tmp_path: Path) -> None:
     test = [r for r in load_records(synthetic) if r.split == "test"]
     results = write_results(tmp_path / "results.json", half_right(test))
-    status = main(
-        [
-            "score",
-            "--results",
-            str(results),
-            "--references",
-            str(synthetic),
-            "--metrics",
-            "bleu,rouge,cider,clipscore,stats",
-            "--clip-model",
-            str(clip_dir),
-        ]
-    )
+    status = score(results, synthetic, "--metrics", "bleu,rouge,cider,clipscore,stats", "--clip-model", clip_dir)
     assert status == 0
     summary = read_json(tmp_path / "metrics.json")  # --out defaults to the results' folder
     cider = "CIDEr" + suffix(summary)
@@ -129,20 +122,7 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
     results = write_results(tmp_path / "coco_results.json", {100 + n: r.captions[0] for n, r in enumerate(records[:6])})
     assert (
-        main(
-            [
-                "score",
-                "--results",
-                str(results),
-                "--references",
-                str(tmp_path / "captions_val2014.json"),
-                "--metrics",
-                "bleu,cider",
-                "--out",
-                str(tmp_path / "coco"),
-            ]
-        )
-        == 0
+        score(results, tmp_path / "captions_val2014.json", "--metrics", "bleu,cider", "--out", tmp_path / "coco") == 0
     )
     assert read_json(tmp_path / "coco" / "metrics.json")["num_images"] == 6
 
@@ -163,19 +143,7 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
     test_ids = [200 + n for n in range(12) if n % 4 == 3]
     results = write_results(tmp_path / "k_results.json", {i: "a brand new caption" for i in test_ids[:2]})
     assert (
-        main(
-            [
-                "score",
-                "--results",
-                str(results),
-                "--references",
-                str(tmp_path / "dataset_coco.json"),
-                "--metrics",
-                "bleu,cider,stats",
-                "--out",
-                str(tmp_path / "karpathy"),
-            ]
-        )
+        score(results, tmp_path / "dataset_coco.json", "--metrics", "bleu,cider,stats", "--out", tmp_path / "karpathy")
         == 0
     )
     summary = read_json(tmp_path / "karpathy" / "metrics.json")
@@ -184,7 +152,7 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
 
     # A train image is not in the test split: a clear error, not a silent score.
     results = write_results(tmp_path / "bad.json", {200: "a caption"})
-    assert main(["score", "--results", str(results), "--references", str(tmp_path / "dataset_coco.json")]) == 2
+    assert score(results, tmp_path / "dataset_coco.json") == 2
     assert "not in the references, e.g. '200'" in capsys.readouterr().err
 
 
@@ -195,22 +163,17 @@ def test_score_bertscore_options(synthetic: Path, tmp_path: Path) -> None:
     baseline.write_text("LAYER,P,R,F\n0,0.1,0.1,0.1\n1,0.2,0.2,0.2\n2,0.3,0.3,0.3\n")
     results = write_results(tmp_path / "results.json", half_right(test))
     assert (
-        main(
-            [
-                "score",
-                "--results",
-                str(results),
-                "--references",
-                str(synthetic),
-                "--metrics",
-                "bertscore",
-                "--bertscore-model",
-                str(roberta),
-                "--bertscore-layers",
-                "2",
-                "--bertscore-baseline",
-                str(baseline),
-            ]
+        score(
+            results,
+            synthetic,
+            "--metrics",
+            "bertscore",
+            "--bertscore-model",
+            roberta,
+            "--bertscore-layers",
+            "2",
+            "--bertscore-baseline",
+            baseline,
         )
         == 0
     )
@@ -262,7 +225,7 @@ def test_score_errors_are_one_line(
 
 def test_bad_results_file(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "results.json").write_text('{"image_id": 1}')
-    assert main(["score", "--results", str(tmp_path / "results.json"), "--references", str(synthetic)]) == 2
+    assert score(tmp_path / "results.json", synthetic) == 2
     assert "expected a COCO results list" in capsys.readouterr().err
 
 
