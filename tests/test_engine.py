@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
 
 from prefixcap.engine import generate_from_prefix, supports
 from prefixcap.engine.processors import keep_top_k, keep_top_p
+from prefixcap.engine.spec import DecodeSpec
 from prefixcap.generation import GenerationOptions
 
 VOCAB, WIDTH, PREFIX = 300, 64, 5
@@ -129,6 +130,20 @@ def test_logits_rules_equal_hf(model, num_beams, rule):
     ours = engine(model, prefix, stop_ids, **options)
     assert torch.equal(ours, hf_generate(model, prefix, stop_ids, **options))
     assert not torch.equal(ours, engine(model, prefix, stop_ids, max_new_tokens=12, num_beams=num_beams))
+
+
+@pytest.mark.parametrize("rule", [{"min_new_tokens": 6}, {"no_repeat_ngram_size": 1}])
+def test_banning_rules_on_bf16_logits_equal_float32_scores(rule, monkeypatch):
+    """Greedy applies token bans to the model's bf16 logits without HF's float32 copy; forcing the
+    float32 path must give the same tokens (the cast is exact and keeps the order)."""
+    model = tiny_gpt2(dtype=torch.bfloat16)
+    prefix = prefixes(6, seed=16, dtype=torch.bfloat16)
+    stop_ids = stop_ids_seen_in(model, prefix, [(0, 1), (3, 2)])
+    options = dict(max_new_tokens=12, **rule)
+    direct = engine(model, prefix, stop_ids, **options)
+    monkeypatch.setattr(DecodeSpec, "rescales_logits", property(lambda spec: True))
+    assert torch.equal(direct, engine(model, prefix, stop_ids, **options))
+    assert not torch.equal(direct, engine(model, prefix, stop_ids, max_new_tokens=12))  # the rule acted
 
 
 def test_min_new_tokens_holds_back_stop_tokens(model):

@@ -46,8 +46,11 @@ class GreedySearch:
     def select(self, step: int, logits: torch.Tensor) -> None:
         """Choose token `step` of every row from its next-token `logits` [rows, V]."""
         if self.spec.processes_logits:
-            # HF processes float32 logits; the plain argmax is the same on the model's dtype
-            logits = process_logits(logits.float(), self.tokens[:, :step], step, self.spec, self.stop_ids)
+            # HF processes float32 logits. Rules that only ban tokens (-inf) and the argmax give the
+            # same result on the model's dtype, whose cast to float32 is exact and order-preserving:
+            # only rescaling rules pay for a float32 copy of the [rows, V] logits at every step.
+            scores = logits.float() if self.spec.rescales_logits else logits
+            logits = process_logits(scores, self.tokens[:, :step], step, self.spec, self.stop_ids)
         if self.spec.do_sample:
             probs = logits.softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_(generator=self.generator)

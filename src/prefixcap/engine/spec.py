@@ -81,3 +81,8 @@ class DecodeSpec:
         return (
             self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0 or self.do_sample
         )
+
+    @property
+    def rescales_logits(self) -> bool:
+        """Whether a rule changes logit values other than by banning tokens (setting -inf)."""
+        return self.repetition_penalty != 1.0 or self.do_sample
