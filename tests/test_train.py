@@ -112,6 +112,9 @@ def test_loss_counts_caption_tokens_and_eos_only(tiny_model: CaptionModel) -> No
     torch.testing.assert_close(output.loss, expected)
     torch.testing.assert_close(training_loss, expected)  # the lean training objective: the same loss
     torch.testing.assert_close(changed_padding, expected)  # padding ids do not matter
+    # the objective swapped GPT-2's eight-kernel gelu_new for the equal one-kernel GELU
+    activations = {type(module).__name__ for module in tiny_model.decoder.modules() if "GELU" in type(module).__name__}
+    assert activations == {"GELUTanh"}
 
 
 def test_epoch_orders_follow_seed_and_epoch_and_split_evenly() -> None:

