@@ -55,15 +55,17 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def preprocessing_rate(model: Path, images: Path) -> float:
-    """Images/s that one core decodes (JPEG) and preprocesses (resize, crop, normalise) in one thread."""
+    """Images/s that one core decodes (JPEG) and preprocesses (resize, crop; normalising happens
+    later, batched on the model's device) in one thread."""
     from prefixcap.distributed.loading import PartImages
     from prefixcap.distributed.plan import plan_parts
     from prefixcap.modeling import load_image_processor
+    from prefixcap.preprocess import ImagePreprocessor
 
     torch.set_num_threads(1)
     dataset = PartImages(
         plan_parts(sorted(map(str, images.glob("*.jpg"))), part_size=1000),
-        load_image_processor(model / "image_processor"),
+        ImagePreprocessor(load_image_processor(model / "image_processor")),
         batch_size=16,
     )
     start = time.perf_counter()

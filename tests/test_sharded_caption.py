@@ -152,7 +152,7 @@ def test_workers_deliver_whole_parts_in_batches_that_never_mix_parts(tiny_model_
     captioner = Captioner.from_pretrained(tiny_model_dir)
     images = sorted(str(path) for path in inputs["folder"].glob("img*.jpg"))
     parts = plan_parts(images, part_size=3)
-    dataset = PartImages(parts, captioner.model.image_processor, batch_size=2)
+    dataset = PartImages(parts, captioner.model.preprocessor, batch_size=2)
     seen: dict[int, list[str]] = {}  # part -> its images, in the order they arrived
     finished: set[int] = set()
     for batch in DataLoader(dataset, batch_size=None, num_workers=2):

@@ -48,13 +48,15 @@ class Captioner:
         return cls(CaptionModel.from_pretrained(name_or_dir, device=device, dtype=dtype), **kwargs)
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
-        """Decode one image to a [3, H, W] tensor; runs in worker threads (PIL releases the GIL)."""
+        """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the
+        model's device); runs in worker threads (PIL releases the GIL)."""
         image = load_image(source, max_pixels=self.max_pixels, name=name)
-        return self.model.image_processor(image, return_tensors="pt").pixel_values[0]
+        return self.model.preprocessor.pixels(image)
 
     @torch.no_grad()
     def caption_pixels(self, pixel_values: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
-        """Captions for a preprocessed batch, grouped per image."""
+        """Captions for a batch of `preprocess` (uint8) or image-processor (float) pixels,
+        grouped per image."""
         ids = self.model.generate(pixel_values, **generation_kwargs)
         texts = self.model.decode(ids)
         per_image = len(texts) // pixel_values.shape[0]

@@ -38,6 +38,7 @@ from prefixcap.config import CaptionConfig
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import GenerationOptions, generate_from_prefix
 from prefixcap.mapping import PrefixMapper
+from prefixcap.preprocess import ImagePreprocessor
 
 MAPPER_WEIGHTS = "mapper.safetensors"
 
@@ -64,6 +65,7 @@ class CaptionModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.preprocessor = ImagePreprocessor(image_processor)  # uint8 in workers, floats on the device
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
@@ -155,8 +157,10 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, embed_dim], as CLIP's `get_image_features` gives."""
-        pixel_values = pixel_values.to(self.vision_encoder.device, self.vision_encoder.dtype)
+        """Projected image embeddings [B, embed_dim], as CLIP's `get_image_features` gives.
+        `pixel_values` are the image processor's output, or `preprocessor.pixels` uint8 ones."""
+        pixel_values = self.preprocessor.normalize(pixel_values.to(self.vision_encoder.device))
+        pixel_values = pixel_values.to(self.vision_encoder.dtype)
         return self.vision_encoder(pixel_values=pixel_values).image_embeds
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -31,16 +31,20 @@ from prefixcap.features import (
 )
 from prefixcap.images import DEFAULT_MAX_PIXELS, load_image
 from prefixcap.modeling import load_image_processor, load_vision_encoder
+from prefixcap.preprocess import ImagePreprocessor
 
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 
 
 class ImageDataset(Dataset):
-    """Record images as preprocessed pixels; an unreadable image yields its reason instead."""
+    """Record images as resized, cropped uint8 pixels (`ImagePreprocessor.pixels`); an unreadable
+    image yields its reason instead."""
 
-    def __init__(self, images: Sequence[str], image_processor, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self, images: Sequence[str], preprocessor: ImagePreprocessor, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ):
         self.images = images
-        self.image_processor = image_processor
+        self.preprocessor = preprocessor
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -50,7 +54,7 @@ class ImageDataset(Dataset):
         image = self.images[index]
         try:
             pixels = load_image(read_image_bytes(image), max_pixels=self.max_pixels, name=image)
-            return index, self.image_processor(pixels, return_tensors="pt").pixel_values[0]
+            return index, self.preprocessor.pixels(pixels)
         except ImageLoadError as error:
             return index, str(error).removeprefix(f"{image}: ")
         except ValueError as error:  # an image the processor cannot handle, e.g. 1 pixel wide
@@ -104,12 +108,13 @@ def prepare_features(
         num_workers = min(8, (os.cpu_count() or 1) // local_processes)
     # One flat stream of images across this process's shards keeps the workers and the encoder busy.
     work = [(i, shards[i], fingerprints[i]) for i in todo]
-    images = ImageDataset([record.image for _, records, _ in work for record in records], image_processor, max_pixels)
+    preprocessor = ImagePreprocessor(image_processor)
+    images = ImageDataset([record.image for _, records, _ in work for record in records], preprocessor, max_pixels)
     loader = DataLoader(
         images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
         pin_memory=state.device.type == "cuda",
     )  # fmt: skip
-    _encode_shards(encoder, loader, work, out, state)
+    _encode_shards(encoder, preprocessor, loader, work, out, state)
 
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -125,7 +130,12 @@ def prepare_features(
 
 @torch.inference_mode()
 def _encode_shards(
-    encoder, loader: DataLoader, shards: list[tuple[int, list[CaptionRecord], str]], out: Path, state
+    encoder,
+    preprocessor: ImagePreprocessor,
+    loader: DataLoader,
+    shards: list[tuple[int, list[CaptionRecord], str]],
+    out: Path,
+    state,
 ) -> None:
     """Encode the (number, records, fingerprint) `shards`, whose images `loader` yields in order,
     and write each shard as soon as its last image is done."""
@@ -139,7 +149,8 @@ def _encode_shards(
         for indices, pixels, errors in loader:
             # 1. Encode the good images of the batch.
             if pixels is not None:
-                embeds = encoder(pixel_values=pixels.to(state.device, encoder.dtype, non_blocking=True)).image_embeds
+                pixels = preprocessor.normalize(pixels.to(state.device, non_blocking=True)).to(encoder.dtype)
+                embeds = encoder(pixel_values=pixels).image_embeds
                 for index, embed in zip(indices, embeds.to(torch.float16).cpu()):
                     number, position = owners[index]
                     results[number][0][position] = embed

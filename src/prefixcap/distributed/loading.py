@@ -25,6 +25,7 @@ from prefixcap.images import (
     ImageSource,
     load_image,
 )
+from prefixcap.preprocess import ImagePreprocessor
 
 _IMAGE_KEYS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}  # WebDataset sample keys
 
@@ -33,7 +34,7 @@ _IMAGE_KEYS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}  # WebDa
 class Batch:
     part: int  # index of the Part these images belong to
     paths: list[str]  # every image of the batch, in input order
-    pixels: torch.Tensor | None  # [good images, 3, H, W] for the readable ones, in order; None if none
+    pixels: torch.Tensor | None  # [good images, 3, H, W] uint8 for the readable ones, in order; None if none
     errors: dict[int, str]  # position in `paths` -> why that image could not be read
     last: bool  # whether this batch completes its part
 
@@ -45,7 +46,7 @@ class Batch:
 
 
 class PartImages(IterableDataset):
-    """The images of `parts`, preprocessed, in batches of up to `batch_size`.
+    """The images of `parts` as uint8 pixels (`ImagePreprocessor.pixels`), in batches of up to `batch_size`.
 
     With DataLoader workers, worker w streams parts w, w + num_workers, ...
     """
@@ -53,13 +54,13 @@ class PartImages(IterableDataset):
     def __init__(
         self,
         parts: Sequence[Part],
-        image_processor: Any,
+        preprocessor: ImagePreprocessor,
         *,
         batch_size: int,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         self.parts = parts
-        self.image_processor = image_processor
+        self.preprocessor = preprocessor
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
@@ -86,7 +87,7 @@ class PartImages(IterableDataset):
     def _preprocess(self, source: ImageSource, name: str) -> torch.Tensor | str:
         try:
             image = load_image(source, max_pixels=self.max_pixels, name=name)
-            return self.image_processor(image, return_tensors="pt").pixel_values[0]
+            return self.preprocessor.pixels(image)
         except ImageLoadError as error:
             return str(error).removeprefix(f"{name}: ")
         except ValueError as error:  # e.g. an image a pixel wide, which the processor cannot resize
@@ -127,7 +128,7 @@ def caption_parts(
     if not parts:
         return
     model = captioner.model
-    dataset = PartImages(parts, model.image_processor, batch_size=batch_size, max_pixels=captioner.max_pixels)
+    dataset = PartImages(parts, model.preprocessor, batch_size=batch_size, max_pixels=captioner.max_pixels)
     loader = DataLoader(
         dataset, batch_size=None, num_workers=min(num_workers, len(parts)), pin_memory=model.device.type == "cuda"
     )

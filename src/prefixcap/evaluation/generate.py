@@ -65,7 +65,7 @@ def _batches(
         collate,
     )
 
-    images = ImageDataset([record.image for record in records], model.image_processor)
+    images = ImageDataset([record.image for record in records], model.preprocessor)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     for indices, pixels, errors in loader:
         failures |= {records[index].image: reason for index, reason in errors.items()}

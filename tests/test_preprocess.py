@@ -1,0 +1,45 @@
+"""The split image pipeline (uint8 on the CPU, normalisation on the device) against the Hugging
+Face processor it replaces: equal bit for bit, for CLIP's resize-and-crop and for other rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from prefixcap.preprocess import ImagePreprocessor
+
+SHAPES = [(480, 640), (640, 480), (224, 224), (301, 517), (1, 300), (10, 10), (225, 223)]
+PROCESSORS = {
+    "clip": {},
+    "other crop, resample and statistics": dict(
+        size={"shortest_edge": 64},
+        crop_size={"height": 48, "width": 60},
+        resample=Image.BILINEAR,
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.3, 0.25],
+    ),
+    "no normalisation": dict(do_normalize=False),
+    "fixed size (the processor's own resize)": dict(size={"height": 50, "width": 70}),
+}
+
+
+@pytest.mark.parametrize("settings", PROCESSORS.values(), ids=PROCESSORS.keys())
+def test_split_pipeline_equals_the_processor(settings):
+    processor = CLIPImageProcessorPil(**settings)
+    preprocessor = ImagePreprocessor(processor)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)) for shape in SHAPES]
+    for image in images:
+        pixels = preprocessor.pixels(image)
+        assert pixels.dtype == torch.uint8
+        expected = processor(image, return_tensors="pt").pixel_values
+        assert torch.equal(preprocessor.normalize(pixels.unsqueeze(0)), expected), image.size
+
+
+def test_float_pixels_pass_through_unchanged():
+    preprocessor = ImagePreprocessor(CLIPImageProcessorPil())
+    pixels = torch.randn(2, 3, 224, 224)
+    assert preprocessor.normalize(pixels) is pixels
