@@ -9,7 +9,8 @@ Decoding from image embeddings (the mapper included), greedy and beam 5:
   (b) Hugging Face `generate` with its KV cache, batched;
   (c) prefixcap's decoding engine, batched.
 End to end: from preprocessed pixels (encode, map, decode, detokenize), and from JPEG files on
-disk through `Captioner.stream` (image decoding and preprocessing included).
+disk (image decoding and preprocessing included) through the `caption` command's pipeline
+(DataLoader worker processes) and through `Captioner.stream` (worker threads).
 
     python benchmarks/bench_generate.py                       # CPU: fp32, batch 64 / beam batch 16
     python benchmarks/bench_generate.py --device cuda --json out.json
@@ -35,6 +36,8 @@ from PIL import Image
 
 from prefixcap import engine
 from prefixcap.captioner import Captioner
+from prefixcap.distributed.loading import caption_parts
+from prefixcap.distributed.plan import plan_parts
 from prefixcap.generation import GenerationOptions
 from prefixcap.modeling import CaptionModel
 from prefixcap.testing import build_full_size_model
@@ -250,16 +253,23 @@ def end_to_end(model: CaptionModel, args: argparse.Namespace, batch_size: int, c
 
     paths = write_jpegs(workdir, count)
     list(captioner.stream(paths[:batch_size], num_workers=args.workers, **options))  # warm-up
-    start = time.perf_counter()
-    captioned = sum(1 for _ in captioner.stream(paths, num_workers=args.workers, **options))
-    seconds = time.perf_counter() - start
-    measured["jpeg"] = {
-        "batch_size": batch_size,
-        "items": captioned,
-        "seconds": round(seconds, 4),
-        "per_s": captioned / seconds,
-    }
-    report(f"from JPEG files ({args.workers} decoding threads)", measured["jpeg"], "images/s")
+    parts = plan_parts([str(path) for path in paths], part_size=batch_size)
+
+    def command_pipeline() -> int:
+        results = caption_parts(captioner, parts, batch_size=batch_size, num_workers=args.workers, **options)
+        return sum(len(part_results) for _, part_results in results)
+
+    def stream() -> int:
+        return sum(1 for _ in captioner.stream(paths, num_workers=args.workers, **options))
+
+    for name, run, workers in [("jpeg", command_pipeline, "processes"), ("jpeg_stream", stream, "threads")]:
+        start = time.perf_counter()
+        captioned = run()
+        seconds = time.perf_counter() - start
+        measured[name] = {"batch_size": batch_size, "items": captioned, "seconds": round(seconds, 4),
+                          "per_s": captioned / seconds}  # fmt: skip
+        how = "caption command" if name == "jpeg" else "Captioner.stream"
+        report(f"from JPEG, {how} ({args.workers} {workers})", measured[name], "images/s")
     return measured
 
 
@@ -290,7 +300,7 @@ def parse_args() -> argparse.Namespace:
         "--workers",
         type=int,
         default=min(16, os.cpu_count() or 1),
-        help="image decoding threads (default: cores, at most 16)",
+        help="image decoding processes or threads (default: cores, at most 16)",
     )
     add(
         "--compile",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check for one H100, at most 6 minutes (every step has a time limit): the CUDA tests,
 # the decoding benchmark in bf16 at batch 256 and 1024 plus beam 5 at batch 128, the end-to-end
-# figures, and the training-step benchmark. Writes JSON and a log to $OUT (or a temp dir). Needs torch and
+# figures, image preprocessing threads, and the training-step benchmark (eager and compiled).
+# Writes JSON and a log to $OUT (or a temp dir). Needs torch and
 # transformers; prefixcap runs from src/ without being installed. PYTHON picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +36,14 @@ section "greedy batch 1024 + beam 5 batch 128, bf16, with kernel profiles; end t
 step 110 "$python" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --batch-size 1024 \
     --beam-batch-size 128 --profile --json "$out/bench_b1024.json"
 
-section "training step: ClipCap-style vs prefixcap (batch 256, then 1024)"
-step 75 "$python" benchmarks/bench_train.py --device cuda --steps 30 --warmup 5 --json "$out/bench_train_b256.json"
+section "JPEG decoding + preprocessing threads: HF processor vs prefixcap's uint8 path"
+step 40 "$python" benchmarks/bench_preprocess.py --threads 1,8,16 --images 800 --json "$out/bench_preprocess.json"
+
+section "training step: ClipCap-style vs prefixcap at batch 1024, eager then torch.compile"
 step 75 "$python" benchmarks/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 1024 \
     --json "$out/bench_train_b1024.json"
+step 120 "$python" benchmarks/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 1024 --compile \
+    --json "$out/bench_train_b1024_compiled.json"
 
 echo "results in $out"
 exit $status
