@@ -39,6 +39,14 @@ def test_good_and_bad_files(tiny_model_dir, image_dir):
     assert "Traceback" not in result.stderr
 
 
+def test_jpeg_draft_option(tiny_model_dir, image_dir):
+    result = run_cli(
+        "caption", image_dir / "img1.jpg", "--model", tiny_model_dir, "--jpeg-draft", "--max-new-tokens", 4
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{image_dir / 'img1.jpg'}\t")
+
+
 def test_jsonl_and_csv_with_several_captions(tiny_model_dir, image_dir, tmp_path):
     good = [image_dir / "img1.jpg", image_dir / "img2.jpg"]
     args = ["--model", tiny_model_dir, "--num-captions", "3", "--max-new-tokens", "5"]

@@ -71,6 +71,21 @@ def test_path_and_bytes_give_the_same_pixels(tmp_path):
     assert load_image(path).tobytes() == load_image(path.read_bytes()).tobytes() == load_image(str(path)).tobytes()
 
 
+@pytest.mark.parametrize(
+    "size, fmt, min_size, decoded",
+    [
+        ((1600, 1200), "JPEG", 224, (400, 300)),  # 1/4: the largest reduction keeping both sides >= 224
+        ((1600, 1200), "JPEG", None, (1600, 1200)),  # no min_size: a full decode
+        ((300, 250), "JPEG", 224, (300, 250)),  # 1/2 would go below 224
+        ((1600, 1200), "PNG", 224, (1600, 1200)),  # only JPEGs decode at reduced scale
+    ],
+)
+def test_jpeg_min_size_decodes_at_reduced_scale(size, fmt, min_size, decoded):
+    data = encode(Image.new("RGB", size, (200, 100, 50)), fmt)
+    image = load_image(data, min_size=min_size)
+    assert image.size == decoded and image.mode == "RGB"
+
+
 def test_pixel_limit_refuses_bombs_before_decoding():
     data = encode(Image.new("L", (2000, 2000)))
     with pytest.raises(ImageTooLargeError, match="bomb.png: too many pixels"):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
+from prefixcap.images import load_image
 from prefixcap.preprocess import ImagePreprocessor
 
 SHAPES = [(480, 640), (640, 480), (224, 224), (301, 517), (1, 300), (10, 10), (225, 223)]
@@ -43,3 +44,21 @@ def test_float_pixels_pass_through_unchanged():
     preprocessor = ImagePreprocessor(CLIPImageProcessorPil())
     pixels = torch.randn(2, 3, 224, 224)
     assert preprocessor.normalize(pixels) is pixels
+
+
+def test_jpeg_draft_pixels_stay_close_to_a_full_decode(tmp_path):
+    """Draft decoding (DCT-domain downscaling) changes pixels only slightly: on a photo-like
+    1920x1080 JPEG, by about one level in 255 on average after CLIP's resize and crop."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:1080, 0:1920]
+    photo = np.stack([x // 8 % 256, y // 5 % 256, (x + y) // 12 % 256], axis=-1) + rng.normal(0, 10, (1080, 1920, 3))
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(path, quality=90)
+    preprocessor = ImagePreprocessor(CLIPImageProcessorPil())
+
+    full = preprocessor.load_pixels(path)
+    draft = preprocessor.load_pixels(path, jpeg_draft=True)
+
+    assert load_image(path, min_size=224).size == (480, 270)  # decoded at 1/4 scale
+    difference = (full.float() - draft.float()).abs()
+    assert draft.shape == full.shape and 0 < difference.mean() < 3

@@ -28,6 +28,7 @@ from prefixcap.distributed.loading import (
     read_shard,
 )
 from prefixcap.distributed.plan import plan_parts
+from prefixcap.preprocess import ImagePreprocessor
 
 CAPTION = ["caption", "--max-new-tokens", "5", "--batch-size", "2"]
 
@@ -163,6 +164,24 @@ def test_workers_deliver_whole_parts_in_batches_that_never_mix_parts(tiny_model_
             finished.add(batch.part)
     assert finished == {part.index for part in parts}
     assert [seen[part.index] for part in parts] == [list(part.sources) for part in parts]
+
+
+def test_captioner_jpeg_draft_reaches_the_decoding_workers(tiny_model_dir, inputs, monkeypatch):
+    requested = []
+    load_pixels = ImagePreprocessor.load_pixels
+
+    def recording(self, source, **kwargs):
+        requested.append(kwargs["jpeg_draft"])
+        return load_pixels(self, source, **kwargs)
+
+    monkeypatch.setattr(ImagePreprocessor, "load_pixels", recording)  # in-process workers (0) see it
+    images = sorted(str(path) for path in inputs["folder"].glob("img*.jpg"))[:2]
+    for jpeg_draft in (False, True):
+        captioner = Captioner.from_pretrained(tiny_model_dir, jpeg_draft=jpeg_draft)
+        parts = plan_parts(images, part_size=2)
+        results = caption_parts(captioner, parts, batch_size=2, num_workers=0, max_new_tokens=2)
+        assert sum(len(part_results) for _, part_results in results) == 2
+    assert requested == [False, False, True, True]
 
 
 # ---------------------------------------------------------------------- folder output, one process

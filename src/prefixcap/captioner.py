@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from prefixcap.errors import ImageLoadError
-from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.modeling import CaptionModel
 
 
@@ -26,10 +26,18 @@ class Captioner:
     [['A man riding a wave on top of a surfboard.']]
     """
 
-    def __init__(self, model: CaptionModel, *, batch_size: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        model: CaptionModel,
+        *,
+        batch_size: int = 32,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = False,
+    ):
         self.model = model.eval()
         self.batch_size = batch_size
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels  # larger images are refused before decoding
+        self.jpeg_draft = jpeg_draft  # decode JPEGs at reduced scale (faster; pixels differ slightly)
 
     @classmethod
     def from_pretrained(
@@ -50,8 +58,9 @@ class Captioner:
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the
         model's device); runs in worker threads (PIL releases the GIL)."""
-        image = load_image(source, max_pixels=self.max_pixels, name=name)
-        return self.model.preprocessor.pixels(image)
+        return self.model.preprocessor.load_pixels(
+            source, name=name, max_pixels=self.max_pixels, jpeg_draft=self.jpeg_draft
+        )
 
     @torch.no_grad()
     def caption_pixels(self, pixel_values: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:

@@ -29,9 +29,17 @@ _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a bro
 
 
 def load_image(
-    source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    min_size: int | None = None,
 ) -> Image.Image:
-    """Return `source` as an upright RGB PIL image, or raise `ImageLoadError` naming it."""
+    """Return `source` as an upright RGB PIL image, or raise `ImageLoadError` naming it.
+
+    `min_size` lets a JPEG decode at the smallest scale (1/2, 1/4 or 1/8: PIL's draft mode, done
+    in the DCT) that keeps both sides at least `min_size` pixels, several times faster for large
+    photos; the pixels then differ slightly from a full decode that is resized afterwards."""
     label = name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
     try:
         if isinstance(source, Image.Image):
@@ -41,6 +49,8 @@ def load_image(
         else:
             image = _open(source)
         _check_size(image, max_pixels)
+        if min_size is not None and image.format == "JPEG":
+            image.draft(image.mode, (min_size, min_size))
         image.seek(0)  # first frame of animations
         image.load()  # decode now, so truncated files fail here and not later
         return to_rgb(ImageOps.exif_transpose(image))

@@ -29,7 +29,7 @@ from prefixcap.features import (
     shard_fingerprint,
     write_shard,
 )
-from prefixcap.images import DEFAULT_MAX_PIXELS, load_image
+from prefixcap.images import DEFAULT_MAX_PIXELS
 from prefixcap.modeling import load_image_processor, load_vision_encoder
 from prefixcap.preprocess import ImagePreprocessor
 
@@ -53,8 +53,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         image = self.images[index]
         try:
-            pixels = load_image(read_image_bytes(image), max_pixels=self.max_pixels, name=image)
-            return index, self.preprocessor.pixels(pixels)
+            pixels = self.preprocessor.load_pixels(read_image_bytes(image), name=image, max_pixels=self.max_pixels)
+            return index, pixels
         except ImageLoadError as error:
             return index, str(error).removeprefix(f"{image}: ")
         except ValueError as error:  # an image the processor cannot handle, e.g. 1 pixel wide

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+
 
 class Geometry(NamedTuple):
     """CLIP's resize-then-crop: shortest side to `shortest_edge`, then a central crop."""
@@ -34,6 +36,20 @@ class ImagePreprocessor:
         self.processor = processor
         self.geometry = _clip_geometry(processor)
         self.lookup = _level_lookup(processor)
+
+    def load_pixels(
+        self,
+        source: ImageSource,
+        *,
+        name: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = False,
+    ) -> torch.Tensor:
+        """`pixels` of an image file, bytes or array (see `load_image`, which raises
+        `ImageLoadError`). `jpeg_draft` decodes JPEGs at a reduced scale that still covers the
+        model's input size (see `load_image`'s `min_size`)."""
+        min_size = self.geometry.shortest_edge if jpeg_draft and self.geometry is not None else None
+        return self.pixels(load_image(source, max_pixels=max_pixels, name=name, min_size=min_size))
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The resized and cropped RGB `image` as [3, H, W] uint8, ready for `normalize`."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefixcap.cli.common import (
     add_generation_arguments,
+    add_jpeg_draft_argument,
     add_model_arguments,
     check_generation,
     generation_kwargs,
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or WebDataset shard")
     add_model_arguments(parser)
+    add_jpeg_draft_argument(parser)
     add_generation_arguments(parser)
     parser.add_argument(
         "--format",
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no images found in the given paths")
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # each process on its own GPU
-    captioner = load_captioner(args)
+    captioner = load_captioner(args, jpeg_draft=args.jpeg_draft)
     check_generation(captioner.model, kwargs)
     if to_folder:
         return _caption_to_folder(captioner, sources, missing, args, fmt, kwargs, state)

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from prefixcap.cli.common import add_model_arguments, at_least, load_captioner
+from prefixcap.cli.common import add_jpeg_draft_argument, add_model_arguments, at_least, load_captioner
 from prefixcap.errors import UserError
 from prefixcap.images import DEFAULT_MAX_PIXELS
 
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "captioned in one model batch.",
     )
     add_model_arguments(parser, batch_size=False)
+    add_jpeg_draft_argument(parser)
     parser.add_argument(
         "--max-batch-size",
         "--batch-size",
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach it can use this server", file=sys.stderr)
     listener = _listen(args.host, args.port)  # before the slow model load, so a busy port fails fast
-    captioner = load_captioner(args, max_pixels=args.max_pixels)
+    captioner = load_captioner(args, max_pixels=args.max_pixels, jpeg_draft=args.jpeg_draft)
     config = ServerConfig(
         model_name=args.model,
         max_batch_size=args.batch_size,

@@ -19,12 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from prefixcap.distributed.outputs import Result
 from prefixcap.distributed.plan import Part
 from prefixcap.errors import ImageLoadError
-from prefixcap.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageSource,
-    load_image,
-)
+from prefixcap.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource
 from prefixcap.preprocess import ImagePreprocessor
 
 _IMAGE_KEYS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}  # WebDataset sample keys
@@ -58,11 +53,13 @@ class PartImages(IterableDataset):
         *,
         batch_size: int,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = False,
     ):
         self.parts = parts
         self.preprocessor = preprocessor
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.jpeg_draft = jpeg_draft
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -86,8 +83,9 @@ class PartImages(IterableDataset):
 
     def _preprocess(self, source: ImageSource, name: str) -> torch.Tensor | str:
         try:
-            image = load_image(source, max_pixels=self.max_pixels, name=name)
-            return self.preprocessor.pixels(image)
+            return self.preprocessor.load_pixels(
+                source, name=name, max_pixels=self.max_pixels, jpeg_draft=self.jpeg_draft
+            )
         except ImageLoadError as error:
             return str(error).removeprefix(f"{name}: ")
         except ValueError as error:  # e.g. an image a pixel wide, which the processor cannot resize
@@ -128,7 +126,10 @@ def caption_parts(
     if not parts:
         return
     model = captioner.model
-    dataset = PartImages(parts, model.preprocessor, batch_size=batch_size, max_pixels=captioner.max_pixels)
+    dataset = PartImages(
+        parts, model.preprocessor, batch_size=batch_size, max_pixels=captioner.max_pixels,
+        jpeg_draft=captioner.jpeg_draft,
+    )  # fmt: skip
     loader = DataLoader(
         dataset, batch_size=None, num_workers=min(num_workers, len(parts)), pin_memory=model.device.type == "cuda"
     )
