@@ -1,7 +1,7 @@
 """Fast batched decoding from prefix embeddings for GPT-2 decoders.
 
 `generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on GPT-2: it prefills the
-prefix once per input, keeps the KV cache in one preallocated tensor, and runs greedy, sampling and
+prefix once per input, keeps the KV cache in preallocated tensors, and runs greedy, sampling and
 beam search batched, with finished rows masked. Steps never read values back to the host; the loop
 only asks every few steps whether all rows have finished, to stop early. On CUDA each step is
 replayed from a CUDA graph. Other decoders keep using HF `generate` (see `supports`).

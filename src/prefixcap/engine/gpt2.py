@@ -3,7 +3,7 @@
 Decoding needs three things from the model: add positions, run the blocks against a KV cache, and
 project the last hidden state to logits. Doing that directly, instead of through `model.forward`,
 makes each decode step a short, fixed sequence of kernels with static shapes (what CUDA graph
-capture needs), keeps the whole KV cache in one preallocated tensor that beam search can reorder
+capture needs), keeps all layers' KV cache in one preallocated tensor that beam search can reorder
 with one gather, and lets attention read only the filled part of the cache without a mask.
 
 The parameters are used in place (no copies), so the forward follows the module's device, dtype

@@ -33,9 +33,12 @@ class DecodeRunner:
         rows = batch * self.rows_per_input
         device = model.device
         self.prefix = torch.zeros((batch, prefix_length, model.hidden_size), dtype=model.dtype, device=device)
-        self.cache = model.new_cache(rows, total)
+        # Beam search keeps two caches and alternates: step t reads and writes caches[t % 2], then
+        # gathers the generated part of its beams' parents straight into the other one (a single
+        # pass, where an in-place reorder needs a gather plus a copy back).
+        self.caches = [model.new_cache(rows, total) for _ in range(2 if spec.num_beams > 1 else 1)]
         # rows sharing an input share its prefix: prefill it once, then copy it to each row
-        self.prefix_cache = model.new_cache(batch, prefix_length) if self.rows_per_input > 1 else self.cache
+        self.prefix_cache = model.new_cache(batch, prefix_length) if self.rows_per_input > 1 else self.caches[0]
         self.input_of_row = torch.arange(batch, device=device).repeat_interleave(self.rows_per_input)
         self.generator = torch.Generator(device) if spec.do_sample else None
         if spec.num_beams > 1:
@@ -49,21 +52,24 @@ class DecodeRunner:
         hidden = self.model(self.prefix, 0, self.prefix_cache)
         logits = self.model.logits(hidden)
         if self.rows_per_input > 1:
-            shared = self.cache[:, :, :, :, : self.prefix_length].unflatten(2, (self.batch, self.rows_per_input))
-            shared.copy_(self.prefix_cache.unsqueeze(3))
+            for cache in self.caches:
+                shared = cache[:, :, :, :, : self.prefix_length].unflatten(2, (self.batch, self.rows_per_input))
+                shared.copy_(self.prefix_cache.unsqueeze(3))
             logits = logits.index_select(0, self.input_of_row)
         self.search.select(0, logits)
 
     def _decode(self, step: int) -> None:
         """Step t > 0: feed token t-1 at position K+t-1, pick token t."""
         position = self.prefix_length + step - 1
-        hidden = self.model(self.model.embed(self.search.next_input(step - 1)), position, self.cache)
+        cache = self.caches[step % len(self.caches)]
+        hidden = self.model(self.model.embed(self.search.next_input(step - 1)), position, cache)
         self.search.select(step, self.model.logits(hidden))
-        if isinstance(self.search, BeamSearch):
-            # beams continue other beams: move the generated part of the cache along with them
-            # (the prefix part is identical for all beams of an input)
-            generated = self.cache[:, :, :, :, self.prefix_length : position + 1]
-            generated.copy_(generated.index_select(2, self.search.parents))
+        if isinstance(self.search, BeamSearch) and step < self.spec.max_new_tokens - 1:
+            # beams continue other beams: the next step's cache holds the generated part of each
+            # beam's parent (the prefix part is identical for all beams of an input)
+            generated = slice(self.prefix_length, position + 1)
+            following = self.caches[(step + 1) % 2][:, :, :, :, generated]
+            torch.index_select(cache[:, :, :, :, generated], 2, self.search.parents, out=following)
 
     def _step(self, step: int) -> None:
         if step == 0:
