@@ -33,6 +33,7 @@ def test_split_pipeline_equals_the_processor(settings):
     preprocessor = ImagePreprocessor(processor)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)) for shape in SHAPES]
+    images.append(Image.fromarray(rng.integers(0, 256, (200, 300), dtype=np.uint8)))  # greyscale
     for image in images:
         pixels = preprocessor.pixels(image)
         assert pixels.dtype == torch.uint8
