@@ -35,13 +35,16 @@ class CaptionLoss(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the targets (labels != -100) of a `CaptionTargets` batch."""
+        """Mean cross-entropy over the targets (labels != -100) of a `CaptionTargets` batch.
+
+        `attention_mask` is part of the batch but not needed: captions are padded on the right, so
+        causal attention alone keeps every real position from seeing padding. Without a mask,
+        SDPA takes its causal fast path and no padding mask is built at every step."""
         decoder = self.model.decoder
         prefix = self.model.prefix_embeds(image_embeds)
         prefix_length = prefix.shape[1]
         embeds = torch.cat([prefix, decoder.get_input_embeddings()(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        hidden = decoder.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden = decoder.base_model(inputs_embeds=embeds).last_hidden_state
         # Position K-1+t predicts caption token t; keep only the positions that have a target.
         targets = labels != -100
         hidden = hidden[:, prefix_length - 1 : -1][targets]
