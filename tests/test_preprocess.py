@@ -63,3 +63,12 @@ def test_jpeg_draft_pixels_stay_close_to_a_full_decode(tmp_path):
     assert load_image(path, min_size=224).size == (480, 270)  # decoded at 1/4 scale
     difference = (full.float() - draft.float()).abs()
     assert draft.shape == full.shape and 0 < difference.mean() < 3
+
+
+def test_extremely_elongated_images_are_resized_within_bounded_memory():
+    """A 200,000x1 banner would become 224 x 44.8 million pixels before the crop (10 GB): only the
+    part the crop keeps is resized."""
+    preprocessor = ImagePreprocessor(CLIPImageProcessorPil())
+    pixels = preprocessor.pixels(Image.new("RGB", (200_000, 1), (10, 20, 30)))
+    assert pixels.shape == (3, 224, 224)
+    assert pixels.flatten(1).unique(dim=1).tolist() == [[10], [20], [30]]

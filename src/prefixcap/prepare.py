@@ -57,7 +57,7 @@ class ImageDataset(Dataset):
             return index, pixels
         except ImageLoadError as error:
             return index, str(error).removeprefix(f"{image}: ")
-        except ValueError as error:  # an image the processor cannot handle, e.g. 1 pixel wide
+        except ValueError as error:  # an image the image processor cannot handle
             return index, f"cannot preprocess ({error})"
 
 

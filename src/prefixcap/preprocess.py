@@ -5,7 +5,7 @@ returns uint8 pixels: a worker skips the processor's per-image Python and float 
 1.4x its rate on one core, `benchmarks/bench_preprocess.py`), and a batch crosses to the GPU in a
 quarter of the bytes. The device half (`normalize`) rescales and normalises a whole batch with
 one table lookup. Together they equal the Hugging Face processor's output bit for bit (a test
-checks it): the table holds, for each channel and 8-bit level, exactly the float32 value that the
+checks it; only ~600:1 banners differ, see MAX_RESIZED_PIXELS): the table holds, for each channel and 8-bit level, exactly the float32 value that the
 processor's float64 rescale and float32 normalisation give.
 """
 
@@ -17,6 +17,11 @@ import torch
 from PIL import Image
 
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+
+
+# Resized images above this size (only images ~600 times longer than wide, at CLIP's 224 pixels)
+# are resized in their cropped part alone, so that no input can make a worker allocate gigabytes.
+MAX_RESIZED_PIXELS = 2**25
 
 
 class Geometry(NamedTuple):
@@ -64,9 +69,14 @@ class ImagePreprocessor:
             new_width, new_height = int(size * width / height), size
         if image.mode != "RGB":  # (converting an RGB image would copy it)
             image = image.convert("RGB")
-        image = image.resize((new_width, new_height), resample=resample)
         top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
-        image = image.crop((left, top, left + crop_width, top + crop_height))
+        if new_width * new_height <= MAX_RESIZED_PIXELS:
+            image = image.resize((new_width, new_height), resample=resample)
+            image = image.crop((left, top, left + crop_width, top + crop_height))
+        else:  # a 1-pixel-high banner would need gigabytes: resize only the part that the crop keeps
+            x_scale, y_scale = width / new_width, height / new_height
+            box = (left * x_scale, top * y_scale, (left + crop_width) * x_scale, (top + crop_height) * y_scale)
+            image = image.resize((crop_width, crop_height), resample=resample, box=box)
         flat = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return flat.view(crop_height, crop_width, 3).permute(2, 0, 1)
 

@@ -88,7 +88,7 @@ class PartImages(IterableDataset):
             )
         except ImageLoadError as error:
             return str(error).removeprefix(f"{name}: ")
-        except ValueError as error:  # e.g. an image a pixel wide, which the processor cannot resize
+        except ValueError as error:  # an image the image processor cannot handle
             return f"cannot preprocess ({error})"
 
 
