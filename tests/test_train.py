@@ -250,7 +250,7 @@ def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) ->
     assert main(["prepare", str(tmp_path / "data" / "captions.jsonl"), "--out", str(tmp_path / "features"),
                  "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
     assert main(["train", str(tmp_path / "features"), "--decoder", str(gpt2), "--out", str(tmp_path / "run"),
-                 "--prefix-length", "4", "--epochs", "20", "--batch-size", "16", "--lr", "3e-3",
+                 "--prefix-length", "4", "--epochs", "30", "--batch-size", "16", "--lr", "3e-3",
                  "--val-images", "60", "--seed", "0"]) == 0  # fmt: skip
 
     test = [record for record in load_records(tmp_path / "data" / "captions.jsonl") if record.split == "test"]
