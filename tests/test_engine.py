@@ -18,7 +18,9 @@ from transformers.generation.logits_process import (
 )
 
 from prefixcap.engine import generate_from_prefix, supports
+from prefixcap.engine.gpt2 import GPT2Forward
 from prefixcap.engine.processors import keep_top_k, keep_top_p
+from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
 from prefixcap.generation import GenerationOptions
 
@@ -144,6 +146,25 @@ def test_banning_rules_on_bf16_logits_equal_float32_scores(rule, monkeypatch):
     monkeypatch.setattr(DecodeSpec, "rescales_logits", property(lambda spec: True))
     assert torch.equal(direct, engine(model, prefix, stop_ids, **options))
     assert not torch.equal(direct, engine(model, prefix, stop_ids, max_new_tokens=12))  # the rule acted
+
+
+def test_a_reused_runner_does_not_overwrite_earlier_results(model):
+    """Graphed runners are cached and reused: results must not be views of their buffers."""
+    options = GenerationOptions(max_new_tokens=8, num_beams=3)
+    spec = DecodeSpec.from_options(options, eos_token_ids=[0], pad_token_id=PAD)
+    runner = DecodeRunner(GPT2Forward(model), spec, batch=1, prefix_length=PREFIX)
+    first = runner.run(prefixes(1, seed=17))
+    kept = first.clone()
+    second = runner.run(prefixes(1, seed=18))
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+def test_decoding_ignores_a_callers_autocast(model):
+    """Training validation decodes under autocast; the engine runs in the decoder's own dtype."""
+    prefix = prefixes(16, seed=19)
+    plain = engine(model, prefix, [VOCAB - 1], max_new_tokens=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(engine(model, prefix, [VOCAB - 1], max_new_tokens=20), plain)
 
 
 def test_min_new_tokens_holds_back_stop_tokens(model):

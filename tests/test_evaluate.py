@@ -59,6 +59,19 @@ def features(synthetic: Path, tiny_components: tuple[Path, Path], tmp_path_facto
     return out
 
 
+def test_captions_from_images_equal_the_captioners(tiny_model_dir: Path, synthetic: Path) -> None:
+    """Evaluation's image path feeds the loader's uint8 pixels to `generate`, which normalises them
+    on the device exactly as `Captioner` does."""
+    from prefixcap import Captioner
+    from prefixcap.evaluation.generate import caption_records
+
+    records = load_records(synthetic)[:6]
+    captioner = Captioner.from_pretrained(tiny_model_dir)
+    captions, failures = caption_records(captioner.model, records, batch_size=4, num_workers=0, max_new_tokens=8)
+    expected = captioner([record.image for record in records], max_new_tokens=8)
+    assert not failures and [captions[record.image_id] for record in records] == [texts[0] for texts in expected]
+
+
 def test_evaluate_refuses_bad_options(
     tiny_model_dir: Path, synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

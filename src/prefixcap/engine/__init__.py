@@ -55,16 +55,19 @@ def generate_from_prefix(
         seed = int(torch.randint(2**62, ()))
     batch, prefix_length, _ = prefix_embeds.shape
     prefix_embeds = prefix_embeds.to(decoder.device, decoder.dtype)
-    if decoder.device.type != "cuda" or not cuda_graphs:
-        model = GPT2Forward(decoder, compile_blocks=compile_blocks)
-        return DecodeRunner(model, spec, batch, prefix_length).run(prefix_embeds, seed)
+    # Decoding runs in the decoder's own dtype. Under a caller's autocast (training validation),
+    # captured graphs would read autocast's cached weight copies, which are freed when it exits.
+    with torch.autocast(decoder.device.type, enabled=False):
+        if decoder.device.type != "cuda" or not cuda_graphs:
+            model = GPT2Forward(decoder, compile_blocks=compile_blocks)
+            return DecodeRunner(model, spec, batch, prefix_length).run(prefix_embeds, seed)
 
-    # Runners hold a power-of-two batch (extra rows are padding) so that a few captured shapes
-    # serve every batch size.
-    capacity = 1 << (batch - 1).bit_length()
-    with _runners_lock:
-        runner = _graphed_runner(decoder, spec, capacity, prefix_length, compile_blocks)
-        return runner.run(prefix_embeds, seed)
+        # Runners hold a power-of-two batch (extra rows are padding) so that a few captured shapes
+        # serve every batch size.
+        capacity = 1 << (batch - 1).bit_length()
+        with _runners_lock:
+            runner = _graphed_runner(decoder, spec, capacity, prefix_length, compile_blocks)
+            return runner.run(prefix_embeds, seed)
 
 
 def _graphed_runner(

@@ -178,7 +178,7 @@ class BeamSearch:
         """The best `num_return_sequences` hypotheses per input, [batch * n, T], best first."""
         n = self.spec.num_return_sequences
         length = int(self.done_lengths[: self.inputs, :n].max())
-        return self.done_tokens[: self.inputs, :n, :length].reshape(self.inputs * n, length)
+        return self.done_tokens[: self.inputs, :n, :length].reshape(self.inputs * n, length).clone()
 
 
 def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,9 @@ def caption_records(
     """
     captions: dict[str, str] = {}
     failures: dict[str, str] = {}
-    parameter = next(model.parameters())
     with tqdm(total=len(records), desc="captioning", unit="img", disable=None) as bar:
         for indices, inputs in _batches(model, records, embeddings, batch_size, num_workers, failures, bar):
-            # 1. Generate; inputs are image embeddings or pixels, on the model's device and dtype.
-            inputs = {name: tensor.to(parameter.device, parameter.dtype) for name, tensor in inputs.items()}
+            # 1. Generate from image embeddings or uint8 pixels (generate moves and normalises them).
             texts = model.decode(model.generate(**inputs, **generation_kwargs))
             # 2. Keep the first caption of each image.
             per_image = len(texts) // len(indices)
