@@ -302,6 +302,7 @@ def parse_args() -> argparse.Namespace:
         default=min(16, os.cpu_count() or 1),
         help="image decoding processes or threads (default: cores, at most 16)",
     )
+    add("--workdir", type=Path, help="keep the built full-size model here and reuse it (default: a temp dir)")
     add(
         "--compile",
         action="store_true",
@@ -333,7 +334,8 @@ def main() -> None:
     print(f"CLIP ViT-B/32 + MLP mapper (K={PREFIX_LENGTH}) + GPT-2 124M, random weights; {NEW_TOKENS} new tokens each")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = CaptionModel.from_pretrained(build_full_size_model(tmp), device=device, dtype=dtype).eval()
+        model_dir = build_full_size_model(args.workdir or tmp)
+        model = CaptionModel.from_pretrained(model_dir, device=device, dtype=dtype).eval()
         for mode in [mode.strip() for mode in args.modes.split(",") if mode.strip()]:
             if mode not in ("greedy", "beam"):
                 raise SystemExit(f"error: unknown mode {mode!r} (choose greedy, beam)")

@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="prefixcap's step with torch.compile (`train --compile`)"
     )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the built full-size model here and reuse it (default: a temp dir)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -151,8 +154,8 @@ def main() -> None:
     targets = random_targets(total * max(args.batch_size, CLIPCAP_BATCH))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
-    with tempfile.TemporaryDirectory() as workdir:
-        model_dir = build_full_size_model(workdir)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_full_size_model(args.workdir or tmp)
         clipcap = bench_clipcap(CaptionModel.from_pretrained(model_dir), targets, args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -10,15 +10,15 @@ section "tests that exercise CUDA code paths (pytest -m cuda)"
 step 100 "$python" -m pytest -m cuda -q -p no:cacheprovider $(grep -l "mark.cuda" tests/test_*.py)
 
 section "greedy, batch 256, bf16"
-step 50 "$python" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --batch-size 256 \
+step 50 "$python" benchmarks/bench_generate.py --workdir "$models" --device cuda --dtype bfloat16 --batch-size 256 \
     --modes greedy --e2e-images 0 --json "$out/bench_greedy_b256.json"
 
 section "greedy batch 1024 + beam 5 batch 128, bf16, with kernel profiles; end to end from pixels and JPEG files"
-step 110 "$python" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --batch-size 1024 \
+step 110 "$python" benchmarks/bench_generate.py --workdir "$models" --device cuda --dtype bfloat16 --batch-size 1024 \
     --beam-batch-size 128 --profile --json "$out/bench_b1024.json"
 
 section "training step: ClipCap-style vs prefixcap, batch 1024"
-step 75 "$python" benchmarks/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 1024 \
+step 75 "$python" benchmarks/bench_train.py --workdir "$models" --device cuda --steps 20 --warmup 5 --batch-size 1024 \
     --json "$out/bench_train_b1024.json"
 
 echo "results in $out"

@@ -1,13 +1,17 @@
 # Sourced by gpu_check.sh and gpu_experiments.sh: `source gpu_common.sh LOG_NAME`. Runs from the
-# repository root with prefixcap importable from src/, logs everything to $out/LOG_NAME.log, and
-# defines `section TITLE` and `step SECONDS COMMAND...` (a time limit; a failure is remembered in
-# $status and the script goes on). PYTHON picks the interpreter.
+# repository root with prefixcap importable from src/, logs everything to $out/LOG_NAME.log, sets
+# $models (the benchmarks' --workdir), and defines `section TITLE` and `step SECONDS COMMAND...`
+# (a time limit; a failure is remembered in $status and the script goes on). PYTHON picks the
+# interpreter.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-$(mktemp -d)}"
 mkdir -p "$out"
+# The full-size random model is built once and shared by every benchmark here and in the other
+# script (outside $OUT, which comes back from the machine).
+models="${BENCH_WORKDIR:-${TMPDIR:-/tmp}/prefixcap-bench}"
 exec > >(tee "$out/$1.log") 2>&1
 status=0
 python=${PYTHON:-python3}

@@ -13,11 +13,11 @@ step 40 "$python" benchmarks/bench_attention.py --device cuda --json "$out/bench
 step 20 "$python" benchmarks/bench_attention.py --device cuda --rows 640 --json "$out/bench_attention_beam.json"
 
 section "decoding with compile_blocks=True: greedy batch 1024, beam 5 batch 128, bf16"
-step 120 "$python" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --batch-size 1024 \
+step 120 "$python" benchmarks/bench_generate.py --workdir "$models" --device cuda --dtype bfloat16 --batch-size 1024 \
     --beam-batch-size 128 --skip-reference --e2e-images 0 --compile --json "$out/bench_b1024_compiled.json"
 
 section "training step with torch.compile, batch 1024"
-step 120 "$python" benchmarks/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 1024 --compile \
+step 120 "$python" benchmarks/bench_train.py --workdir "$models" --device cuda --steps 20 --warmup 5 --batch-size 1024 --compile \
     --json "$out/bench_train_b1024_compiled.json"
 
 section "JPEG decoding + preprocessing threads: HF processor vs prefixcap, 640x480 and 1920x1080"

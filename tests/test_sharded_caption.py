@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import webdataset as wds
+from helpers_pipeline import prefixcap_command, subprocess_env
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
@@ -74,23 +73,12 @@ def inputs(tmp_path_factory) -> dict:
     return {"folder": folder, "shards": shards}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(log: Path, *args, processes: int = 2) -> subprocess.Popen:
-    """`accelerate launch` with CPU processes (torchrun underneath; `--cpu` would start only one),
-    its stderr going to `log` (a pipe nobody reads could fill up and stall the job)."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "prefixcap", *map(str, args),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """`accelerate launch` with CPU processes, its stderr going to `log` (a pipe nobody reads
+    could fill up and stall the job)."""
     with open(log, "w") as stderr:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        command = prefixcap_command(*args, processes=processes)
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=subprocess_env())
 
 
 def read_lines(path: Path) -> list[str]:

@@ -11,12 +11,13 @@ from typing import Any
 from prefixcap.errors import ModelLoadError
 
 CONFIG_NAME = "config.json"
+DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
 MAPPER_KINDS = ("linear", "mlp", "transformer")
 
 
 @dataclass
 class CaptionConfig:
-    vision_encoder: str = "openai/clip-vit-base-patch32"  # hub id or dir of the frozen CLIP encoder
+    vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen CLIP encoder
     decoder: str = "gpt2"  # hub id or dir of the causal LM the decoder started from
     mapper: str = "mlp"  # prefix mapper kind: linear | mlp | transformer
     prefix_length: int = 10  # K, the number of prefix embeddings given to the decoder

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.errors import ModelLoadError
 from prefixcap.modeling import CaptionModel
 
@@ -42,7 +43,7 @@ def convert_clipcap(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    vision_encoder: str = "openai/clip-vit-base-patch32",
+    vision_encoder: str = DEFAULT_VISION_ENCODER,
     decoder: str = "gpt2",
     save_frozen: bool = True,
 ) -> CaptionModel:

@@ -116,7 +116,7 @@ class FeatureStore:
         where = f"{self.path}: features from {self.encoder!r}"
         if config.embed_dim != self.embed_dim:
             raise UserError(f"{where} are {self.embed_dim}-d, but the model's mapper expects {config.embed_dim}-d")
-        if normalize_encoder_id(config.vision_encoder) != self.encoder:
+        if normalize_model_id(config.vision_encoder) != self.encoder:
             raise UserError(f"{where}, but the model uses {config.vision_encoder!r}; prepare features with its encoder")
         if image_processor is not None and preprocessing_of(image_processor) != self.manifest.preprocessing:
             raise UserError(f"{where} used other image preprocessing than the model's image processor")
@@ -163,11 +163,11 @@ def shard_path(store: Path, shard: int, suffix: str) -> Path:
     return store / SHARD_DIR / f"{shard:06d}{suffix}"
 
 
-def normalize_encoder_id(encoder: str | Path) -> str:
-    """A local encoder directory as an absolute path (so that it compares equal from any working
-    directory); a hub id as given."""
-    path = Path(encoder)
-    return str(path.resolve()) if path.exists() else str(encoder)
+def normalize_model_id(source: str | Path) -> str:
+    """A local model or encoder folder as an absolute path (so that it compares equal from any
+    working directory); a hub id as given."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def preprocessing_of(image_processor: Any) -> dict[str, Any]:

@@ -28,13 +28,14 @@ from transformers import (
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionModelWithProjection,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.atomic import replace_dir
-from prefixcap.config import CaptionConfig
+from prefixcap.config import DEFAULT_VISION_ENCODER, CaptionConfig
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import GenerationOptions, generate_from_prefix
 from prefixcap.mapping import PrefixMapper
@@ -64,14 +65,13 @@ class CaptionModel(nn.Module):
         if tokenizer.pad_token_id is None:  # GPT-2 has no pad token; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
         self.preprocessor = ImagePreprocessor(image_processor)  # uint8 in workers, floats on the device
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
     def from_components(
         cls,
-        vision_encoder: str = "openai/clip-vit-base-patch32",
+        vision_encoder: str = DEFAULT_VISION_ENCODER,
         decoder: str = "gpt2",
         mapper: str = "mlp",
         prefix_length: int = 10,
@@ -151,6 +151,11 @@ class CaptionModel(nn.Module):
         return str(info)
 
     # ------------------------------------------------------------------ forward passes
+    @property
+    def image_processor(self) -> CLIPImageProcessorPil:
+        """The encoder's Hugging Face image processor (what `preprocessor` splits)."""
+        return self.preprocessor.processor
+
     @property
     def device(self) -> torch.device:
         return next(self.mapper.parameters()).device
@@ -260,8 +265,9 @@ class CaptionModel(nn.Module):
 
 
 # ---------------------------------------------------------------------- component loaders
-def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
-    """The CLIP vision tower with its projection, from a full CLIP or a vision-only checkpoint."""
+def load_vision_config(source: str | Path) -> PretrainedConfig:
+    """The CLIP vision tower's config (with `projection_dim`), from a full CLIP or a vision-only
+    checkpoint, without loading any weights."""
     config = _hf_call(AutoConfig.from_pretrained, source, "image encoder config")
     if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives at top level
         vision_config = config.vision_config
@@ -269,6 +275,12 @@ def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
         config = vision_config
     if config.model_type != "clip_vision_model":
         raise ModelLoadError(f"{source}: expected a CLIP model, found model_type {config.model_type!r}")
+    return config
+
+
+def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
+    """The CLIP vision tower with its projection, from a full CLIP or a vision-only checkpoint."""
+    config = load_vision_config(source)
     return _hf_call(CLIPVisionModelWithProjection.from_pretrained, source, "image encoder", config=config, use_safetensors=True)
 
 

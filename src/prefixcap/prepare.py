@@ -17,23 +17,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes
-from prefixcap.errors import ImageLoadError
 from prefixcap.features import (
     MANIFEST,
     StoreManifest,
     finish_store,
     is_finished,
-    normalize_encoder_id,
+    normalize_model_id,
     preprocessing_of,
     shard_fingerprint,
     write_shard,
 )
 from prefixcap.images import DEFAULT_MAX_PIXELS
-from prefixcap.modeling import load_image_processor, load_vision_encoder
-from prefixcap.preprocess import ImagePreprocessor
-
-DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
+from prefixcap.modeling import load_image_processor, load_vision_config, load_vision_encoder
+from prefixcap.preprocess import ImagePreprocessor, pixels_or_reason, stack_pixels
 
 
 class ImageDataset(Dataset):
@@ -52,21 +50,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         image = self.images[index]
-        try:
-            pixels = self.preprocessor.load_pixels(read_image_bytes(image), name=image, max_pixels=self.max_pixels)
-            return index, pixels
-        except ImageLoadError as error:
-            return index, str(error).removeprefix(f"{image}: ")
-        except ValueError as error:  # an image the image processor cannot handle
-            return index, f"cannot preprocess ({error})"
-
-
-def collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
-    """(indices of the good images, their stacked pixels or None, {index: reason} for bad ones)."""
-    good = [(index, pixels) for index, pixels in items if isinstance(pixels, torch.Tensor)]
-    errors = {index: reason for index, reason in items if isinstance(reason, str)}
-    pixels = torch.stack([pixels for _, pixels in good]) if good else None
-    return [index for index, _ in good], pixels, errors
+        load = self.preprocessor.load_pixels
+        return index, pixels_or_reason(
+            image, lambda: load(read_image_bytes(image), name=image, max_pixels=self.max_pixels)
+        )
 
 
 def prepare_features(
@@ -75,7 +62,7 @@ def prepare_features(
     *,
     images_root: str | Path | None = None,
     format: str | None = None,
-    vision_encoder: str | Path = DEFAULT_ENCODER,
+    vision_encoder: str | Path = DEFAULT_VISION_ENCODER,
     batch_size: int = 256,
     shard_size: int = 2048,
     num_workers: int | None = None,
@@ -89,7 +76,7 @@ def prepare_features(
     out = Path(out)
     records = load_records(source, format=format, images_root=images_root)
     image_processor = load_image_processor(vision_encoder)
-    settings = {"encoder": normalize_encoder_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
+    settings = {"encoder": normalize_model_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
     shards = [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
     fingerprints = [shard_fingerprint(settings, shard) for shard in shards]
     finished = [is_finished(out, i, fingerprint) for i, fingerprint in enumerate(fingerprints)]
@@ -100,21 +87,22 @@ def prepare_features(
         if not all(finished):  # the store is incomplete until the manifest is rewritten at the end
             (out / MANIFEST).unlink(missing_ok=True)
 
-    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-    encoder = load_vision_encoder(vision_encoder).to(state.device, dtype).eval()
-    embed_dim = encoder.config.projection_dim
-    if num_workers is None:  # share the CPUs between the processes of this machine
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
-        num_workers = min(8, (os.cpu_count() or 1) // local_processes)
-    # One flat stream of images across this process's shards keeps the workers and the encoder busy.
-    work = [(i, shards[i], fingerprints[i]) for i in todo]
-    preprocessor = ImagePreprocessor(image_processor)
-    images = ImageDataset([record.image for _, records, _ in work for record in records], preprocessor, max_pixels)
-    loader = DataLoader(
-        images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-        pin_memory=state.device.type == "cuda",
-    )  # fmt: skip
-    _encode_shards(encoder, preprocessor, loader, work, out, state)
+    embed_dim = load_vision_config(vision_encoder).projection_dim
+    if todo:  # (a rerun over a finished store, or a process without shards, loads no encoder)
+        dtype = torch.float16 if state.device.type == "cuda" else torch.float32
+        encoder = load_vision_encoder(vision_encoder).to(state.device, dtype).eval()
+        if num_workers is None:  # share the CPUs between the processes of this machine
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+            num_workers = min(8, (os.cpu_count() or 1) // local_processes)
+        # One flat stream of images across this process's shards keeps the workers and the encoder busy.
+        work = [(i, shards[i], fingerprints[i]) for i in todo]
+        preprocessor = ImagePreprocessor(image_processor)
+        images = ImageDataset([record.image for _, records, _ in work for record in records], preprocessor, max_pixels)
+        loader = DataLoader(
+            images, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels,
+            pin_memory=state.device.type == "cuda",
+        )  # fmt: skip
+        _encode_shards(encoder, preprocessor, loader, work, embed_dim, out, state)
 
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -134,13 +122,13 @@ def _encode_shards(
     preprocessor: ImagePreprocessor,
     loader: DataLoader,
     shards: list[tuple[int, list[CaptionRecord], str]],
+    embed_dim: int,
     out: Path,
     state,
 ) -> None:
     """Encode the (number, records, fingerprint) `shards`, whose images `loader` yields in order,
     and write each shard as soon as its last image is done."""
     owners = [(number, position) for number, records, _ in shards for position in range(len(records))]
-    embed_dim = encoder.config.projection_dim
     by_number = {number: (records, fingerprint) for number, records, fingerprint in shards}
     results = {number: ({}, {}) for number in by_number}  # number -> (embeds, errors) by position
     remaining = {number: len(records) for number, (records, _) in by_number.items()}

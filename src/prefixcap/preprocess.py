@@ -5,19 +5,21 @@ returns uint8 pixels: a worker skips the processor's per-image Python and float 
 1.4x its rate on one core, `benchmarks/bench_preprocess.py`), and a batch crosses to the GPU in a
 quarter of the bytes. The device half (`normalize`) rescales and normalises a whole batch with
 one table lookup. Together they equal the Hugging Face processor's output bit for bit (a test
-checks it; only ~600:1 banners differ, see MAX_RESIZED_PIXELS): the table holds, for each channel and 8-bit level, exactly the float32 value that the
-processor's float64 rescale and float32 normalisation give.
+checks it; only ~600:1 banners differ, see MAX_RESIZED_PIXELS): the table holds, for each channel
+and 8-bit level, exactly the float32 value that the processor's float64 rescale and float32
+normalisation give.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 
+from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-
 
 # Resized images above this size (only images ~600 times longer than wide, at CLIP's 224 pixels)
 # are resized in their cropped part alone, so that no input can make a worker allocate gigabytes.
@@ -88,6 +90,26 @@ class ImagePreprocessor:
         lookup = self.lookup.to(pixels.device)
         offsets = torch.arange(0, lookup.numel(), 256, dtype=torch.int32, device=pixels.device).view(-1, 1, 1)
         return lookup.view(-1)[pixels.int() + offsets]
+
+
+def pixels_or_reason(name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor | str:
+    """`load()`, or why image `name` cannot be used, for loaders that report bad images and go
+    on: its `ImageLoadError` without the name, or the image processor's refusal."""
+    try:
+        return load()
+    except ImageLoadError as error:
+        return str(error).removeprefix(f"{name}: ")
+    except ValueError as error:  # an image the image processor cannot handle
+        return f"cannot preprocess ({error})"
+
+
+def stack_pixels(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """A batch of (key, pixels or reason) as (keys of the good images, their stacked pixels or
+    None, {key: reason} for the bad ones)."""
+    good = [(key, pixels) for key, pixels in items if isinstance(pixels, torch.Tensor)]
+    errors = {key: reason for key, reason in items if isinstance(reason, str)}
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [key for key, _ in good], pixels, errors
 
 
 def _clip_geometry(processor: Any) -> Geometry | None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefixcap.config import CONFIG_NAME
 from prefixcap.errors import ModelLoadError
 
 DEFAULT_MODEL = "clipcap-coco"
@@ -46,7 +47,7 @@ def resolve(name: str) -> Path:
 
     spec = REGISTRY[name]
     target = cache_dir() / name
-    if (target / "config.json").is_file():
+    if (target / CONFIG_NAME).is_file():
         return target
     checkpoint = _hub_download(spec.repo_id, spec.filename, name)
     convert_clipcap(checkpoint, target, vision_encoder=spec.vision_encoder, decoder=spec.decoder, save_frozen=False)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from prefixcap.config import CONFIG_NAME
+
 # Words the tiny tokenizer learns; chosen to cover the synthetic captions and test sentences.
 _CORPUS = [
     "a red shape on a blue background.",
@@ -98,7 +100,7 @@ def build_full_size_model(workdir: str | Path) -> Path:
     from prefixcap.modeling import CaptionModel
 
     model_dir = Path(workdir) / "model"
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_NAME).is_file():
         torch.manual_seed(0)
         clip_dir, gpt2_dir = build_components(Path(workdir) / "components", full_size=True)
         CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=10).save_pretrained(model_dir)

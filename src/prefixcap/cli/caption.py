@@ -14,6 +14,7 @@ from prefixcap.cli.common import (
     add_generation_arguments,
     add_jpeg_draft_argument,
     add_model_arguments,
+    at_least,
     check_generation,
     generation_kwargs,
     load_captioner,
@@ -61,12 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", help="write results to this file, or into this folder (see 'output' below)")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1),
+        "--workers", type=at_least(int, 0), default=min(4, os.cpu_count() or 1),
         help="DataLoader processes decoding images ahead of the model, per process; 0 decodes in the "
         "main process (default: 4, or the number of CPUs if fewer)",
     )  # fmt: skip
     parser.add_argument(
-        "--part-size", type=int, default=1000,
+        "--part-size", type=at_least(int, 1), default=1000,
         help="folder output: images per part file, the unit of work and of resuming; each WebDataset "
         "shard is one part (default: 1000)",
     )  # fmt: skip
@@ -78,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     kwargs = generation_kwargs(args)
-    if args.workers < 0 or args.part_size < 1:
-        raise UserError("--workers must be >= 0 and --part-size >= 1")
     state = PartialState(cpu=not torch.cuda.is_available())
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
@@ -156,8 +155,11 @@ def _caption_to_folder(
     state,
 ) -> int:
     from prefixcap.distributed.job import caption_to_directory
+    from prefixcap.features import normalize_model_id
 
-    settings = {"model": _model_key(args.model), "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
+    # local folders by absolute path, so that a rerun from another directory recognises its parts
+    model = normalize_model_id(args.model)
+    settings = {"model": model, "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
     summary = caption_to_directory(
         captioner, sources, args.output, state=state, fmt=fmt, part_size=args.part_size,
         batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing, **kwargs,
@@ -170,12 +172,6 @@ def _caption_to_folder(
             file=sys.stderr,
         )
     return 0  # a non-zero status would make accelerate/torchrun report a crashed job
-
-
-def _model_key(model: str) -> str:
-    """The model as part of the part-file names: local folders by absolute path, so that a
-    rerun from another working directory still recognises its parts."""
-    return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

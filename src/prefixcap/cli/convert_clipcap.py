@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prefixcap.config import DEFAULT_VISION_ENCODER
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out_dir", type=Path, help="model directory to write")
     parser.add_argument(
         "--vision-encoder",
-        default="openai/clip-vit-base-patch32",
+        default=DEFAULT_VISION_ENCODER,
         help="CLIP hub id or directory the checkpoint's features came from (default: %(default)s)",
     )
     parser.add_argument("--decoder", default="gpt2", help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)")

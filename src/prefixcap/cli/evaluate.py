@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         notice(f"{len(failures)} unreadable image(s) not captioned or scored, e.g. {image}: {reason}")
     if not captions:
         raise UserError(f"{args.data}: no image of the split could be read")
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results_json(captions))
     del captioner, model  # free the accelerator for BERTScore and CLIPScore
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from prefixcap.cli.common import at_least
+from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.data import FORMATS
 
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
     parser.add_argument(
-        "--vision-encoder", default="openai/clip-vit-base-patch32", metavar="ID_OR_DIR",
+        "--vision-encoder", default=DEFAULT_VISION_ENCODER, metavar="ID_OR_DIR",
         help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(

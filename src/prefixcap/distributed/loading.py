@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prefixcap.distributed.outputs import Result
 from prefixcap.distributed.plan import Part
-from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.preprocess import ImagePreprocessor, pixels_or_reason, stack_pixels
 
 _IMAGE_KEYS = {extension.lstrip(".") for extension in IMAGE_EXTENSIONS}  # WebDataset sample keys
 
@@ -82,14 +81,10 @@ class PartImages(IterableDataset):
             yield spec, f"cannot read this shard ({_reason(error)})"
 
     def _preprocess(self, source: ImageSource, name: str) -> torch.Tensor | str:
-        try:
-            return self.preprocessor.load_pixels(
-                source, name=name, max_pixels=self.max_pixels, jpeg_draft=self.jpeg_draft
-            )
-        except ImageLoadError as error:
-            return str(error).removeprefix(f"{name}: ")
-        except ValueError as error:  # an image the image processor cannot handle
-            return f"cannot preprocess ({error})"
+        load = self.preprocessor.load_pixels
+        return pixels_or_reason(
+            name, lambda: load(source, name=name, max_pixels=self.max_pixels, jpeg_draft=self.jpeg_draft)
+        )
 
 
 def read_shard(spec: str) -> Iterator[tuple[str, bytes | str]]:
@@ -174,9 +169,7 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[tuple[list[Any], bool]
 
 
 def _collate(part: int, items: list[tuple[str, torch.Tensor | str]], last: bool) -> Batch:
-    good = [pixels for _, pixels in items if isinstance(pixels, torch.Tensor)]
-    errors = {position: reason for position, (_, reason) in enumerate(items) if isinstance(reason, str)}
-    pixels = torch.stack(good) if good else None
+    _, pixels, errors = stack_pixels([(position, result) for position, (_, result) in enumerate(items)])
     return Batch(part, [path for path, _ in items], pixels, errors, last)
 
 

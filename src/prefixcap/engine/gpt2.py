@@ -104,8 +104,8 @@ class GPT2Forward:
         self.vocab, width = self.lm_head.shape
         self.padded_head = None
         if self.lm_head.is_cuda and self.vocab % 64:
+            # filled by `refresh`, which every `DecodeRunner.run` calls before its first step
             self.padded_head = self.lm_head.new_zeros((-(-self.vocab // 64) * 64, width))
-            self.refresh()
         self.blocks = [Block(*(layer.get_parameter(name) for name in BLOCK_PARAMETERS)) for layer in transformer.h]
         self._attention_input = attention_input
         self._block_output = block_output

@@ -73,6 +73,7 @@ class CLIPScorer:
     def from_pretrained(cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64) -> CLIPScorer:
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
+        from prefixcap.captioner import default_device
         from prefixcap.modeling import load_image_processor
 
         try:
@@ -88,8 +89,7 @@ class CLIPScorer:
             raise UserError(
                 f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model"
             ) from None
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size)
+        return cls(model.to(device or default_device()), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:

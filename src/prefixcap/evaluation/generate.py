@@ -58,13 +58,11 @@ def _batches(
             stop = min(start + batch_size, len(records))
             yield list(range(start, stop)), {"image_embeds": embeddings[start:stop]}
         return
-    from prefixcap.prepare import (  # prepare's loader: files and WebDataset members
-        ImageDataset,
-        collate,
-    )
+    from prefixcap.prepare import ImageDataset  # prepare's loader: files and WebDataset members
+    from prefixcap.preprocess import stack_pixels
 
     images = ImageDataset([record.image for record in records], model.preprocessor)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels)
     for indices, pixels, errors in loader:
         failures |= {records[index].image: reason for index, reason in errors.items()}
         bar.update(len(errors))

@@ -165,7 +165,6 @@ def write_outputs(out_dir: str | Path, evaluation: Evaluation, **report_kwargs: 
     from prefixcap.evaluation.report import render_report
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", evaluation.summary())
     per_image = [
         {"image_id": s.image_id, "caption": s.caption, **evaluation.per_image[s.image_id]} for s in evaluation.samples

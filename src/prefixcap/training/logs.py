@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixcap.atomic import write_atomic
+from prefixcap.atomic import atomic_path, write_atomic
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -82,7 +82,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         if axes.get_legend_handles_labels()[0]:
             axes.legend()
     figure.tight_layout()
-    staging = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(staging, dpi=100)
+    with atomic_path(path) as staging:
+        figure.savefig(staging, dpi=100, format="png")
     plt.close(figure)
-    staging.replace(path)

@@ -55,7 +55,7 @@ def load_training_state(directory: Path) -> TrainingState:
 def to_storable(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     """`value` as JSON-able data; its tensors are moved into `tensors` under dotted keys."""
     if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().clone()  # clone: safetensors refuses shared storage
+        tensors[key] = value.detach().to("cpu", copy=True)  # a copy: safetensors refuses shared storage
         return {_TENSOR: key}
     if isinstance(value, dict):
         if all(isinstance(name, str) for name in value):
