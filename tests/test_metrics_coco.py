@@ -165,6 +165,7 @@ def test_spice_download_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, cap
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(spice, "get_stanford_models", offline)
+    monkeypatch.setattr(coco_metrics, "offline", lambda: False)  # as if online: the download is attempted
     result = coco_scores(_as_strings(PREDICTIONS), _as_strings(REFERENCES), metrics=("spice", "bleu"))
 
     assert "BLEU-4" in result.corpus and "SPICE" not in result.corpus
@@ -183,6 +184,7 @@ def test_spice_java_failure_quotes_the_java_error(
     if corenlp.exists():
         pytest.skip("CoreNLP is installed, so SPICE's jar would run")
     monkeypatch.setattr(spice, "get_stanford_models", lambda: None)  # run the jar without CoreNLP
+    monkeypatch.setattr(coco_metrics, "offline", lambda: False)  # as if online: the download is attempted
     result = coco_scores(_as_strings(PREDICTIONS), _as_strings(REFERENCES), metrics=("spice",))
 
     assert result.corpus == {}

@@ -8,7 +8,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
+
+from prefixcap.errors import UserError
 
 
 @contextmanager
@@ -41,6 +43,35 @@ def write_atomic(path: str | Path, text: str) -> None:
         file.write(text)
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A new, empty folder beside `path` that replaces `path` (a folder or nothing) once the
+    block ends without an error. Callers check first that `path` may be replaced
+    (`check_output_dir`): the old folder is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        share_tree(staging)
+        replace_dir(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def share_tree(folder: str | Path) -> None:
+    """Give a folder we just wrote, and everything in it, the umask's permissions. mkdtemp makes
+    folders private and safetensors writes 0600 files, so results would otherwise be unreadable
+    to other users (a shared model, a server account)."""
+    umask = _umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o666 & ~umask)
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written `staging` folder into `target`'s place. Readers see the old folder or
     the new one; only a crash between the two renames leaves neither."""
@@ -51,6 +82,23 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def check_output_dir(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool) -> None:
+    """Refuse to write a `what` (e.g. "prefixcap model directory") into a folder that holds
+    anything else: no command may delete or mix into files it did not create. A missing or empty
+    folder is fine; one that `is_ours` recognises is replaced only with `overwrite`."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder")
+    if not any(path.iterdir()):
+        return
+    if not is_ours(path):
+        raise UserError(f"{path}: is not empty and is not a {what}; refusing to write into it (choose a new or empty folder)")
+    if not overwrite:
+        raise UserError(f"{path}: already holds a {what}; pass --overwrite to replace it")
 
 
 def _umask() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
-from prefixcap.modeling import CaptionModel
+from prefixcap.modeling import CaptionModel, resolve_model_dir
 
 
 def default_device() -> torch.device:
@@ -33,11 +35,14 @@ class Captioner:
         batch_size: int = 32,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         jpeg_draft: bool = False,
+        model_fingerprint: str | None = None,
     ):
         self.model = model.eval()
         self.batch_size = batch_size
         self.max_pixels = max_pixels  # larger images are refused before decoding
         self.jpeg_draft = jpeg_draft  # decode JPEGs at reduced scale (faster; pixels differ slightly)
+        # what the model was loaded from (`model_fingerprint`); None for a model built in memory
+        self.model_fingerprint = model_fingerprint
 
     @classmethod
     def from_pretrained(
@@ -53,7 +58,12 @@ class Captioner:
             dtype = getattr(torch, dtype)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return cls(CaptionModel.from_pretrained(name_or_dir, device=device, dtype=dtype), **kwargs)
+        directory = resolve_model_dir(name_or_dir)
+        # Taken before loading: files replaced meanwhile (training goes on) then change the
+        # fingerprint of the next run, which redoes results, rather than hide behind this one.
+        fingerprint = model_fingerprint(directory)
+        model = CaptionModel.from_pretrained(directory, device=device, dtype=dtype)
+        return cls(model, model_fingerprint=fingerprint, **kwargs)
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the
@@ -124,6 +134,24 @@ class Captioner:
         captions = iter(self.caption_pixels(torch.stack(good), **generation_kwargs) if good else [])
         for source, pixels in batch:
             yield source, pixels if isinstance(pixels, ImageLoadError) else next(captions)
+
+
+def model_fingerprint(directory: str | Path) -> str:
+    """A digest of the names, sizes and modification times of every file in a model directory.
+    It changes when a model is saved again at the same path (a checkpoint of ongoing training), so
+    that results made with the old model are not reused, and it reads no weights."""
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(directory):
+        subfolders.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                status = os.stat(path)  # through links: hub snapshots link to their blobs
+            except OSError:
+                continue  # a broken link: loading the model reports it
+            entry = f"{os.path.relpath(path, directory)}\0{status.st_size}\0{status.st_mtime_ns}\0"
+            digest.update(entry.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
 
 
 def _resolve(item: tuple[ImageSource, Future]) -> tuple[ImageSource, Any]:

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from prefixcap.errors import ModelLoadError
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
 MAPPER_KINDS = ("linear", "mlp", "transformer")
+# Upper bounds for every size in a config, far above real models (GPT-2 XL is 1600 wide, ClipCap
+# uses K = 10..40), so that a damaged or hostile config.json fails before anything is allocated.
+SIZE_LIMITS = {
+    "prefix_length": 1024,
+    "embed_dim": 16384,
+    "decoder_hidden_size": 16384,
+    "mapper_num_layers": 64,
+    "mapper_num_heads": 256,
+    "mapper_clip_length": 1024,
+}
 
 
 @dataclass
@@ -31,10 +43,31 @@ class CaptionConfig:
     generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 30})  # defaults
 
     def __post_init__(self) -> None:
+        """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
+        `"no"` for a bool), and a wrong value must fail here, not deep inside torch."""
+        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if self.mapper not in MAPPER_KINDS:
             raise ModelLoadError(f"unknown mapper kind {self.mapper!r}; choose one of {MAPPER_KINDS}")
-        if self.prefix_length < 1:
-            raise ModelLoadError(f"prefix_length must be >= 1, got {self.prefix_length}")
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if not 1 <= value <= limit:
+                raise ModelLoadError(f"{name} must be in [1, {limit}], got {value}")
+        if self.mapper == "transformer" and self.decoder_hidden_size % self.mapper_num_heads:
+            raise ModelLoadError(
+                f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by "
+                f"mapper_num_heads {self.mapper_num_heads}"
+            )
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        """The generation defaults must be valid GenerationOptions, of the right types too."""
+        from prefixcap.generation import GenerationOptions  # imports torch: only when a config is built
+
+        check_types(GenerationOptions, self.generation, prefix="generation.")
+        try:
+            GenerationOptions.from_kwargs(self.generation)
+        except ValueError as error:
+            raise ModelLoadError(f"generation: {error}") from None
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / CONFIG_NAME
@@ -46,11 +79,51 @@ class CaptionConfig:
         if not path.is_file():
             raise ModelLoadError(f"{directory}: not a prefixcap model directory (no {CONFIG_NAME})")
         try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ModelLoadError(f"{path}: invalid JSON ({error})") from None
+            values = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as error:  # bad JSON, not UTF-8, absurdly nested
+            raise ModelLoadError(f"{path}: not valid UTF-8 JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object, found {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ModelLoadError(f"{path}: unknown config keys {unknown}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{path}: {error}") from None
+
+
+_TYPE_NAMES = {
+    int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object", type(None): "null",
+}  # fmt: skip
+
+
+def check_types(cls: type, values: Mapping[str, Any], *, prefix: str = "") -> None:
+    """Raise ModelLoadError naming the first value whose type is not the dataclass field's
+    annotated one. Values parsed from JSON: an int is a valid float, a bool is not an int.
+    Names that `cls` lacks are left to the caller."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _has_type(value, hint):
+            allowed = typing.get_args(hint) if _is_union(hint) else (hint,)
+            wanted = " or ".join(_TYPE_NAMES[typing.get_origin(t) or t] for t in allowed)
+            raise ModelLoadError(f"{prefix}{name} must be {wanted}, got {value!r}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if _is_union(hint):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    kind = typing.get_origin(hint) or hint  # dict[str, Any] -> dict
+    if kind is type(None):
+        return value is None
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from prefixcap.config import DEFAULT_VISION_ENCODER
-from prefixcap.errors import ModelLoadError
-from prefixcap.modeling import CaptionModel
+from prefixcap.atomic import check_output_dir
+from prefixcap.config import DEFAULT_VISION_ENCODER, SIZE_LIMITS
+from prefixcap.errors import ModelLoadError, UserError
+from prefixcap.modeling import MODEL_DIRECTORY, CaptionModel, is_model_dir, load_weights
 
 # Old transformers versions saved GPT-2's causal-mask buffers; they are not weights.
 _LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -32,9 +33,12 @@ def load_clipcap_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor],
         for k, v in state.items()
         if k.startswith("gpt.") and not k.endswith(_LEGACY_BUFFERS)
     }
-    if set(mapper) != {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} or not gpt:
+    sized = [mapper.get("model.0.weight"), mapper.get("model.2.weight"), gpt.get("transformer.wte.weight")]
+    mapper_keys = {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}
+    if set(mapper) != mapper_keys or not all(w is not None and w.ndim == 2 and w.numel() for w in sized):
         raise ModelLoadError(
-            f"{checkpoint}: not a ClipCap MLP checkpoint (expected clip_project.model.{{0,2}}.* and gpt.* keys)"
+            f"{checkpoint}: not a ClipCap MLP checkpoint (expected clip_project.model.{{0,2}}.* and gpt.* keys, "
+            "with 2-d weights)"
         )
     return mapper, gpt
 
@@ -46,19 +50,32 @@ def convert_clipcap(
     vision_encoder: str = DEFAULT_VISION_ENCODER,
     decoder: str = "gpt2",
     save_frozen: bool = True,
+    overwrite: bool = False,
 ) -> CaptionModel:
-    """Build a prefixcap model from a ClipCap checkpoint; sizes come from the tensor shapes."""
+    """Build a prefixcap model from a ClipCap checkpoint; sizes come from the tensor shapes.
+    `out_dir` must be missing, empty, or (with `overwrite`) a prefixcap model directory, and must
+    not hold the checkpoint: it is replaced as a whole."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if _lies_inside(checkpoint, out_dir):
+        raise UserError(
+            f"{checkpoint}: lies inside {out_dir}, which the model would replace; choose another output folder"
+        )
+    check_output_dir(out_dir, what=MODEL_DIRECTORY, is_ours=is_model_dir, overwrite=overwrite)
     mapper_state, gpt_state = load_clipcap_state(checkpoint)
     embed_dim = mapper_state["model.0.weight"].shape[1]
     prefix_width = mapper_state["model.2.weight"].shape[0]
     hidden_size = gpt_state["transformer.wte.weight"].shape[1]
-    if prefix_width % hidden_size:
-        raise ModelLoadError(f"{checkpoint}: mapper output {prefix_width} is not a multiple of GPT-2 width {hidden_size}")
+    prefix_length, leftover = divmod(prefix_width, hidden_size)
+    if leftover or not 1 <= prefix_length <= SIZE_LIMITS["prefix_length"]:
+        raise ModelLoadError(
+            f"{checkpoint}: mapper output {prefix_width} is not 1 to {SIZE_LIMITS['prefix_length']} times "
+            f"the GPT-2 width {hidden_size}"
+        )
     model = CaptionModel.from_components(
         vision_encoder,
         decoder,
         mapper="mlp",
-        prefix_length=prefix_width // hidden_size,
+        prefix_length=prefix_length,
         stop_token=".",
         generation=dict(CLIPCAP_GENERATION),
     )
@@ -66,10 +83,14 @@ def convert_clipcap(
         raise ModelLoadError(
             f"{checkpoint}: mapper takes {embed_dim}-d features but {vision_encoder} gives {model.config.embed_dim}-d"
         )
-    model.mapper.mapper.load_state_dict(mapper_state)
-    try:
-        model.decoder.load_state_dict(gpt_state)
-    except RuntimeError as error:
-        raise ModelLoadError(f"{checkpoint}: GPT-2 weights do not fit {decoder} ({str(error).splitlines()[0]})") from None
+    load_weights(model.decoder, gpt_state, checkpoint, prefix="gpt.")  # first: a wrong --decoder shows as wte's shape
+    load_weights(model.mapper.mapper, mapper_state, checkpoint, prefix="clip_project.")
     model.save_pretrained(out_dir, save_frozen=save_frozen)
     return model
+
+
+def _lies_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, or the file it links to, is somewhere under `folder`."""
+    folder = folder.resolve()
+    locations = (path.absolute().parent.resolve() / path.name, path.resolve())
+    return any(location.is_relative_to(folder) for location in locations)

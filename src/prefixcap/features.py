@@ -12,23 +12,28 @@ every image at every epoch. Layout (like clip-retrieval: tensor shards plus row 
 
 Shard i holds records [i * shard_size, (i + 1) * shard_size) of the dataset's deterministic record
 order. Each shard file is written atomically, its `.jsonl` first and its `.safetensors` last, and
-the latter records a fingerprint of its inputs: a shard whose `.safetensors` exists with the
-current fingerprint is finished, so a killed `prepare` resumes where it stopped. `store.json` is
-written last, by one process, once every shard exists: a store with a manifest is complete.
+the latter records a fingerprint of its inputs and a digest of the `.jsonl`: a shard whose
+`.safetensors` exists with the current fingerprint and a matching `.jsonl` is finished, so a killed
+`prepare` resumes where it stopped. `store.json` is written last, by one process, once every shard
+exists: a store with a manifest is complete. A reader checks every shard against it (record and
+row counts, embedding shapes, the `.jsonl` digest) before trusting any, so a damaged store is a
+one-line error naming the file, never a wrong training set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prefixcap.atomic import atomic_path, write_atomic
@@ -40,7 +45,9 @@ MANIFEST = "store.json"
 BAD_IMAGES = "bad_images.jsonl"
 SHARD_DIR = "shards"
 EMBEDS_KEY = "image_embeds"
+INDEX_DIGEST = "index_sha256"  # .safetensors metadata: the sha256 of the shard's .jsonl
 FORMAT_VERSION = 1
+RERUN = "the feature store is damaged; rerun `prefixcap prepare`"
 # The image processor settings that change pixels; other keys (class names) may differ harmlessly.
 PREPROCESSING_KEYS = (
     "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
@@ -78,10 +85,14 @@ class FeatureStore:
         self.manifest = read_manifest(self.path)
         # (shard, row in shard, record) for every encoded image, in dataset order.
         self._index: list[tuple[int, int, CaptionRecord]] = []
+        fingerprints = []
         for shard in range(self.manifest.num_shards):
-            for entry in read_shard_index(self.path, shard):
-                if "row" in entry:
-                    self._index.append((shard, entry["row"], _record(entry)))
+            entries, fingerprint = _checked_shard(self.path, shard, self.manifest)
+            fingerprints.append(fingerprint)
+            self._index += [(shard, entry["row"], _record(entry)) for entry in entries if "row" in entry]
+        _check_totals(self.path / MANIFEST, self.manifest, [record for _, _, record in self._index])
+        # The shards' fingerprints cover the encoder settings and every record, so they name the content.
+        self.identity = hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
 
     @property
     def encoder(self) -> str:
@@ -106,7 +117,7 @@ class FeatureStore:
             rows_by_shard.setdefault(shard, []).append(row)
         parts = [torch.empty(0, self.embed_dim, dtype=torch.float16)]
         for shard, rows in rows_by_shard.items():
-            with safe_open(shard_path(self.path, shard, ".safetensors"), framework="pt") as file:
+            with _open_shard(shard_path(self.path, shard, ".safetensors")) as file:
                 parts.append(file.get_tensor(EMBEDS_KEY)[rows])
         return torch.cat(parts)
 
@@ -137,25 +148,115 @@ def read_manifest(path: Path) -> StoreManifest:
         )
         raise UserError(f"{path}: not a finished feature store (no {MANIFEST}; {hint})")
     try:
-        values = json.loads(manifest.read_text())
+        values = json.loads(manifest.read_text(encoding="utf-8"))
         result = StoreManifest(**values)
-    except (json.JSONDecodeError, TypeError) as error:
+        counts_agree = (
+            result.shard_size >= 1
+            and result.num_shards == math.ceil(result.num_records / result.shard_size)
+            and result.num_images + result.num_bad == result.num_records
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
         raise UserError(f"{manifest}: not a prefixcap feature manifest ({error})") from None
     if result.format_version != FORMAT_VERSION:
         raise UserError(f"{manifest}: store format {result.format_version}, this prefixcap reads {FORMAT_VERSION}")
+    if not counts_agree:
+        raise UserError(f"{manifest}: its shard and image counts disagree; {RERUN}")
     return result
 
 
 def read_shard_index(path: Path, shard: int) -> list[dict[str, Any]]:
+    """The entries of one shard's `.jsonl`; a damaged line is an error naming the file and line."""
     index = shard_path(path, shard, ".jsonl")
     try:
-        return [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines()]
+        lines = index.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"{index}: missing; the feature store is damaged, rerun `prefixcap prepare`") from None
+        raise UserError(f"{index}: missing; {RERUN}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{index}: unreadable ({error}); {RERUN}") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            _record(entry)  # raises unless every field is there
+            if "row" not in entry and "error" not in entry:  # an embedding row, or why the image has none
+                raise KeyError("row")
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            raise UserError(f"{index}:{number}: not a feature store entry ({reason}); {RERUN}") from None
+        entries.append(entry)
+    return entries
+
+
+def _checked_shard(path: Path, shard: int, manifest: StoreManifest) -> tuple[list[dict[str, Any]], str]:
+    """(entries, fingerprint) of one shard, once its index and embeddings agree with each other and
+    with the manifest: a cut or damaged shard must fail here, not train on part of the data."""
+    index, embeds = shard_path(path, shard, ".jsonl"), shard_path(path, shard, ".safetensors")
+    entries = read_shard_index(path, shard)
+    expected = min(manifest.shard_size, manifest.num_records - shard * manifest.shard_size)
+    if len(entries) != expected:
+        raise UserError(f"{index}: {len(entries)} records, but {MANIFEST} says the shard holds {expected}; {RERUN}")
+    rows = [entry["row"] for entry in entries if "row" in entry]
+    if rows != list(range(len(rows))):
+        raise UserError(f"{index}: its embedding rows are not 0..{len(rows) - 1} in order; {RERUN}")
+    with _open_shard(embeds) as file:
+        metadata = file.metadata() or {}
+        shape = file.get_slice(EMBEDS_KEY).get_shape() if EMBEDS_KEY in file.keys() else None
+    if shape != [len(rows), manifest.embed_dim]:
+        raise UserError(
+            f"{embeds}: holds embeddings of shape {shape}, but its index lists {len(rows)} images "
+            f"of {manifest.embed_dim}-d features; {RERUN}"
+        )
+    if not _index_intact(index, metadata):
+        raise UserError(f"{index}: changed since `prefixcap prepare` wrote it (unlike {embeds.name}); {RERUN}")
+    return entries, metadata.get("fingerprint", "")
+
+
+def _check_totals(manifest_path: Path, manifest: StoreManifest, records: Sequence[CaptionRecord]) -> None:
+    """The shards together must hold the images `store.json` counts, split by split."""
+    splits = dict(sorted(Counter(record.split for record in records).items()))
+    if len(records) != manifest.num_images or splits != manifest.splits:
+        raise UserError(
+            f"{manifest_path}: lists {manifest.num_images} images ({manifest.splits}), but the shards hold "
+            f"{len(records)} ({splits}); {RERUN}"
+        )
+
+
+@contextmanager
+def _open_shard(path: Path) -> Iterator[Any]:
+    """`safe_open` on a shard's embeddings; a missing, cut or damaged file is a one-line error."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            yield file
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: unreadable ({error}); {RERUN}") from None
 
 
 def _record(entry: dict[str, Any]) -> CaptionRecord:
     return CaptionRecord(entry["image_id"], entry["image"], tuple(entry["captions"]), entry["split"])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _index_intact(index: Path, metadata: dict[str, str]) -> bool:
+    """Whether a shard's `.jsonl` is the one its `.safetensors` was written with (stores from
+    before the digest existed carry none, and are trusted)."""
+    return metadata.get(INDEX_DIGEST) in (None, _digest(index))
+
+
+def is_feature_store(path: Path) -> bool:
+    """Whether `path` holds nothing but a feature store's files (finished or not), so that
+    `prepare` may write into it."""
+    return holds_only(path, (MANIFEST, BAD_IMAGES, SHARD_DIR))
+
+
+def holds_only(path: Path, names: Collection[str]) -> bool:
+    """Whether every entry of folder `path` is one of `names`, or a leftover staging copy of one
+    (".NAME.*", as `prefixcap.atomic` and `save_pretrained` name them)."""
+    return all(
+        entry.name in names or any(entry.name.startswith(f".{name}.") for name in names) for entry in path.iterdir()
+    )
 
 
 # ---------------------------------------------------------------------- writing
@@ -183,12 +284,17 @@ def shard_fingerprint(settings: dict[str, Any], records: Sequence[CaptionRecord]
 
 
 def is_finished(store: Path, shard: int, fingerprint: str) -> bool:
-    """Whether shard `shard` was written completely, from the same inputs."""
-    embeds = shard_path(store, shard, ".safetensors")
-    if not (embeds.is_file() and shard_path(store, shard, ".jsonl").is_file()):
+    """Whether shard `shard` was written completely, from the same inputs, and is intact (a damaged
+    shard is encoded again)."""
+    embeds, index = shard_path(store, shard, ".safetensors"), shard_path(store, shard, ".jsonl")
+    if not (embeds.is_file() and index.is_file()):
         return False
-    with safe_open(embeds, framework="pt") as file:
-        return (file.metadata() or {}).get("fingerprint") == fingerprint
+    try:
+        with safe_open(embeds, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except SafetensorError:
+        return False
+    return metadata.get("fingerprint") == fingerprint and _index_intact(index, metadata)
 
 
 def write_shard(
@@ -212,10 +318,12 @@ def write_shard(
             entry["error"] = errors[position]
         entries.append(entry)
     tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
-    write_atomic(shard_path(store, shard, ".jsonl"), _jsonl(entries))
+    index = shard_path(store, shard, ".jsonl")
+    write_atomic(index, _jsonl(entries))
     # The .safetensors comes last: its presence, with this fingerprint, marks the shard finished.
+    metadata = {"fingerprint": fingerprint, INDEX_DIGEST: _digest(index)}
     with atomic_path(shard_path(store, shard, ".safetensors")) as staging:
-        save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata={"fingerprint": fingerprint})
+        save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata=metadata)
 
 
 def finish_store(store: Path, manifest: StoreManifest) -> None:
@@ -238,7 +346,7 @@ def finish_store(store: Path, manifest: StoreManifest) -> None:
 def _remove_stale_shards(store: Path, num_shards: int) -> None:
     """Drop shards numbered past the end, left by an earlier run over a larger dataset."""
     for path in (store / SHARD_DIR).glob("*.*"):
-        if path.stem.isdigit() and int(path.stem) >= num_shards:
+        if path.suffix in (".jsonl", ".safetensors") and path.stem.isdigit() and int(path.stem) >= num_shards:
             path.unlink()
 
 

@@ -6,6 +6,7 @@ The options use Hugging Face `generate` names so that users can bring their habi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,10 @@ import torch
 from transformers import PreTrainedModel
 
 from prefixcap import engine
+
+# Below this, sampling is greedy decoding in all but name, and logits / temperature overflow to inf
+# (at 1e-45 every token becomes NaN and captions come out empty).
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass
@@ -43,16 +48,21 @@ class GenerationOptions:
 
     def validate(self) -> None:
         """Raise ValueError with a readable reason for any option out of range."""
+        for option in dataclasses.fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{option.name} must be a finite number, got {value}")
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
-            (self.temperature > 0, "temperature must be > 0"),
+            (self.temperature >= MIN_TEMPERATURE, f"temperature must be >= {MIN_TEMPERATURE}"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
             (self.num_return_sequences >= 1, "num_return_sequences must be >= 1"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
             (
                 self.do_sample or self.num_return_sequences <= self.num_beams,
                 "num_return_sequences must be <= num_beams without sampling (greedy gives one caption)",

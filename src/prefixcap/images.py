@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -26,6 +28,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser would
+# What `load_image` holds at its peak, in bytes per pixel, for images of each PIL mode: the decoded
+# image (PIL keeps RGB in 4 bytes a pixel) and its conversion to RGB, measured with Pillow 13 and
+# rounded up; other modes get the largest. A server budgets concurrent decodes with it.
+_PEAK_BYTES_PER_PIXEL = {"1": 6, "L": 6, "RGB": 5, "YCbCr": 9, "CMYK": 9, "P": 10, "RGBA": 10, "LA": 13}
+_MOST_BYTES_PER_PIXEL = 20
 
 
 def load_image(
@@ -40,8 +47,7 @@ def load_image(
     `min_size` lets a JPEG decode at the smallest scale (1/2, 1/4 or 1/8: PIL's draft mode, done
     in the DCT) that keeps both sides at least `min_size` pixels, several times faster for large
     photos; the pixels then differ slightly from a full decode that is resized afterwards."""
-    label = name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
-    try:
+    with _named_errors(_label(source, name), max_pixels):
         if isinstance(source, Image.Image):
             image = source
         elif isinstance(source, np.ndarray):
@@ -49,11 +55,51 @@ def load_image(
         else:
             image = _open(source)
         _check_size(image, max_pixels)
-        if min_size is not None and image.format == "JPEG":
-            image.draft(image.mode, (min_size, min_size))
+        _draft(image, min_size)
         image.seek(0)  # first frame of animations
         image.load()  # decode now, so truncated files fail here and not later
-        return to_rgb(ImageOps.exif_transpose(image))
+        if image is source:  # the caller's image: leave it as it is
+            image = ImageOps.exif_transpose(image)
+        else:  # ours: rotate in place rather than copy a large image when there is nothing to do
+            ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb(image)
+
+
+def open_image(
+    source: str | Path | bytes | bytearray, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """`source` with only its header read: format, mode and size are known and checked against
+    `max_pixels`, and no pixel is decoded yet. A server uses it to refuse bad or oversized images
+    and to learn what decoding one will cost (`decode_bytes`) before it pays for the decode.
+    Raises `ImageLoadError` as `load_image` does."""
+    with _named_errors(_label(source, name), max_pixels):
+        image = _open(source)
+        _check_size(image, max_pixels)
+        return image
+
+
+def decode_bytes(image: Image.Image, min_size: int | None = None) -> int:
+    """About the most memory `load_image(..., min_size=min_size)` holds at once while decoding
+    `image`, an image from `open_image` (whose JPEG draft scale this sets)."""
+    _draft(image, min_size)
+    width, height = image.size
+    return width * height * _PEAK_BYTES_PER_PIXEL.get(image.mode, _MOST_BYTES_PER_PIXEL)
+
+
+def _label(source: object, name: str | None) -> str:
+    return name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
+
+
+def _draft(image: Image.Image, min_size: int | None) -> None:
+    if min_size is not None and image.format == "JPEG":
+        image.draft(image.mode, (min_size, min_size))  # a second call changes nothing
+
+
+@contextmanager
+def _named_errors(label: str, max_pixels: int | None) -> Iterator[None]:
+    """Turn every way reading an image fails into one `ImageLoadError` naming `label`."""
+    try:
+        yield
     except ImageLoadError as error:
         raise type(error)(f"{label}: {error}") from None
     except FileNotFoundError:
@@ -64,8 +110,12 @@ def load_image(
         raise ImageLoadError(f"{label}: permission denied") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not an image, or an unsupported format") from None
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"{label}: too many pixels ({error})") from None
+    except Image.DecompressionBombError:
+        # PIL refuses images over twice its MAX_IMAGE_PIXELS as it opens them, before our check
+        # runs, and its message quotes its own limit; the user knows only theirs.
+        pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        limit = "PIL.Image.MAX_IMAGE_PIXELS" if max_pixels is None or max_pixels > pil_limit else f"limit {max_pixels:,}"
+        raise ImageTooLargeError(f"{label}: too many pixels (over {pil_limit:,} > {limit})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({error})") from None
 
@@ -75,11 +125,13 @@ def _open(source: str | Path | bytes | bytearray) -> Image.Image:
         if not source:
             raise ImageLoadError("empty data")
         stream = io.BytesIO(source)
-    else:
+    elif isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file() and path.stat().st_size == 0:
             raise ImageLoadError("empty file")
         stream = path
+    else:
+        raise ImageLoadError(f"a {type(source).__name__} is not an image, a path or image bytes")
     with warnings.catch_warnings():
         # We enforce our own pixel limit below; PIL's warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -103,7 +155,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype == np.uint16:
         array = (array >> 8).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # NaN: black
     elif array.dtype != np.uint8:
         raise ImageLoadError(f"array dtype {array.dtype} is not uint8, uint16 or float")
     if array.ndim == 3 and array.shape[2] == 1:
@@ -126,8 +178,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # (converting would copy)
         background = Image.new("RGB", rgba.size, _BACKGROUND)
-        background.paste(rgba, mask=rgba.getchannel("A"))
+        background.paste(rgba, mask=rgba)  # an RGBA mask is its alpha band, without a copy of it
         return background
     return image.convert("RGB")

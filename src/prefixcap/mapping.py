@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 from prefixcap.config import CaptionConfig
+from prefixcap.errors import ModelLoadError
+
+# 4 GiB in float32, 30x ClipCap's MLP mapper (K=10 on GPT-2): sizes that ask for more come from a
+# damaged or mistaken config.json, and would exhaust memory instead of failing.
+MAX_PARAMETERS = 2**30
 
 
 class LinearMapper(nn.Module):
@@ -62,16 +67,25 @@ class PrefixMapper(nn.Module):
         super().__init__()
         self.prefix_length = config.prefix_length
         self.hidden_size = config.decoder_hidden_size
-        sizes = (config.embed_dim, config.decoder_hidden_size, config.prefix_length)
-        if config.mapper == "linear":
-            self.mapper: nn.Module = LinearMapper(*sizes)
-        elif config.mapper == "mlp":
-            self.mapper = MLPMapper(*sizes)
-        else:
-            self.mapper = TransformerMapper(
-                *sizes, config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads
+        with torch.device("meta"):  # count the parameters without allocating them
+            count = sum(p.numel() for p in _build(config).parameters())
+        if count > MAX_PARAMETERS:
+            raise ModelLoadError(
+                f"the {config.mapper!r} mapper with prefix_length {config.prefix_length}, embed_dim {config.embed_dim} "
+                f"and decoder_hidden_size {config.decoder_hidden_size} would have {count:,} parameters "
+                f"(limit {MAX_PARAMETERS:,}); check these sizes"
             )
+        self.mapper = _build(config)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         prefix = self.mapper(image_embeds)
         return prefix.reshape(image_embeds.shape[0], self.prefix_length, self.hidden_size)
+
+
+def _build(config: CaptionConfig) -> nn.Module:
+    sizes = (config.embed_dim, config.decoder_hidden_size, config.prefix_length)
+    if config.mapper == "linear":
+        return LinearMapper(*sizes)
+    if config.mapper == "mlp":
+        return MLPMapper(*sizes)
+    return TransformerMapper(*sizes, config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads)

@@ -14,12 +14,12 @@ Everything loads from safetensors; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -34,14 +34,21 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from prefixcap.atomic import replace_dir
-from prefixcap.config import DEFAULT_VISION_ENCODER, CaptionConfig
+from prefixcap.atomic import atomic_dir, check_output_dir
+from prefixcap.config import CONFIG_NAME, DEFAULT_VISION_ENCODER, CaptionConfig
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import GenerationOptions, generate_from_prefix
 from prefixcap.mapping import PrefixMapper
 from prefixcap.preprocess import ImagePreprocessor
 
 MAPPER_WEIGHTS = "mapper.safetensors"
+MODEL_DIRECTORY = "prefixcap model directory"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` holds a model directory that prefixcap wrote (and so may replace)."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() and (path / MAPPER_WEIGHTS).is_file()
 
 
 class CaptionModel(nn.Module):
@@ -66,6 +73,7 @@ class CaptionModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.preprocessor = ImagePreprocessor(image_processor)  # uint8 in workers, floats on the device
+        self._check_defaults()
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
@@ -103,30 +111,29 @@ class CaptionModel(nn.Module):
         for required in ["tokenizer", "image_processor"] + ([] if config.freeze_decoder else ["decoder"]):
             if not (directory / required).is_dir():
                 raise ModelLoadError(f"{directory}: missing {required}/ (the directory is incomplete)")
-        model = cls(
-            config,
+        components = (
             load_vision_encoder(_local_or(directory / "vision_encoder", config.vision_encoder)),
             _load_decoder(_local_or(directory / "decoder", config.decoder)),
             _load_tokenizer(directory / "tokenizer"),
             load_image_processor(directory / "image_processor"),
         )
+        try:  # sizes, stop token and generation defaults that do not fit the components
+            model = cls(config, *components)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{directory / CONFIG_NAME}: {error}") from None
         mapper_path = directory / MAPPER_WEIGHTS
         if not mapper_path.is_file():
             raise ModelLoadError(f"{directory}: missing {MAPPER_WEIGHTS}")
-        try:
-            model.mapper.load_state_dict(load_file(mapper_path))
-        except RuntimeError as error:  # wrong keys or shapes: summarise, no tensor dump
-            first = str(error).splitlines()[1:2] or [str(error)]
-            raise ModelLoadError(f"{mapper_path}: does not match config.json ({first[0].strip()})") from None
+        load_weights(model.mapper, read_safetensors(mapper_path), mapper_path)
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path, *, save_frozen: bool = True) -> None:
         """Write a model directory atomically. `save_frozen=False` stores frozen parts (the image
-        encoder, and a frozen decoder) as references to their hub ids instead of copying them."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        encoder, and a frozen decoder) as references to their hub ids instead of copying them.
+        An existing model directory is replaced (as Hugging Face's `save_pretrained` does); any
+        other non-empty folder is refused, never deleted."""
+        check_output_dir(directory, what=MODEL_DIRECTORY, is_ours=is_model_dir, overwrite=True)
+        with atomic_dir(directory) as staging:
             self.config.save(staging)
             save_file({k: v.contiguous() for k, v in self.mapper.state_dict().items()}, staging / MAPPER_WEIGHTS)
             if save_frozen:
@@ -135,9 +142,6 @@ class CaptionModel(nn.Module):
                 self.decoder.save_pretrained(staging / "decoder")
             self.tokenizer.save_pretrained(staging / "tokenizer")
             self.image_processor.save_pretrained(staging / "image_processor")
-            replace_dir(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload prefixcap model") -> str:
         """Upload a self-contained model directory to the Hugging Face hub; returns the commit URL."""
@@ -255,9 +259,19 @@ class CaptionModel(nn.Module):
         if self.config.stop_token:
             stop = self.tokenizer.encode(self.config.stop_token, add_special_tokens=False)
             if len(stop) != 1:
-                raise ModelLoadError(f"stop_token {self.config.stop_token!r} is not a single token")
+                raise ModelLoadError(f"stop_token {self.config.stop_token!r} is not a single token of the tokenizer")
             ids.append(stop[0])
         return ids
+
+    def _check_defaults(self) -> None:
+        """Refuse a stop token or generation defaults that cannot work with this tokenizer and
+        decoder when the model is built, so that commands and the server fail at start-up rather
+        than on every request."""
+        self.stop_token_ids()
+        try:
+            self.generation_options()
+        except ValueError as error:
+            raise ModelLoadError(f"generation defaults: {error}") from None
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
@@ -281,7 +295,7 @@ def load_vision_config(source: str | Path) -> PretrainedConfig:
 def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
     """The CLIP vision tower with its projection, from a full CLIP or a vision-only checkpoint."""
     config = load_vision_config(source)
-    return _hf_call(CLIPVisionModelWithProjection.from_pretrained, source, "image encoder", config=config, use_safetensors=True)
+    return _load_checked(CLIPVisionModelWithProjection.from_pretrained, source, "image encoder", config=config)
 
 
 def load_image_processor(source: str | Path) -> CLIPImageProcessorPil:
@@ -289,7 +303,7 @@ def load_image_processor(source: str | Path) -> CLIPImageProcessorPil:
 
 
 def _load_decoder(source: str | Path) -> PreTrainedModel:
-    return _hf_call(AutoModelForCausalLM.from_pretrained, source, "decoder", use_safetensors=True)
+    return _load_checked(AutoModelForCausalLM.from_pretrained, source, "decoder")
 
 
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
@@ -297,12 +311,71 @@ def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
-    """Run a transformers loader; turn its missing-file and bad-id errors into one clear line."""
+    """Run a transformers loader; turn its errors into one clear line. Missing files and bad ids
+    raise OSError or ValueError, damaged files anything from SafetensorError to AttributeError."""
     try:
         return loader(str(source), **kwargs)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0]
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None
+
+
+def _load_checked(loader: Callable[..., Any], source: str | Path, what: str, **kwargs: Any) -> PreTrainedModel:
+    """Load safetensors weights with a transformers loader, refusing what it only logs: a tensor
+    whose shape differs from the model's config (it would be re-initialised at random), a missing
+    tensor, and non-finite values (NaN weights give empty captions)."""
+    model, info = _hf_call(
+        loader, source, what, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+    )
+    if info["mismatched_keys"]:
+        name, found, expected = min(info["mismatched_keys"], key=lambda entry: entry[0])
+        raise ModelLoadError(
+            f"{source}: the {what}'s tensor {name} has shape {tuple(found)}, but its config.json gives "
+            f"{tuple(expected)}"
+        )
+    if info["missing_keys"]:
+        raise ModelLoadError(f"{source}: the {what}'s weights lack {_first(info['missing_keys'])}")
+    check_finite(model.state_dict(), source)
+    return model
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged one (empty, truncated, bad header) is one line."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{path}: damaged safetensors file ({error})") from None
+
+
+def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
+    """`module.load_state_dict(state)`, with one line naming `source` and the tensor (as the file
+    names it: `prefix` + key) for a missing or unexpected tensor, a wrong shape or non-finite values."""
+    expected = module.state_dict()
+    if expected.keys() - state.keys():
+        raise ModelLoadError(f"{source}: tensor {prefix}{_first(expected.keys() - state.keys())} is missing")
+    if state.keys() - expected.keys():
+        raise ModelLoadError(f"{source}: unexpected tensor {prefix}{_first(state.keys() - expected.keys())}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelLoadError(
+                f"{source}: tensor {prefix}{name} has shape {tuple(tensor.shape)}, but the model needs "
+                f"{tuple(expected[name].shape)}"
+            )
+    check_finite(state, source, prefix=prefix)
+    module.load_state_dict(state)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
+    """Refuse NaN or infinite weights: they make every caption empty, silently."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+
+
+def _first(names: Iterable[str]) -> str:
+    """The first of some tensor names, and how many more there are."""
+    names = sorted(names)
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
 def _check_sizes(config: CaptionConfig, encoder: CLIPVisionModelWithProjection, decoder: PreTrainedModel) -> None:

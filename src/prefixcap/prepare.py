@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from prefixcap.atomic import check_output_dir
 from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes
 from prefixcap.features import (
     MANIFEST,
     StoreManifest,
     finish_store,
+    is_feature_store,
     is_finished,
     normalize_model_id,
     preprocessing_of,
@@ -67,9 +69,12 @@ def prepare_features(
     shard_size: int = 2048,
     num_workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
 ) -> StoreManifest | None:
     """Build (or finish) the feature store at `out`; returns its manifest on the main process and
-    None on the others. Finished shards from an earlier run with the same inputs are kept."""
+    None on the others. Finished shards from an earlier run with the same inputs are kept. `out`
+    must be new, empty or such a store: a folder holding anything else is refused, and a store
+    none of whose shards these inputs share is replaced only with `overwrite`."""
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -80,6 +85,9 @@ def prepare_features(
     shards = [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
     fingerprints = [shard_fingerprint(settings, shard) for shard in shards]
     finished = [is_finished(out, i, fingerprint) for i, fingerprint in enumerate(fingerprints)]
+    if not any(finished):  # nothing here to continue: a new store, or one that replaces what is there
+        check_output_dir(out, what="prefixcap feature store", is_ours=is_feature_store, overwrite=overwrite)
+    state.wait_for_everyone()  # every process looked before any writes
     todo = [i for i in range(state.process_index, len(shards), state.num_processes) if not finished[i]]
     if state.is_main_process:
         kept = f"; {sum(finished)} finished shards kept" if any(finished) else ""

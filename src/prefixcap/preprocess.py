@@ -55,8 +55,14 @@ class ImagePreprocessor:
         """`pixels` of an image file, bytes or array (see `load_image`, which raises
         `ImageLoadError`). `jpeg_draft` decodes JPEGs at a reduced scale that still covers the
         model's input size (see `load_image`'s `min_size`)."""
-        min_size = self.geometry.shortest_edge if jpeg_draft and self.geometry is not None else None
+        min_size = self.draft_size if jpeg_draft else None
         return self.pixels(load_image(source, max_pixels=max_pixels, name=name, min_size=min_size))
+
+    @property
+    def draft_size(self) -> int | None:
+        """The smallest side a reduced-scale JPEG decode may have: the model's input size (None
+        when the processor resizes by another rule)."""
+        return None if self.geometry is None else self.geometry.shortest_edge
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The resized and cropped RGB `image` as [3, H, W] uint8, ready for `normalize`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Callable, TypeVar
 
 from prefixcap.errors import UserError
@@ -29,7 +30,7 @@ def add_model_arguments(
         help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
     )
     if batch_size:
-        parser.add_argument("--batch-size", type=at_least(int, 1), default=32, help="images per model batch (default: 32)")
+        parser.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per model batch (default: 32)")
 
 
 def add_jpeg_draft_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +44,20 @@ def add_jpeg_draft_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    # Finite numbers only here: the ranges are checked in one place, GenerationOptions.validate.
     group = parser.add_argument_group("decoding (unset options use the model's defaults)")
-    group.add_argument("--num-beams", type=int, help="beam search with this many beams (1 = greedy)")
+    group.add_argument("--num-beams", type=bounded(int), help="beam search with this many beams (1 = greedy)")
     group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
-    group.add_argument("--temperature", type=float, help="sampling temperature")
-    group.add_argument("--top-k", type=int, help="sampling: keep only the k most likely tokens")
-    group.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
-    group.add_argument("--num-captions", type=int, help="captions per image (beam search or sampling)")
-    group.add_argument("--max-new-tokens", type=int, help="maximum caption length in tokens")
-    group.add_argument("--min-new-tokens", type=int, help="minimum caption length in tokens")
-    group.add_argument("--length-penalty", type=float, help="beam search length penalty exponent")
-    group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeated tokens")
-    group.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating n-grams of this size")
-    group.add_argument("--seed", type=int, help="random seed for sampling")
+    group.add_argument("--temperature", type=bounded(float), help="sampling temperature")
+    group.add_argument("--top-k", type=bounded(int), help="sampling: keep only the k most likely tokens")
+    group.add_argument("--top-p", type=bounded(float), help="sampling: nucleus probability mass")
+    group.add_argument("--num-captions", type=bounded(int), help="captions per image (beam search or sampling)")
+    group.add_argument("--max-new-tokens", type=bounded(int), help="maximum caption length in tokens")
+    group.add_argument("--min-new-tokens", type=bounded(int), help="minimum caption length in tokens")
+    group.add_argument("--length-penalty", type=bounded(float), help="beam search length penalty exponent")
+    group.add_argument("--repetition-penalty", type=bounded(float), help="> 1 discourages repeated tokens")
+    group.add_argument("--no-repeat-ngram-size", type=bounded(int), help="forbid repeating n-grams of this size")
+    group.add_argument("--seed", type=bounded(int), help="random seed for sampling")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,17 +89,24 @@ def load_captioner(args: argparse.Namespace, **kwargs: Any):
     return Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
 
 
-def at_least(kind: Callable[[str], Number], minimum: Number) -> Callable[[str], Number]:
-    """An argparse type (`int` or `float`) with a lower bound, so bad values fail before any work
-    starts."""
+def bounded(
+    kind: Callable[[str], Number], minimum: Number | None = None, maximum: Number | None = None
+) -> Callable[[str], Number]:
+    """An argparse type (`int` or `float`) in [minimum, maximum], so that a bad value fails before
+    any work starts. Every numeric option of every command uses it: NaN and infinities are refused
+    (`inf` would pass a lower bound, and NaN passes no comparison at all)."""
 
     def parse(text: str) -> Number:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            span = f"at most {maximum}" if minimum is None else f"at least {minimum}"
+            span = span if None in (minimum, maximum) else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
     return parse

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefixcap.cli.common import (
     add_generation_arguments,
     add_model_arguments,
-    at_least,
+    bounded,
     check_generation,
     generation_kwargs,
     load_captioner,
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=at_least(int, 0),
+        type=bounded(int, 0),
         default=min(4, os.cpu_count() or 1),
         metavar="N",
         help="image decoding processes when DATA is a dataset, not a feature store (default: %(default)s)",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prefixcap.cli.common import at_least
+from prefixcap.cli.common import bounded
 from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.data import FORMATS
 
@@ -36,16 +36,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=at_least(int, 1), default=256, metavar="N", help="images per encoder batch (default: 256)"
+        "--batch-size", type=bounded(int, 1), default=256, metavar="N", help="images per encoder batch (default: 256)"
     )
     parser.add_argument(
-        "--shard-size", type=at_least(int, 1), default=2048, metavar="N",
+        "--shard-size", type=bounded(int, 1), default=2048, metavar="N",
         help="images per shard; an interrupted run redoes at most one shard per process (default: 2048)",
     )  # fmt: skip
     parser.add_argument(
-        "--workers", type=at_least(int, 0), metavar="N",
+        "--workers", type=bounded(int, 0), metavar="N",
         help="image decoding processes per encoder process (default: this machine's CPUs shared by its "
         "processes, at most 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the feature store at FEATURES when none of its shards comes from these inputs "
+        "(a rerun with the same inputs continues it without this; a folder that is not a feature store "
+        "is always refused)",
     )  # fmt: skip
     parser.set_defaults(func=run)
 
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = prepare_features(
         args.data, args.out, images_root=args.images_root, format=args.format, vision_encoder=args.vision_encoder,
-        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers, overwrite=args.overwrite,
     )  # fmt: skip
     if manifest is None:  # not the main process: it wrote its shards, the main process reports
         return 0

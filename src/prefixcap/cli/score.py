@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefixcap.cli.common import at_least
+from prefixcap.cli.common import bounded
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
 
@@ -82,7 +82,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--bertscore-layers",
-        type=at_least(int, 0),
+        type=bounded(int, 0),
         metavar="N",
         help="BERTScore representation layer (default: bert-score's choice for the model, 17 for roberta-large)",
     )
@@ -100,14 +100,14 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--metric-batch-size",
-        type=at_least(int, 1),
+        type=bounded(int, 1),
         metavar="N",
         default=64,
         help="sentences or images per BERTScore/CLIPScore batch (default: 64)",
     )
     group.add_argument(
         "--examples",
-        type=at_least(int, 0),
+        type=bounded(int, 0),
         default=24,
         metavar="N",
         help="random examples in report.html (default: 24)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefixcap.cli.common import at_least
+from prefixcap.cli.common import bounded
 from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, make_synthetic_dataset
 
 
@@ -20,14 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
     parser.add_argument(
-        "--num-images", type=at_least(int, MIN_NUM_IMAGES), default=600, metavar="N",
+        "--num-images", type=bounded(int, MIN_NUM_IMAGES), default=600, metavar="N",
         help="number of images (default: 600)",
     )  # fmt: skip
     parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)"
+        "--seed", type=bounded(int, 0, 2**32 - 1), default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)"
     )
     parser.add_argument(
-        "--image-size", type=at_least(int, MIN_IMAGE_SIZE), default=64, metavar="PX",
+        "--image-size", type=bounded(int, MIN_IMAGE_SIZE), default=64, metavar="PX",
         help="image width and height in pixels (default: 64)",
     )  # fmt: skip
     parser.set_defaults(func=run)

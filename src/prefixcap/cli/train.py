@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from prefixcap.cli.common import bounded
 from prefixcap.config import MAPPER_KINDS
 from prefixcap.training.config import (
     BEST_METRICS,
+    BOUNDS,
     CAPTION_MODES,
     PRECISIONS,
     SCHEDULES,
     TrainConfig,
+    field_kind,
 )
 
 DEFAULTS = TrainConfig()
@@ -39,28 +42,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from RUN_DIR/last exactly where it stopped, with the run's own options "
         "(FEATURES and the other options may be left out; given ones must match)",
     )
+    add(
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="start afresh in a RUN_DIR that holds an earlier run, deleting that run's checkpoints and logs "
+        "(a folder that is not a run folder is always refused)",
+    )
 
     model = parser.add_argument_group("model")
     add = _adder(model)
     add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
     add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
-    add("--prefix-length", type=int, metavar="K", help="prefix embeddings per image")
+    add("--prefix-length", metavar="K", help="prefix embeddings per image")
     add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
         "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10)")  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     add = _adder(optim)
-    add("--epochs", type=int, metavar="N", help="passes over the training set")
-    add("--batch-size", type=int, metavar="N", help="captions per process per step (x processes x --grad-accum in all)")
-    add("--lr", type=float, help="peak learning rate (AdamW)")
-    add("--warmup", type=float, metavar="W", help="warm-up: a fraction of all steps if < 1, else a number of steps")
+    add("--epochs", metavar="N", help="passes over the training set")
+    add("--batch-size", metavar="N", help="captions per process per step (x processes x --grad-accum in all)")
+    add("--lr", help="peak learning rate (AdamW)")
+    add("--warmup", metavar="W", help="warm-up: a fraction of all steps if < 1, else a number of steps")
     add("--lr-schedule", choices=SCHEDULES, help="decay after warm-up")
-    add("--weight-decay", type=float, metavar="X", help="AdamW weight decay of weight matrices")
-    add("--grad-accum", type=int, metavar="N", help="micro-batches accumulated per optimizer step")
-    add("--max-grad-norm", type=float, metavar="X", help="clip the gradient norm to X (0: no clipping)")
+    add("--weight-decay", metavar="X", help="AdamW weight decay of weight matrices")
+    add("--grad-accum", metavar="N", help="micro-batches accumulated per optimizer step")
+    add("--max-grad-norm", metavar="X", help="clip the gradient norm to X (0: no clipping)")
     add("--compile", action="store_true", help="torch.compile the model: faster steps on GPUs after a slow first few")
     add("--precision", choices=PRECISIONS, help="bf16/fp16 autocast or fp32 (default: bf16 on a CUDA GPU, else fp32)")
-    add("--seed", type=int, metavar="S", help="seed for weights, data order and dropout")
+    add("--seed", metavar="S", help="seed for weights, data order and dropout")
 
     data = parser.add_argument_group("data")
     add = _adder(data)
@@ -70,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="per epoch, every (image, caption) pair, or one random caption per image",
     )
     add(
-        "--max-caption-tokens", type=int, metavar="N",
+        "--max-caption-tokens", metavar="N",
         help="longest target in tokens, EOS included; longer captions are cut "
         "(default: long enough for 99%% of the training captions)",
     )  # fmt: skip
@@ -79,16 +89,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = _adder(validation)
     add(
         "--val-images",
-        type=int,
         metavar="N",
         help="val images captioned (greedy) for BLEU-4 and CIDEr-D after each epoch",
     )
     add("--best-metric", choices=BEST_METRICS, help="what chooses RUN_DIR/best (loss: the lowest val loss)")
     add(
-        "--save-every", type=int, metavar="N", help="also checkpoint RUN_DIR/last every N steps (0: at epoch ends only)"
+        "--save-every", metavar="N", help="also checkpoint RUN_DIR/last every N steps (0: at epoch ends only)"
     )
     add(
-        "--log-every", type=int, metavar="N", help="steps between train-loss points in the progress bar and TensorBoard"
+        "--log-every", metavar="N", help="steps between train-loss points in the progress bar and TensorBoard"
     )
     parser.set_defaults(func=run)
 
@@ -99,18 +108,20 @@ def run(args: argparse.Namespace) -> int:
 
     options = {name: value for name, value in vars(args).items() if name in _OPTION_NAMES}
     config, given = resolve_config(options, args.config_file)
-    Trainer(config, resume=args.resume, given=given).fit()
+    Trainer(config, resume=args.resume, overwrite=args.overwrite, given=given).fit()
     return 0
 
 
 def _adder(group: Any):
-    """`group.add_argument`, with default None (so that a config file can fill the option) and
-    the TrainConfig default appended to the help."""
+    """`group.add_argument`, with default None (so that a config file can fill the option), the
+    TrainConfig default appended to the help, and every numeric option range-checked by its BOUNDS."""
 
     def add(*flags: str, **kwargs: Any) -> None:
         name = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
         if name in _OPTION_NAMES:
             kwargs.setdefault("default", None)
+            if name in BOUNDS:
+                kwargs["type"] = bounded({"int": int, "float": float}[field_kind(name)], *BOUNDS[name])
             default = getattr(DEFAULTS, name)
             if default is not None:
                 kwargs["help"] += f" (default: {default})"

@@ -6,8 +6,8 @@ of the parts into part files; the main process then merges them into one results
       captions.jsonl (or .parquet, .csv, .txt)  one record per captioned image, in input order
       summary.json                            counts, failures with reasons, images/s
 
-A rerun with the same inputs and settings skips the parts that exist, so a killed job loses at most
-the part each process was working on. The split is recomputed on every run from the parts still to
+A rerun with the same inputs, settings and model files skips the parts that exist, so a killed job
+loses at most the part each process was working on. The split is recomputed on every run from the parts still to
 do, so a resumed job is balanced over however many processes it now has.
 """
 
@@ -23,7 +23,15 @@ from typing import Any
 
 from prefixcap.atomic import atomic_file
 from prefixcap.distributed.loading import caption_parts
-from prefixcap.distributed.outputs import SUFFIXES, RecordWriter, read_part, write_part
+from prefixcap.distributed.outputs import (
+    SUFFIXES,
+    RecordWriter,
+    check_output,
+    open_output,
+    read_part,
+    write_errors,
+    write_part,
+)
 from prefixcap.distributed.plan import Part, plan_parts
 from prefixcap.errors import UserError
 
@@ -63,15 +71,18 @@ def caption_to_directory(
     """Caption `sources` (image files and WebDataset shard specs) into `out_dir`.
 
     Call it in every process, with `state` an `accelerate.PartialState`. Returns the summary on
-    the main process and None on the others. `settings` (model, decoding options) name the parts,
-    see `plan_parts`; `input_failures` are (input, reason) pairs for inputs that matched nothing,
-    listed in the summary with the unreadable images.
+    the main process and None on the others. `settings` (model, decoding options) and the
+    captioner's `model_fingerprint` name the parts (see `plan_parts`), so that a model retrained
+    at the same path is not mistaken for the old one; `input_failures` are (input, reason) pairs
+    for inputs that matched nothing or could not be read, listed in the summary with the
+    unreadable images.
     """
     from accelerate.utils import broadcast_object_list
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    settings = {**(settings or {}), "model_files": captioner.model_fingerprint}
     parts = plan_parts(sources, part_size=part_size, settings=settings)
 
     # 1. The main process decides what is left to do, so that every process splits the same list
@@ -115,9 +126,18 @@ def caption_to_directory(
         seconds=round(seconds, 3), images_per_second=round(processed / max(seconds, 1e-9), 3),
         failures=[{"path": source, "error": reason} for source, reason in input_failures] + failures,
     )  # fmt: skip
-    with atomic_file(out_dir / SUMMARY) as out:
+    with write_errors(out_dir / SUMMARY), atomic_file(out_dir / SUMMARY) as out:
         json.dump(asdict(summary), out, indent=2)
     return summary
+
+
+def prepare_directory(out_dir: str | Path, fmt: str, inputs: Sequence[str]) -> None:
+    """Create `out_dir`, and fail now (before a model loads) if the job could not write its files
+    there, or would replace one of its `inputs`."""
+    out_dir = Path(out_dir)
+    with write_errors(out_dir):
+        (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    check_output([out_dir / f"captions{SUFFIXES[fmt]}", out_dir / SUMMARY], inputs)
 
 
 def _part_path(out_dir: Path, part: Part) -> Path:
@@ -130,8 +150,8 @@ def _merge(
     """Write the good results of all `parts` to `output`, in order. Returns (images captioned,
     failures, images in the `redone` parts)."""
     captioned, failures, processed = 0, [], 0
-    with atomic_file(output, binary=fmt == "parquet") as out:
-        writer = RecordWriter(out, fmt)
+    with open_output(output, fmt) as out:
+        writer = RecordWriter(out, fmt, str(output))
         for part in parts:
             path = _part_path(out_dir, part)
             if not path.exists():

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prefixcap.distributed.outputs import Result
-from prefixcap.distributed.plan import Part
+from prefixcap.distributed.plan import Part, RemoteShard, as_source
 from prefixcap.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource
 from prefixcap.preprocess import ImagePreprocessor, pixels_or_reason, stack_pixels
 
@@ -89,12 +89,15 @@ class PartImages(IterableDataset):
 
 def read_shard(spec: str) -> Iterator[tuple[str, bytes | str]]:
     """("spec#key.ext", encoded image) for each sample of a WebDataset shard, in archive order, or
-    ("spec#key", reason) for a sample without an image. `spec` is anything webdataset opens: a
-    path, a URL, or a `pipe:` command."""
+    ("spec#key", reason) for a sample without an image. A `LocalPath` is opened as a file whatever
+    its name; only a `RemoteShard` (a URL or `pipe:` command) goes to webdataset's opener. A plain
+    string is read with `as_source`."""
     from webdataset import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    with gopen(spec) as stream:  # closing a pipe raises if its command failed
+    spec = as_source(spec)
+    # closing a pipe raises if its command failed
+    with gopen(spec) if isinstance(spec, RemoteShard) else open(spec, "rb") as stream:
         for sample in group_by_keys(tar_file_expander([{"url": spec, "stream": stream}])):
             key = next((key for key in sample if key in _IMAGE_KEYS), None)
             if key is None:

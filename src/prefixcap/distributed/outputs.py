@@ -3,22 +3,32 @@
 A part file holds the results of one `Part` as JSON lines, good images exactly as the `jsonl`
 format writes them and unreadable ones as `{"path", "error"}`. It is written to a temporary
 name and renamed, so it exists only once complete: its existence is what "finished" means.
+
+File names may hold bytes that are not UTF-8 (Python keeps them as surrogate escapes). JSON lines
+write them as `\\udcNN` escapes, and text, CSV and Parquet write the same escapes as plain text,
+so every format is valid UTF-8. The text format also escapes backslash, tab, newline and carriage
+return (`\\\\`, `\\t`, `\\n`, `\\r`), so that each record is exactly one `path<TAB>caption` line.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from prefixcap.atomic import atomic_file
+from prefixcap.atomic import atomic_file, atomic_path
+from prefixcap.distributed.plan import file_identity
+from prefixcap.errors import UserError
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
 _PARQUET_ROWS = 10_000  # rows per Parquet row group
+_TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 @dataclass
@@ -39,40 +49,48 @@ class Result:
 
 
 class RecordWriter:
-    """Writes the captions of good images in one of FORMATS. Text formats are flushed record by
-    record, so a crash loses nothing written; Parquet is written in row groups."""
+    """Writes the captions of good images in one of FORMATS to `out`, which `name` names in errors.
+    Text formats are flushed record by record, so a crash loses nothing written; Parquet is
+    written in row groups."""
 
-    def __init__(self, out: IO, fmt: str):
+    def __init__(self, out: IO, fmt: str, name: str):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-        self.out, self.fmt = out, fmt
+        self.out, self.fmt, self.name = out, fmt, name
         self.csv = csv.writer(out) if fmt == "csv" else None
         self.header_written = False
         self.rows: list[dict] = []  # Parquet rows not yet written
         self.parquet = None
 
     def write(self, path: str, captions: list[str]) -> None:
-        if self.fmt == "parquet":
-            self.rows.append({"path": path, "caption": captions[0], "captions": captions})
-            if len(self.rows) == _PARQUET_ROWS:
+        with write_errors(self.name):
+            self._write(path, captions)
+
+    def close(self) -> None:
+        """Finish the file (Parquet needs its footer) and flush it, so that a full disk shows up
+        here as a UserError; the caller closes `out`."""
+        with write_errors(self.name):
+            if self.fmt == "parquet":
                 self._write_row_group()
-            return
-        if self.fmt == "text":
-            self.out.write("\t".join([path, *captions]) + "\n")
-        elif self.fmt == "jsonl":
+                self.parquet.close()
+            self.out.flush()
+
+    def _write(self, path: str, captions: list[str]) -> None:
+        if self.fmt == "jsonl":
             self.out.write(Result(path, captions).to_json() + "\n")
-        else:
+        elif self.fmt == "text":
+            self.out.write("\t".join(printable(field.translate(_TEXT_ESCAPES)) for field in [path, *captions]) + "\n")
+        elif self.fmt == "csv":
             if not self.header_written:
                 self.csv.writerow(["path", "caption", *[f"caption_{i + 2}" for i in range(len(captions) - 1)]])
                 self.header_written = True
-            self.csv.writerow([path, *captions])
+            self.csv.writerow([printable(path), *captions])
+        else:
+            self.rows.append({"path": printable(path), "caption": captions[0], "captions": captions})
+            if len(self.rows) == _PARQUET_ROWS:
+                self._write_row_group()
+            return
         self.out.flush()
-
-    def close(self) -> None:
-        """Finish the file (Parquet needs its footer); the caller closes `out`."""
-        if self.fmt == "parquet":
-            self._write_row_group()
-            self.parquet.close()
 
     def _write_row_group(self) -> None:
         import pyarrow as pa
@@ -86,16 +104,59 @@ class RecordWriter:
         self.rows = []
 
 
-def open_output(path: str | Path, fmt: str) -> IO:
-    """`path` opened for a RecordWriter: binary for Parquet, text otherwise."""
-    if fmt == "parquet":
-        return open(path, "wb")
-    return open(path, "w", newline="", encoding="utf-8")
+def printable(name: str) -> str:
+    """`name` as valid UTF-8: the surrogate escapes that stand for undecodable bytes in file names
+    become the text `\\udcNN`, as JSON writes them."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@contextmanager
+def write_errors(name: str | Path) -> Iterator[None]:
+    """Turn an OSError while writing `name` (disk full, read-only, quota) into one line."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"{name}: cannot write ({error.strerror or error})") from None
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether `path` is a device or FIFO (`/dev/stdout`): written in place, not replaced."""
+    return Path(path).exists() and not Path(path).is_file()
+
+
+def check_output(targets: Sequence[Path], inputs: Iterable[str]) -> None:
+    """Fail before any work when an output could not be written (missing or read-only folder),
+    or would replace one of the `inputs` (compared as files, so links and other spellings count)."""
+    for folder in {target.resolve().parent for target in targets if not is_stream(target)}:
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise UserError(f"{folder}: cannot create files here ({error.strerror or error})") from None
+    existing = {file_identity(target): target for target in targets if target.exists()}
+    for source in inputs:
+        if (target := existing.get(file_identity(source))) is not None:
+            raise UserError(f"{target}: is also an input; writing it would destroy that input")
+
+
+@contextmanager
+def open_output(path: str | Path, fmt: str) -> Iterator[IO]:
+    """`path` opened for a RecordWriter: binary for Parquet, text otherwise. A file is written to
+    a temporary beside it and renamed once complete, so an error or Ctrl-C leaves no partial file
+    (and an older file as it was); a device or FIFO is written in place. Failing to open or close
+    it (a full disk shows when the last buffer is written) is a UserError."""
+    with nullcontext(path) if is_stream(path) else atomic_path(Path(path).resolve()) as target:
+        with write_errors(path):
+            out = open(target, "wb") if fmt == "parquet" else open(target, "w", newline="", encoding="utf-8")
+        try:
+            yield out
+        finally:
+            with write_errors(path):
+                out.close()
 
 
 def write_part(path: Path, results: Iterable[Result]) -> None:
     """Write a part file atomically: it appears complete or not at all."""
-    with atomic_file(path) as out:
+    with write_errors(path), atomic_file(path) as out:
         out.writelines(result.to_json() + "\n" for result in results)
 
 

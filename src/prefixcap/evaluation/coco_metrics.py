@@ -8,10 +8,12 @@ classes), reported x100 as papers do. Two things degrade gracefully instead of c
   The training loop uses this path on purpose: it is fast and needs no JVM.
 - SPICE needs Stanford CoreNLP, which pycocoevalcap downloads on first use; offline, or when
   its jar fails, SPICE is skipped with a one-line reason and the other metrics are reported.
+  Offline means HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: then nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -162,29 +164,44 @@ def _run_spice(
 
     lib = Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB)
     corenlp = get_stanford_models.JAR  # "stanford-corenlp-3.6.0"
-    try:
-        with captured_output() as output:  # download progress, Java stack traces
-            corpus, per_image = Spice().compute_score(gts, res)  # downloads CoreNLP (~400 MB) once
-    except urllib.error.URLError as error:
+    if offline() and not (lib / f"{corenlp}.jar").exists():  # pycocoevalcap would download it now
         reason = (
-            f"it needs Stanford CoreNLP 3.6.0, downloaded on first use, and the download failed "
-            f"({getattr(error, 'reason', error)}); run once online, "
-            f"or put {corenlp}.jar and {corenlp}-models.jar into {lib}"
-        )
-    except OSError as error:  # e.g. pycocoevalcap's folder is read-only: it writes temp files there
-        reason = f"could not run it ({error})"
-    except subprocess.CalledProcessError as error:
-        reason = (
-            f"its Java program failed with status {error.returncode} ({_java_error(output)}); "
-            f"SPICE 1.0 needs Java 8 or 11 and {corenlp}.jar and {corenlp}-models.jar in {lib}"
+            f"offline (HF_HUB_OFFLINE is set), and it needs Stanford CoreNLP 3.6.0, which is not installed; "
+            f"run once online, or put {corenlp}.jar and {corenlp}-models.jar into {lib}"
         )
     else:
-        # Spice returns its per-image scores in sorted id order, unlike every other scorer.
-        by_id = dict(zip(sorted(gts), per_image))
-        return [("SPICE", corpus, [by_id[i]["All"]["f"] for i in gts])]
+        try:
+            with captured_output() as output:  # download progress, Java stack traces
+                corpus, per_image = Spice().compute_score(gts, res)  # downloads CoreNLP (~400 MB) once
+        except urllib.error.URLError as error:
+            reason = (
+                f"it needs Stanford CoreNLP 3.6.0, downloaded on first use, and the download failed "
+                f"({getattr(error, 'reason', error)}); run once online, "
+                f"or put {corenlp}.jar and {corenlp}-models.jar into {lib}"
+            )
+        except OSError as error:  # e.g. pycocoevalcap's folder is read-only: it writes temp files there
+            reason = f"could not run it ({error})"
+        except subprocess.CalledProcessError as error:
+            reason = (
+                f"its Java program failed with status {error.returncode} ({_java_error(output)}); "
+                f"SPICE 1.0 needs Java 8 or 11 and {corenlp}.jar and {corenlp}-models.jar in {lib}"
+            )
+        else:
+            # Spice returns its per-image scores in sorted id order, unlike every other scorer.
+            by_id = dict(zip(sorted(gts), per_image))
+            return [("SPICE", corpus, [by_id[i]["All"]["f"] for i in gts])]
     notice(f"SPICE skipped: {reason}; the other metrics are reported.")
     skipped["SPICE"] = reason
     return []
+
+
+def offline() -> bool:
+    """Whether downloads are off: huggingface_hub's offline mode (read when it was imported) or
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set now."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
 def _java_error(lines: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Score generated captions with every metric; write metrics.json, per_image.json and report.html.
 
-Metrics a user names must run, and their failures are errors. With no names, every metric
-that can run here does, and each one that cannot is skipped with a one-line reason.
+Metrics a user names must run, and their failures are one-line errors. With no names, every
+metric that can run here does, and each one that cannot, or fails for any reason, is skipped with
+a one-line reason: one metric never costs the others.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def score_samples(
 
     coco = [name for name in wanted if name in COCO_METRICS]
     if coco:
-        _coco(evaluation, coco, config)
+        with _optional("COCO metrics", explicit, evaluation):
+            _coco(evaluation, coco, config)
     if "bertscore" in wanted:
         with _optional("BERTScore", explicit, evaluation):
             _bertscore(evaluation, config)
@@ -150,14 +152,18 @@ def _check_images_present(images: Sequence[str | None]) -> None:
 
 @contextlib.contextmanager
 def _optional(name: str, explicit: bool, evaluation: Evaluation) -> Iterator[None]:
-    """Run one metric; when it was not named by the user, its UserError becomes a one-line skip."""
+    """Run one metric. Its failure, whatever the cause (a missing model, a tokenizer without a pad
+    token, a crashed JVM), is one line: an error when the user named it, else a skip."""
     try:
         yield
-    except UserError as error:
-        if explicit:
+    except Exception as error:
+        if explicit and isinstance(error, UserError):
             raise
-        notice(f"{name} skipped: {error}")
-        evaluation.skipped[name] = str(error)
+        reason = str(error) if isinstance(error, UserError) else " ".join(f"{type(error).__name__}: {error}".split())
+        if explicit:
+            raise UserError(f"{name} failed ({reason})") from None
+        notice(f"{name} skipped: {reason}")
+        evaluation.skipped[name] = reason
 
 
 def write_outputs(out_dir: str | Path, evaluation: Evaluation, **report_kwargs: Any) -> Path:

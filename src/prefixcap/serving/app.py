@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -26,11 +27,12 @@ from swagger_ui_bundle import swagger_ui_path
 
 from prefixcap import __version__
 from prefixcap.captioner import Captioner
-from prefixcap.errors import ImageLoadError, ImageTooLargeError
+from prefixcap.errors import UserError
 from prefixcap.serving.batching import DynamicBatcher
+from prefixcap.serving.decoding import ImageDecoder, default_workers
 from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
-from prefixcap.serving.inputs import NamedImage, generation_kwargs, read_caption_request
-from prefixcap.serving.limits import BodySizeLimit
+from prefixcap.serving.inputs import NamedImage, check_limits, generation_kwargs, read_caption_request
+from prefixcap.serving.limits import RequestBodyLimits
 from prefixcap.serving.metrics import RequestMetricsMiddleware, ServerMetrics
 from prefixcap.serving.schemas import (
     GeneratedText,
@@ -38,6 +40,7 @@ from prefixcap.serving.schemas import (
     JSONCaptionRequest,
     MultipartCaptionRequest,
 )
+from prefixcap.serving.security import AccessGuard, is_loopback
 
 STATIC_DIR = Path(__file__).with_name("static")
 CAPTION_PATH = "/v1/caption"
@@ -46,10 +49,10 @@ T = TypeVar("T")
 
 @dataclass
 class ServerConfig:
-    """Server limits. The caps on decoding options keep one request from holding the model for
-    long; a request over any of them gets a 422."""
+    """Server limits and access rules. The caps on decoding options keep one request from holding
+    the model for long; a request over any of them gets a 422. Access rules: see `security`."""
 
-    model_name: str  # what /health and the page call the model
+    model_name: str  # what /health and the page call the model (a folder: its name, but to loopback)
     max_batch_size: int = 32  # most images in one model batch
     max_wait_ms: float = 10.0  # a batch starts when full or after this long without a new image
     max_upload_mb: float = 20.0  # larger request bodies are refused with 413
@@ -57,24 +60,40 @@ class ServerConfig:
     max_new_tokens: int = 128  # cap on max_new_tokens (also kept within the decoder's positions)
     max_beams: int = 8  # cap on num_beams
     max_captions: int = 8  # cap on num_return_sequences
+    read_timeout: float = 60.0  # seconds for a request body to arrive once its headers have (408)
+    decode_memory_mb: float = 512.0  # most memory that image decodes hold at once
+    decode_workers: int | None = None  # threads decoding images (None: one per CPU)
+    allowed_hosts: list[str] | None = None  # Host values answered (None: all, e.g. behind a proxy)
+    cors_origins: list[str] = field(default_factory=list)  # other web origins that may POST ("*": all)
+    api_key: str | None = None  # required by /v1/ and /metrics when set
 
 
 def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
-    """A ready-to-serve app; the model thread starts and stops with the app's lifespan. The pixel
-    limit is the Captioner's (`Captioner(model, max_pixels=...)`)."""
+    """A ready-to-serve app; the model and decoding threads start and stop with the app's
+    lifespan. The pixel limit is the Captioner's (`Captioner(model, max_pixels=...)`). Raises
+    UserError for a model whose own decoding defaults would fail every request."""
+    limits = _option_limits(captioner, config)
+    _check_model(captioner, config, limits)
     metrics = ServerMetrics(config.max_batch_size)
     batcher = DynamicBatcher(
         lambda pixels, options: _caption_batch(captioner, metrics, pixels, options),
         max_batch_size=config.max_batch_size,
         max_wait_ms=config.max_wait_ms,
     )
-    limits = _option_limits(captioner, config)
+    decoder = ImageDecoder(
+        captioner,
+        memory_bytes=int(config.decode_memory_mb * 2**20),
+        workers=config.decode_workers or default_workers(),
+    )
+    public_model_name = _public_name(config.model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        decoder.start()
         await batcher.start()
         yield
         await batcher.stop()
+        await decoder.stop()
 
     app = FastAPI(
         title="prefixcap",
@@ -86,8 +105,19 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
     )
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=int(config.max_upload_mb * 2**20))
+    # the first added runs last, next to the endpoints
+    app.add_middleware(RequestBodyLimits, max_bytes=int(config.max_upload_mb * 2**20), read_timeout=config.read_timeout)
+    app.add_middleware(
+        AccessGuard, allowed_hosts=config.allowed_hosts, cors_origins=config.cors_origins, api_key=config.api_key
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, path=CAPTION_PATH)
+    if config.cors_origins:  # outermost: answers preflights, and lets allowed pages read errors too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "x-api-key", "content-type"],
+        )
 
     @app.post(
         CAPTION_PATH,
@@ -104,15 +134,16 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
         kwargs = generation_kwargs(options, captioner.model.config.generation, limits)
-        captions = await _unless_disconnected(request, _caption(captioner, batcher, images, kwargs))
+        captions = await _unless_disconnected(request, _caption(decoder, batcher, images, kwargs))
         metrics.images.inc(len(images))
         return [[{"generated_text": text} for text in texts] for texts in captions]
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         """Ready means the model is loaded and batching; 503 otherwise, for load balancers."""
+        local = request.client is not None and is_loopback(request.client.host)
         body = Health(
-            model=config.model_name,
+            model=config.model_name if local else public_model_name,
             device=str(captioner.model.device),
             ready=batcher.running,
             max_batch_size=config.max_batch_size,
@@ -150,23 +181,42 @@ def _option_limits(captioner: Captioner, config: ServerConfig) -> dict[str, int]
     positions after the prefix."""
     limit = captioner.model.max_new_tokens_limit
     max_new_tokens = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit)
-    return {"max_new_tokens": max_new_tokens, "num_beams": config.max_beams, "num_return_sequences": config.max_captions}
+    # num_return_sequences first: without sampling it also sets num_beams, and the error should
+    # name what the client asked for
+    return {"max_new_tokens": max_new_tokens, "num_return_sequences": config.max_captions, "num_beams": config.max_beams}
+
+
+def _check_model(captioner: Captioner, config: ServerConfig, limits: Mapping[str, int]) -> None:
+    """Refuse to serve a model whose saved stop token or decoding defaults are invalid, or over
+    this server's limits: it would report ready, then fail every request that relies on them."""
+    try:
+        captioner.model.stop_token_ids()
+        defaults = captioner.model.generation_options()
+        check_limits(defaults, limits, requested={})
+    except (UserError, ValueError) as error:
+        raise UserError(f"cannot serve {config.model_name}: {error}") from None
+    except APIError as error:
+        raise UserError(f"cannot serve {config.model_name}: {error.message}") from None
+
+
+def _public_name(model_name: str) -> str:
+    """What /health tells clients beyond this machine: a model folder's name, not its path."""
+    return Path(model_name).name if Path(model_name).exists() else model_name
 
 
 async def _caption(
-    captioner: Captioner, batcher: DynamicBatcher, images: list[NamedImage], kwargs: Mapping[str, Any]
+    decoder: ImageDecoder, batcher: DynamicBatcher, images: list[NamedImage], kwargs: Mapping[str, Any]
 ) -> list[list[str]]:
-    """Decode the images in worker threads, then caption them in shared batches."""
-    pixels = await asyncio.gather(*(asyncio.to_thread(_preprocess, captioner, name, data) for name, data in images))
-    return await batcher.submit(pixels, kwargs)
-
-
-def _preprocess(captioner: Captioner, name: str, data: bytes) -> torch.Tensor:
+    """Decode the images in worker threads, then caption them in shared batches. The first image
+    that fails fails the request, and the others are not decoded."""
+    decodes = [asyncio.ensure_future(decoder.pixels(name, data)) for name, data in images]
     try:
-        return captioner.preprocess(data, name=name)
-    except ImageLoadError as error:
-        kind = "too_many_pixels" if isinstance(error, ImageTooLargeError) else "invalid_image"
-        raise APIError(400, kind, str(error)) from None
+        pixels = await asyncio.gather(*decodes)
+    except BaseException:
+        for decode in decodes:
+            decode.cancel()
+        raise
+    return await batcher.submit(pixels, kwargs)
 
 
 def _caption_batch(

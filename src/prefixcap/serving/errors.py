@@ -7,6 +7,7 @@ the same shape, so clients only ever parse one format.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -21,13 +22,14 @@ CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answe
 class APIError(Exception):
     """An expected failure of one request; the server answers it and carries on."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
+        self.headers = dict(headers or {})  # e.g. Connection: close when the body was left unread
 
 
 class ErrorDetail(BaseModel):
-    kind: str  # e.g. invalid_image, too_many_pixels, too_large, invalid_options
+    kind: str  # e.g. invalid_image, too_many_pixels, too_large, invalid_options, host_not_allowed
     message: str  # one line naming the input and the reason
 
 
@@ -48,7 +50,9 @@ def error_response(request: Request, status: int, kind: str, message: str) -> JS
 
 
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return error_response(request, error.status, error.kind, error.message)
+    response = error_response(request, error.status, error.kind, error.message)
+    response.headers.update(error.headers)
+    return response
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -38,7 +38,7 @@ class GeneratedText(BaseModel):
 
 
 class Health(BaseModel):
-    model: str  # the name or directory the server was started with
+    model: str  # the name the server was started with; for a folder, its path only to loopback clients
     device: str  # torch device the model runs on
     ready: bool  # the batcher is running and accepting work
     max_batch_size: int

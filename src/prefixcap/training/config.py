@@ -4,6 +4,7 @@ line (flags win). A run stores its resolved options, so `--resume` continues wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,14 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("linear", "cosine")
 CAPTION_MODES = ("all", "one")
 BEST_METRICS = ("cider", "bleu4", "loss")
+# The range of every numeric option, inclusive (None: no maximum). Config files and the command
+# line's flags are checked against this one table, and neither accepts NaN or infinities.
+BOUNDS: dict[str, tuple[float, float | None]] = {
+    "prefix_length": (1, None), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
+    "warmup": (0, None), "weight_decay": (0, None), "grad_accum": (1, None), "max_grad_norm": (0, None),
+    "seed": (0, 2**32 - 1),  # NumPy's legacy seeding, which accelerate's set_seed uses, takes 32 bits
+    "max_caption_tokens": (2, None), "val_images": (0, None), "save_every": (0, None), "log_every": (1, None),
+}  # fmt: skip
 
 
 @dataclass
@@ -58,19 +67,8 @@ class TrainConfig:
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}"),
             (self.captions_per_image in CAPTION_MODES, "captions_per_image must be all or one"),
             (self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}"),
-            (self.prefix_length >= 1, "prefix_length must be >= 1"),
-            (self.seed >= 0, "seed must be >= 0"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            *((in_bounds(name, getattr(self, name)), bounds_text(name)) for name in BOUNDS),
             (self.lr > 0, "lr must be > 0"),
-            (self.warmup >= 0, "warmup must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-            (self.max_caption_tokens is None or self.max_caption_tokens >= 2, "max_caption_tokens must be >= 2"),
-            (self.val_images >= 0, "val_images must be >= 0"),
-            (self.save_every >= 0, "save_every must be >= 0"),
-            (self.log_every >= 1, "log_every must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +85,22 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def in_bounds(name: str, value: float | None) -> bool:
+    """Whether `value` (None: unset) is a finite number in option `name`'s BOUNDS."""
+    low, high = BOUNDS[name]
+    return value is None or (math.isfinite(value) and low <= value and (high is None or value <= high))
+
+
+def bounds_text(name: str) -> str:
+    low, high = BOUNDS[name]
+    return f"{name} must be a finite number " + (f">= {low}" if high is None else f"between {low} and {high}")
+
+
+def field_kind(name: str) -> str:
+    """The base type of option `name`: "int", "float", "str" or "bool" (`int | None` gives "int")."""
+    return FIELDS[name].type.split(" ")[0]  # a string, as this module uses postponed annotations
 
 
 def resolve_config(cli_values: dict[str, Any], config_file: str | Path | None) -> tuple[TrainConfig, dict[str, Any]]:
@@ -118,15 +132,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _check_type(name: str, value: Any, where: str) -> Any:
     """`value` if it suits the field's type; YAML's `1e-4` (a string in YAML 1.1) becomes a float."""
-    kind = FIELDS[name].type  # a string, as this module uses postponed annotations
-    if value is None and "None" in kind:
+    kind = field_kind(name)
+    if value is None and "None" in FIELDS[name].type:
         return None
-    if kind.startswith("float") and isinstance(value, str):
+    if kind == "float" and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             pass
-    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind.split(" ")[0]]
+    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind]
     if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-        raise UserError(f"{where} must be {kind.split(' ')[0]}, got {value!r}")
+        raise UserError(f"{where} must be {kind}, got {value!r}")
     return value

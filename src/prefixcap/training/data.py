@@ -2,7 +2,8 @@
 (seed, epoch) alone, and batches padded only to their own longest caption.
 
 Every target ends with EOS, so models learn to stop; captions longer than `max_tokens` are cut
-and then carry no EOS, since teaching a stop in mid-sentence would be wrong. Labels are -100 on
+and then carry no EOS, since teaching a stop in mid-sentence would be wrong. `max_tokens` never
+exceeds `limit`, the positions the decoder has left after the prefix. Labels are -100 on
 padding (and CaptionModel adds -100 for the prefix), so neither counts in the loss.
 """
 
@@ -32,7 +33,12 @@ class CaptionTargets:
 
     @classmethod
     def build(
-        cls, records: Sequence[CaptionRecord], embeds: torch.Tensor, tokenizer, max_tokens: int | None = None
+        cls,
+        records: Sequence[CaptionRecord],
+        embeds: torch.Tensor,
+        tokenizer,
+        max_tokens: int | None = None,
+        limit: int | None = None,
     ) -> CaptionTargets:
         """Tokenise every caption of `records` (whose images are the rows of `embeds`);
         `max_tokens=None` picks the length that fits COVERAGE_PERCENTILE % of the captions."""
@@ -40,7 +46,7 @@ class CaptionTargets:
         image_of = np.repeat(np.arange(len(records)), [len(record.captions) for record in records])
         token_ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
         return cls.from_token_ids(
-            token_ids, image_of, embeds, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens
+            token_ids, image_of, embeds, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, limit
         )
 
     @classmethod
@@ -52,10 +58,13 @@ class CaptionTargets:
         eos_token_id: int,
         pad_token_id: int,
         max_tokens: int | None = None,
+        limit: int | None = None,
     ) -> CaptionTargets:
         full_lengths = np.array([len(ids) + 1 for ids in token_ids])  # + EOS
         if max_tokens is None:
             max_tokens = int(np.percentile(full_lengths, COVERAGE_PERCENTILE, method="higher"))
+        if limit is not None:  # a longer target would run past the decoder's position embeddings
+            max_tokens = min(max_tokens, limit)
         ids = np.full((len(token_ids), max_tokens), pad_token_id, dtype=np.int32)
         for row, caption in zip(ids, token_ids):
             target = [*caption, eos_token_id][:max_tokens]

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prefixcap.atomic import atomic_path, write_atomic
 from prefixcap.errors import UserError
 
 STATE_DIR = "training_state"
@@ -35,21 +37,48 @@ class TrainingState:
     rng: list[dict[str, Any]]  # capture_rng() of each process, by rank
     progress: dict[str, Any]  # epoch, step counters, running loss, best score, metric history
     config: dict[str, Any]  # the resolved TrainConfig
+    store: str | None = None  # FeatureStore.identity of the features trained on (None: an older run)
 
 
 def save_training_state(directory: Path, state: TrainingState) -> None:
+    """Write both files atomically: a crash leaves the previous state or the new one."""
     tensors: dict[str, torch.Tensor] = {}
     document = to_storable(state.__dict__, tensors, "")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / TENSORS_FILE)
-    (directory / JSON_FILE).write_text(json.dumps(document) + "\n")
+    with atomic_path(directory / TENSORS_FILE) as staging:
+        save_file(tensors, staging)
+    write_atomic(directory / JSON_FILE, json.dumps(document) + "\n")
 
 
 def load_training_state(directory: Path) -> TrainingState:
-    if not (directory / JSON_FILE).is_file():
+    """The state saved in `directory`; a missing or damaged file is a one-line UserError."""
+    document_path, tensors_path = directory / JSON_FILE, directory / TENSORS_FILE
+    if not document_path.is_file():
         raise UserError(f"{directory}: missing, so there is no checkpoint to resume from")
-    tensors = load_file(directory / TENSORS_FILE)
-    return TrainingState(**from_storable(json.loads((directory / JSON_FILE).read_text()), tensors))
+    try:
+        document = json.loads(document_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(document_path, error) from None
+    try:
+        tensors = load_file(tensors_path)
+    except (OSError, SafetensorError) as error:
+        raise damaged(tensors_path, error) from None
+    try:
+        state = TrainingState(**from_storable(document, tensors))
+    except (KeyError, TypeError, ValueError) as error:  # a field, or a tensor it refers to, is missing
+        raise damaged(document_path, error) from None
+    kinds = {"optimizer": dict, "scheduler": dict, "rng": list, "progress": dict, "config": dict}
+    wrong = [name for name, kind in kinds.items() if not isinstance(getattr(state, name), kind)]
+    if wrong:
+        raise damaged(document_path, f"{wrong[0]} is not a {kinds[wrong[0]].__name__}")
+    return state
+
+
+def damaged(path: Path, reason: str | Exception) -> UserError:
+    """The one-line error for a training state file that cannot be used."""
+    text = f"{type(reason).__name__}: {reason}" if isinstance(reason, Exception) else reason
+    return UserError(
+        f"{path}: damaged training state ({' '.join(text.split())}); resume from an intact copy or start a new run"
+    )
 
 
 def to_storable(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:

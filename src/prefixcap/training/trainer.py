@@ -30,18 +30,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prefixcap.atomic import replace_dir
+from prefixcap.atomic import check_output_dir, replace_dir
 from prefixcap.errors import UserError
-from prefixcap.features import FeatureStore
+from prefixcap.features import FeatureStore, holds_only
 from prefixcap.modeling import CaptionModel
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches
-from prefixcap.training.logs import RunLog
+from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.state import (
+    JSON_FILE,
     STATE_DIR,
     TrainingState,
     capture_rng,
+    damaged,
     load_training_state,
     restore_rng,
     save_training_state,
@@ -56,25 +58,37 @@ from prefixcap.training.step import (
 )
 
 LAST, BEST = "last", "best"
+RUN_ENTRIES = (BEST, LAST, METRICS_CSV, CURVES_PNG, TENSORBOARD_DIR)  # everything a run writes
 _METRIC_NAMES = {"cider": "CIDEr", "bleu4": "BLEU-4", "loss": "val_loss"}
 
 
 class Trainer:
-    """Trains a CaptionModel on a feature store; `Trainer(config).fit()`."""
+    """Trains a CaptionModel on a feature store; `Trainer(config).fit()`.
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, given: dict[str, Any] | None = None):
+    A new run needs a new or empty RUN_DIR, or one of an earlier run that `overwrite` replaces;
+    `resume` continues the run in RUN_DIR with its own options and feature store."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        given: dict[str, Any] | None = None,
+    ):
         from accelerate.utils import set_seed
 
         if config.out is None:
             raise UserError("give --out RUN_DIR (on the command line or in --config)")
+        if resume and overwrite:
+            raise UserError("--overwrite starts a new run and --resume continues one; pass one of them")
         self.run_dir = Path(config.out)
-        saved = load_training_state(self.run_dir / LAST / STATE_DIR) if resume else None
+        state_dir = self.run_dir / LAST / STATE_DIR
+        saved = load_training_state(state_dir) if resume else None
         if saved is not None:
-            config = _resumed_config(saved.config, given or {})
-        elif (self.run_dir / LAST).exists():
-            raise UserError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+            config = _resumed_config(saved.config, given or {}, state_dir)
+        else:
+            _check_new_run(self.run_dir, overwrite)
         if config.features is None:
             raise UserError("give the FEATURES folder (on the command line or in --config)")
         config = dataclasses.replace(
@@ -87,13 +101,17 @@ class Trainer:
 
         # 1. The model, new or from the checkpoint, and which of its parts train.
         store = FeatureStore(config.features)
+        if saved is not None:
+            _check_same_store(store, saved, state_dir)
+        self.store_identity = store.identity
         model = _load_model(config, store, self.run_dir / LAST if saved is not None else None)
 
-        # 2. Targets, tokenised once; the train split fixes the caption length.
+        # 2. Targets, tokenised once; the train split fixes the caption length, within the decoder's positions.
         if "train" not in store.manifest.splits:
             raise UserError(f"{config.features}: no train split to train on")
+        limit = self._caption_limit(model, config)
         self.train_set = CaptionTargets.build(
-            store.records("train"), store.embeddings("train"), model.tokenizer, config.max_caption_tokens
+            store.records("train"), store.embeddings("train"), model.tokenizer, config.max_caption_tokens, limit
         )
         config = dataclasses.replace(config, max_caption_tokens=self.train_set.max_tokens)
         self.val_records = store.records("val") if "val" in store.manifest.splits else []
@@ -122,7 +140,9 @@ class Trainer:
         self.objective, self.optimizer = self.accelerator.prepare(CaptionLoss(model), self.optimizer)  # trained
         self.progress = _new_progress() if saved is None else saved.progress
         if saved is not None:
-            self._restore(saved)
+            self._restore(saved, state_dir)
+        elif overwrite:
+            self._clear_run()
         self._describe(model, total_steps)
         self.log = RunLog(self.run_dir, purge_step=self.progress["step"]) if self.accelerator.is_main_process else None
 
@@ -264,19 +284,39 @@ class Trainer:
                 rng=rng_states,
                 progress=self.progress,
                 config=self.config.to_dict(),
+                store=self.store_identity,
             )
             save_checkpoint(self.run_dir / LAST, self.model, state)
         self.accelerator.wait_for_everyone()
 
-    def _restore(self, saved: TrainingState) -> None:
-        self.optimizer.load_state_dict(saved.optimizer)
-        self.scheduler.load_state_dict(saved.scheduler)
-        if saved.scaler is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(saved.scaler)
+    def _restore(self, saved: TrainingState, state_dir: Path) -> None:
+        """Continue from `saved`; state that does not fit this run is an error naming `state_dir`."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         if len(saved.rng) != world:
             raise UserError(f"{self.run_dir} ran on {len(saved.rng)} processes; resume it on as many (not {world})")
-        restore_rng(saved.rng[rank])
+        missing = sorted(_new_progress().keys() - saved.progress.keys())
+        if missing:
+            raise damaged(state_dir, f"its progress lacks {', '.join(missing)}")
+        try:
+            self.optimizer.load_state_dict(saved.optimizer)
+            self.scheduler.load_state_dict(saved.scheduler)
+            if saved.scaler is not None and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(saved.scaler)
+            restore_rng(saved.rng[rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise damaged(state_dir, error) from None
+
+    def _clear_run(self) -> None:
+        """Delete the earlier run in RUN_DIR (`overwrite`): `_check_new_run` made sure that the
+        folder holds nothing else. Every process has looked at it before the main one deletes."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and self.run_dir.is_dir():
+            for entry in self.run_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ helpers
     def _process_batches(self, epoch: int) -> list[np.ndarray]:
@@ -304,6 +344,17 @@ class Trainer:
             f"{trainable:,} trainable parameters; precision {config.precision}"
             + (f"; resuming after step {self.progress['step']}" if self.progress["step"] else "")
         )
+
+    def _caption_limit(self, model: CaptionModel, config: TrainConfig) -> int | None:
+        """The longest target the decoder takes after the prefix (None: no limit), with a note
+        when --max-caption-tokens asks for more."""
+        limit = model.max_new_tokens_limit  # (a model whose prefix leaves no room is refused when built)
+        if limit is not None and config.max_caption_tokens is not None and config.max_caption_tokens > limit:
+            self._say(
+                f"note: --max-caption-tokens {config.max_caption_tokens} is capped to {limit}: the decoder has "
+                f"{limit + config.prefix_length} positions and the prefix takes {config.prefix_length}"
+            )
+        return limit
 
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -336,15 +387,48 @@ def _load_model(config: TrainConfig, store: FeatureStore, checkpoint: Path | Non
     return model
 
 
-def _resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
-    """The run's own options; options given again must agree with them (FEATURES may move)."""
+def _check_new_run(run_dir: Path, overwrite: bool) -> None:
+    """A new run writes into a new or empty folder, or replaces an earlier run with `overwrite`;
+    it never writes into (or deletes) a folder that holds anything else."""
+    if (run_dir / LAST).is_dir() and is_run_dir(run_dir) and not overwrite:
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it afresh, "
+            "or choose another --out"
+        )
+    check_output_dir(run_dir, what="prefixcap training run", is_ours=is_run_dir, overwrite=overwrite)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds nothing but the files of a training run."""
+    return holds_only(path, RUN_ENTRIES)
+
+
+def _resumed_config(saved: dict[str, Any], given: dict[str, Any], state_dir: Path) -> TrainConfig:
+    """The run's own options; options given again must agree with them. FEATURES may name the
+    run's feature store in another folder (`_check_same_store` makes sure it is the same one)."""
+    try:
+        config = TrainConfig(**{**saved, "features": given.get("features", saved["features"])})
+    except (KeyError, TypeError, UserError) as error:
+        raise damaged(state_dir / JSON_FILE, error) from None
     for name, value in given.items():
-        if name not in ("features", "out") and saved[name] != value:
+        if name not in ("features", "out") and getattr(config, name) != value:
             flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{flag} {value} differs from the resumed run's {saved[name]}; a resumed run keeps its options"
-            )
-    return TrainConfig(**{**saved, "features": given.get("features", saved["features"])})
+            ours = getattr(config, name)
+            raise UserError(f"{flag} {value} differs from the resumed run's {ours}; a resumed run keeps its options")
+    return config
+
+
+def _check_same_store(store: FeatureStore, saved: TrainingState, state_dir: Path) -> None:
+    """A resumed run must read the feature store it started on, perhaps moved: other data would
+    change what it learns, and the length of its LR schedule, mid-run. Runs saved before stores
+    had an identity are checked by the folder."""
+    started_on = saved.config["features"]
+    same = store.identity == saved.store if saved.store else str(store.path.resolve()) == started_on
+    if not same:
+        raise UserError(
+            f"FEATURES {store.path} is not the feature store the resumed run trains on ({started_on}, "
+            f"recorded in {state_dir}); a resumed run keeps its options"
+        )
 
 
 def save_checkpoint(directory: Path, model: CaptionModel, state: TrainingState) -> None:
