@@ -70,7 +70,9 @@ async def warm_up(url: str, args: argparse.Namespace) -> None:
 
 async def caption(http: httpx.AsyncClient, index: int, args: argparse.Namespace) -> httpx.Response:
     photo = PHOTOS[index % len(PHOTOS)]
-    return await http.post("/v1/caption", files={"images": ("photo.jpg", photo)}, data={"max_new_tokens": str(args.max_new_tokens)})
+    return await http.post(
+        "/v1/caption", files={"images": ("photo.jpg", photo)}, data={"max_new_tokens": str(args.max_new_tokens)}
+    )
 
 
 async def batch_count(http: httpx.AsyncClient) -> float:
@@ -127,7 +129,14 @@ def main() -> None:
         model_dir = build_full_size_model(args.workdir or tmp)
         urls = {}
         for name, batch_size in configurations.items():
-            serve_args = ["--device", args.device, "--max-batch-size", str(batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+            serve_args = [
+                "--device",
+                args.device,
+                "--max-batch-size",
+                str(batch_size),
+                "--max-wait-ms",
+                str(args.max_wait_ms),
+            ]
             server = serve_in_subprocess(
                 model_dir, *serve_args, "--log-level", "warning", log_path=Path(tmp) / f"serve-{batch_size}.log",
                 env={"OMP_NUM_THREADS": str(args.threads)},

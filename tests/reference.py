@@ -7,7 +7,9 @@ from transformers import PreTrainedModel
 
 
 @torch.no_grad()
-def naive_greedy(decoder: PreTrainedModel, prefix: torch.Tensor, max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+def naive_greedy(
+    decoder: PreTrainedModel, prefix: torch.Tensor, max_new_tokens: int, stop_ids: list[int]
+) -> list[list[int]]:
     """ClipCap's `generate2` loop: one row at a time, the whole sequence recomputed each step,
     no KV cache; the stop token is kept and ends the row."""
     wte = decoder.get_input_embeddings()

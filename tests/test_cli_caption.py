@@ -77,4 +77,7 @@ def test_bad_options_and_missing_model_are_one_line_errors(tiny_model_dir, image
 def test_captions_longer_than_the_decoder_are_refused_up_front(tiny_model_dir, image_dir):
     result = run_cli("caption", image_dir / "img1.jpg", "--model", tiny_model_dir, "--max-new-tokens", "500")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: max_new_tokens must be <= 92: the decoder has 96 positions and the prefix takes 4"
+    assert (
+        result.stderr.strip()
+        == "error: max_new_tokens must be <= 92: the decoder has 96 positions and the prefix takes 4"
+    )

@@ -45,7 +45,13 @@ class ClipCapReference:
         self.clip = CLIPModel.from_pretrained(clip_dir).eval()
         self.processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
         self.gpt = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
-        self.gpt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("gpt.") and ".attn.bias" not in k and "masked_bias" not in k})
+        self.gpt.load_state_dict(
+            {
+                k[4:]: v
+                for k, v in state.items()
+                if k.startswith("gpt.") and ".attn.bias" not in k and "masked_bias" not in k
+            }
+        )
         self.w0, self.b0 = state["clip_project.model.0.weight"], state["clip_project.model.0.bias"]
         self.w2, self.b2 = state["clip_project.model.2.weight"], state["clip_project.model.2.bias"]
 
@@ -103,7 +109,9 @@ def test_greedy_captions_match_clipcap_loop(converted, example_images):
     expected = [naive_greedy(reference.gpt, reference.prefix(image), 67, stop_ids)[0] for image in images]
     pixels = torch.stack([captioner.preprocess(image) for image in images])
     assert strip_padding(model.generate(pixels), stop_ids) == expected
-    assert [c[0] for c in captioner(images)] == [" ".join(model.tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in expected]
+    assert [c[0] for c in captioner(images)] == [
+        " ".join(model.tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in expected
+    ]
 
 
 def test_non_clipcap_files_are_refused(tmp_path, tiny_components):
@@ -111,7 +119,12 @@ def test_non_clipcap_files_are_refused(tmp_path, tiny_components):
     with pytest.raises(ModelLoadError, match="other.pt: not a ClipCap MLP checkpoint"):
         from prefixcap.convert import convert_clipcap
 
-        convert_clipcap(tmp_path / "other.pt", tmp_path / "out", vision_encoder=str(tiny_components[0]), decoder=str(tiny_components[1]))
+        convert_clipcap(
+            tmp_path / "other.pt",
+            tmp_path / "out",
+            vision_encoder=str(tiny_components[0]),
+            decoder=str(tiny_components[1]),
+        )
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     result = subprocess.run(
         [sys.executable, "-m", "prefixcap", "convert-clipcap", str(tmp_path / "garbage.pt"), str(tmp_path / "out")],

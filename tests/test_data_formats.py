@@ -171,7 +171,9 @@ def test_coco_layout_with_annotations_folder_and_split_subfolders(tmp_path: Path
 def test_coco_flat_images_root_and_split_from_file_name(tmp_path: Path) -> None:
     write_images(tmp_path / "pictures", ["a"])
     path = tmp_path / "captions_val2017.json"
-    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "caption": "x"}]}))
+    path.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "caption": "x"}]})
+    )
 
     (record,) = load_records(path, images_root=tmp_path / "pictures")
 
@@ -246,20 +248,41 @@ MALFORMED = {
     "missing file": ({}, "data.jsonl", {}, "data.jsonl: no such file"),
     "unknown format": ({"d.jsonl": "{}"}, "d.jsonl", {"format": "parquet"}, "unknown dataset format 'parquet'"),
     "unknown suffix": ({"d.txt": "x"}, "d.txt", {}, "d.txt: cannot tell the dataset format"),
-    "bad json line": ({"d.jsonl": '{"image": "a.png", "caption": "x"}\n\n{oops\n'}, "d.jsonl", {}, "d.jsonl:3: invalid JSON"),
+    "bad json line": (
+        {"d.jsonl": '{"image": "a.png", "caption": "x"}\n\n{oops\n'},
+        "d.jsonl",
+        {},
+        "d.jsonl:3: invalid JSON",
+    ),
     "not an object": ({"d.jsonl": "[1, 2]\n"}, "d.jsonl", {}, "d.jsonl:1: expected a JSON object"),
-    "caption not a string": ({"d.jsonl": '{"image": "a.png", "caption": 5}'}, "d.jsonl", {}, "d.jsonl:1: caption must be a string"),
+    "caption not a string": (
+        {"d.jsonl": '{"image": "a.png", "caption": 5}'},
+        "d.jsonl",
+        {},
+        "d.jsonl:1: caption must be a string",
+    ),
     "empty caption": ({"d.jsonl": '{"image": "a.png", "caption": "  "}'}, "d.jsonl", {}, "d.jsonl:1: caption is empty"),
     "no image": ({"d.jsonl": '{"caption": "x"}'}, "d.jsonl", {}, "d.jsonl:1: needs an 'image' path"),
     "no caption": ({"d.jsonl": '{"image": "a.png"}'}, "d.jsonl", {}, "d.jsonl:1: needs exactly one of 'caption'"),
-    "bad split": ({"d.jsonl": '{"image": "a.png", "caption": "x", "split": "holdout"}'}, "d.jsonl", {}, "d.jsonl:1: split 'holdout'"),
+    "bad split": (
+        {"d.jsonl": '{"image": "a.png", "caption": "x", "split": "holdout"}'},
+        "d.jsonl",
+        {},
+        "d.jsonl:1: split 'holdout'",
+    ),
     "split conflict": (
         {"d.jsonl": '{"image": "a.png", "caption": "x"}\n{"image": "a.png", "caption": "y", "split": "val"}'},
-        "d.jsonl", {}, "d.jsonl:2: image ",
+        "d.jsonl",
+        {},
+        "d.jsonl:2: image ",
     ),
     "duplicate id": (
-        {"d.jsonl": '{"image": "a.png", "caption": "x", "image_id": 1}\n{"image": "b.png", "caption": "y", "image_id": 1}'},
-        "d.jsonl", {}, "d.jsonl: image_id '1' is used by more than one image",
+        {
+            "d.jsonl": '{"image": "a.png", "caption": "x", "image_id": 1}\n{"image": "b.png", "caption": "y", "image_id": 1}'
+        },
+        "d.jsonl",
+        {},
+        "d.jsonl: image_id '1' is used by more than one image",
     ),
     "empty jsonl": ({"d.jsonl": "\n"}, "d.jsonl", {}, "d.jsonl: no captioned images found"),
     "not utf-8": ({"d.jsonl": b'{"image": "\xff"}'}, "d.jsonl", {}, "d.jsonl: not UTF-8 text"),
@@ -268,12 +291,21 @@ MALFORMED = {
     "coco invalid json": ({"c.json": '{"images": [}'}, "c.json", {}, "c.json:1: invalid JSON"),
     "coco unknown image": (
         {"c.json": json.dumps({"images": [], "annotations": [{"image_id": 3, "caption": "x"}]})},
-        "c.json", {}, "c.json: annotations[0] names image_id 3",
+        "c.json",
+        {},
+        "c.json: annotations[0] names image_id 3",
     ),
-    "forced coco": ({"c.json": json.dumps({"images": []})}, "c.json", {"format": "coco"}, "c.json: not a COCO caption file"),
+    "forced coco": (
+        {"c.json": json.dumps({"images": []})},
+        "c.json",
+        {"format": "coco"},
+        "c.json: not a COCO caption file",
+    ),
     "karpathy no sentences": (
         {"k.json": json.dumps({"images": [{"filename": "a.png", "split": "train"}]})},
-        "k.json", {}, "k.json: images[0] needs a 'sentences' list",
+        "k.json",
+        {},
+        "k.json: images[0] needs a 'sentences' list",
     ),
     "json without images": ({"k.json": "[]"}, "k.json", {}, "k.json: expected a JSON object with an 'images' list"),
     "folder without captions": ({"pics/a.png": b"x"}, "pics", {}, "pics: no captioned images found"),
@@ -305,7 +337,9 @@ def test_malformed_input_is_a_one_line_error_naming_the_file(tmp_path: Path, cas
 
 
 @pytest.mark.parametrize("format", ["folder", "webdataset"])
-def test_uncaptioned_samples_are_skipped_with_a_warning(tmp_path: Path, format: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_uncaptioned_samples_are_skipped_with_a_warning(
+    tmp_path: Path, format: str, caplog: pytest.LogCaptureFixture
+) -> None:
     records = load_records(WRITERS[format](tmp_path))
 
     assert summary(records) == sorted(DATASET)  # not the `lonely` / `uncaptioned` images

@@ -31,7 +31,14 @@ def _encoded_images() -> list[bytes]:
     rng = np.random.default_rng(SEED)
     pixels = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
     images = []
-    for fmt, mode in [("JPEG", "RGB"), ("PNG", "RGBA"), ("GIF", "P"), ("WEBP", "RGB"), ("BMP", "RGB"), ("TIFF", "CMYK")]:
+    for fmt, mode in [
+        ("JPEG", "RGB"),
+        ("PNG", "RGBA"),
+        ("GIF", "P"),
+        ("WEBP", "RGB"),
+        ("BMP", "RGB"),
+        ("TIFF", "CMYK"),
+    ]:
         buffer = io.BytesIO()
         pixels.convert(mode).save(buffer, fmt)
         images.append(buffer.getvalue())
@@ -65,10 +72,12 @@ def _assert_accepted_or_one_line(call: Callable[[], Any], case: str) -> None:
 def test_image_loader_survives_malformed_inputs() -> None:
     rng = random.Random(SEED)
     valid = _encoded_images()
-    cases: list[Any] = [m for _ in range(CASES_PER_TARGET // (4 * len(valid)) + 1) for d in valid for m in _mutations(d, rng)]
+    cases: list[Any] = [
+        m for _ in range(CASES_PER_TARGET // (4 * len(valid)) + 1) for d in valid for m in _mutations(d, rng)
+    ]
     cases += [b"", None, 42, 3.5, {"a": 1}, ["x"], np.zeros((0, 5)), np.full((4, 4), np.nan), np.zeros((2, 2, 7))]
     for index, source in enumerate(cases):
-        _assert_accepted_or_one_line(lambda: load_image(source, max_pixels=1_000_000), f"loader case {index}")
+        _assert_accepted_or_one_line(lambda s=source: load_image(s, max_pixels=1_000_000), f"loader case {index}")
 
 
 def _dataset_files(root: Path, rng: random.Random) -> Iterator[Path]:
@@ -120,4 +129,4 @@ def _dataset_files(root: Path, rng: random.Random) -> Iterator[Path]:
 def test_dataset_readers_survive_malformed_files(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     for path in _dataset_files(tmp_path, rng):
-        _assert_accepted_or_one_line(lambda: load_records(path), path.name)
+        _assert_accepted_or_one_line(lambda p=path: load_records(p), path.name)

@@ -36,7 +36,7 @@ def test_every_numeric_option_uses_the_bounded_type() -> None:
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999"])
 def test_no_numeric_option_accepts_non_finite_values(text: str) -> None:
-    for command, action in _numeric_options():
+    for _, action in _numeric_options():
         with pytest.raises(argparse.ArgumentTypeError):
             action.type(text)
 
@@ -73,7 +73,9 @@ def test_non_finite_float_options_are_refused(name: str) -> None:
 def test_cli_temperature_below_minimum_is_one_line(tiny_model_dir, example_images, capsys) -> None:
     from prefixcap.cli import main
 
-    code = main(["caption", "--model", str(tiny_model_dir), "--do-sample", "--temperature", "1e-45", str(example_images[0])])
+    code = main(
+        ["caption", "--model", str(tiny_model_dir), "--do-sample", "--temperature", "1e-45", str(example_images[0])]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "temperature must be >=" in err

@@ -122,7 +122,10 @@ def malformed_requests() -> list[tuple[str, dict]]:
         cases += [
             (f"random bytes as JSON {index}", as_json(garbage)),
             (f"random bytes as multipart {index}", {"content": garbage, "headers": {"content-type": content_type}}),
-            (f"multipart with flipped bytes {index}", {"content": bytes(flipped), "headers": {"content-type": content_type}}),
+            (
+                f"multipart with flipped bytes {index}",
+                {"content": bytes(flipped), "headers": {"content-type": content_type}},
+            ),
         ]
     return cases
 
@@ -142,21 +145,34 @@ def test_malformed_bodies_get_a_4xx_json_error(captioner):
 def test_errors_name_the_real_cause(captioner, photo):
     body, content_type = multipart_body(photo)
     with serving(captioner) as client:
-        message = assert_error(client.post(CAPTION, files=multipart(photo), data={"num_return_sequences": "1000"}), 422, "invalid_options")
+        message = assert_error(
+            client.post(CAPTION, files=multipart(photo), data={"num_return_sequences": "1000"}), 422, "invalid_options"
+        )
         assert message == "num_return_sequences=1000 is over this server's limit of 8"
-        message = assert_error(client.post(CAPTION, files=[("image", ("cat.jpg", photo, "image/jpeg"))]), 422, "invalid_request")
+        message = assert_error(
+            client.post(CAPTION, files=[("image", ("cat.jpg", photo, "image/jpeg"))]), 422, "invalid_request"
+        )
         assert message == "a file in field 'image': send image files in the 'images' field"
         cut = client.post(CAPTION, content=body[:-30], headers={"content-type": content_type})
-        assert assert_error(cut, 400, "invalid_multipart") == "truncated multipart body: it ends before its closing boundary"
+        assert (
+            assert_error(cut, 400, "invalid_multipart")
+            == "truncated multipart body: it ends before its closing boundary"
+        )
         bomb = client.post(CAPTION, files=multipart(png_declaring(20_000, 20_000), names=["bomb.png"]))
-        assert assert_error(bomb, 400, "too_many_pixels") == f"images[0] (bomb.png): too many pixels (over {PIL_LIMIT} > limit 1,000,000)"
+        assert (
+            assert_error(bomb, 400, "too_many_pixels")
+            == f"images[0] (bomb.png): too many pixels (over {PIL_LIMIT} > limit 1,000,000)"
+        )
 
 
 def test_beams_needed_for_several_captions_are_named_as_such(captioner, photo):
     with serving(captioner, max_beams=2) as client:
         answer = client.post(CAPTION, files=multipart(photo), data={"num_return_sequences": "3"})
         message = assert_error(answer, 422, "invalid_options")
-    assert message == "num_beams=3 (num_return_sequences=3 without sampling needs as many beams) is over this server's limit of 2"
+    assert (
+        message
+        == "num_beams=3 (num_return_sequences=3 without sampling needs as many beams) is over this server's limit of 2"
+    )
 
 
 def test_pil_bombs_are_refused_with_the_callers_limit():
@@ -226,7 +242,11 @@ def test_cross_origin_posts_are_refused_unless_allowed(captioner, photo):
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         allowed = client.post(CAPTION, files=multipart(photo), headers={"origin": "https://app.example"})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
-        assert_error(client.post(CAPTION, files=multipart(photo), headers={"origin": "https://evil.example"}), 403, "cross_origin")
+        assert_error(
+            client.post(CAPTION, files=multipart(photo), headers={"origin": "https://evil.example"}),
+            403,
+            "cross_origin",
+        )
 
 
 def test_an_api_key_guards_the_api_and_metrics(captioner, photo):
@@ -341,7 +361,9 @@ def test_memory_budget_is_first_come_first_served_and_never_overdrawn():
             held -= reserved
             budget.release(reserved)
 
-        await asyncio.gather(use("first", 60, 0.05), use("large", 80, 0.01), use("small", 10, 0.01), use("huge", 500, 0.01))
+        await asyncio.gather(
+            use("first", 60, 0.05), use("large", 80, 0.01), use("small", 10, 0.01), use("huge", 500, 0.01)
+        )
         return order, peak, budget.available
 
     order, peak, available = asyncio.run(scenario())
@@ -444,8 +466,12 @@ def test_decode_bytes_covers_the_decodes_peak(mode, fmt, options, tmp_path):
     path = tmp_path / f"image.{fmt.lower()}"
     Image.new(mode, (2500, 2500)).save(path, fmt, **options)
     estimate = decode_bytes(open_image(path, max_pixels=None))
-    measured = int(subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, check=True).stdout)
-    assert estimate / 2 < measured <= estimate, f"{mode}: measured {measured / 2**20:.0f} MiB, estimated {estimate / 2**20:.0f} MiB"
+    measured = int(
+        subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, check=True).stdout
+    )
+    assert estimate / 2 < measured <= estimate, (
+        f"{mode}: measured {measured / 2**20:.0f} MiB, estimated {estimate / 2**20:.0f} MiB"
+    )
 
 
 # ---------------------------------------------------------------------------- live servers
@@ -454,17 +480,24 @@ def guarded_server(tiny_model_dir, tmp_path_factory):
     """A server with short time limits, as users start it: on loopback, with one more host name."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = ["--read-timeout", "1", "--keep-alive", "1", "--allowed-hosts", "captions.example"]
-    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (_, url):
+    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (
+        _,
+        url,
+    ):
         yield url
 
 
 def test_live_server_answers_only_its_own_host_names(guarded_server):
     port = httpx.URL(guarded_server).port
     assert_error(httpx.get(f"{guarded_server}/health", headers={"host": "evil.example"}), 400, "host_not_allowed")
-    assert_error(httpx.get(f"{guarded_server}/health", headers={"host": f"evil.example:{port}"}), 400, "host_not_allowed")
+    assert_error(
+        httpx.get(f"{guarded_server}/health", headers={"host": f"evil.example:{port}"}), 400, "host_not_allowed"
+    )
     for host in (f"localhost:{port}", f"captions.example:{port}", "captions.example"):
         assert httpx.get(f"{guarded_server}/health", headers={"host": host}).status_code == 200, host
-    cross = httpx.post(f"{guarded_server}{CAPTION}", files=multipart(png(8, 8)), headers={"origin": "https://evil.example"})
+    cross = httpx.post(
+        f"{guarded_server}{CAPTION}", files=multipart(png(8, 8)), headers={"origin": "https://evil.example"}
+    )
     assert_error(cross, 403, "cross_origin")
 
 
@@ -529,7 +562,10 @@ def test_large_images_hold_bounded_memory(tiny_model_dir, tmp_path):
     scenarios = [(16, "large.png", large_png.getvalue(), 200), (12, "declared.jpg", jpeg_declaring(7999, 7999), 200)]
     args = ["--max-pixels", "64000000", "--max-wait-ms", "10"]
     log = tmp_path / "serve.log"
-    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (process, url):
+    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (
+        process,
+        url,
+    ):
         server = psutil.Process(process.pid)
         httpx.post(f"{url}{CAPTION}", files=multipart(png(64, 64)), timeout=60)  # warm-up
         start = peak = server.memory_info().rss
@@ -544,9 +580,15 @@ def test_large_images_hold_bounded_memory(tiny_model_dir, tmp_path):
             async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=count)) as http:
 
                 async def client() -> list[int]:
-                    return [(await http.post(CAPTION, files=multipart(data, names=[name]))).status_code for _ in range(2)]
+                    return [
+                        (await http.post(CAPTION, files=multipart(data, names=[name]))).status_code for _ in range(2)
+                    ]
 
-                return [status for statuses in await asyncio.gather(*(client() for _ in range(count))) for status in statuses]
+                return [
+                    status
+                    for statuses in await asyncio.gather(*(client() for _ in range(count)))
+                    for status in statuses
+                ]
 
         sampler = threading.Thread(target=sample)
         sampler.start()

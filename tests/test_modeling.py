@@ -59,7 +59,9 @@ def test_greedy_generation_matches_a_full_recompute_loop(tiny_model_dir):
         eos_token_ids=stop_ids, pad_token_id=model.tokenizer.pad_token_id,
     )  # fmt: skip
     assert strip_padding(ids, stop_ids) == expected
-    assert torch.equal(model.generate(image_embeds=embeds, max_new_tokens=12), model.generate(PIXELS, max_new_tokens=12))
+    assert torch.equal(
+        model.generate(image_embeds=embeds, max_new_tokens=12), model.generate(PIXELS, max_new_tokens=12)
+    )
 
 
 def test_loss_ignores_prefix_and_padding(tiny_model_dir):

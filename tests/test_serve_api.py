@@ -91,7 +91,10 @@ def test_multipart_options_are_form_fields(client, captioner, photos):
 
 
 def test_several_captions_turn_on_beam_search_or_sampling(client, photos):
-    for options in ({"num_return_sequences": 3}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "num_return_sequences": 3}):
+    for options in (
+        {"num_return_sequences": 3},
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "num_return_sequences": 3},
+    ):
         answer = client.post("/v1/caption", json={"images": [base64.b64encode(photos[0]).decode()], **options})
         assert answer.status_code == 200, answer.text
         assert [len(entry) for entry in answer.json()] == [3]
@@ -102,7 +105,9 @@ def test_page_static_files_and_docs(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file-input"' in page.text and "/static/app.js" in page.text
     assert "://" not in page.text  # nothing from a CDN: the page works offline
-    assert client.get("/static/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    assert (
+        client.get("/static/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    )
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
     docs = client.get("/docs")
     assert docs.status_code == 200 and "://" not in docs.text  # Swagger UI from local files
@@ -133,18 +138,49 @@ def too_large_chunks():
 
 BAD_REQUESTS = {
     "declared body over the limit": (413, "too_large", {"files": multipart(b"x" * (MAX_UPLOAD_MB * 2**20 + 1))}),
-    "chunked body over the limit": (413, "too_large", {"content": too_large_chunks(), "headers": {"content-type": "application/json"}}),
-    "lying content-length": (413, "too_large", {"content": b"x" * (MAX_UPLOAD_MB * 2**20 + 10), "headers": {"content-type": "application/json", "content-length": "10"}}),
+    "chunked body over the limit": (
+        413,
+        "too_large",
+        {"content": too_large_chunks(), "headers": {"content-type": "application/json"}},
+    ),
+    "lying content-length": (
+        413,
+        "too_large",
+        {
+            "content": b"x" * (MAX_UPLOAD_MB * 2**20 + 10),
+            "headers": {"content-type": "application/json", "content-length": "10"},
+        },
+    ),
     "not an image": (400, "invalid_image", {"files": multipart(b"GIF89a? no, just text", names=["notes.gif"])}),
-    "truncated jpeg": (400, "invalid_image", {"files": multipart(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", names=["cut.jpg"])}),
+    "truncated jpeg": (
+        400,
+        "invalid_image",
+        {"files": multipart(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", names=["cut.jpg"])},
+    ),
     "too many pixels": (400, "too_many_pixels", {"files": multipart(png(1100, 1000), names=["huge.png"])}),
     "not base64": (400, "invalid_base64", {"json": {"images": ["%%% not base64 %%%"]}}),
-    "malformed json": (400, "invalid_json", {"content": b'{"images": [', "headers": {"content-type": "application/json"}}),
-    "wrong content type": (415, "unsupported_media_type", {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+    "malformed json": (
+        400,
+        "invalid_json",
+        {"content": b'{"images": [', "headers": {"content-type": "application/json"}},
+    ),
+    "wrong content type": (
+        415,
+        "unsupported_media_type",
+        {"content": b"hello", "headers": {"content-type": "text/plain"}},
+    ),
     "no images": (422, "invalid_request", {"json": {"images": []}}),
-    "text instead of a file": (422, "invalid_request", {"data": {"images": "cat.jpg"}, "files": [("other", ("a", b"", "text/plain"))]}),
+    "text instead of a file": (
+        422,
+        "invalid_request",
+        {"data": {"images": "cat.jpg"}, "files": [("other", ("a", b"", "text/plain"))]},
+    ),
     "unknown option": (422, "invalid_options", {"json": {"images": ["AAAA"], "beams": 3}}),
-    "option of the wrong type": (422, "invalid_options", {"files": multipart(png(8, 8)), "data": {"temperature": "warm"}}),
+    "option of the wrong type": (
+        422,
+        "invalid_options",
+        {"files": multipart(png(8, 8)), "data": {"temperature": "warm"}},
+    ),
     "option out of range": (422, "invalid_options", {"json": {"images": ["AAAA"], "top_p": 1.5}}),
     "beams and sampling": (422, "invalid_options", {"json": {"images": ["AAAA"], "num_beams": 2, "do_sample": True}}),
     "over the max_new_tokens cap": (422, "invalid_options", {"json": {"images": ["AAAA"], "max_new_tokens": 10_000}}),
@@ -244,7 +280,9 @@ async def call_asgi(app, request: httpx.Request, receive) -> list[dict]:
 
 
 def test_an_oversized_declared_body_is_refused_unread(client):
-    request = httpx.Request("POST", "http://test/v1/caption", headers={"content-length": str(2**40), "content-type": "application/json"})
+    request = httpx.Request(
+        "POST", "http://test/v1/caption", headers={"content-length": str(2**40), "content-type": "application/json"}
+    )
 
     async def receive():
         raise AssertionError("the body was read")

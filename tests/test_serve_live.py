@@ -35,7 +35,10 @@ def live_server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # One intra-op thread: a tiny model gains nothing from more, and on a shared 2-core machine
     # torch's spinning worker threads made each batch ~50x slower.
-    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (process, url):
+    with serve_in_subprocess(tiny_model_dir, *args, log_path=log, env={"OMP_NUM_THREADS": "1"}, timeout=120) as (
+        process,
+        url,
+    ):
         yield process, url
 
 

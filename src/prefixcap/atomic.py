@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from prefixcap.errors import UserError
 
@@ -96,7 +97,9 @@ def check_output_dir(path: str | Path, *, what: str, is_ours: Callable[[Path], b
     if not any(path.iterdir()):
         return
     if not is_ours(path):
-        raise UserError(f"{path}: is not empty and is not a {what}; refusing to write into it (choose a new or empty folder)")
+        raise UserError(
+            f"{path}: is not empty and is not a {what}; refusing to write into it (choose a new or empty folder)"
+        )
     if not overwrite:
         raise UserError(f"{path}: already holds a {what}; pass --overwrite to replace it")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class Captioner:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         **kwargs: Any,
-    ) -> "Captioner":
+    ) -> Captioner:
         """Load a model; by default on CUDA in bf16 when available, else on CPU in fp32."""
         device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):

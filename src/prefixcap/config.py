@@ -6,9 +6,10 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from prefixcap.errors import ModelLoadError
 
@@ -74,7 +75,7 @@ class CaptionConfig:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "CaptionConfig":
+    def load(cls, directory: str | Path) -> CaptionConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ModelLoadError(f"{directory}: not a prefixcap model directory (no {CONFIG_NAME})")

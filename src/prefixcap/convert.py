@@ -29,9 +29,7 @@ def load_clipcap_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor],
         raise ModelLoadError(f"{checkpoint}: expected a state_dict of tensors")
     mapper = {k.removeprefix("clip_project."): v for k, v in state.items() if k.startswith("clip_project.")}
     gpt = {
-        k.removeprefix("gpt."): v
-        for k, v in state.items()
-        if k.startswith("gpt.") and not k.endswith(_LEGACY_BUFFERS)
+        k.removeprefix("gpt."): v for k, v in state.items() if k.startswith("gpt.") and not k.endswith(_LEGACY_BUFFERS)
     }
     sized = [mapper.get("model.0.weight"), mapper.get("model.2.weight"), gpt.get("transformer.wte.weight")]
     mapper_keys = {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}

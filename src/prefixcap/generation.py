@@ -37,7 +37,7 @@ class GenerationOptions:
     seed: int | None = None  # sampling: fixed seed for reproducible captions
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> "GenerationOptions":
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> GenerationOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -12,21 +12,18 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
 
-ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
 # Refuse images above this many pixels before decoding them (decompression bombs). 64 MP
 # covers every camera photo; the server and CLI make it configurable.
 DEFAULT_MAX_PIXELS = 64_000_000
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser would
 # What `load_image` holds at its peak, in bytes per pixel, for images of each PIL mode: the decoded
 # image (PIL keeps RGB in 4 bytes a pixel) and its conversion to RGB, measured with Pillow 13 and
@@ -114,7 +111,9 @@ def _named_errors(label: str, max_pixels: int | None) -> Iterator[None]:
         # PIL refuses images over twice its MAX_IMAGE_PIXELS as it opens them, before our check
         # runs, and its message quotes its own limit; the user knows only theirs.
         pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        limit = "PIL.Image.MAX_IMAGE_PIXELS" if max_pixels is None or max_pixels > pil_limit else f"limit {max_pixels:,}"
+        limit = (
+            "PIL.Image.MAX_IMAGE_PIXELS" if max_pixels is None or max_pixels > pil_limit else f"limit {max_pixels:,}"
+        )
         raise ImageTooLargeError(f"{label}: too many pixels (over {pil_limit:,} > {limit})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({error})") from None
@@ -143,9 +142,7 @@ def _check_size(image: Image.Image, max_pixels: int | None) -> None:
     if width == 0 or height == 0:
         raise ImageLoadError("image has no pixels")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})"
-        )
+        raise ImageTooLargeError(f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})")
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -15,8 +15,9 @@ Everything loads from safetensors; nothing is ever unpickled.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -85,7 +86,7 @@ class CaptionModel(nn.Module):
         prefix_length: int = 10,
         freeze_decoder: bool = False,
         **config_overrides: Any,
-    ) -> "CaptionModel":
+    ) -> CaptionModel:
         """A new model with an untrained mapper, from an encoder and a decoder (hub ids or dirs)."""
         encoder_model = load_vision_encoder(vision_encoder)
         decoder_model = _load_decoder(decoder)
@@ -104,7 +105,7 @@ class CaptionModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> "CaptionModel":
+    ) -> CaptionModel:
         """Load a registered name (`clipcap-coco`), a local model directory or a hub repo id."""
         directory = resolve_model_dir(name_or_dir)
         config = CaptionConfig.load(directory)
@@ -143,7 +144,9 @@ class CaptionModel(nn.Module):
             self.tokenizer.save_pretrained(staging / "tokenizer")
             self.image_processor.save_pretrained(staging / "image_processor")
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload prefixcap model") -> str:
+    def push_to_hub(
+        self, repo_id: str, *, private: bool = False, commit_message: str = "Upload prefixcap model"
+    ) -> str:
         """Upload a self-contained model directory to the Hugging Face hub; returns the commit URL."""
         from huggingface_hub import HfApi
 
@@ -151,7 +154,9 @@ class CaptionModel(nn.Module):
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as staging:
             self.save_pretrained(Path(staging) / "model")
-            info = api.upload_folder(repo_id=repo_id, folder_path=Path(staging) / "model", commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=Path(staging) / "model", commit_message=commit_message
+            )
         return str(info)
 
     # ------------------------------------------------------------------ forward passes

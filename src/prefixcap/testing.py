@@ -35,7 +35,9 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 400):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_CORPUS * 4, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
     special = "<|endoftext|>"
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=special, eos_token=special, unk_token=special)
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=special, eos_token=special, unk_token=special
+    )
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
@@ -63,7 +65,9 @@ def build_clip(out_dir: str | Path, *, full_size: bool = False, seed: int = 0) -
     else:
         tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
         text = {**tower, "vocab_size": 400, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0}
-        config = CLIPConfig(text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=24)
+        config = CLIPConfig(
+            text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=24
+        )
         image_size = 32
     CLIPModel(config).save_pretrained(out_dir)
     CLIPImageProcessorPil(
@@ -118,7 +122,9 @@ def build_roberta(out_dir: str | Path, corpus: list[str]) -> Path:
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     bpe.train_from_iterator(corpus * 4, vocab_size=300, special_tokens=specials, show_progress=False)
     bpe.save_model(str(out_dir))
-    tokenizer = RobertaTokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=64)
+    tokenizer = RobertaTokenizer(
+        vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=64
+    )
     tokenizer.save_pretrained(out_dir)
     torch.manual_seed(0)
     config = RobertaConfig(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefixcap.errors import UserError
 from prefixcap.pretrained import DEFAULT_MODEL, REGISTRY
@@ -22,7 +23,9 @@ def add_model_arguments(
         help=f"registered name ({', '.join(REGISTRY)}), model directory or hub repo id"
         + (f" (default: {default_model})" if default_model else ""),
     )
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -30,7 +33,9 @@ def add_model_arguments(
         help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
     )
     if batch_size:
-        parser.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per model batch (default: 32)")
+        parser.add_argument(
+            "--batch-size", type=bounded(int, 1), default=32, help="images per model batch (default: 32)"
+        )
 
 
 def add_jpeg_draft_argument(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +91,9 @@ def check_generation(model, kwargs: dict[str, Any]) -> None:
 def load_captioner(args: argparse.Namespace, **kwargs: Any):
     from prefixcap.captioner import Captioner
 
-    return Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
+    return Captioner.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs
+    )
 
 
 def bounded(

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_VISION_ENCODER,
         help="CLIP hub id or directory the checkpoint's features came from (default: %(default)s)",
     )
-    parser.add_argument("--decoder", default="gpt2", help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)")
+    parser.add_argument(
+        "--decoder", default="gpt2", help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -37,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from prefixcap.convert import convert_clipcap
 
     model = convert_clipcap(
-        args.checkpoint, args.out_dir, vision_encoder=args.vision_encoder, decoder=args.decoder, overwrite=args.overwrite
+        args.checkpoint,
+        args.out_dir,
+        vision_encoder=args.vision_encoder,
+        decoder=args.decoder,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.out_dir} (mlp mapper, prefix length {model.config.prefix_length}, stop token '.')")
     return 0

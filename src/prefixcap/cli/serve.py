@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to listen on (default: 127.0.0.1, this machine only; beyond it, set --api-key)",
     )
-    parser.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--port", type=bounded(int, 0, 65535), default=8000, help="port (default: 8000; 0 picks a free one)"
+    )
     access = parser.add_argument_group("access (see 'Security' in the README)")
     access.add_argument(
         "--allowed-hosts",
@@ -220,5 +222,7 @@ def _origins(text: str) -> list[str]:
     for origin in origins:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/")):
-            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin like https://example.com or http://localhost:3000")
+            raise argparse.ArgumentTypeError(
+                f"{origin!r} is not an origin like https://example.com or http://localhost:3000"
+            )
     return origins

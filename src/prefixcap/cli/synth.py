@@ -24,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="number of images (default: 600)",
     )  # fmt: skip
     parser.add_argument(
-        "--seed", type=bounded(int, 0, 2**32 - 1), default=0, metavar="S", help="random seed; the same seed gives the same files (default: 0)"
+        "--seed",
+        type=bounded(int, 0, 2**32 - 1),
+        default=0,
+        metavar="S",
+        help="random seed; the same seed gives the same files (default: 0)",
     )
     parser.add_argument(
         "--image-size", type=bounded(int, MIN_IMAGE_SIZE), default=64, metavar="PX",

@@ -93,12 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="val images captioned (greedy) for BLEU-4 and CIDEr-D after each epoch",
     )
     add("--best-metric", choices=BEST_METRICS, help="what chooses RUN_DIR/best (loss: the lowest val loss)")
-    add(
-        "--save-every", metavar="N", help="also checkpoint RUN_DIR/last every N steps (0: at epoch ends only)"
-    )
-    add(
-        "--log-every", metavar="N", help="steps between train-loss points in the progress bar and TensorBoard"
-    )
+    add("--save-every", metavar="N", help="also checkpoint RUN_DIR/last every N steps (0: at epoch ends only)")
+    add("--log-every", metavar="N", help="steps between train-loss points in the progress bar and TensorBoard")
     parser.set_defaults(func=run)
 
 

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 # Remote or piped WebDataset shards ("https://host/shard-000.tar", "pipe:aws s3 cp ... -").
 _URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
@@ -33,7 +33,7 @@ class RemoteShard(str):
     that webdataset's URL and pipe openers ever see."""
 
 
-Source = Union[LocalPath, RemoteShard]
+Source = LocalPath | RemoteShard
 
 
 def as_source(name: str) -> Source:

@@ -89,7 +89,9 @@ class CLIPScorer:
             raise UserError(
                 f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model"
             ) from None
-        return cls(model.to(device or default_device()), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size)
+        return cls(
+            model.to(device or default_device()), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size
+        )
 
     @property
     def device(self) -> torch.device:

@@ -1,10 +1,10 @@
 """The HTTP server: a FastAPI app around a Captioner, with dynamic batching, limits and metrics.
 
-    POST /v1/caption   images in (multipart files or base64 JSON), [[{"generated_text": ...}], ...] out
-    GET  /health       model, device, ready
-    GET  /metrics      Prometheus text
-    GET  /docs         OpenAPI page
-    GET  /             the web page (static/index.html)
+POST /v1/caption   images in (multipart files or base64 JSON), [[{"generated_text": ...}], ...] out
+GET  /health       model, device, ready
+GET  /metrics      Prometheus text
+GET  /docs         OpenAPI page
+GET  /             the web page (static/index.html)
 """
 
 from __future__ import annotations
@@ -183,7 +183,11 @@ def _option_limits(captioner: Captioner, config: ServerConfig) -> dict[str, int]
     max_new_tokens = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit)
     # num_return_sequences first: without sampling it also sets num_beams, and the error should
     # name what the client asked for
-    return {"max_new_tokens": max_new_tokens, "num_return_sequences": config.max_captions, "num_beams": config.max_beams}
+    return {
+        "max_new_tokens": max_new_tokens,
+        "num_return_sequences": config.max_captions,
+        "num_beams": config.max_beams,
+    }
 
 
 def _check_model(captioner: Captioner, config: ServerConfig, limits: Mapping[str, int]) -> None:

@@ -64,7 +64,9 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[Named
         misplaced = [key for key, value in fields.items() if isinstance(value, UploadFile)]
         if misplaced:
             raise APIError(
-                422, "invalid_request", f"a file in field {misplaced[0][:100]!r}: send image files in the 'images' field"
+                422,
+                "invalid_request",
+                f"a file in field {misplaced[0][:100]!r}: send image files in the 'images' field",
             )
         uploads = form.getlist("images")
         _check_count(len(uploads), max_images)
@@ -90,7 +92,9 @@ async def _read_json(request: Request, max_images: int) -> tuple[list[NamedImage
         raise APIError(400, "invalid_json", "request body is not valid JSON (nested too deeply)") from None
     parsed = _validate(JSONCaptionRequest, body)
     _check_count(len(parsed.images), max_images)
-    images = [(f"images[{index}]", _decode_base64(f"images[{index}]", text)) for index, text in enumerate(parsed.images)]
+    images = [
+        (f"images[{index}]", _decode_base64(f"images[{index}]", text)) for index, text in enumerate(parsed.images)
+    ]
     return images, parsed
 
 
@@ -98,7 +102,9 @@ def _check_count(count: int, max_images: int) -> None:
     if not count:
         raise APIError(422, "invalid_request", "no images: send at least one in the 'images' field")
     if count > max_images:
-        raise APIError(422, "invalid_request", f"{count} images is over this server's limit of {max_images} per request")
+        raise APIError(
+            422, "invalid_request", f"{count} images is over this server's limit of {max_images} per request"
+        )
 
 
 def _validate(model: type[CaptionOptions], data: Any) -> Any:
@@ -118,11 +124,15 @@ def _decode_base64(name: str, text: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except ValueError:  # binascii.Error, or characters outside ASCII
         raise APIError(
-            400, "invalid_base64", f"{name}: not base64-encoded image data (paths and URLs are not read; send the file itself)"
+            400,
+            "invalid_base64",
+            f"{name}: not base64-encoded image data (paths and URLs are not read; send the file itself)",
         ) from None
 
 
-def generation_kwargs(options: CaptionOptions, defaults: Mapping[str, Any], limits: Mapping[str, int]) -> dict[str, Any]:
+def generation_kwargs(
+    options: CaptionOptions, defaults: Mapping[str, Any], limits: Mapping[str, int]
+) -> dict[str, Any]:
     """All decoding options for `generate`, the request's over the model's defaults, checked
     against GenerationOptions and against the server's `limits` (upper bounds by option name)."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)

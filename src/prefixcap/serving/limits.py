@@ -23,7 +23,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from prefixcap.serving.errors import APIError
 
 
-
 class RequestBodyLimits:
     """Refuse request bodies over `max_bytes` (413) or not received within `read_timeout` seconds
     of the request's headers (408). Raised from inside the endpoint's body read, so that the app's

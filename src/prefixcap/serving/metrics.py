@@ -31,7 +31,10 @@ class ServerMetrics:
         )
         self.images = Counter("prefixcap_images", "Images captioned", registry=self.registry)
         self.batch_size = Histogram(
-            "prefixcap_batch_size", "Images per model batch", buckets=_batch_buckets(max_batch_size), registry=self.registry
+            "prefixcap_batch_size",
+            "Images per model batch",
+            buckets=_batch_buckets(max_batch_size),
+            registry=self.registry,
         )
         self.latency = Histogram(
             "prefixcap_request_duration_seconds",

@@ -114,14 +114,20 @@ class AccessGuard:
         """(status, kind, message) when the request is refused, else None."""
         host = headers.get("host", "")
         if not self._host_allowed(host, default_port=443 if scope["scheme"] == "https" else 80):
-            return 400, "host_not_allowed", (
-                f"this server does not answer to Host {host[:100]!r}; to reach it by that name, "
-                "start it with --allowed-hosts"
+            return (
+                400,
+                "host_not_allowed",
+                (
+                    f"this server does not answer to Host {host[:100]!r}; to reach it by that name, "
+                    "start it with --allowed-hosts"
+                ),
             )
         origin = headers.get("origin")
         if scope["method"] not in _SAFE_METHODS and origin is not None and not self._origin_allowed(origin, host):
-            return 403, "cross_origin", (
-                f"cross-origin request from {origin[:100]!r} refused; allow that web page with --cors-origins"
+            return (
+                403,
+                "cross_origin",
+                (f"cross-origin request from {origin[:100]!r} refused; allow that web page with --cors-origins"),
             )
         if self.api_key is not None and scope["method"] != "OPTIONS" and scope["path"].startswith(_KEYED_PATHS):
             if not hmac.compare_digest(_presented_key(headers), self.api_key):
