@@ -1,9 +1,10 @@
-"""Independent reference implementations the tests compare prefixcap against."""
+"""Independent reference implementations the tests compare prefixcap against, and a checkpoint in
+ClipCap's own format to import."""
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GPT2LMHeadModel, PreTrainedModel
 
 
 @torch.no_grad()
@@ -33,3 +34,27 @@ def strip_padding(ids: torch.Tensor, stop_ids: list[int]) -> list[list[int]]:
         cut = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
         rows.append(row[:cut])
     return rows
+
+
+PREFIX_LENGTH = 5  # of the checkpoints make_clipcap_checkpoint writes
+
+
+def make_clipcap_checkpoint(gpt2_dir, path, seed=0):
+    """A checkpoint with ClipCap's exact keys, including the legacy attention buffers."""
+    torch.manual_seed(seed)
+    gpt = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    hidden, embed = gpt.config.n_embd, 24
+    width = hidden * PREFIX_LENGTH
+    state = {
+        "clip_project.model.0.weight": torch.randn(width // 2, embed) * 0.2,
+        "clip_project.model.0.bias": torch.randn(width // 2) * 0.1,
+        "clip_project.model.2.weight": torch.randn(width, width // 2) * 0.2,
+        "clip_project.model.2.bias": torch.randn(width) * 0.1,
+    }
+    for key, value in gpt.state_dict().items():
+        state[f"gpt.{key}"] = value + 0.01 * torch.randn_like(value)  # "fine-tuned" GPT-2
+    for layer in range(gpt.config.n_layer):
+        state[f"gpt.transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 96, 96))
+        state[f"gpt.transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path)
+    return state

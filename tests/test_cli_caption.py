@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from prefixcap.cli.caption import expand_paths
+from prefixcap.data.shards import expand_inputs
 
 
 def run_cli(*args, cwd=None):
@@ -62,7 +62,7 @@ def test_jsonl_and_csv_with_several_captions(tiny_model_dir, image_dir, tmp_path
 
 def test_folders_and_globs_expand_to_images_only(image_dir, tmp_path):
     (image_dir / "notes.txt").write_text("not an image")
-    paths, missing = expand_paths([str(image_dir), str(image_dir / "img*.jpg"), str(tmp_path / "nothing-*.png")])
+    paths, missing = expand_inputs([str(image_dir), str(image_dir / "img*.jpg"), str(tmp_path / "nothing-*.png")])
     assert paths == [str(image_dir / name) for name in ("broken.jpg", "img1.jpg", "img2.jpg")]
     assert missing == [(str(tmp_path / "nothing-*.png"), "no match")]
 

@@ -12,30 +12,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, GPT2LMHeadModel
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.errors import ModelLoadError
-from tests.reference import naive_greedy, strip_padding
-
-PREFIX_LENGTH = 5
-
-
-def make_clipcap_checkpoint(gpt2_dir, path, seed=0):
-    """A checkpoint with ClipCap's exact keys, including the legacy attention buffers."""
-    torch.manual_seed(seed)
-    gpt = GPT2LMHeadModel.from_pretrained(gpt2_dir)
-    hidden, embed = gpt.config.n_embd, 24
-    width = hidden * PREFIX_LENGTH
-    state = {
-        "clip_project.model.0.weight": torch.randn(width // 2, embed) * 0.2,
-        "clip_project.model.0.bias": torch.randn(width // 2) * 0.1,
-        "clip_project.model.2.weight": torch.randn(width, width // 2) * 0.2,
-        "clip_project.model.2.bias": torch.randn(width) * 0.1,
-    }
-    for key, value in gpt.state_dict().items():
-        state[f"gpt.{key}"] = value + 0.01 * torch.randn_like(value)  # "fine-tuned" GPT-2
-    for layer in range(gpt.config.n_layer):
-        state[f"gpt.transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 96, 96))
-        state[f"gpt.transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
-    torch.save(state, path)
-    return state
+from tests.reference import PREFIX_LENGTH, make_clipcap_checkpoint, naive_greedy, strip_padding
 
 
 class ClipCapReference:
@@ -138,7 +115,7 @@ def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, 
     """`clipcap-coco` resolves through hf_hub_download + convert-clipcap, once; later loads hit the cache."""
     import huggingface_hub
 
-    from prefixcap import pretrained
+    from prefixcap import registry
 
     clip_dir, gpt2_dir = tiny_components
     make_clipcap_checkpoint(gpt2_dir, tmp_path / "coco_weights.pt")
@@ -150,13 +127,13 @@ def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, 
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path / "cache"))
-    spec = pretrained.REGISTRY["clipcap-coco"]
+    spec = registry.REGISTRY["clipcap-coco"]
     monkeypatch.setitem(
-        pretrained.REGISTRY, "clipcap-coco",
-        pretrained.PretrainedSpec(spec.repo_id, spec.filename, str(clip_dir), str(gpt2_dir), spec.description),
+        registry.REGISTRY, "clipcap-coco",
+        registry.PretrainedSpec(spec.repo_id, spec.filename, str(clip_dir), str(gpt2_dir), spec.description),
     )  # fmt: skip
-    first = CaptionModel.from_pretrained("clipcap-coco")
-    second = CaptionModel.from_pretrained("clipcap-coco")
+    first = registry.load_model("clipcap-coco")
+    second = registry.load_model("clipcap-coco")
     assert downloads == [("akhaliq/CLIP-prefix-captioning-COCO-weights", "coco_weights.pt")]
     assert (tmp_path / "cache" / "clipcap-coco" / "config.json").is_file()
     pixels = torch.randn(2, 3, 32, 32)

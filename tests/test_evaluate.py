@@ -81,6 +81,22 @@ def test_evaluate_refuses_bad_options(
     assert "no 'dev' split" in capsys.readouterr().err
 
 
+def test_load_split_reads_a_feature_store_like_its_dataset(synthetic: Path, features: Path) -> None:
+    """A feature store's split has its dataset's images, train captions and one stored embedding per image."""
+    from prefixcap.errors import UserError
+    from prefixcap.evaluation.references import load_split
+
+    from_data, no_embeddings, no_store = load_split(synthetic, split="test")
+    assert no_embeddings is None and no_store is None
+    from_store, embeddings, store = load_split(features, split="test")
+    assert store is not None and store.path == features
+    assert [r.image_id for r in from_store.records] == [r.image_id for r in from_data.records]
+    assert sorted(from_store.train_captions) == sorted(from_data.train_captions)
+    assert embeddings.shape == (len(from_store.records), store.embed_dim)
+    with pytest.raises(UserError, match="no 'dev' split"):
+        load_split(features, split="dev")
+
+
 @pytest.mark.slow
 def test_trained_model_scores_higher_than_untrained(
     tiny_components: tuple[Path, Path], synthetic: Path, features: Path, tmp_path: Path

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from prefixcap.captioner import model_fingerprint
 from prefixcap.cli import main
-from prefixcap.cli.caption import expand_paths
 from prefixcap.data import load_records, read_image_bytes
+from prefixcap.data.shards import LocalPath, RemoteShard, expand_inputs
 from prefixcap.distributed.outputs import RecordWriter
-from prefixcap.distributed.plan import LocalPath, RemoteShard, plan_parts
+from prefixcap.distributed.plan import plan_parts
 
 PWNED_JPG = "pipe:touch PWNED;cat ok.jpg;.jpg"  # the review's repro: a shell command as a file name
 PWNED_TAR = "pipe:touch PWNED;cat ok.tar;.tar"
@@ -91,12 +91,12 @@ def test_expand_paths_marks_every_name_found_on_disk_as_a_local_file(tmp_path, m
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / PWNED_TAR).write_bytes(b"")
     for pattern in [".", "*.jpg", "**/*.jpg", "shards/*.tar", "./*", PWNED_JPG]:
-        sources, problems = expand_paths([pattern])
+        sources, problems = expand_inputs([pattern])
         assert sources and all(type(source) is LocalPath for source in sources), pattern
         assert not problems
     # Only a name the user typed, that is no existing path, is a command or URL.
     typed = ["pipe:cat missing.tar", "https://example.com/shard-{000..001}.tar"]
-    sources, _ = expand_paths(typed)
+    sources, _ = expand_inputs(typed)
     assert [type(source) for source in sources] == [RemoteShard] * 3
     assert not (tmp_path / "PWNED").exists()
 
@@ -292,7 +292,7 @@ def looped(tmp_path) -> Path:
 
 def test_symlink_loops_give_each_image_once(looped):
     for patterns in [[f"{looped}/**/*.jpg"], [str(looped)], [f"{looped}/**"], [str(looped), f"{looped}/*/*.jpg"]]:
-        sources, problems = expand_paths(patterns)
+        sources, problems = expand_inputs(patterns)
         assert sorted(os.path.realpath(source) for source in sources) == sorted(
             os.path.realpath(looped / name) for name in ["a.jpg", "sub/b.jpg", "ext/c.jpg"]
         ), patterns

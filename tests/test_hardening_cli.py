@@ -9,7 +9,7 @@ import pytest
 
 from prefixcap.cli import build_parser
 from prefixcap.cli.common import bounded
-from prefixcap.generation import MIN_TEMPERATURE, GenerationOptions
+from prefixcap.options import MIN_TEMPERATURE, GenerationOptions
 
 
 def _numeric_options() -> list[tuple[str, argparse.Action]]:

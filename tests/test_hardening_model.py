@@ -19,7 +19,7 @@ from prefixcap.config import CaptionConfig
 from prefixcap.convert import convert_clipcap
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.mapping import PrefixMapper
-from tests.test_convert import make_clipcap_checkpoint
+from tests.reference import make_clipcap_checkpoint
 
 
 @pytest.fixture(scope="module")

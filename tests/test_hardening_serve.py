@@ -24,7 +24,6 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve_api import call_asgi, metric_samples, multipart, png, with_app
 
 from prefixcap import Captioner
 from prefixcap.cli import build_parser
@@ -36,6 +35,7 @@ from prefixcap.serving.decoding import ImageDecoder, MemoryBudget
 from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.serving.limits import HeaderTimeoutH11Protocol
 from prefixcap.serving.security import default_allowed_hosts
+from tests.helpers_serve import call_asgi, metric_samples, multipart, png, with_app
 
 MAX_PIXELS = 1_000_000
 CAPTION = "/v1/caption"

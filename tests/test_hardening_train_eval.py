@@ -167,7 +167,7 @@ def test_huge_caption_or_length_is_capped_and_reported(
 
     limit = 96 - 4  # the tiny GPT-2's positions minus the prefix
     assert load_training_state(tmp_path / "run" / "last" / STATE_DIR).config["max_caption_tokens"] == limit
-    assert progress["epoch"] == 1
+    assert progress.epoch == 1
     err = capsys.readouterr().err
     assert f"max caption length {limit} tokens incl. EOS, 1 of 24 training captions" in err
     assert (f"--max-caption-tokens {asked} is capped to {limit}" in err) == (asked is not None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixcap import CaptionModel
+from prefixcap import CaptionModel, registry
 from prefixcap.errors import ModelLoadError
 from tests.reference import naive_greedy, strip_padding
 
@@ -114,13 +114,21 @@ def test_unknown_directory_and_offline_names(tmp_path):
     with pytest.raises(ModelLoadError, match="not a prefixcap model directory"):
         CaptionModel.from_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="not in the hub cache|not cached"):
-        CaptionModel.from_pretrained("someone/not-a-real-model")
+        registry.load_model("someone/not-a-real-model")
 
 
 def test_registered_name_offline_explains_itself(monkeypatch, tmp_path):
     monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match="clipcap-coco: .*coco_weights.pt is not cached"):
-        CaptionModel.from_pretrained("clipcap-coco")
+        registry.load_model("clipcap-coco")
+
+
+def test_model_class_loads_directories_only(monkeypatch, tmp_path):
+    """Names and hub ids go through the registry; the model class says so instead of resolving them."""
+    monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path))
+    for name in ["clipcap-coco", "someone/not-a-real-model"]:
+        with pytest.raises(ModelLoadError, match=r"not a model directory; .*prefixcap\.load_model"):
+            CaptionModel.from_pretrained(name)
 
 
 def test_weights_are_safetensors_only(tiny_model_dir):

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_pipeline import kill_when, run_prefixcap, store_contents
-from test_data_formats import DATASET, WRITERS, write_images
 
 from prefixcap.cli import main
 from prefixcap.config import CaptionConfig
@@ -20,6 +18,8 @@ from prefixcap.features import BAD_IMAGES, MANIFEST, FeatureStore, shard_path
 from prefixcap.images import load_image
 from prefixcap.modeling import load_image_processor, load_vision_encoder
 from prefixcap.prepare import prepare_features
+from tests.helpers_data import DATASET, WRITERS, write_images
+from tests.helpers_pipeline import kill_when, run_prefixcap, store_contents
 
 
 def write_coco(root: Path) -> Path:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from prefixcap.evaluation.outputs import write_outputs
 from prefixcap.evaluation.references import Sample
 from prefixcap.evaluation.report import render_report
-from prefixcap.evaluation.scoring import Evaluation, write_outputs
+from prefixcap.evaluation.scoring import Evaluation
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
 

@@ -230,7 +230,7 @@ def test_bad_results_file(tmp_path: Path, synthetic: Path, capsys: pytest.Captur
 
 
 def test_metric_names_in_help_match_the_library() -> None:
-    from prefixcap.cli.score import (
+    from prefixcap.cli.common import (
         METRIC_NAMES,  # spelled out so that --help needs no heavy import
     )
     from prefixcap.evaluation import ALL_METRICS

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from prefixcap import Captioner
 from prefixcap.serving import ServerConfig, create_app
+from tests.helpers_serve import call_asgi, metric_samples, multipart, png, with_app
 
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD_MB = 1
@@ -36,28 +34,8 @@ def photos(example_images):
     return [path.read_bytes() for path in example_images[:2]]
 
 
-def png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def multipart(*images: bytes, names=None):
-    names = names or [f"photo{i}.jpg" for i in range(len(images))]
-    return [("images", (name, data, "image/jpeg")) for name, data in zip(names, images)]
-
-
 def texts(answer) -> list[list[str]]:
     return [[item["generated_text"] for item in entry] for entry in answer]
-
-
-def metric_samples(client_or_text) -> dict[tuple[str, tuple], float]:
-    text = client_or_text if isinstance(client_or_text, str) else client_or_text.get("/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 # ---------------------------------------------------------------------------- endpoints
@@ -240,14 +218,6 @@ def test_a_model_failure_is_a_500_and_the_server_carries_on(captioner, photos, m
 
 
 # ---------------------------------------------------------------------------- batching
-async def with_app(app, scenario):
-    """Run `scenario(client)` against `app` in this event loop, lifespan included."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await scenario(client)
-
-
 def test_concurrent_requests_are_batched_up_to_the_limit(captioner, photos):
     app = create_app(captioner, ServerConfig(model_name="tiny", max_batch_size=4, max_wait_ms=500))
 
@@ -261,22 +231,6 @@ def test_concurrent_requests_are_batched_up_to_the_limit(captioner, photos):
     batches, images = samples[("prefixcap_batch_size_count", ())], samples[("prefixcap_batch_size_sum", ())]
     assert images == 8 and batches < 8  # some batch held more than one request
     assert samples[("prefixcap_batch_size_bucket", (("le", "4.0"),))] == batches  # none over the limit
-
-
-async def call_asgi(app, request: httpx.Request, receive) -> list[dict]:
-    """Send `request` to `app` with a hand-made `receive`, to play clients httpx cannot."""
-    sent: list[dict] = []
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
-        "scheme": "http", "path": request.url.path, "raw_path": request.url.raw_path, "query_string": b"",
-        "root_path": "", "headers": [(k.lower(), v) for k, v in request.headers.raw], "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }  # fmt: skip
-    await app(scope, receive, send)
-    return sent
 
 
 def test_an_oversized_declared_body_is_refused_unread(client):

@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 import pytest
 import webdataset as wds
-from helpers_pipeline import prefixcap_command, subprocess_env
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
@@ -28,6 +27,7 @@ from prefixcap.distributed.loading import (
 )
 from prefixcap.distributed.plan import plan_parts
 from prefixcap.preprocess import ImagePreprocessor
+from tests.helpers_pipeline import prefixcap_command, subprocess_env
 
 CAPTION = ["caption", "--max-new-tokens", "5", "--batch-size", "2"]
 

@@ -9,12 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_pipeline import (
-    build_learnable_components,
-    kill_when,
-    model_weights,
-    run_prefixcap,
-)
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
@@ -26,15 +20,25 @@ from prefixcap.training import TrainConfig, resolve_config
 from prefixcap.training.data import CaptionTargets, process_batches
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.state import (
+    JSON_FILE,
     STATE_DIR,
+    TENSORS_FILE,
+    Progress,
     capture_rng,
     from_storable,
     load_training_state,
     restore_rng,
+    save_training_state,
     to_storable,
 )
 from prefixcap.training.step import freeze_first_blocks
 from prefixcap.training.trainer import Trainer
+from tests.helpers_pipeline import (
+    build_learnable_components,
+    kill_when,
+    model_weights,
+    run_prefixcap,
+)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +206,25 @@ def test_optimizer_and_rng_state_survive_safetensors_round_trip(tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
+def test_progress_keeps_the_json_layout_of_earlier_runs(tmp_path: Path) -> None:
+    """A run checkpointed while the progress was a plain dict resumes, and is written back the same."""
+    from safetensors.torch import save_file
+
+    history = [{"epoch": 1, "step": 10, "train_loss": 3.5, "lr": 0.001, "val_loss": 3.25}]
+    progress = {"epoch": 1, "epoch_step": 3, "step": 13, "loss_sum": 9.0, "loss_steps": 3, "best": 0.5,
+                "best_epoch": 1, "history": history}  # fmt: skip
+    document = {"optimizer": {}, "scheduler": {}, "scaler": None, "rng": [], "progress": progress, "config": {},
+                "store": None}  # fmt: skip
+    (tmp_path / JSON_FILE).write_text(json.dumps(document))
+    save_file({}, tmp_path / TENSORS_FILE)
+
+    state = load_training_state(tmp_path)
+    assert state.progress == Progress(epoch=1, epoch_step=3, step=13, loss_sum=9.0, loss_steps=3, best=0.5,
+                                      best_epoch=1, history=history)  # fmt: skip
+    save_training_state(tmp_path / "again", state)
+    assert json.loads((tmp_path / "again" / JSON_FILE).read_text()) == document
+
+
 def test_freeze_modes(tiny_components) -> None:
     frozen = CaptionModel.from_components(*tiny_components, prefix_length=2, freeze_decoder=True)
     partly = CaptionModel.from_components(*tiny_components, prefix_length=2)
@@ -233,13 +256,13 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG") and list((run / "tensorboard").iterdir())
     assert CaptionModel.from_pretrained(run / "best").config.prefix_length == 4
     state = load_training_state(run / "last" / STATE_DIR)
-    assert state.progress["epoch"] == 2 and state.config["max_caption_tokens"] is not None and len(state.rng) == 1
+    assert state.progress.epoch == 2 and state.config["max_caption_tokens"] is not None and len(state.rng) == 1
     assert not list(run.glob(".*"))  # no staging folders left
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         Trainer(config)
     with pytest.raises(UserError, match="--lr 0.1 differs from the resumed run's 0.001"):
         Trainer(config, resume=True, given={"lr": 0.1})
-    assert Trainer(TrainConfig(out=str(run)), resume=True).fit()["step"] == 20  # options from the run; nothing left
+    assert Trainer(TrainConfig(out=str(run)), resume=True).fit().step == 20  # options from the run; nothing left
 
 
 @pytest.mark.slow
@@ -272,7 +295,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
             "--save-every", "7"]  # fmt: skip
 
     kill_when(args, ready=lambda: (tmp_path / "killed" / "last" / STATE_DIR / "state.json").exists())
-    assert load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress["step"] < 30
+    assert load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress.step < 30
     Trainer(killed, resume=True, given={"epochs": 3, "seed": 3}).fit()
     Trainer(small_run(synth_features, tmp_path / "straight", tiny_components[1], **options)).fit()
 
@@ -280,7 +303,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
     histories = [
-        load_training_state(tmp_path / run / "last" / STATE_DIR).progress["history"] for run in ("killed", "straight")
+        load_training_state(tmp_path / run / "last" / STATE_DIR).progress.history for run in ("killed", "straight")
     ]
     assert len(histories[0]) == len(histories[1]) == 3
     assert histories[0] == histories[1]  # losses and metrics too
@@ -296,7 +319,7 @@ def test_two_processes_train_and_write_one_checkpoint(tmp_path: Path, synth_feat
     assert result.stderr.count("epoch 2/2:") == 1  # only the main process reports
     assert "5 steps per epoch of 16 captions (8 x 2 processes" in result.stderr
     state = load_training_state(tmp_path / "run" / "last" / STATE_DIR)
-    assert state.progress["step"] == 10 and len(state.rng) == 2
+    assert state.progress.step == 10 and len(state.rng) == 2
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [
         "best",
         "curves.png",

@@ -15,11 +15,12 @@ _EXPORTS = {
     "CaptionConfig": "prefixcap.config",
     "CaptionModel": "prefixcap.modeling",
     "Captioner": "prefixcap.captioner",
-    "GenerationOptions": "prefixcap.generation",
+    "GenerationOptions": "prefixcap.options",
     "ImageLoadError": "prefixcap.errors",
     "ModelLoadError": "prefixcap.errors",
     "UserError": "prefixcap.errors",
     "load_image": "prefixcap.images",
+    "load_model": "prefixcap.registry",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,7 +14,8 @@ import torch
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
-from prefixcap.modeling import CaptionModel, resolve_model_dir
+from prefixcap.modeling import CaptionModel
+from prefixcap.registry import resolve_model_dir
 
 
 def default_device() -> torch.device:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import ModelLoadError
+from prefixcap.options import GenerationOptions
+from prefixcap.typecheck import check_types
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
@@ -46,7 +45,7 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
         `"no"` for a bool), and a wrong value must fail here, not deep inside torch."""
-        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, error=ModelLoadError)
         if self.mapper not in MAPPER_KINDS:
             raise ModelLoadError(f"unknown mapper kind {self.mapper!r}; choose one of {MAPPER_KINDS}")
         for name, limit in SIZE_LIMITS.items():
@@ -61,10 +60,9 @@ class CaptionConfig:
         self._check_generation()
 
     def _check_generation(self) -> None:
-        """The generation defaults must be valid GenerationOptions, of the right types too."""
-        from prefixcap.generation import GenerationOptions  # imports torch: only when a config is built
-
-        check_types(GenerationOptions, self.generation, prefix="generation.")
+        """The generation defaults must be valid GenerationOptions. The types are checked here too,
+        for messages naming the key in config.json (`generation.max_new_tokens`)."""
+        check_types(GenerationOptions, self.generation, prefix="generation.", error=ModelLoadError)
         try:
             GenerationOptions.from_kwargs(self.generation)
         except ValueError as error:
@@ -95,36 +93,8 @@ class CaptionConfig:
             raise ModelLoadError(f"{path}: {error}") from None
 
 
-_TYPE_NAMES = {
-    int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object", type(None): "null",
-}  # fmt: skip
-
-
-def check_types(cls: type, values: Mapping[str, Any], *, prefix: str = "") -> None:
-    """Raise ModelLoadError naming the first value whose type is not the dataclass field's
-    annotated one. Values parsed from JSON: an int is a valid float, a bool is not an int.
-    Names that `cls` lacks are left to the caller."""
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        hint = hints.get(name)
-        if hint is not None and not _has_type(value, hint):
-            allowed = typing.get_args(hint) if _is_union(hint) else (hint,)
-            wanted = " or ".join(_TYPE_NAMES[typing.get_origin(t) or t] for t in allowed)
-            raise ModelLoadError(f"{prefix}{name} must be {wanted}, got {value!r}")
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    if _is_union(hint):
-        return any(_has_type(value, option) for option in typing.get_args(hint))
-    kind = typing.get_origin(hint) or hint  # dict[str, Any] -> dict
-    if kind is type(None):
-        return value is None
-    if kind in (int, float) and isinstance(value, bool):
-        return False
-    return isinstance(value, (int, float) if kind is float else kind)
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+def normalize_model_id(source: str | Path) -> str:
+    """A local model or encoder folder as an absolute path (so that it compares equal from any
+    working directory); a hub id as given."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else str(source)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from prefixcap.atomic import check_output_dir
-from prefixcap.config import DEFAULT_VISION_ENCODER, SIZE_LIMITS
+from prefixcap.config import SIZE_LIMITS, CaptionConfig
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.modeling import MODEL_DIRECTORY, CaptionModel, is_model_dir, load_weights
 
@@ -45,8 +45,8 @@ def convert_clipcap(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    vision_encoder: str = DEFAULT_VISION_ENCODER,
-    decoder: str = "gpt2",
+    vision_encoder: str = CaptionConfig.vision_encoder,
+    decoder: str = CaptionConfig.decoder,
     save_frozen: bool = True,
     overwrite: bool = False,
 ) -> CaptionModel:

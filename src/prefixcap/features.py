@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prefixcap.atomic import atomic_path, write_atomic
-from prefixcap.config import CaptionConfig
+from prefixcap.config import CaptionConfig, normalize_model_id
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
 
@@ -262,13 +262,6 @@ def holds_only(path: Path, names: Collection[str]) -> bool:
 # ---------------------------------------------------------------------- writing
 def shard_path(store: Path, shard: int, suffix: str) -> Path:
     return store / SHARD_DIR / f"{shard:06d}{suffix}"
-
-
-def normalize_model_id(source: str | Path) -> str:
-    """A local model or encoder folder as an absolute path (so that it compares equal from any
-    working directory); a hub id as given."""
-    path = Path(source)
-    return str(path.resolve()) if path.exists() else str(source)
 
 
 def preprocessing_of(image_processor: Any) -> dict[str, Any]:

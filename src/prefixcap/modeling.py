@@ -36,10 +36,11 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.atomic import atomic_dir, check_output_dir
-from prefixcap.config import CONFIG_NAME, DEFAULT_VISION_ENCODER, CaptionConfig
+from prefixcap.config import CONFIG_NAME, CaptionConfig
 from prefixcap.errors import ModelLoadError
-from prefixcap.generation import GenerationOptions, generate_from_prefix
+from prefixcap.generation import generate_from_prefix
 from prefixcap.mapping import PrefixMapper
+from prefixcap.options import GenerationOptions
 from prefixcap.preprocess import ImagePreprocessor
 
 MAPPER_WEIGHTS = "mapper.safetensors"
@@ -80,11 +81,11 @@ class CaptionModel(nn.Module):
     @classmethod
     def from_components(
         cls,
-        vision_encoder: str = DEFAULT_VISION_ENCODER,
-        decoder: str = "gpt2",
-        mapper: str = "mlp",
-        prefix_length: int = 10,
-        freeze_decoder: bool = False,
+        vision_encoder: str = CaptionConfig.vision_encoder,
+        decoder: str = CaptionConfig.decoder,
+        mapper: str = CaptionConfig.mapper,
+        prefix_length: int = CaptionConfig.prefix_length,
+        freeze_decoder: bool = CaptionConfig.freeze_decoder,
         **config_overrides: Any,
     ) -> CaptionModel:
         """A new model with an untrained mapper, from an encoder and a decoder (hub ids or dirs)."""
@@ -104,10 +105,16 @@ class CaptionModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> CaptionModel:
-        """Load a registered name (`clipcap-coco`), a local model directory or a hub repo id."""
-        directory = resolve_model_dir(name_or_dir)
+        """Load a local model directory. Names and hub ids are the registry's job (`prefixcap.load_model`),
+        so that the model class does not depend on the converter and the hub."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelLoadError(
+                f"{directory}: not a model directory; for a registered name or hub id use "
+                "prefixcap.load_model(...) or Captioner.from_pretrained(...)"
+            )
         config = CaptionConfig.load(directory)
         for required in ["tokenizer", "image_processor"] + ([] if config.freeze_decoder else ["decoder"]):
             if not (directory / required).is_dir():
@@ -241,9 +248,9 @@ class CaptionModel(nn.Module):
         )
 
     def generation_options(self, **generation_kwargs: Any) -> GenerationOptions:
-        """This model's generation defaults updated with `generation_kwargs`, validated: raises
-        ValueError with a readable reason, before any work starts."""
-        options = GenerationOptions.from_kwargs({**self.config.generation, **generation_kwargs})
+        """`generation_kwargs` over this model's generation defaults (`GenerationOptions.resolve`),
+        validated: raises ValueError with a readable reason, before any work starts."""
+        options = GenerationOptions.resolve(self.config.generation, generation_kwargs)
         limit = self.max_new_tokens_limit
         if limit is not None and options.max_new_tokens > limit:
             raise ValueError(
@@ -400,17 +407,3 @@ def _check_sizes(config: CaptionConfig, encoder: CLIPVisionModelWithProjection, 
 
 def _local_or(local: Path, reference: str) -> str | Path:
     return local if local.is_dir() else reference
-
-
-def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """A registered name, a local directory or a hub repo id, as a local directory."""
-    from prefixcap import pretrained
-
-    if str(name_or_dir) in pretrained.REGISTRY:
-        return pretrained.resolve(str(name_or_dir))
-    path = Path(name_or_dir)
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: is a file; a model is a directory (see `prefixcap convert-clipcap`)")
-        return path
-    return pretrained.download_model_repo(str(name_or_dir))

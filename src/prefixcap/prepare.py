@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from prefixcap.atomic import check_output_dir
-from prefixcap.config import DEFAULT_VISION_ENCODER
+from prefixcap.config import DEFAULT_VISION_ENCODER, normalize_model_id
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes
 from prefixcap.features import (
     MANIFEST,
@@ -26,7 +26,6 @@ from prefixcap.features import (
     finish_store,
     is_feature_store,
     is_finished,
-    normalize_model_id,
     preprocessing_of,
     shard_fingerprint,
     write_shard,

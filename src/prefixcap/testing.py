@@ -107,7 +107,7 @@ def build_full_size_model(workdir: str | Path) -> Path:
     if not (model_dir / CONFIG_NAME).is_file():
         torch.manual_seed(0)
         clip_dir, gpt2_dir = build_components(Path(workdir) / "components", full_size=True)
-        CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=10).save_pretrained(model_dir)
+        CaptionModel.from_components(clip_dir, gpt2_dir).save_pretrained(model_dir)
     return model_dir
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import sys
+import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
-from prefixcap.pretrained import DEFAULT_MODEL, REGISTRY
+from prefixcap.options import GenerationOptions
+from prefixcap.registry import DEFAULT_MODEL, REGISTRY
+
+if TYPE_CHECKING:
+    from prefixcap.evaluation import Evaluation, ScoreConfig
 
 Number = TypeVar("Number", int, float)
 
@@ -43,41 +52,35 @@ def add_jpeg_draft_argument(parser: argparse.ArgumentParser) -> None:
         "--jpeg-draft",
         action="store_true",
         help="decode JPEGs at 1/2, 1/4 or 1/8 scale where the model's input size allows (PIL's draft "
-        "mode): 2x faster for 640x480 photos, up to 10x for 12 MP ones; the pixels differ slightly "
+        "mode): several times faster for large photos (see README, Speed); the pixels differ slightly "
         "from the reference preprocessing, so captions may too",
     )
 
 
+GENERATION_GROUP = "decoding (unset options use the model's defaults)"
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    # Finite numbers only here: the ranges are checked in one place, GenerationOptions.validate.
-    group = parser.add_argument_group("decoding (unset options use the model's defaults)")
-    group.add_argument("--num-beams", type=bounded(int), help="beam search with this many beams (1 = greedy)")
-    group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
-    group.add_argument("--temperature", type=bounded(float), help="sampling temperature")
-    group.add_argument("--top-k", type=bounded(int), help="sampling: keep only the k most likely tokens")
-    group.add_argument("--top-p", type=bounded(float), help="sampling: nucleus probability mass")
-    group.add_argument("--num-captions", type=bounded(int), help="captions per image (beam search or sampling)")
-    group.add_argument("--max-new-tokens", type=bounded(int), help="maximum caption length in tokens")
-    group.add_argument("--min-new-tokens", type=bounded(int), help="minimum caption length in tokens")
-    group.add_argument("--length-penalty", type=bounded(float), help="beam search length penalty exponent")
-    group.add_argument("--repetition-penalty", type=bounded(float), help="> 1 discourages repeated tokens")
-    group.add_argument("--no-repeat-ngram-size", type=bounded(int), help="forbid repeating n-grams of this size")
-    group.add_argument("--seed", type=bounded(int), help="random seed for sampling")
+    """One flag per GenerationOptions field: its help, its `flag` metadata or --field-name, dest = the
+    field name, default None (unset = the model's default); bools as --x/--no-x. Numbers are only
+    checked finite here: the ranges are checked in one place, GenerationOptions.validate."""
+    group = parser.add_argument_group(GENERATION_GROUP)
+    hints = typing.get_type_hints(GenerationOptions)
+    for option in dataclasses.fields(GenerationOptions):
+        flag = option.metadata.get("flag", "--" + option.name.replace("_", "-"))
+        kind = next(t for t in typing.get_args(hints[option.name]) or [hints[option.name]] if t is not type(None))
+        if kind is bool:
+            how: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:  # metavar from the flag: NUM_CAPTIONS, not NUM_RETURN_SEQUENCES
+            how = {"type": bounded(kind), "metavar": flag.removeprefix("--").replace("-", "_").upper()}
+        group.add_argument(flag, dest=option.name, help=option.metadata["help"], **how)
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding options the user set, with HF `generate` names."""
-    names = {
-        "num_beams": "num_beams", "do_sample": "do_sample", "temperature": "temperature", "top_k": "top_k",
-        "top_p": "top_p", "num_captions": "num_return_sequences", "max_new_tokens": "max_new_tokens",
-        "min_new_tokens": "min_new_tokens", "length_penalty": "length_penalty",
-        "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size", "seed": "seed",
-    }  # fmt: skip
-    kwargs = {hf: getattr(args, arg) for arg, hf in names.items() if getattr(args, arg) is not None}
-    wanted = kwargs.get("num_return_sequences", 1)
-    if wanted > 1 and not kwargs.get("do_sample"):  # several captions need beams or sampling
-        kwargs["num_beams"] = max(kwargs.get("num_beams", 1), wanted)
-    return kwargs
+    """The decoding options the user set, by field name (no rules applied here: see
+    GenerationOptions.resolve)."""
+    values = {option.name: getattr(args, option.name) for option in dataclasses.fields(GenerationOptions)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def check_generation(model, kwargs: dict[str, Any]) -> None:
@@ -117,3 +120,113 @@ def bounded(
         return value
 
     return parse
+
+
+# ---------------------------------------------------------------- scoring (`score` and `evaluate`)
+METRIC_NAMES = "bleu,meteor,rouge,cider,spice,bertscore,clipscore,stats"  # prefixcap.evaluation.ALL_METRICS
+DATASETS_HELP = (
+    "reference captions: a COCO caption file, a Karpathy split file (dataset_coco.json), JSONL, CSV, "
+    "an image folder with .txt captions or WebDataset shards (any dataset `prefixcap prepare` reads)"
+)
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, data_help: str) -> None:
+    """Where the references (and images) come from; `evaluate` calls the same thing --data."""
+    parser.add_argument(data_flag, dest="data", required=True, metavar="DATA", help=data_help)
+    parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="split to use when the dataset has several, e.g. Karpathy's train/val/test (default: test); "
+        "a dataset with one split is used whole",
+    )
+    parser.add_argument(
+        "--images",
+        "--images-root",
+        dest="images",
+        type=Path,
+        metavar="DIR",
+        help="folder the dataset's image paths start from, e.g. the COCO root holding val2014/ "
+        "(default: the dataset file's folder); CLIPScore and the report's pictures need the images",
+    )
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics")
+    group.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help=f"comma-separated subset of {METRIC_NAMES}. Default: all that can run here, skipping the others with "
+        "a one-line reason (SPICE needs Java 8/11 and a CoreNLP download; METEOR needs Java; BERTScore and "
+        "CLIPScore need their models; CLIPScore needs the images). Named metrics must run.",
+    )
+    group.add_argument(
+        "--bertscore-model",
+        default="roberta-large",
+        metavar="ID_OR_DIR",
+        help="BERTScore model: hub id or folder (default: roberta-large)",
+    )
+    group.add_argument(
+        "--bertscore-layers",
+        type=bounded(int, 0),
+        metavar="N",
+        help="BERTScore representation layer (default: bert-score's choice for the model, 17 for roberta-large)",
+    )
+    group.add_argument(
+        "--bertscore-baseline",
+        type=Path,
+        metavar="FILE",
+        help="baseline TSV for rescaled BERTScore (default: the file bert-score ships for the model, if any)",
+    )
+    group.add_argument(
+        "--clip-model",
+        metavar="ID_OR_DIR",
+        help="full CLIP model (hub id or folder, with text tower and tokenizer) for CLIPScore "
+        "(default: openai/clip-vit-base-patch32, as in Hessel et al.; `evaluate` defaults to the model's own CLIP)",
+    )
+    group.add_argument(
+        "--metric-batch-size",
+        type=bounded(int, 1),
+        metavar="N",
+        default=64,
+        help="sentences or images per BERTScore/CLIPScore batch (default: 64)",
+    )
+    group.add_argument(
+        "--examples",
+        type=bounded(int, 0),
+        default=24,
+        metavar="N",
+        help="random examples in report.html (default: 24)",
+    )
+
+
+def score_config(args: argparse.Namespace, *, default_clip_model: str | None = None) -> ScoreConfig:
+    """The ScoreConfig the command-line options describe."""
+    from prefixcap.evaluation import BERTScoreConfig, ScoreConfig
+    from prefixcap.evaluation.scoring import DEFAULT_CLIP_MODEL
+
+    metrics = tuple(name.strip().lower() for name in args.metrics.split(",") if name.strip()) if args.metrics else None
+    if args.metrics is not None and not metrics:
+        raise UserError("--metrics is empty; name at least one of " + METRIC_NAMES)
+    if args.bertscore_baseline is not None and not args.bertscore_baseline.is_file():
+        raise UserError(f"{args.bertscore_baseline}: no such baseline file")
+    bertscore = BERTScoreConfig(
+        model_type=args.bertscore_model,
+        num_layers=args.bertscore_layers,
+        baseline_path=str(args.bertscore_baseline) if args.bertscore_baseline else None,
+        batch_size=args.metric_batch_size,
+        device=args.device,
+    )
+    clip_model = args.clip_model or default_clip_model or DEFAULT_CLIP_MODEL
+    return ScoreConfig(
+        metrics, bertscore=bertscore, clip_model=clip_model, device=args.device, batch_size=args.metric_batch_size
+    )
+
+
+def print_evaluation(evaluation: Evaluation, out: Path) -> None:
+    """The metrics on stdout and where the files went on stderr (what `score` and `evaluate` print)."""
+    from prefixcap.evaluation.outputs import format_metrics
+
+    if evaluation.metrics:
+        print(format_metrics(evaluation.metrics))
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}", file=sys.stderr)

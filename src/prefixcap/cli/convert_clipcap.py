@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefixcap.config import DEFAULT_VISION_ENCODER
+from prefixcap.config import CaptionConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,11 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out_dir", type=Path, help="model directory to write")
     parser.add_argument(
         "--vision-encoder",
-        default=DEFAULT_VISION_ENCODER,
+        default=CaptionConfig.vision_encoder,
         help="CLIP hub id or directory the checkpoint's features came from (default: %(default)s)",
     )
     parser.add_argument(
-        "--decoder", default="gpt2", help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)"
+        "--decoder",
+        default=CaptionConfig.decoder,
+        help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)",
     )
     parser.add_argument(
         "--overwrite",

@@ -7,18 +7,16 @@ import os
 from pathlib import Path
 
 from prefixcap.cli.common import (
+    DATASETS_HELP,
     add_generation_arguments,
     add_model_arguments,
+    add_reference_arguments,
+    add_scoring_arguments,
     bounded,
     check_generation,
     generation_kwargs,
     load_captioner,
-)
-from prefixcap.cli.score import (
-    DATASETS_HELP,
-    add_reference_arguments,
-    add_scoring_arguments,
-    score_and_report,
+    print_evaluation,
     score_config,
 )
 from prefixcap.errors import UserError
@@ -53,14 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.evaluation import (
-        caption_records,
-        load_references,
-        match_samples,
-        results_json,
-    )
+    from prefixcap.evaluation import caption_records, match_samples, results_json, score_and_write
     from prefixcap.evaluation.notices import notice
-    from prefixcap.evaluation.scoring import write_json
+    from prefixcap.evaluation.outputs import write_json
+    from prefixcap.evaluation.references import load_split
 
     kwargs = generation_kwargs(args)
     if kwargs.get("num_return_sequences", 1) > 1:
@@ -71,13 +65,9 @@ def run(args: argparse.Namespace) -> int:
     config = score_config(args, default_clip_model=model.config.vision_encoder)  # the model's own CLIP
 
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.
-    store = _feature_store(args.data)
-    embeddings = None
-    if store is None:
-        references = load_references(args.data, split=args.split, images_root=args.images, format=args.format)
-    else:
+    references, embeddings, store = load_split(args.data, split=args.split, images_root=args.images, format=args.format)
+    if store is not None:
         store.check_encoder(model.config, model.image_processor)
-        references, embeddings = _store_split(store, args.split)
 
     # 2. Caption it, and keep the results in COCO format before scoring.
     captions, failures = caption_records(
@@ -95,24 +85,6 @@ def run(args: argparse.Namespace) -> int:
     samples = match_samples(captions, [record for record in references.records if record.image_id in captions])
     decoding = ", ".join(f"{name}={value}" for name, value in kwargs.items()) or "the model's defaults"
     source = f"{args.model} on {args.data} ({len(samples)} images) · decoding: {decoding}"
-    score_and_report(samples, references, config, args.out, args, source=source)
+    evaluation = score_and_write(samples, references, config, args.out, source=source, num_examples=args.examples)
+    print_evaluation(evaluation, args.out)
     return 0
-
-
-def _feature_store(data: str):
-    """The feature store at `data`, or None when `data` is a dataset."""
-    from prefixcap.features import MANIFEST, FeatureStore
-
-    return FeatureStore(data) if (Path(data) / MANIFEST).is_file() else None
-
-
-def _store_split(store, split: str):
-    """(References, embeddings) of the `split` images of a feature store (see `choose_split`)."""
-    from prefixcap.evaluation import References
-    from prefixcap.evaluation.references import choose_split
-
-    chosen = choose_split(store.manifest.splits, split, store.path)
-    train = None
-    if chosen is not None and "train" in store.manifest.splits:
-        train = [caption for record in store.records("train") for caption in record.captions]
-    return References(store.records(chosen), train), store.embeddings(chosen)

@@ -142,6 +142,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prefixcap.extras import require
+
+    require("serve", feature="prefixcap serve")
     import uvicorn
 
     from prefixcap.serving import ServerConfig, create_app

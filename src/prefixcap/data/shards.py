@@ -1,4 +1,6 @@
-"""Random access to WebDataset tar shards, and `read_image_bytes` for any record's image.
+"""WebDataset shards and input names: random access to tar shards, `read_image_bytes` for any
+record's image, what a name the user typed means (a file, or a shard URL or `pipe:` command), and
+`expand_inputs`, which turns files, folders, globs and shard patterns into the inputs to caption.
 
 The `webdataset` library streams a shard from start to end, which suits training loops but not
 `prepare`, which fetches single images, in parallel, and resumes in the middle of a dataset. An
@@ -8,19 +10,63 @@ uncompressed tar stores every member contiguously, so a cached index of member o
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.images import IMAGE_EXTENSIONS
 
 # "path/to/shard.tar#member/name.jpg": the greedy `.+` lets the shard's own path contain a "#".
 _MEMBER_REFERENCE = re.compile(r"^(?P<shard>.+\.tar)#(?P<member>.+)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+# Remote or piped WebDataset shards ("https://host/shard-000.tar", "pipe:aws s3 cp ... -").
+_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+
+
+class LocalPath(str):
+    """A file to open as a file, whatever its name looks like. Names found on disk (folder walks,
+    glob matches) are always this: a file named `pipe:rm -rf ~;.jpg` must never reach a shell."""
+
+
+class RemoteShard(str):
+    """A WebDataset shard URL or `pipe:` command, as the user typed it: the only kind of input
+    that webdataset's URL and pipe openers ever see."""
+
+
+Source = LocalPath | RemoteShard
+
+
+def as_source(name: str) -> Source:
+    """Decide, once, how a name is opened. Typed names keep their kind; a plain string counts as
+    typed by the user (a command-line argument, a string passed to this API), so it is a URL or
+    `pipe:` command only when it looks like one and no file or folder has that name."""
+    if isinstance(name, (LocalPath, RemoteShard)):
+        return name
+    return RemoteShard(name) if _URL.match(name) and not os.path.lexists(name) else LocalPath(name)
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` names through any links, or None if there is none:
+    two names of one file (a link, `./a.jpg` and `a.jpg`) compare equal."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable, or a name with a NUL byte
+        return None
+    return status.st_dev, status.st_ino
+
+
+def is_shard(source: str) -> bool:
+    """Whether `source` names a WebDataset shard: a remote shard, or a local tar file."""
+    source = as_source(source)
+    return isinstance(source, RemoteShard) or source.lower().endswith(SHARD_SUFFIXES)
 
 
 def member_reference(shard: str | Path, member: str) -> str:
@@ -44,17 +90,13 @@ def expand_shards(spec: str) -> list[Path]:
     Patterns are expanded like `webdataset.WebDataset` does (`shards-{000..009}.tar`, several
     patterns joined by `::`), and each result may also be a shell glob.
     """
-    from webdataset.shardlists import (
-        expand_urls,  # imports torch: only when shards are used
-    )
-
     if Path(spec).is_dir():
         shards = shard_files(Path(spec).absolute())
         if not shards:
             raise UserError(f"{spec}: folder holds no .tar shards")
         return shards
     shards = []
-    for name in expand_urls(spec):
+    for name in _expand_braces(spec):
         matches = sorted(glob.glob(name)) if _GLOB_CHARS.search(name) else [name]
         if not matches:
             raise UserError(f"{name}: no file matches this pattern")
@@ -123,3 +165,141 @@ def read_image_bytes(image: str) -> bytes:
         raise ImageLoadError(f"{image}: {error}") from None
     except OSError as error:
         raise ImageLoadError(f"{image}: cannot read ({error.strerror or error})") from None
+
+
+def expand_inputs(patterns: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Files as given, folders searched recursively for image extensions, globs expanded, and
+    WebDataset shards: tar files, URLs and `pipe:` commands, with brace patterns
+    (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does.
+
+    Only a pattern itself (or a name its braces expand to) can be a URL or `pipe:` command, and
+    only when no file or folder has that name: every name found on disk is a `LocalPath`.
+    Returns (inputs in a stable order, each file once however it was reached, and
+    [(pattern or folder, reason)] for patterns that matched nothing and folders that could not
+    be read)."""
+    finder = _Finder()
+    sources: dict[object, Source] = {}
+    for pattern in patterns:
+        problems = len(finder.problems)
+        found = list(_expand_one(pattern, finder))
+        if not found and len(finder.problems) == problems:
+            finder.problems[pattern] = _nothing_found(pattern)
+        for source in found:
+            sources.setdefault(file_identity(source) or source, source)
+    return list(sources.values()), list(finder.problems.items())
+
+
+def _expand_one(pattern: str, finder: _Finder) -> Iterator[Source]:
+    source = as_source(pattern)
+    if isinstance(source, RemoteShard):
+        yield from map(RemoteShard, _expand_braces(pattern))  # remote shards are only opened when their turn comes
+    elif os.path.isdir(pattern):
+        yield from finder.images(pattern)
+    elif os.path.lexists(pattern):
+        yield source  # an explicit file is tried whatever its extension
+    elif (names := _expand_braces(pattern)) != [pattern]:
+        for name in names:
+            yield from _expand_one(name, finder)
+    elif glob.has_magic(pattern):
+        for match in finder.glob(pattern):
+            yield from finder.images(match) if os.path.isdir(match) else [match]
+
+
+def _nothing_found(pattern: str) -> str:
+    if os.path.isdir(pattern):
+        return "no images in this folder"
+    return "no match" if glob.has_magic(pattern) else "no such file or directory"
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Brace patterns (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does; any other
+    name as it is (webdataset would drop its backslashes)."""
+    if "{" not in pattern and "::" not in pattern:
+        return [pattern]
+    from webdataset.shardlists import expand_urls  # imports torch: only when a pattern needs it
+
+    return expand_urls(pattern)
+
+
+class _Finder:
+    """Finds files on disk; every name it returns is a `LocalPath`. Symlinked folders are
+    followed, but each walk reads a real folder once, so that symlink loops neither hang nor
+    repeat images; a folder that cannot be read goes into `problems`, not skipped in silence."""
+
+    def __init__(self) -> None:
+        self.problems: dict[str, str] = {}  # folder -> why it could not be read
+
+    def images(self, top: str) -> list[LocalPath]:
+        """The image files in folder `top` and all its subfolders, sorted."""
+        top = str(Path(top))  # named as pathlib names them: "photos/a.jpg" for "photos//", "a.jpg" for "."
+        return sorted(
+            LocalPath(os.path.join(folder, entry.name))
+            for folder, entries in self._walk("" if top == os.curdir else top, hidden=True)
+            for entry in entries
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and _is(entry.is_file)
+        )
+
+    def glob(self, pattern: str) -> list[LocalPath]:
+        """Like `glob.glob(pattern, recursive=True)`, sorted, where `**` (any depth of folders)
+        visits each real folder once."""
+        base = os.sep if pattern.startswith(os.sep) else ""
+        return sorted(map(LocalPath, self._match(base, [part for part in pattern.split(os.sep) if part])))
+
+    def _match(self, base: str, parts: list[str]) -> Iterator[str]:
+        """The paths below folder `base` ("" for the working folder) that match the components `parts`."""
+        head, rest = parts[0], parts[1:]
+        if head == "**":
+            if not rest:  # `dir/**`: the folder, which is then searched whole
+                yield base or os.curdir
+                return
+            for folder, _ in self._walk(base, hidden=False):
+                yield from self._match(folder, rest)
+        elif glob.has_magic(head):
+            for entry in self._entries(base) or []:
+                if fnmatch.fnmatch(entry.name, head) and (head.startswith(".") or not entry.name.startswith(".")):
+                    path = os.path.join(base, entry.name)
+                    if not rest:
+                        yield path
+                    elif _is(entry.is_dir):
+                        yield from self._match(path, rest)
+        else:
+            path = os.path.join(base, head)
+            if not rest:
+                if os.path.lexists(path):
+                    yield path
+            elif os.path.isdir(path):
+                yield from self._match(path, rest)
+
+    def _walk(self, top: str, *, hidden: bool) -> Iterator[tuple[str, list[os.DirEntry]]]:
+        """(folder, its entries) for `top` and every readable folder below it, symlinked or not,
+        each real folder once. `hidden`: also enter folders whose names start with "."."""
+        seen: set[tuple[int, int]] = set()
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            identity = file_identity(folder or os.curdir)
+            if identity in seen or (entries := self._entries(folder)) is None:
+                continue
+            if identity is not None:
+                seen.add(identity)
+            yield folder, entries
+            subfolders = [e for e in entries if (hidden or not e.name.startswith(".")) and _is(e.is_dir)]
+            stack.extend(os.path.join(folder, entry.name) for entry in reversed(subfolders))  # sorted, depth first
+
+    def _entries(self, folder: str) -> list[os.DirEntry] | None:
+        """The entries of `folder` ("" for the working folder) sorted by name, or None (and a
+        problem noted) if it cannot be read."""
+        try:
+            with os.scandir(folder or os.curdir) as listing:
+                return sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            self.problems[folder or os.curdir] = f"cannot read this folder ({error.strerror or error})"
+            return None
+
+
+def _is(test: Callable[[], bool]) -> bool:
+    """`DirEntry.is_file` or `.is_dir` (through links), False where the entry cannot be examined."""
+    try:
+        return test()
+    except OSError:
+        return False

@@ -1,5 +1,6 @@
-"""Sharded captioning: every process of an `accelerate launch` (or torchrun) job captions its share
-of the parts into part files; the main process then merges them into one results file.
+"""Captioning jobs. Into one file: this process captions everything and writes records in input order
+(`caption_to_file`). Sharded: every process of an `accelerate launch` (or torchrun) job captions its
+share of the parts into part files; the main process then merges them into one results file.
 
     OUT_DIR/
       parts/part-000007-3f2a9c81d0e4.jsonl   one per part, written atomically by whichever process
@@ -16,13 +17,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prefixcap.atomic import atomic_file
-from prefixcap.distributed.loading import caption_parts
+from prefixcap.distributed.loading import caption_parts, in_input_order
 from prefixcap.distributed.outputs import (
     SUFFIXES,
     RecordWriter,
@@ -52,6 +53,40 @@ class Summary:
     images_per_second: float  # images this run processed (captioned or failed) per second, all processes
     # {"path", "error"} for each failed image, and for each input that matched nothing
     failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def caption_to_file(
+    captioner: Any,
+    sources: Sequence[str],
+    out: IO,
+    fmt: str,
+    *,
+    name: str,
+    batch_size: int,
+    num_workers: int,
+    progress: Any = None,
+    on_failure: Callable[[str, str], None] | None = None,
+    **generation_kwargs: Any,
+) -> list[tuple[str, str]]:
+    """Caption in this process, writing records to `out` (which `name` names in errors) in input order
+    as they come. Returns the failures as (path, reason), each also passed to `on_failure` at once, so
+    that a long run reports them while it goes. The caller opens and closes `out`."""
+    writer = RecordWriter(out, fmt, name)
+    # Parts of one batch each: every worker decodes a batch while the model captions another.
+    parts = plan_parts(sources, part_size=batch_size)
+    done = caption_parts(
+        captioner, parts, batch_size=batch_size, num_workers=num_workers, progress=progress, **generation_kwargs
+    )
+    failures = []
+    for result in in_input_order(done):
+        if result.captions is None:
+            failures.append((result.path, result.error))
+            if on_failure is not None:
+                on_failure(result.path, result.error)
+        else:
+            writer.write(result.path, result.captions)
+    writer.close()
+    return failures
 
 
 def caption_to_directory(

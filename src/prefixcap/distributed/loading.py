@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from prefixcap.data.shards import RemoteShard, as_source
 from prefixcap.distributed.outputs import Result
-from prefixcap.distributed.plan import Part, RemoteShard, as_source
+from prefixcap.distributed.plan import Part
 from prefixcap.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSource
 from prefixcap.preprocess import ImagePreprocessor, pixels_or_reason, stack_pixels
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import IO
 
 from prefixcap.atomic import atomic_file, atomic_path
-from prefixcap.distributed.plan import file_identity
+from prefixcap.data.shards import file_identity
 from prefixcap.errors import UserError
+from prefixcap.extras import require
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -56,6 +57,8 @@ class RecordWriter:
     def __init__(self, out: IO, fmt: str, name: str):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        if fmt == "parquet":
+            require("scale", "pyarrow", feature="parquet output")
         self.out, self.fmt, self.name = out, fmt, name
         self.csv = csv.writer(out) if fmt == "csv" else None
         self.header_written = False

@@ -12,53 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Remote or piped WebDataset shards ("https://host/shard-000.tar", "pipe:aws s3 cp ... -").
-_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
-SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
-
-
-class LocalPath(str):
-    """A file to open as a file, whatever its name looks like. Names found on disk (folder walks,
-    glob matches) are always this: a file named `pipe:rm -rf ~;.jpg` must never reach a shell."""
-
-
-class RemoteShard(str):
-    """A WebDataset shard URL or `pipe:` command, as the user typed it: the only kind of input
-    that webdataset's URL and pipe openers ever see."""
-
-
-Source = LocalPath | RemoteShard
-
-
-def as_source(name: str) -> Source:
-    """Decide, once, how a name is opened. Typed names keep their kind; a plain string counts as
-    typed by the user (a command-line argument, a string passed to this API), so it is a URL or
-    `pipe:` command only when it looks like one and no file or folder has that name."""
-    if isinstance(name, (LocalPath, RemoteShard)):
-        return name
-    return RemoteShard(name) if _URL.match(name) and not os.path.lexists(name) else LocalPath(name)
-
-
-def file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file `path` names through any links, or None if there is none:
-    two names of one file (a link, `./a.jpg` and `a.jpg`) compare equal."""
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):  # missing, unreadable, or a name with a NUL byte
-        return None
-    return status.st_dev, status.st_ino
-
-
-def is_shard(source: str) -> bool:
-    """Whether `source` names a WebDataset shard: a remote shard, or a local tar file."""
-    source = as_source(source)
-    return isinstance(source, RemoteShard) or source.lower().endswith(SHARD_SUFFIXES)
+from prefixcap.data.shards import Source, as_source, is_shard
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from torch import nn
 
 from prefixcap.engine.gpt2 import GPT2Forward, supports
 from prefixcap.engine.runner import DecodeRunner
-from prefixcap.engine.spec import DecodeSpec, GenerationOptionsLike
+from prefixcap.engine.spec import DecodeSpec
+from prefixcap.options import GenerationOptions
 
 __all__ = ["DecodeSpec", "generate_from_prefix", "supports"]
 
@@ -33,7 +34,7 @@ _runners_lock = threading.Lock()  # graphed runners own shared buffers: one deco
 def generate_from_prefix(
     decoder: nn.Module,
     prefix_embeds: torch.Tensor,
-    options: GenerationOptionsLike,
+    options: GenerationOptions,
     *,
     eos_token_ids: list[int],
     pad_token_id: int,

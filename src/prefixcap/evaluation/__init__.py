@@ -20,6 +20,7 @@ from prefixcap.evaluation.coco_metrics import (
 )
 from prefixcap.evaluation.corpus_stats import corpus_stats, has_repetition
 from prefixcap.evaluation.generate import caption_records
+from prefixcap.evaluation.outputs import score_and_write, write_json, write_outputs
 from prefixcap.evaluation.references import (
     References,
     Sample,
@@ -35,7 +36,6 @@ from prefixcap.evaluation.scoring import (
     Evaluation,
     ScoreConfig,
     score_samples,
-    write_outputs,
 )
 
 __all__ = [
@@ -64,7 +64,9 @@ __all__ = [
     "ref_clip_s",
     "render_report",
     "results_json",
+    "score_and_write",
     "score_samples",
     "simple_tokenize",
+    "write_json",
     "write_outputs",
 ]

@@ -15,6 +15,7 @@ import torch
 
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
+from prefixcap.extras import require
 
 
 @dataclass
@@ -51,6 +52,7 @@ def bertscore(
     The model runs once: rescaling is bert-score's affine map (x - b) / (1 - b) of the raw
     scores, with b read by bert-score from its baseline file for the chosen layer.
     """
+    require("eval", "bert_score", feature="BERTScore")
     from bert_score import BERTScorer
     from bert_score.utils import model2layers
 

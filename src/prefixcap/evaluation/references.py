@@ -7,11 +7,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes, split_records
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
+from prefixcap.features import MANIFEST, FeatureStore
 from prefixcap.images import load_image
 
 
@@ -75,6 +77,21 @@ def load_references(
         return References(records, None)
     train = [caption for record in split_records(records, "train") for caption in record.captions]
     return References(split_records(records, chosen), train or None)
+
+
+def load_split(
+    data: str | Path, *, split: str = "test", images_root: str | Path | None = None, format: str | None = None
+) -> tuple[References, torch.Tensor | None, FeatureStore | None]:
+    """The `split` of a feature store (with its stored embeddings) or of any dataset (embeddings None).
+    The store comes back too, so that the caller can check that its model expects these features."""
+    if not (Path(data) / MANIFEST).is_file():
+        return load_references(data, split=split, images_root=images_root, format=format), None, None
+    store = FeatureStore(data)
+    chosen = choose_split(store.manifest.splits, split, store.path)
+    train = None
+    if chosen is not None and "train" in store.manifest.splits:
+        train = [caption for record in store.records("train") for caption in record.captions]
+    return References(store.records(chosen), train), store.embeddings(chosen), store
 
 
 def choose_split(splits: Iterable[str], split: str, source: str | Path) -> str | None:

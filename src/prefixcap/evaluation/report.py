@@ -19,7 +19,9 @@ from prefixcap.evaluation.coco_metrics import simple_tokenize
 from prefixcap.evaluation.references import Sample, open_image
 from prefixcap.evaluation.scoring import SIMPLE_SUFFIX, Evaluation
 
-# Published figures (COCO Karpathy test; reference.md §4) and the seed's BERTScore (§2).
+# Published figures on the COCO Karpathy test split: the two ClipCap rows from the ClipCap paper (Mokady et al.,
+# 2021, arXiv:2111.09734), the re-run from issue #38 of rmokady/CLIP_prefix_caption; the BERTScore row from the
+# seed project's evaluation (one reference per image).
 PUBLISHED: dict[str, dict[str, float]] = {
     "ClipCap MLP, GPT-2 fine-tuned": {"BLEU-4": 32.15, "METEOR": 27.10, "CIDEr": 108.35, "SPICE": 20.12},
     "ClipCap transformer, GPT-2 frozen": {"BLEU-4": 33.53, "METEOR": 27.45, "CIDEr": 113.08, "SPICE": 21.05},

@@ -1,4 +1,4 @@
-"""Score generated captions with every metric; write metrics.json, per_image.json and report.html.
+"""Score generated captions with every metric (`evaluation.outputs` writes the results).
 
 Metrics a user names must run, and their failures are one-line errors. With no names, every
 metric that can run here does, and each one that cannot, or fails for any reason, is skipped with
@@ -8,14 +8,10 @@ a one-line reason: one metric never costs the others.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from prefixcap.atomic import write_atomic
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
 from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, W
@@ -164,32 +160,3 @@ def _optional(name: str, explicit: bool, evaluation: Evaluation) -> Iterator[Non
             raise UserError(f"{name} failed ({reason})") from None
         notice(f"{name} skipped: {reason}")
         evaluation.skipped[name] = reason
-
-
-def write_outputs(out_dir: str | Path, evaluation: Evaluation, **report_kwargs: Any) -> Path:
-    """Write metrics.json, per_image.json and the self-contained report.html into `out_dir`."""
-    from prefixcap.evaluation.report import render_report
-
-    out = Path(out_dir)
-    write_json(out / "metrics.json", evaluation.summary())
-    per_image = [
-        {"image_id": s.image_id, "caption": s.caption, **evaluation.per_image[s.image_id]} for s in evaluation.samples
-    ]
-    write_json(out / "per_image.json", per_image)
-    write_atomic(out / "report.html", render_report(evaluation, **report_kwargs))
-    return out
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Strict JSON (NaN, e.g. the CLIPScore of an unreadable image, becomes null), written atomically."""
-    write_atomic(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value

@@ -133,7 +133,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         if not batcher.running:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
-        kwargs = generation_kwargs(options, captioner.model.config.generation, limits)
+        kwargs = generation_kwargs(options, captioner.model, limits)
         captions = await _unless_disconnected(request, _caption(decoder, batcher, images, kwargs))
         metrics.images.inc(len(images))
         return [[{"generated_text": text} for text in texts] for texts in captions]

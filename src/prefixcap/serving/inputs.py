@@ -11,16 +11,19 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from prefixcap.generation import GenerationOptions
+from prefixcap.options import GenerationOptions
 from prefixcap.serving.errors import APIError
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest
+
+if TYPE_CHECKING:
+    from prefixcap.modeling import CaptionModel
 
 NamedImage = tuple[str, bytes]  # (how error messages name it, the file's bytes)
 
@@ -130,18 +133,12 @@ def _decode_base64(name: str, text: str) -> bytes:
         ) from None
 
 
-def generation_kwargs(
-    options: CaptionOptions, defaults: Mapping[str, Any], limits: Mapping[str, int]
-) -> dict[str, Any]:
-    """All decoding options for `generate`, the request's over the model's defaults, checked
-    against GenerationOptions and against the server's `limits` (upper bounds by option name)."""
+def generation_kwargs(options: CaptionOptions, model: CaptionModel, limits: Mapping[str, int]) -> dict[str, Any]:
+    """All decoding options for `generate`: the request's over the model's defaults, resolved and
+    checked by the model, then against the server's `limits` (upper bounds by option name)."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)
-    merged = {**defaults, **requested}
-    wanted = merged.get("num_return_sequences", 1)
-    if wanted > 1 and not merged.get("do_sample") and "num_beams" not in requested:
-        merged["num_beams"] = max(merged.get("num_beams", 1), wanted)  # several captions need beams
     try:
-        resolved = GenerationOptions.from_kwargs(merged)
+        resolved = model.generation_options(**requested)
     except ValueError as error:
         raise APIError(422, "invalid_options", str(error)) from None
     check_limits(resolved, limits, requested)

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import dataclasses
+import typing
 
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-class CaptionOptions(BaseModel):
-    """Decoding options, with Hugging Face `generate` names; unset ones take the model's defaults."""
+from prefixcap.options import GenerationOptions
 
-    model_config = ConfigDict(extra="forbid")
-
-    num_beams: int | None = Field(None, description="beam search with this many beams (1 = greedy)")
-    do_sample: bool | None = Field(None, description="sample instead of greedy or beam search")
-    temperature: float | None = Field(None, description="sampling temperature (> 0)")
-    top_p: float | None = Field(None, description="sampling: nucleus probability mass, in (0, 1]")
-    top_k: int | None = Field(None, description="sampling: keep the k most likely tokens (0 = all)")
-    max_new_tokens: int | None = Field(None, description="longest caption, in tokens")
-    num_return_sequences: int | None = Field(
-        None, description="captions per image; without sampling this turns on beam search with as many beams"
-    )
+_hints = typing.get_type_hints(GenerationOptions)
+# One field per GenerationOptions field, same name, type and help; unset (None) = the model's default.
+CaptionOptions = create_model(
+    "CaptionOptions",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Decoding options, with Hugging Face `generate` names; unset ones take the model's defaults.",
+    **{
+        option.name: (_hints[option.name] | None, Field(None, description=option.metadata["help"]))
+        for option in dataclasses.fields(GenerationOptions)
+    },
+)
 
 
 class JSONCaptionRequest(CaptionOptions):

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from prefixcap.config import MAPPER_KINDS
+from prefixcap.config import MAPPER_KINDS, CaptionConfig
 from prefixcap.errors import UserError
 
 _FREEZE = re.compile(r"^(frozen|none|first:(\d+))$")
@@ -34,9 +34,9 @@ BOUNDS: dict[str, tuple[float, float | None]] = {
 class TrainConfig:
     features: str | None = None  # FEATURES folder written by `prefixcap prepare`
     out: str | None = None  # RUN_DIR: checkpoints, logs and plots
-    decoder: str = "gpt2"  # causal LM to start from: hub id or folder
-    mapper: str = "mlp"  # prefix mapper: linear | mlp | transformer
-    prefix_length: int = 10  # K, prefix embeddings per image
+    decoder: str = CaptionConfig.decoder  # causal LM to start from: hub id or folder
+    mapper: str = CaptionConfig.mapper  # prefix mapper: linear | mlp | transformer
+    prefix_length: int = CaptionConfig.prefix_length  # K, prefix embeddings per image
     freeze: str = "none"  # frozen: mapper only (ClipCap) | none | first:N embeddings + first N blocks
     epochs: int = 10
     batch_size: int = 256  # captions per process per micro-batch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,26 @@ _ITEMS = "__items__"  # {"__items__": [[key, value], ...]}: a dict whose keys ar
 
 
 @dataclass
+class Progress:
+    """Where a run stands; stored in the training state so that `--resume` continues from it."""
+
+    epoch: int = 0  # epochs finished
+    epoch_step: int = 0  # optimizer steps finished in the current epoch
+    step: int = 0  # optimizer steps finished in all
+    loss_sum: float = 0.0  # running train loss of the current epoch ...
+    loss_steps: int = 0  # ... over this many steps
+    best: float | None = None  # best validation score so far
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+
+
+@dataclass
 class TrainingState:
     optimizer: dict[str, Any]  # optimizer.state_dict()
     scheduler: dict[str, Any]  # LR scheduler state_dict()
     scaler: dict[str, Any] | None  # fp16 gradient scaler state_dict(), if any
     rng: list[dict[str, Any]]  # capture_rng() of each process, by rank
-    progress: dict[str, Any]  # epoch, step counters, running loss, best score, metric history
+    progress: Progress
     config: dict[str, Any]  # the resolved TrainConfig
     store: str | None = None  # FeatureStore.identity of the features trained on (None: an older run)
 
@@ -43,7 +57,7 @@ class TrainingState:
 def save_training_state(directory: Path, state: TrainingState) -> None:
     """Write both files atomically: a crash leaves the previous state or the new one."""
     tensors: dict[str, torch.Tensor] = {}
-    document = to_storable(state.__dict__, tensors, "")
+    document = to_storable({**state.__dict__, "progress": asdict(state.progress)}, tensors, "")
     with atomic_path(directory / TENSORS_FILE) as staging:
         save_file(tensors, staging)
     write_atomic(directory / JSON_FILE, json.dumps(document) + "\n")
@@ -70,7 +84,20 @@ def load_training_state(directory: Path) -> TrainingState:
     wrong = [name for name, kind in kinds.items() if not isinstance(getattr(state, name), kind)]
     if wrong:
         raise damaged(document_path, f"{wrong[0]} is not a {kinds[wrong[0]].__name__}")
+    state.progress = _load_progress(state.progress, document_path)
     return state
+
+
+def _load_progress(saved: dict[str, Any], document_path: Path) -> Progress:
+    """The stored progress dict as `Progress`: every counter must be there (none has a safe default
+    when resuming), and an unknown one means the file is not what this version wrote."""
+    names = {item.name for item in fields(Progress)}
+    missing, unknown = sorted(names - saved.keys()), sorted(saved.keys() - names)
+    if missing:
+        raise damaged(document_path, f"its progress lacks {', '.join(missing)}")
+    if unknown:
+        raise damaged(document_path, f"its progress has unknown fields {', '.join(unknown)}")
+    return Progress(**saved)
 
 
 def damaged(path: Path, reason: str | Exception) -> UserError:

@@ -41,6 +41,7 @@ from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.state import (
     JSON_FILE,
     STATE_DIR,
+    Progress,
     TrainingState,
     capture_rng,
     damaged,
@@ -138,44 +139,44 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.model = model  # the CaptionModel: validated, saved
         self.objective, self.optimizer = self.accelerator.prepare(CaptionLoss(model), self.optimizer)  # trained
-        self.progress = _new_progress() if saved is None else saved.progress
+        self.progress = Progress() if saved is None else saved.progress
         if saved is not None:
             self._restore(saved, state_dir)
         elif overwrite:
             self._clear_run()
         self._describe(model, total_steps)
-        self.log = RunLog(self.run_dir, purge_step=self.progress["step"]) if self.accelerator.is_main_process else None
+        self.log = RunLog(self.run_dir, purge_step=self.progress.step) if self.accelerator.is_main_process else None
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> Progress:
         """Train the remaining epochs; returns the progress (history, best score)."""
         progress = self.progress
-        while progress["epoch"] < self.config.epochs:
+        while progress.epoch < self.config.epochs:
             self._train_epoch()
             metrics = self._validate() if self.accelerator.is_main_process else {}
             improved = self._record_epoch(metrics)
             self._checkpoint(best=improved)
         if self.log is not None:
             self.log.close()
-            best = progress["best"]
+            best = progress.best
             if best is not None:
                 name = _METRIC_NAMES[self.config.best_metric]
-                self._say(f"best {name} {best:.4g} after epoch {progress['best_epoch']}: {self.run_dir / BEST}")
+                self._say(f"best {name} {best:.4g} after epoch {progress.best_epoch}: {self.run_dir / BEST}")
         self.accelerator.end_training()
         return progress
 
     def _train_epoch(self) -> None:
         config, progress, accelerator = self.config, self.progress, self.accelerator
-        batches = self._process_batches(progress["epoch"])
+        batches = self._process_batches(progress.epoch)
         steps = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
         self._train_mode()
         window_loss = torch.zeros((), device=accelerator.device)  # summed step losses since the last report
         window_steps, window_samples, window_start = 0, 0, time.perf_counter()
         bar = tqdm(
-            total=len(steps), initial=progress["epoch_step"], desc=f"epoch {progress['epoch'] + 1}/{config.epochs}",
+            total=len(steps), initial=progress.epoch_step, desc=f"epoch {progress.epoch + 1}/{config.epochs}",
             unit="step", file=sys.stderr, disable=not accelerator.is_main_process or None,
         )  # fmt: skip
-        for step in steps[progress["epoch_step"] :]:
+        for step in steps[progress.epoch_step :]:
             micro_batches = [self.train_set.batch(indices) for indices in step]
             loss = train_step(
                 self.objective, self.optimizer, self.scheduler, accelerator, micro_batches, config.max_grad_norm
@@ -183,21 +184,21 @@ class Trainer:
             window_loss += loss
             window_steps += 1
             window_samples += sum(len(indices) for indices in step) * accelerator.num_processes
-            progress["epoch_step"] += 1
-            progress["step"] += 1
+            progress.epoch_step += 1
+            progress.step += 1
             bar.update()
-            last_step = progress["epoch_step"] == len(steps)
-            checkpoint = config.save_every and progress["step"] % config.save_every == 0 and not last_step
-            if progress["step"] % config.log_every == 0 or last_step or checkpoint:
+            last_step = progress.epoch_step == len(steps)
+            checkpoint = config.save_every and progress.step % config.save_every == 0 and not last_step
+            if progress.step % config.log_every == 0 or last_step or checkpoint:
                 # Report, and move the loss into the progress: one device sync per report, not per step.
                 window_total = window_loss.item()
                 mean_loss = window_total / window_steps
-                progress["loss_sum"] += window_total
-                progress["loss_steps"] += window_steps
+                progress.loss_sum += window_total
+                progress.loss_steps += window_steps
                 rate = window_samples / (time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
                 if self.log is not None:
-                    self.log.step(progress["step"], {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+                    self.log.step(progress.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
                 window_loss.zero_()
                 window_steps, window_samples, window_start = 0, 0, time.perf_counter()
             if checkpoint:
@@ -244,27 +245,27 @@ class Trainer:
     def _record_epoch(self, metrics: dict[str, float]) -> bool:
         """Close the epoch in the progress and the logs; whether it is the best so far."""
         progress = self.progress
-        progress["epoch"] += 1
+        progress.epoch += 1
         row = {
-            "epoch": progress["epoch"], "step": progress["step"],
-            "train_loss": progress["loss_sum"] / max(1, progress["loss_steps"]),
+            "epoch": progress.epoch, "step": progress.step,
+            "train_loss": progress.loss_sum / max(1, progress.loss_steps),
             "lr": self.scheduler.get_last_lr()[0], **metrics,
         }  # fmt: skip
-        progress["history"].append(row)
-        progress.update(epoch_step=0, loss_sum=0.0, loss_steps=0)
+        progress.history.append(row)
+        progress.epoch_step, progress.loss_sum, progress.loss_steps = 0, 0.0, 0
         score = metrics.get(_METRIC_NAMES[self.config.best_metric])
         lower_is_better = self.config.best_metric == "loss"
         improved = score is not None and (
-            progress["best"] is None or (score < progress["best"] if lower_is_better else score > progress["best"])
+            progress.best is None or (score < progress.best if lower_is_better else score > progress.best)
         )
         if improved:
-            progress.update(best=score, best_epoch=progress["epoch"])
+            progress.best, progress.best_epoch = score, progress.epoch
         if self.log is not None:
-            self.log.epoch(progress["history"], last=progress["epoch"] == self.config.epochs)
+            self.log.epoch(progress.history, last=progress.epoch == self.config.epochs)
             shown = ", ".join(
                 f"{name} {value:.4g}" for name, value in row.items() if name not in ("epoch", "step", "lr")
             )
-            self._say(f"epoch {progress['epoch']}/{self.config.epochs}: {shown}")
+            self._say(f"epoch {progress.epoch}/{self.config.epochs}: {shown}")
         return improved
 
     # ------------------------------------------------------------------ checkpoints
@@ -294,9 +295,6 @@ class Trainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         if len(saved.rng) != world:
             raise UserError(f"{self.run_dir} ran on {len(saved.rng)} processes; resume it on as many (not {world})")
-        missing = sorted(_new_progress().keys() - saved.progress.keys())
-        if missing:
-            raise damaged(state_dir, f"its progress lacks {', '.join(missing)}")
         try:
             self.optimizer.load_state_dict(saved.optimizer)
             self.scheduler.load_state_dict(saved.scheduler)
@@ -342,7 +340,7 @@ class Trainer:
             f"{self.steps_per_epoch} steps per epoch of {per_step} captions ({config.batch_size} x "
             f"{self.accelerator.num_processes} processes x {config.grad_accum} accumulated), {total_steps} steps; "
             f"{trainable:,} trainable parameters; precision {config.precision}"
-            + (f"; resuming after step {self.progress['step']}" if self.progress["step"] else "")
+            + (f"; resuming after step {self.progress.step}" if self.progress.step else "")
         )
 
     def _caption_limit(self, model: CaptionModel, config: TrainConfig) -> int | None:
@@ -359,17 +357,6 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(message, file=sys.stderr)
-
-
-def _new_progress() -> dict[str, Any]:
-    return {
-        "epoch": 0,  # epochs finished
-        "epoch_step": 0,  # optimizer steps finished in the current epoch
-        "step": 0,  # optimizer steps finished in all
-        "loss_sum": 0.0, "loss_steps": 0,  # running train loss of the current epoch
-        "best": None, "best_epoch": None,  # best validation score so far
-        "history": [],  # one metrics row per finished epoch
-    }  # fmt: skip
 
 
 def _load_model(config: TrainConfig, store: FeatureStore, checkpoint: Path | None) -> CaptionModel:

@@ -1,13 +1,21 @@
-"""Named pretrained models, resolved and cached on first use (like open_clip's registry)."""
+"""Model names -> model directories: registered pretrained models (converted and cached on first use,
+like open_clip's registry), local directories and hub repo ids. Torch, the converter and the model class
+are imported only when a model is resolved, so `prefixcap --help` stays light."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefixcap.config import CONFIG_NAME
 from prefixcap.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from prefixcap.modeling import CaptionModel
 
 DEFAULT_MODEL = "clipcap-coco"
 
@@ -52,6 +60,27 @@ def resolve(name: str) -> Path:
     checkpoint = _hub_download(spec.repo_id, spec.filename, name)
     convert_clipcap(checkpoint, target, vision_encoder=spec.vision_encoder, decoder=spec.decoder, save_frozen=False)
     return target
+
+
+def resolve_model_dir(name_or_dir: str | Path) -> Path:
+    """A registered name, a local directory or a hub repo id, as a local directory."""
+    if str(name_or_dir) in REGISTRY:
+        return resolve(str(name_or_dir))
+    path = Path(name_or_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: is a file; a model is a directory (see `prefixcap convert-clipcap`)")
+        return path
+    return download_model_repo(str(name_or_dir))
+
+
+def load_model(
+    name_or_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> CaptionModel:
+    """A registered name (`clipcap-coco`), a model directory or a hub repo id, loaded."""
+    from prefixcap.modeling import CaptionModel
+
+    return CaptionModel.from_pretrained(resolve_model_dir(name_or_dir), device=device, dtype=dtype)
 
 
 def download_model_repo(repo_id: str) -> Path:

@@ -1,0 +1,167 @@
+"""GenerationOptions is the one decoding-options schema: the command-line flags, the server's request
+fields and the engine's DecodeSpec are generated from (or derived from) it, and must not drift from
+its names, help texts and types. Also its one rule: several captions without sampling mean beams."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+import pytest
+
+from prefixcap.cli import build_parser, main
+from prefixcap.cli.common import GENERATION_GROUP, add_generation_arguments, bounded
+from prefixcap.engine.spec import DecodeSpec
+from prefixcap.options import GenerationOptions
+from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, MultipartCaptionRequest
+
+FIELDS = {option.name: option for option in dataclasses.fields(GenerationOptions)}
+HINTS = typing.get_type_hints(GenerationOptions)
+
+
+def _command(name: str) -> argparse.ArgumentParser:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+def _value_type(name: str) -> type:
+    """int for `int | None`, else the annotation itself."""
+    return next(t for t in typing.get_args(HINTS[name]) or [HINTS[name]] if t is not type(None))
+
+
+def _parses_as(parse: typing.Callable[[str], object], kind: type) -> bool:
+    """Whether an argparse type parses numbers as `kind`: ints refuse "1.5", and neither takes "nan"."""
+    try:
+        parse("1.5")
+        takes_fractions = True
+    except argparse.ArgumentTypeError:
+        takes_fractions = False
+    try:
+        parse("nan")
+        return False
+    except argparse.ArgumentTypeError:
+        pass
+    return takes_fractions == (kind is float) and type(parse("3")) is kind
+
+
+def cli_drift(parser: argparse.ArgumentParser) -> list[str]:
+    """Where `parser`'s decoding flags differ from GenerationOptions: one line per difference."""
+    group = next((g for g in parser._action_groups if g.title == GENERATION_GROUP), None)
+    if group is None:
+        return [f"no {GENERATION_GROUP!r} argument group"]
+    actions = {action.dest: action for action in group._group_actions}
+    problems = [f"{dest}: not a GenerationOptions field" for dest in sorted(set(actions) - set(FIELDS))]
+    problems += [f"{name}: no flag" for name in sorted(set(FIELDS) - set(actions))]
+    elsewhere = {a.dest for a in parser._actions if a not in group._group_actions} & set(FIELDS)
+    problems += [f"{dest}: also set outside the decoding group" for dest in sorted(elsewhere)]
+    for name in sorted(set(FIELDS) & set(actions)):
+        action, option = actions[name], FIELDS[name]
+        flag = option.metadata.get("flag", "--" + name.replace("_", "-"))
+        if action.option_strings[0] != flag:
+            problems.append(f"{name}: flag {action.option_strings[0]}, not {flag}")
+        if action.help != option.metadata["help"]:
+            problems.append(f"{name}: help {action.help!r}, not the field's {option.metadata['help']!r}")
+        if action.default is not None:
+            problems.append(f"{name}: default {action.default!r}; unset must mean the model's default")
+        kind = _value_type(name)
+        if kind is bool:
+            if not isinstance(action, argparse.BooleanOptionalAction):
+                problems.append(f"{name}: a bool, but not a --x/--no-x flag")
+        elif not (action.type and _parses_as(action.type, kind)):
+            problems.append(f"{name}: does not parse as a finite {kind.__name__}")
+    return problems
+
+
+@pytest.mark.parametrize("command", ["caption", "evaluate"])
+def test_decoding_flags_are_the_generation_options(command: str) -> None:
+    assert cli_drift(_command(command)) == []
+
+
+def test_the_drift_check_notices_a_hand_written_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    group = next(g for g in parser._action_groups if g.title == GENERATION_GROUP)
+    group.add_argument("--beams", type=bounded(int), help="beam search")
+    group._group_actions[0].help = "stale help"  # --max-new-tokens
+    assert cli_drift(parser) == [
+        "beams: not a GenerationOptions field",
+        "max_new_tokens: help 'stale help', not the field's 'longest caption, in tokens'",
+    ]
+
+
+def test_users_keep_their_flag_names() -> None:
+    args = _command("caption").parse_args(["a.jpg", "--num-captions", "3", "--do-sample", "--no-early-stopping"])
+    assert (args.num_return_sequences, args.do_sample, args.early_stopping) == (3, True, False)
+
+
+@pytest.mark.parametrize("schema", [CaptionOptions, JSONCaptionRequest, MultipartCaptionRequest])
+def test_the_server_schema_is_the_generation_options(schema) -> None:
+    fields = {name: info for name, info in schema.model_fields.items() if name != "images"}
+    assert list(fields) == list(FIELDS)
+    for name, info in fields.items():
+        assert info.description == FIELDS[name].metadata["help"], name
+        assert info.annotation == HINTS[name] | None, name
+        assert info.default is None, name
+    assert schema.model_config["extra"] == "forbid"
+
+
+def test_decode_spec_inherits_the_options_unchanged() -> None:
+    assert issubclass(DecodeSpec, GenerationOptions)
+    inherited = {option.name: option for option in dataclasses.fields(DecodeSpec)}
+    for name, option in FIELDS.items():
+        assert inherited[name] is option, f"DecodeSpec re-declares {name}"
+
+
+# ------------------------------------------------------------------------ types and the beams rule
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": "5"}, "max_new_tokens must be an integer, got '5'"),
+        ({"max_new_tokens": 5.0}, "max_new_tokens must be an integer, got 5.0"),
+        ({"do_sample": "no"}, "do_sample must be true or false, got 'no'"),
+        ({"num_beams": True}, "num_beams must be an integer, got True"),
+        ({"seed": "7"}, "seed must be an integer or null, got '7'"),
+        ({"temperature": "warm"}, "temperature must be a number, got 'warm'"),
+    ],
+)
+def test_mistyped_options_are_refused_by_name(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        GenerationOptions.from_kwargs(kwargs)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        GenerationOptions.resolve({}, {"num_return_sequences": 2, **kwargs})
+
+
+def test_integers_for_float_options_become_floats() -> None:
+    options = GenerationOptions.from_kwargs({"temperature": 2, "do_sample": True})
+    assert type(options.temperature) is float and options == GenerationOptions(temperature=2.0, do_sample=True)
+
+
+@pytest.mark.parametrize(
+    "defaults, requested, beams",
+    [
+        ({}, {"num_return_sequences": 3}, 3),  # several captions, greedy: beams switch on
+        ({"num_beams": 5}, {"num_return_sequences": 3}, 5),  # more beams than captions are kept
+        ({"num_return_sequences": 3, "num_beams": 3}, {"max_new_tokens": 5}, 3),
+        ({"do_sample": True}, {"num_return_sequences": 3}, 1),  # the model samples: no beams
+        ({}, {"num_return_sequences": 3, "do_sample": True}, 1),
+        ({"num_return_sequences": 3, "do_sample": True}, {"do_sample": False}, 3),
+    ],
+)
+def test_several_captions_without_sampling_switch_beams_on(defaults, requested, beams) -> None:
+    assert GenerationOptions.resolve(defaults, requested).num_beams == beams
+
+
+def test_requested_beams_are_never_changed() -> None:
+    with pytest.raises(ValueError, match="num_return_sequences must be <= num_beams without sampling"):
+        GenerationOptions.resolve({}, {"num_beams": 2, "num_return_sequences": 4})
+    assert GenerationOptions.resolve({}, {"num_beams": 4, "num_return_sequences": 2}).num_beams == 4
+
+
+def test_the_cli_applies_the_same_rule(tiny_model_dir, example_images, capsys) -> None:
+    image = str(example_images[0])
+    code = main(["caption", image, "--model", str(tiny_model_dir), "--num-beams", "2", "--num-captions", "4"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "error: num_return_sequences must be <= num_beams without sampling (greedy gives one caption)\n"
+    )
