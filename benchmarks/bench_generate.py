@@ -36,9 +36,8 @@ from PIL import Image
 
 from prefixcap import engine
 from prefixcap.captioner import Captioner
-from prefixcap.distributed.loading import caption_parts
-from prefixcap.distributed.plan import plan_parts
 from prefixcap.generation import GenerationOptions
+from prefixcap.loader import chunked
 from prefixcap.modeling import CaptionModel
 from prefixcap.testing import build_full_size_model
 
@@ -245,22 +244,23 @@ def end_to_end(model: CaptionModel, args: argparse.Namespace, batch_size: int, c
     options = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
     captioner = Captioner(model, batch_size=batch_size)
     size = model.image_processor.crop_size["height"]
-    pixels = torch.randn(max(count, batch_size), 3, size, size, generator=torch.Generator().manual_seed(1))
-    pixels = pixels.to(model.device, model.vision_encoder.dtype)
+    shape = (max(count, batch_size), 3, size, size)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixels = pixels.to(model.device)
     captioner.caption_pixels(pixels[:batch_size], **options)  # warm-up
     measured = {"pixels": throughput(lambda x: captioner.caption_pixels(x, **options), pixels, batch_size)}
     report("from preprocessed pixels", measured["pixels"], "images/s")
 
     paths = write_jpegs(workdir, count)
-    list(captioner.stream(paths[:batch_size], num_workers=args.workers, **options))  # warm-up
-    parts = plan_parts([str(path) for path in paths], part_size=batch_size)
+    list(captioner.stream(paths[:batch_size], workers=args.workers, **options))  # warm-up
+    units = list(chunked(paths, batch_size))
 
     def command_pipeline() -> int:
-        results = caption_parts(captioner, parts, batch_size=batch_size, num_workers=args.workers, **options)
-        return sum(len(part_results) for _, part_results in results)
+        results = captioner.caption_units(units, batch_size=batch_size, workers=args.workers, **options)
+        return sum(len(unit_results) for _, unit_results in results)
 
     def stream() -> int:
-        return sum(1 for _ in captioner.stream(paths, num_workers=args.workers, **options))
+        return sum(1 for _ in captioner.stream(paths, workers=args.workers, **options))
 
     for name, run, workers in [("jpeg", command_pipeline, "processes"), ("jpeg_stream", stream, "threads")]:
         start = time.perf_counter()

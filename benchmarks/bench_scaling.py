@@ -57,19 +57,15 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 def preprocessing_rate(model: Path, images: Path) -> float:
     """Images/s that one core decodes (JPEG) and preprocesses (resize, crop; normalising happens
     later, batched on the model's device) in one thread."""
-    from prefixcap.distributed.loading import PartImages
-    from prefixcap.distributed.plan import plan_parts
+    from prefixcap.loader import ImageLoader
     from prefixcap.modeling import load_image_processor
     from prefixcap.preprocess import ImagePreprocessor
 
     torch.set_num_threads(1)
-    dataset = PartImages(
-        plan_parts(sorted(map(str, images.glob("*.jpg"))), part_size=1000),
-        ImagePreprocessor(load_image_processor(model / "image_processor")),
-        batch_size=16,
-    )
+    loader = ImageLoader(ImagePreprocessor(load_image_processor(model / "image_processor")))
+    batches = loader.batches([sorted(images.glob("*.jpg"))], batch_size=16, workers=0)  # in this thread
     start = time.perf_counter()
-    count = sum(len(batch.paths) for batch in dataset)
+    count = sum(len(batch.keys) for batch in batches)
     return count / (time.perf_counter() - start)
 
 

@@ -85,7 +85,7 @@ def test_greedy_captions_match_clipcap_loop(converted, example_images):
     images = [Image.open(path).convert("RGB") for path in example_images]
     expected = [naive_greedy(reference.gpt, reference.prefix(image), 67, stop_ids)[0] for image in images]
     pixels = torch.stack([captioner.preprocess(image) for image in images])
-    assert strip_padding(model.generate(pixels), stop_ids) == expected
+    assert strip_padding(model.generate(pixels=pixels), stop_ids) == expected
     assert [c[0] for c in captioner(images)] == [
         " ".join(model.tokenizer.decode(ids, skip_special_tokens=True).split()) for ids in expected
     ]

@@ -67,7 +67,7 @@ def test_captions_from_images_equal_the_captioners(tiny_model_dir: Path, synthet
 
     records = load_records(synthetic)[:6]
     captioner = Captioner.from_pretrained(tiny_model_dir)
-    captions, failures = caption_records(captioner.model, records, batch_size=4, num_workers=0, max_new_tokens=8)
+    captions, failures = caption_records(captioner, records, batch_size=4, workers=0, max_new_tokens=8)
     expected = captioner([record.image for record in records], max_new_tokens=8)
     assert not failures and [captions[record.image_id] for record in records] == [texts[0] for texts in expected]
 

@@ -41,10 +41,11 @@ def test_split_pipeline_equals_the_processor(settings):
         assert torch.equal(preprocessor.normalize(pixels.unsqueeze(0)), expected), image.size
 
 
-def test_float_pixels_pass_through_unchanged():
+def test_float_pixels_are_refused():
+    """uint8 pixels and an image processor's normalised floats never share a parameter."""
     preprocessor = ImagePreprocessor(CLIPImageProcessorPil())
-    pixels = torch.randn(2, 3, 224, 224)
-    assert preprocessor.normalize(pixels) is pixels
+    with pytest.raises(TypeError, match="pass it as pixel_values="):
+        preprocessor.normalize(torch.randn(2, 3, 224, 224))
 
 
 def test_jpeg_draft_pixels_stay_close_to_a_full_decode(tmp_path):

@@ -15,17 +15,13 @@ import psutil
 import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
 
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
-from prefixcap.distributed.loading import (
-    PartImages,
-    caption_parts,
-    in_input_order,
-    read_shard,
-)
+from prefixcap.data.shards import read_shard
+from prefixcap.distributed.outputs import Result
 from prefixcap.distributed.plan import plan_parts
+from prefixcap.loader import ImageLoader, in_order
 from prefixcap.preprocess import ImagePreprocessor
 from tests.helpers_pipeline import prefixcap_command, subprocess_env
 
@@ -128,7 +124,8 @@ def test_unreadable_shards_become_error_records(tiny_model_dir, inputs, tmp_path
     captioner = Captioner.from_pretrained(tiny_model_dir)
     specs = [str(truncated), f"pipe:cat {tmp_path / 'missing.tar'}", str(inputs["shards"][1])]
     parts = plan_parts(specs, part_size=10)
-    results = list(in_input_order(caption_parts(captioner, parts, batch_size=2, num_workers=2, max_new_tokens=3)))
+    units = captioner.caption_units([part.sources for part in parts], batch_size=2, workers=2, max_new_tokens=3)
+    results = [Result.of(path, outcome) for path, outcome in in_order(units)]
     errors = {result.path: result.error for result in results if result.error}
     assert results[0].path == f"{truncated}#sample001.png" and results[0].captions  # complete before the damage
     assert errors[str(truncated)] == "cannot read this shard (ReadError: unexpected end of data)"
@@ -141,15 +138,15 @@ def test_workers_deliver_whole_parts_in_batches_that_never_mix_parts(tiny_model_
     captioner = Captioner.from_pretrained(tiny_model_dir)
     images = sorted(str(path) for path in inputs["folder"].glob("img*.jpg"))
     parts = plan_parts(images, part_size=3)
-    dataset = PartImages(parts, captioner.model.preprocessor, batch_size=2)
+    loader = ImageLoader(captioner.model.preprocessor)
     seen: dict[int, list[str]] = {}  # part -> its images, in the order they arrived
     finished: set[int] = set()
-    for batch in DataLoader(dataset, batch_size=None, num_workers=2):
-        assert batch.part not in finished, "a batch arrived after its part's last batch"
-        assert batch.pixels.shape[0] == len(batch.paths) <= 2
-        seen.setdefault(batch.part, []).extend(batch.paths)
+    for batch in loader.batches([part.sources for part in parts], batch_size=2, workers=2, processes=True):
+        assert batch.unit not in finished, "a batch arrived after its part's last batch"
+        assert batch.pixels.shape[0] == len(batch.keys) <= 2
+        seen.setdefault(batch.unit, []).extend(batch.keys)
         if batch.last:
-            finished.add(batch.part)
+            finished.add(batch.unit)
     assert finished == {part.index for part in parts}
     assert [seen[part.index] for part in parts] == [list(part.sources) for part in parts]
 
@@ -167,7 +164,7 @@ def test_captioner_jpeg_draft_reaches_the_decoding_workers(tiny_model_dir, input
     for jpeg_draft in (False, True):
         captioner = Captioner.from_pretrained(tiny_model_dir, jpeg_draft=jpeg_draft)
         parts = plan_parts(images, part_size=2)
-        results = caption_parts(captioner, parts, batch_size=2, num_workers=0, max_new_tokens=2)
+        results = captioner.caption_units([part.sources for part in parts], batch_size=2, workers=0, max_new_tokens=2)
         assert sum(len(part_results) for _, part_results in results) == 2
     assert requested == [False, False, True, True]
 

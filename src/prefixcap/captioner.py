@@ -1,12 +1,10 @@
-"""Captioner: images in, captions out, with batching and image decoding overlapped with compute."""
+"""Captioner: images in, captions out, with batching and image decoding (`loader`) overlapped with compute."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
+from prefixcap.loader import ImageLoader, group, in_order
 from prefixcap.modeling import CaptionModel
 from prefixcap.registry import resolve_model_dir
 
@@ -41,8 +40,7 @@ class Captioner:
     ):
         self.model = model.eval()
         self.batch_size = batch_size
-        self.max_pixels = max_pixels  # larger images are refused before decoding
-        self.jpeg_draft = jpeg_draft  # decode JPEGs at reduced scale (faster; pixels differ slightly)
+        self.loader = ImageLoader(model.preprocessor, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
         # what the model was loaded from (`model_fingerprint`); None for a model built in memory
         self.model_fingerprint = model_fingerprint
 
@@ -69,19 +67,12 @@ class Captioner:
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the
-        model's device); runs in worker threads (PIL releases the GIL)."""
-        return self.model.preprocessor.load_pixels(
-            source, name=name, max_pixels=self.max_pixels, jpeg_draft=self.jpeg_draft
-        )
+        model's device); raises ImageLoadError (`ImageLoader.load`)."""
+        return self.loader.load(source, name)
 
-    @torch.no_grad()
-    def caption_pixels(self, pixel_values: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
-        """Captions for a batch of `preprocess` (uint8) or image-processor (float) pixels,
-        grouped per image."""
-        ids = self.model.generate(pixel_values, **generation_kwargs)
-        texts = self.model.decode(ids)
-        per_image = len(texts) // pixel_values.shape[0]
-        return [texts[i : i + per_image] for i in range(0, len(texts), per_image)]
+    def caption_pixels(self, pixels: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
+        """Captions for a batch of `preprocess` (uint8) pixels, grouped per image."""
+        return self.model.caption(pixels=pixels, **generation_kwargs)
 
     def __call__(self, images: ImageSource | Sequence[ImageSource], **generation_kwargs: Any) -> list[list[str]]:
         """Captions per image. Raises ImageLoadError on the first image that cannot be read."""
@@ -99,43 +90,54 @@ class Captioner:
         sources: Iterable[ImageSource],
         *,
         batch_size: int | None = None,
-        num_workers: int = 4,
+        workers: int = 4,
+        processes: bool = False,
+        progress: Any = None,
         **generation_kwargs: Any,
-    ) -> Iterator[tuple[ImageSource, list[str] | ImageLoadError]]:
+    ) -> Iterator[tuple[Any, list[str] | ImageLoadError]]:
         """Yield (source, captions) in input order, for arbitrarily long inputs. Unreadable images
-        yield their ImageLoadError instead of stopping the stream. Worker threads decode the next
-        batches while the model captions the current one."""
+        yield their ImageLoadError instead of stopping the stream. Worker threads (or, with
+        `processes`, DataLoader worker processes) decode the next batches while the model captions
+        the current one. A shard typed as `LocalPath`/`RemoteShard` yields ("shard#member", ...)
+        for each of its images."""
         batch_size = batch_size or self.batch_size
-        window = batch_size * 2  # images decoding ahead of the model: two batches
-        with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            pending: deque[tuple[ImageSource, Future]] = deque()
-            batch: list[tuple[ImageSource, torch.Tensor | ImageLoadError]] = []
-            for source in sources:
-                pending.append((source, pool.submit(self._safe_preprocess, source)))
-                if len(pending) >= window:
-                    batch.append(_resolve(pending.popleft()))
-                    if len(batch) == batch_size:
-                        yield from self._caption_batch(batch, generation_kwargs)
-                        batch = []
-            while pending:
-                batch.append(_resolve(pending.popleft()))
-                if len(batch) == batch_size or not pending:
-                    yield from self._caption_batch(batch, generation_kwargs)
-                    batch = []
+        units = group(sources, batch_size)
+        yield from in_order(
+            self.caption_units(
+                units, batch_size=batch_size, workers=workers, processes=processes, progress=progress,
+                **generation_kwargs,
+            )
+        )  # fmt: skip
 
-    def _safe_preprocess(self, source: ImageSource) -> torch.Tensor | ImageLoadError:
-        try:
-            return self.preprocess(source)
-        except ImageLoadError as error:
-            return error
-
-    def _caption_batch(
-        self, batch: list[tuple[ImageSource, torch.Tensor | ImageLoadError]], generation_kwargs: dict[str, Any]
-    ) -> Iterator[tuple[ImageSource, list[str] | ImageLoadError]]:
-        good = [pixels for _, pixels in batch if isinstance(pixels, torch.Tensor)]
-        captions = iter(self.caption_pixels(torch.stack(good), **generation_kwargs) if good else [])
-        for source, pixels in batch:
-            yield source, pixels if isinstance(pixels, ImageLoadError) else next(captions)
+    def caption_units(
+        self,
+        units: Iterable[Sequence[ImageSource]],
+        *,
+        batch_size: int | None = None,
+        workers: int = 4,
+        processes: bool = True,
+        progress: Any = None,
+        **generation_kwargs: Any,
+    ) -> Iterator[tuple[int, list[tuple[Any, list[str] | ImageLoadError]]]]:
+        """Caption `units` (see `ImageLoader.batches`), yielding each (unit index, its (source,
+        captions or failure) in input order) once complete; with processes, units complete in about
+        (not exactly) their order. `progress` is a tqdm bar or anything else with `update(n)`."""
+        batches = self.loader.batches(
+            units, batch_size=batch_size or self.batch_size, workers=workers, processes=processes,
+            pin_memory=processes and self.model.device.type == "cuda",
+        )  # fmt: skip
+        pending: dict[int, list[tuple[Any, list[str] | ImageLoadError]]] = {}  # unit -> its results so far
+        for batch in batches:
+            # 1. Caption the readable images; the failed ones keep their place with their error.
+            captions = iter(self.caption_pixels(batch.pixels, **generation_kwargs) if batch.pixels is not None else [])
+            results = pending.setdefault(batch.unit, [])
+            for position, key in enumerate(batch.keys):
+                results.append((key, batch.failures[position] if position in batch.failures else next(captions)))
+            if progress is not None:
+                progress.update(len(batch.keys))
+            # 2. Hand over the unit once its last batch is done.
+            if batch.last:
+                yield batch.unit, pending.pop(batch.unit)
 
 
 def model_fingerprint(directory: str | Path) -> str:
@@ -154,8 +156,3 @@ def model_fingerprint(directory: str | Path) -> str:
             entry = f"{os.path.relpath(path, directory)}\0{status.st_size}\0{status.st_mtime_ns}\0"
             digest.update(entry.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
-
-
-def _resolve(item: tuple[ImageSource, Future]) -> tuple[ImageSource, Any]:
-    source, future = item
-    return source, future.result()

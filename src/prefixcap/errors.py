@@ -6,7 +6,16 @@ class UserError(Exception):
 
 
 class ImageLoadError(UserError):
-    """An image could not be read; the message names the source and the reason."""
+    """An image that cannot be used: `source` names it (a path, "shard.tar#member", "images[2] (a.jpg)"),
+    `reason` says why in one line. Loaders raise it, and carry it as a value in place of the image
+    (its args are exactly (source, reason), so it pickles through DataLoader worker processes)."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(source, reason)
+        self.source, self.reason = source, reason
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
 
 
 class ImageTooLargeError(ImageLoadError):

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from prefixcap.atomic import atomic_path, write_atomic
 from prefixcap.config import CaptionConfig, normalize_model_id
 from prefixcap.data import CaptionRecord
-from prefixcap.errors import UserError
+from prefixcap.errors import ImageLoadError, UserError
 
 MANIFEST = "store.json"
 BAD_IMAGES = "bad_images.jsonl"
@@ -295,12 +295,12 @@ def write_shard(
     shard: int,
     records: Sequence[CaptionRecord],
     embeds: dict[int, torch.Tensor],
-    errors: dict[int, str],
+    failures: dict[int, ImageLoadError],
     fingerprint: str,
     embed_dim: int,
 ) -> None:
-    """Write one shard atomically; `embeds`/`errors` map a record's position in `records` to its
-    embedding or to the reason it could not be read."""
+    """Write one shard atomically; `embeds`/`failures` map a record's position in `records` to its
+    embedding or to why it could not be read (stored as the reason alone)."""
     rows, entries = [], []
     for position, record in enumerate(records):
         entry: dict[str, Any] = asdict(record)
@@ -308,7 +308,7 @@ def write_shard(
             entry["row"] = len(rows)
             rows.append(embeds[position])
         else:
-            entry["error"] = errors[position]
+            entry["error"] = failures[position].reason
         entries.append(entry)
     tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
     index = shard_path(store, shard, ".jsonl")

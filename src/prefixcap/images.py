@@ -44,14 +44,15 @@ def load_image(
     `min_size` lets a JPEG decode at the smallest scale (1/2, 1/4 or 1/8: PIL's draft mode, done
     in the DCT) that keeps both sides at least `min_size` pixels, several times faster for large
     photos; the pixels then differ slightly from a full decode that is resized afterwards."""
-    with _named_errors(_label(source, name), max_pixels):
+    label = source_label(source, name)
+    with _named_errors(label, max_pixels):
         if isinstance(source, Image.Image):
             image = source
         elif isinstance(source, np.ndarray):
-            image = _from_array(source)
+            image = _from_array(source, label)
         else:
-            image = _open(source)
-        _check_size(image, max_pixels)
+            image = _open(source, label)
+        _check_size(image, max_pixels, label)
         _draft(image, min_size)
         image.seek(0)  # first frame of animations
         image.load()  # decode now, so truncated files fail here and not later
@@ -69,9 +70,10 @@ def open_image(
     `max_pixels`, and no pixel is decoded yet. A server uses it to refuse bad or oversized images
     and to learn what decoding one will cost (`decode_bytes`) before it pays for the decode.
     Raises `ImageLoadError` as `load_image` does."""
-    with _named_errors(_label(source, name), max_pixels):
-        image = _open(source)
-        _check_size(image, max_pixels)
+    label = source_label(source, name)
+    with _named_errors(label, max_pixels):
+        image = _open(source, label)
+        _check_size(image, max_pixels, label)
         return image
 
 
@@ -83,7 +85,8 @@ def decode_bytes(image: Image.Image, min_size: int | None = None) -> int:
     return width * height * _PEAK_BYTES_PER_PIXEL.get(image.mode, _MOST_BYTES_PER_PIXEL)
 
 
-def _label(source: object, name: str | None) -> str:
+def source_label(source: object, name: str | None = None) -> str:
+    """What errors call an image: `name` if given, else its path, else its type."""
     return name or (str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>")
 
 
@@ -97,16 +100,10 @@ def _named_errors(label: str, max_pixels: int | None) -> Iterator[None]:
     """Turn every way reading an image fails into one `ImageLoadError` naming `label`."""
     try:
         yield
-    except ImageLoadError as error:
-        raise type(error)(f"{label}: {error}") from None
-    except FileNotFoundError:
-        raise ImageLoadError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"{label}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageLoadError(f"{label}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise ImageLoadError(label, os_error_reason(error)) from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{label}: not an image, or an unsupported format") from None
+        raise ImageLoadError(label, "not an image, or an unsupported format") from None
     except Image.DecompressionBombError:
         # PIL refuses images over twice its MAX_IMAGE_PIXELS as it opens them, before our check
         # runs, and its message quotes its own limit; the user knows only theirs.
@@ -114,47 +111,60 @@ def _named_errors(label: str, max_pixels: int | None) -> Iterator[None]:
         limit = (
             "PIL.Image.MAX_IMAGE_PIXELS" if max_pixels is None or max_pixels > pil_limit else f"limit {max_pixels:,}"
         )
-        raise ImageTooLargeError(f"{label}: too many pixels (over {pil_limit:,} > {limit})") from None
+        raise ImageTooLargeError(label, f"too many pixels (over {pil_limit:,} > {limit})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageLoadError(f"{label}: corrupt or truncated image ({error})") from None
+        raise ImageLoadError(label, f"corrupt or truncated image ({error})") from None
 
 
-def _open(source: str | Path | bytes | bytearray) -> Image.Image:
+def os_error_reason(error: OSError) -> str:
+    """Why a file cannot be read, in a few words: one wording for image files and shard members."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory, not an image"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"cannot read ({error.strerror or error})"
+
+
+def _open(source: str | Path | bytes | bytearray, label: str) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageLoadError("empty data")
+            raise ImageLoadError(label, "empty data")
         stream = io.BytesIO(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file() and path.stat().st_size == 0:
-            raise ImageLoadError("empty file")
+            raise ImageLoadError(label, "empty file")
         stream = path
     else:
-        raise ImageLoadError(f"a {type(source).__name__} is not an image, a path or image bytes")
+        raise ImageLoadError(label, f"a {type(source).__name__} is not an image, a path or image bytes")
     with warnings.catch_warnings():
         # We enforce our own pixel limit below; PIL's warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(stream)
 
 
-def _check_size(image: Image.Image, max_pixels: int | None) -> None:
+def _check_size(image: Image.Image, max_pixels: int | None, label: str) -> None:
     width, height = image.size
     if width == 0 or height == 0:
-        raise ImageLoadError("image has no pixels")
+        raise ImageLoadError(label, "image has no pixels")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLargeError(f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})")
+        raise ImageTooLargeError(
+            label, f"too many pixels ({width}x{height} = {width * height:,} > limit {max_pixels:,})"
+        )
 
 
-def _from_array(array: np.ndarray) -> Image.Image:
+def _from_array(array: np.ndarray, label: str) -> Image.Image:
     """Accept HxW or HxWxC arrays of uint8, uint16 or floats in [0, 1]."""
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ImageLoadError(f"array of shape {array.shape} is not HxW or HxWx{{1,3,4}}")
+        raise ImageLoadError(label, f"array of shape {array.shape} is not HxW or HxWx{{1,3,4}}")
     if array.dtype == np.uint16:
         array = (array >> 8).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # NaN: black
     elif array.dtype != np.uint8:
-        raise ImageLoadError(f"array dtype {array.dtype} is not uint8, uint16 or float")
+        raise ImageLoadError(label, f"array dtype {array.dtype} is not uint8, uint16 or float")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(array))

@@ -176,13 +176,14 @@ class CaptionModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.mapper.parameters()).device
 
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, embed_dim], as CLIP's `get_image_features` gives.
-        `pixel_values` are the image processor's output, or `preprocessor.pixels` uint8 ones."""
-        pixel_values = self.preprocessor.normalize(pixel_values.to(self.vision_encoder.device))
-        pixel_values = pixel_values.to(self.vision_encoder.dtype)
-        return self.vision_encoder(pixel_values=pixel_values).image_embeds
+        """Projected image embeddings [B, embed_dim] of the image processor's (float) output, as
+        CLIP's `get_image_features` gives."""
+        return embed_pixel_values(self.vision_encoder, pixel_values)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, embed_dim] of uint8 pixels from `preprocessor.pixels`."""
+        return embed_pixels(self.vision_encoder, self.preprocessor, pixels)
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Mapper output [B, K, hidden], in the decoder's dtype."""
@@ -190,10 +191,16 @@ class CaptionModel(nn.Module):
         prefix = self.mapper(image_embeds.to(self.device, mapper_dtype))
         return prefix.to(self.decoder.dtype)
 
-    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("pass exactly one of pixel_values or image_embeds")
-        if image_embeds is None:
+    def _image_embeds(
+        self, pixels: torch.Tensor | None, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The image embeddings of exactly one of: uint8 `pixels`, float `pixel_values` (an image
+        processor's output) or `image_embeds` themselves."""
+        if sum(given is not None for given in (pixels, pixel_values, image_embeds)) != 1:
+            raise ValueError("pass exactly one of pixels, pixel_values or image_embeds")
+        if pixels is not None:
+            return self.encode_pixels(pixels)
+        if pixel_values is not None:
             return self.encode_images(pixel_values)
         if image_embeds.shape[-1] != self.config.embed_dim:
             raise ValueError(
@@ -201,6 +208,19 @@ class CaptionModel(nn.Module):
                 f"{self.config.embed_dim} (features from a different image encoder?)"
             )
         return image_embeds
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        pixels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder input embeddings [B, K + T, hidden]: the prefix, then the caption tokens'
+        embeddings. The one place both `forward` and the training loss build them."""
+        prefix = self.prefix_embeds(self._image_embeds(pixels, pixel_values, image_embeds))
+        return torch.cat([prefix, self.decoder.get_input_embeddings()(input_ids)], dim=1)
 
     def forward(
         self,
@@ -210,21 +230,19 @@ class CaptionModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> CausalLMOutputWithCrossAttentions:
         """Teacher-forced pass over [prefix; caption tokens]. Logits cover both; the loss ignores the
         prefix and every label set to -100 (padding)."""
-        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))
-        batch, prefix_length = prefix.shape[:2]
-        tokens = self.decoder.get_input_embeddings()(input_ids)
+        embeds = self.embed_inputs(input_ids, pixels=pixels, pixel_values=pixel_values, image_embeds=image_embeds)
+        batch, prefix_length = input_ids.shape[0], self.config.prefix_length
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prefix_mask = attention_mask.new_ones(batch, prefix_length)
         if labels is not None:
             labels = torch.cat([labels.new_full((batch, prefix_length), -100), labels], dim=1)
         return self.decoder(
-            inputs_embeds=torch.cat([prefix, tokens], dim=1),
-            attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
-            labels=labels,
+            inputs_embeds=embeds, attention_mask=torch.cat([prefix_mask, attention_mask], dim=1), labels=labels
         )
 
     @torch.no_grad()
@@ -232,13 +250,16 @@ class CaptionModel(nn.Module):
         self,
         pixel_values: torch.Tensor | None = None,
         *,
+        pixels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         **generation_kwargs: Any,
     ) -> torch.Tensor:
         """Caption token ids [B * num_return_sequences, T], padded with the pad token after the
-        stop. `image_embeds` (projected encoder embeddings) skip the image encoder."""
+        stop, from float `pixel_values` (the image processor's output), uint8 `pixels`
+        (`preprocessor.pixels`, normalised on the model's device) or `image_embeds` (projected
+        encoder embeddings, which skip the image encoder)."""
         options = self.generation_options(**generation_kwargs)
-        prefix = self.prefix_embeds(self._image_embeds(pixel_values, image_embeds))
+        prefix = self.prefix_embeds(self._image_embeds(pixels, pixel_values, image_embeds))
         return generate_from_prefix(
             self.decoder,
             prefix,
@@ -285,9 +306,48 @@ class CaptionModel(nn.Module):
         except ValueError as error:
             raise ModelLoadError(f"generation defaults: {error}") from None
 
+    @torch.no_grad()
+    def caption(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        pixels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **generation_kwargs: Any,
+    ) -> list[list[str]]:
+        """Captions grouped per image (`num_return_sequences` each, best first), decoded and
+        whitespace-normalised; the inputs are those of `generate`."""
+        texts = self.decode(self.generate(pixel_values, pixels=pixels, image_embeds=image_embeds, **generation_kwargs))
+        images = next(given for given in (pixel_values, pixels, image_embeds) if given is not None).shape[0]
+        per_image = len(texts) // images
+        return [texts[start : start + per_image] for start in range(0, len(texts), per_image)]
+
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
+
+
+# ---------------------------------------------------------------------- the encode step
+@torch.no_grad()
+def embed_pixels(
+    vision_encoder: CLIPVisionModelWithProjection, preprocessor: ImagePreprocessor, pixels: torch.Tensor
+) -> torch.Tensor:
+    """Projected embeddings [B, D] of uint8 pixels [B, 3, H, W] (`ImagePreprocessor.pixels`):
+    moved to the encoder's device (without waiting, from pinned memory), normalised there, encoded."""
+    pixels = pixels.to(vision_encoder.device, non_blocking=True)
+    return embed_pixel_values(vision_encoder, preprocessor.normalize(pixels))
+
+
+@torch.no_grad()
+def embed_pixel_values(vision_encoder: CLIPVisionModelWithProjection, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected embeddings [B, D] of normalised float pixel values (an image processor's output)."""
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            "pixel_values are an image processor's normalised floats; pass uint8 pixels from "
+            "pixels()/load_pixels() as pixels="
+        )
+    pixel_values = pixel_values.to(vision_encoder.device, vision_encoder.dtype)
+    return vision_encoder(pixel_values=pixel_values).image_embeds
 
 
 # ---------------------------------------------------------------------- component loaders

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from prefixcap.atomic import check_output_dir
 from prefixcap.config import DEFAULT_VISION_ENCODER, normalize_model_id
-from prefixcap.data import CaptionRecord, load_records, read_image_bytes
+from prefixcap.data import CaptionRecord, load_records
+from prefixcap.distributed.processes import process_state
 from prefixcap.features import (
     MANIFEST,
     StoreManifest,
@@ -31,30 +31,9 @@ from prefixcap.features import (
     write_shard,
 )
 from prefixcap.images import DEFAULT_MAX_PIXELS
-from prefixcap.modeling import load_image_processor, load_vision_config, load_vision_encoder
-from prefixcap.preprocess import ImagePreprocessor, pixels_or_reason, stack_pixels
-
-
-class ImageDataset(Dataset):
-    """Record images as resized, cropped uint8 pixels (`ImagePreprocessor.pixels`); an unreadable
-    image yields its reason instead."""
-
-    def __init__(
-        self, images: Sequence[str], preprocessor: ImagePreprocessor, max_pixels: int | None = DEFAULT_MAX_PIXELS
-    ):
-        self.images = images
-        self.preprocessor = preprocessor
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
-        image = self.images[index]
-        load = self.preprocessor.load_pixels
-        return index, pixels_or_reason(
-            image, lambda: load(read_image_bytes(image), name=image, max_pixels=self.max_pixels)
-        )
+from prefixcap.loader import Batch, ImageLoader, chunked
+from prefixcap.modeling import embed_pixels, load_image_processor, load_vision_config, load_vision_encoder
+from prefixcap.preprocess import ImagePreprocessor
 
 
 def prepare_features(
@@ -74,9 +53,7 @@ def prepare_features(
     None on the others. Finished shards from an earlier run with the same inputs are kept. `out`
     must be new, empty or such a store: a folder holding anything else is refused, and a store
     none of whose shards these inputs share is replaced only with `overwrite`."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     out = Path(out)
     records = load_records(source, format=format, images_root=images_root)
     image_processor = load_image_processor(vision_encoder)
@@ -101,15 +78,15 @@ def prepare_features(
         if num_workers is None:  # share the CPUs between the processes of this machine
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
             num_workers = min(8, (os.cpu_count() or 1) // local_processes)
-        # One flat stream of images across this process's shards keeps the workers and the encoder busy.
+        # One flat stream of images across this process's shards keeps the workers and the encoder
+        # busy: units of one encoder batch each, decoded by worker processes.
         work = [(i, shards[i], fingerprints[i]) for i in todo]
         preprocessor = ImagePreprocessor(image_processor)
-        images = ImageDataset([record.image for _, records, _ in work for record in records], preprocessor, max_pixels)
-        loader = DataLoader(
-            images, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels,
-            pin_memory=state.device.type == "cuda",
-        )  # fmt: skip
-        _encode_shards(encoder, preprocessor, loader, work, embed_dim, out, state)
+        units = list(chunked([record.image for _, records, _ in work for record in records], batch_size))
+        batches = ImageLoader(preprocessor, max_pixels=max_pixels).batches(
+            units, batch_size=batch_size, workers=num_workers, processes=True, pin_memory=state.device.type == "cuda"
+        )
+        _encode_shards(encoder, preprocessor, batches, batch_size, work, embed_dim, out, state)
 
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -127,36 +104,37 @@ def prepare_features(
 def _encode_shards(
     encoder,
     preprocessor: ImagePreprocessor,
-    loader: DataLoader,
+    batches: Iterable[Batch],
+    batch_size: int,
     shards: list[tuple[int, list[CaptionRecord], str]],
     embed_dim: int,
     out: Path,
     state,
 ) -> None:
-    """Encode the (number, records, fingerprint) `shards`, whose images `loader` yields in order,
-    and write each shard as soon as its last image is done."""
+    """Encode the (number, records, fingerprint) `shards`, whose images come in `batches` (unit i
+    holds the images from i * batch_size on), and write each shard as soon as its last image is done."""
     owners = [(number, position) for number, records, _ in shards for position in range(len(records))]
     by_number = {number: (records, fingerprint) for number, records, fingerprint in shards}
-    results = {number: ({}, {}) for number in by_number}  # number -> (embeds, errors) by position
+    results = {number: ({}, {}) for number in by_number}  # number -> (embeds, failures) by position
     remaining = {number: len(records) for number, (records, _) in by_number.items()}
     label = "encoding" if state.num_processes == 1 else f"encoding (process {state.process_index})"
     with tqdm(total=len(owners), desc=label, unit="img", position=state.process_index, disable=None) as bar:
-        for indices, pixels, errors in loader:
+        for batch in batches:
+            first = batch.unit * batch_size  # the index of the batch's first image
             # 1. Encode the good images of the batch.
-            if pixels is not None:
-                pixels = preprocessor.normalize(pixels.to(state.device, non_blocking=True)).to(encoder.dtype)
-                embeds = encoder(pixel_values=pixels).image_embeds
-                for index, embed in zip(indices, embeds.to(torch.float16).cpu()):
-                    number, position = owners[index]
+            if batch.pixels is not None:
+                embeds = embed_pixels(encoder, preprocessor, batch.pixels)
+                for index, embed in zip(batch.readable, embeds.to(torch.float16).cpu()):
+                    number, position = owners[first + index]
                     results[number][0][position] = embed
-            for index, reason in errors.items():
-                number, position = owners[index]
-                results[number][1][position] = reason
+            for index, failure in batch.failures.items():
+                number, position = owners[first + index]
+                results[number][1][position] = failure
             # 2. Write every shard this batch completed.
-            for index in [*indices, *errors]:
+            for index in range(first, first + len(batch.keys)):
                 number = owners[index][0]
                 remaining[number] -= 1
                 if remaining[number] == 0:
                     records, fingerprint = by_number[number]
                     write_shard(out, number, records, *results.pop(number), fingerprint, embed_dim)
-            bar.update(len(indices) + len(errors))
+            bar.update(len(batch.keys))

@@ -12,13 +12,11 @@ normalisation give.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 
-from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 # Resized images above this size (only images ~600 times longer than wide, at CLIP's 224 pixels)
@@ -89,33 +87,15 @@ class ImagePreprocessor:
         return flat.view(crop_height, crop_width, 3).permute(2, 0, 1)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """float32 model inputs from uint8 `pixels` [..., 3, H, W], on their device. Float pixels
-        are taken to be processed already and returned unchanged."""
-        if pixels.is_floating_point():
-            return pixels
+        """float32 model inputs from uint8 `pixels` [..., 3, H, W], on their device."""
+        if pixels.dtype != torch.uint8:
+            raise TypeError(
+                "normalize takes uint8 pixels from pixels()/load_pixels(); image-processor output is "
+                "normalised already: pass it as pixel_values="
+            )
         lookup = self.lookup.to(pixels.device)
         offsets = torch.arange(0, lookup.numel(), 256, dtype=torch.int32, device=pixels.device).view(-1, 1, 1)
         return lookup.view(-1)[pixels.int() + offsets]
-
-
-def pixels_or_reason(name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor | str:
-    """`load()`, or why image `name` cannot be used, for loaders that report bad images and go
-    on: its `ImageLoadError` without the name, or the image processor's refusal."""
-    try:
-        return load()
-    except ImageLoadError as error:
-        return str(error).removeprefix(f"{name}: ")
-    except ValueError as error:  # an image the image processor cannot handle
-        return f"cannot preprocess ({error})"
-
-
-def stack_pixels(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
-    """A batch of (key, pixels or reason) as (keys of the good images, their stacked pixels or
-    None, {key: reason} for the bad ones)."""
-    good = [(key, pixels) for key, pixels in items if isinstance(pixels, torch.Tensor)]
-    errors = {key: reason for key, reason in items if isinstance(reason, str)}
-    pixels = torch.stack([pixels for _, pixels in good]) if good else None
-    return [key for key, _ in good], pixels, errors
 
 
 def _clip_geometry(processor: Any) -> Geometry | None:

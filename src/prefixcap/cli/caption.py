@@ -19,7 +19,7 @@ from prefixcap.cli.common import (
     load_captioner,
 )
 from prefixcap.data.shards import Source, expand_inputs, is_shard
-from prefixcap.distributed.outputs import FORMATS
+from prefixcap.distributed.outputs import FORMATS, require_format
 from prefixcap.errors import UserError
 
 EPILOG = """\
@@ -76,15 +76,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from accelerate import PartialState
+    from prefixcap.distributed.processes import process_state
 
     kwargs = generation_kwargs(args)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
     if fmt == "parquet" and not args.output:
         raise UserError("parquet output needs --output FILE or --output FOLDER/")
+    require_format(fmt)
     sources, missing = expand_inputs(args.paths)
     if state.is_main_process:
         for path, reason in missing:
@@ -144,7 +144,7 @@ def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 progress=bar,
-                on_failure=lambda path, reason: tqdm.write(f"error: {path}: {reason}", file=sys.stderr),
+                on_failure=lambda failure: tqdm.write(f"error: {failure}", file=sys.stderr),
                 **kwargs,
             )
     return len(failures)

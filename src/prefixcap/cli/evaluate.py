@@ -20,6 +20,7 @@ from prefixcap.cli.common import (
     score_config,
 )
 from prefixcap.errors import UserError
+from prefixcap.extras import require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("eval", "pycocoevalcap", "matplotlib", feature="prefixcap evaluate")
     from prefixcap.evaluation import caption_records, match_samples, results_json, score_and_write
     from prefixcap.evaluation.notices import notice
     from prefixcap.evaluation.outputs import write_json
@@ -71,11 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. Caption it, and keep the results in COCO format before scoring.
     captions, failures = caption_records(
-        model, references.records, embeddings=embeddings, batch_size=args.batch_size, num_workers=args.workers, **kwargs
+        captioner, references.records, embeddings=embeddings, batch_size=args.batch_size, workers=args.workers, **kwargs
     )
     if failures:
-        image, reason = next(iter(failures.items()))
-        notice(f"{len(failures)} unreadable image(s) not captioned or scored, e.g. {image}: {reason}")
+        notice(f"{len(failures)} unreadable image(s) not captioned or scored, e.g. {failures[0]}")
     if not captions:
         raise UserError(f"{args.data}: no image of the split could be read")
     write_json(args.out / "results.json", results_json(captions))

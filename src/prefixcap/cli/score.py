@@ -12,6 +12,7 @@ from prefixcap.cli.common import (
     print_evaluation,
     score_config,
 )
+from prefixcap.extras import require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("eval", "pycocoevalcap", "matplotlib", feature="prefixcap score")
     from prefixcap.evaluation import load_references, load_results, match_samples, score_and_write
 
     config = score_config(args)  # check options before reading anything big

@@ -7,6 +7,7 @@ from typing import Any
 
 from prefixcap.cli.common import bounded
 from prefixcap.config import MAPPER_KINDS
+from prefixcap.extras import require
 from prefixcap.training.config import (
     BEST_METRICS,
     BOUNDS,
@@ -99,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("train", feature="prefixcap train")
     from prefixcap.training import resolve_config
     from prefixcap.training.trainer import Trainer
 

@@ -37,6 +37,7 @@ from prefixcap.data.records import (
 )
 from prefixcap.data.shards import (
     expand_shards,
+    image_key,
     is_shard_spec,
     member_reference,
     read_members,
@@ -44,6 +45,7 @@ from prefixcap.data.shards import (
     tar_index,
 )
 from prefixcap.errors import UserError
+from prefixcap.extras import require
 from prefixcap.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -290,6 +292,7 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
     The split is the shard's folder name when that names a split, else the first word of the
     shard's name (`train-000.tar`, `val_00.tar`), else train.
     """
+    require("scale", "webdataset", feature="WebDataset datasets")
     from webdataset.tariterators import (
         base_plus_ext,  # WebDataset's own rule for grouping members
     )
@@ -304,7 +307,7 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
             if key is not None:
                 samples.setdefault(key, {})[extension.lower()] = member
         # (key, image member, caption member) of each sample that has both.
-        pairs = [(key, _image_member(members), members.get("txt")) for key, members in samples.items()]
+        pairs = [(key, members.get(image_key(members)), members.get("txt")) for key, members in samples.items()]
         pairs = [(key, image, text) for key, image, text in pairs if image and text]
         texts = read_members(shard, [text for _, _, text in pairs])
         split = _shard_split(shard)
@@ -316,11 +319,6 @@ def _read_webdataset(source: str, images_root: Path | None) -> list[CaptionRecor
                 records.append(CaptionRecord(f"{shard_id}#{key}", member_reference(shard, image), captions, split))
         _warn_uncaptioned(len(samples) - (len(records) - found), str(shard))
     return records
-
-
-def _image_member(members: dict[str, str]) -> str | None:
-    """The member holding a sample's image, by WebDataset extension (`jpg`, `png`, ...)."""
-    return next((name for extension, name in members.items() if f".{extension}" in IMAGE_EXTENSIONS), None)
 
 
 def _shard_split(shard: Path) -> str:

@@ -1,6 +1,7 @@
 """WebDataset shards and input names: random access to tar shards, `read_image_bytes` for any
-record's image, what a name the user typed means (a file, or a shard URL or `pipe:` command), and
-`expand_inputs`, which turns files, folders, globs and shard patterns into the inputs to caption.
+record's image, `read_shard` to stream a whole shard, what a name the user typed means (a file, or
+a shard URL or `pipe:` command), and `expand_inputs`, which turns files, folders, globs and shard
+patterns into the inputs to caption.
 
 The `webdataset` library streams a shard from start to end, which suits training loops but not
 `prepare`, which fetches single images, in parallel, and resumes in the middle of a dataset. An
@@ -16,11 +17,13 @@ import glob
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.images import IMAGE_EXTENSIONS
+from prefixcap.extras import require
+from prefixcap.images import IMAGE_EXTENSIONS, os_error_reason
 
 # "path/to/shard.tar#member/name.jpg": the greedy `.+` lets the shard's own path contain a "#".
 _MEMBER_REFERENCE = re.compile(r"^(?P<shard>.+\.tar)#(?P<member>.+)$")
@@ -155,16 +158,56 @@ def read_image_bytes(image: str) -> bytes:
             return Path(image).read_bytes()
         (data,) = read_members(match["shard"], [match["member"]])
         return data
-    except FileNotFoundError:
-        raise ImageLoadError(f"{image}: no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"{image}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageLoadError(f"{image}: permission denied") from None
     except UserError as error:
-        raise ImageLoadError(f"{image}: {error}") from None
+        raise ImageLoadError(image, str(error)) from None
     except OSError as error:
-        raise ImageLoadError(f"{image}: cannot read ({error.strerror or error})") from None
+        raise ImageLoadError(image, os_error_reason(error)) from None
+
+
+def is_member_reference(image: str) -> bool:
+    """Whether `image` names a member of a tar shard (`shard.tar#member`), as records do."""
+    return _MEMBER_REFERENCE.match(image) is not None
+
+
+def image_key(sample: Mapping[str, Any]) -> str | None:
+    """The key of a WebDataset sample's image (`jpg`, `png`, ...: its first image extension), or None."""
+    return next((key for key in sample if f".{key}" in IMAGE_EXTENSIONS), None)
+
+
+def read_shard(spec: str) -> Iterator[tuple[str, bytes | str]]:
+    """("spec#key.ext", encoded image) for each sample of a WebDataset shard, in archive order, or
+    ("spec#key", reason) for a sample without an image. A `LocalPath` is opened as a file whatever
+    its name; only a `RemoteShard` (a URL or `pipe:` command) goes to webdataset's opener. A plain
+    string is read with `as_source`. A shard that cannot be read (missing, truncated, a failed
+    command) raises `ImageLoadError` naming it, after the samples read before the damage."""
+    require("scale", "webdataset", feature="WebDataset shards")
+    from webdataset import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    spec = as_source(spec)
+    try:
+        # closing a pipe raises if its command failed
+        with gopen(spec) if isinstance(spec, RemoteShard) else open(spec, "rb") as stream:
+            for sample in group_by_keys(tar_file_expander([{"url": spec, "stream": stream}])):
+                key = image_key(sample)
+                if key is None:
+                    members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+                    yield f"{spec}#{sample['__key__']}", f"no image in this sample (has: {members})"
+                else:
+                    yield f"{spec}#{sample['__key__']}.{key}", sample[key]
+    except Exception as error:  # noqa: BLE001 - any failure of a remote or corrupt shard is reported
+        raise ImageLoadError(spec, f"cannot read this shard ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    """The message of an error raised through webdataset, which appends its stream objects to
+    the exception's args and " @ <stream>" to the message."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    message = str(error.args[0]).split(" @ ")[0] if error.args else ""
+    if status := re.search(r": exit (\d+) \(read\)", message):  # a `pipe:` command failed
+        return f"the command exited with status {status[1]}"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
@@ -216,6 +259,7 @@ def _expand_braces(pattern: str) -> list[str]:
     name as it is (webdataset would drop its backslashes)."""
     if "{" not in pattern and "::" not in pattern:
         return [pattern]
+    require("scale", "webdataset", feature="shard patterns")
     from webdataset.shardlists import expand_urls  # imports torch: only when a pattern needs it
 
     return expand_urls(pattern)

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from prefixcap.atomic import atomic_file
-from prefixcap.distributed.loading import caption_parts, in_input_order
+from prefixcap.data.shards import as_source
 from prefixcap.distributed.outputs import (
     SUFFIXES,
     RecordWriter,
+    Result,
     check_output,
     open_output,
     read_part,
@@ -34,7 +35,8 @@ from prefixcap.distributed.outputs import (
     write_part,
 )
 from prefixcap.distributed.plan import Part, plan_parts
-from prefixcap.errors import UserError
+from prefixcap.distributed.processes import broadcast
+from prefixcap.errors import ImageLoadError, UserError
 
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
@@ -65,26 +67,27 @@ def caption_to_file(
     batch_size: int,
     num_workers: int,
     progress: Any = None,
-    on_failure: Callable[[str, str], None] | None = None,
+    on_failure: Callable[[ImageLoadError], None] | None = None,
     **generation_kwargs: Any,
-) -> list[tuple[str, str]]:
+) -> list[ImageLoadError]:
     """Caption in this process, writing records to `out` (which `name` names in errors) in input order
-    as they come. Returns the failures as (path, reason), each also passed to `on_failure` at once, so
-    that a long run reports them while it goes. The caller opens and closes `out`."""
+    as they come (plain strings are read with `as_source`). Returns the failures, each also passed to
+    `on_failure` at once, so that a long run reports them while it goes. The caller opens and closes `out`."""
     writer = RecordWriter(out, fmt, name)
-    # Parts of one batch each: every worker decodes a batch while the model captions another.
-    parts = plan_parts(sources, part_size=batch_size)
-    done = caption_parts(
-        captioner, parts, batch_size=batch_size, num_workers=num_workers, progress=progress, **generation_kwargs
-    )
+    # Worker processes, with units of one batch each: every worker decodes a batch while the model
+    # captions another.
+    results = captioner.stream(
+        map(as_source, sources), batch_size=batch_size, workers=num_workers, processes=True, progress=progress,
+        **generation_kwargs,
+    )  # fmt: skip
     failures = []
-    for result in in_input_order(done):
-        if result.captions is None:
-            failures.append((result.path, result.error))
+    for path, captions in results:
+        if isinstance(captions, ImageLoadError):
+            failures.append(captions)
             if on_failure is not None:
-                on_failure(result.path, result.error)
+                on_failure(captions)
         else:
-            writer.write(result.path, result.captions)
+            writer.write(path, captions)
     writer.close()
     return failures
 
@@ -105,14 +108,13 @@ def caption_to_directory(
 ) -> Summary | None:
     """Caption `sources` (image files and WebDataset shard specs) into `out_dir`.
 
-    Call it in every process, with `state` an `accelerate.PartialState`. Returns the summary on
+    Call it in every process, with `state` from `distributed.processes.process_state()`. Returns the summary on
     the main process and None on the others. `settings` (model, decoding options) and the
     captioner's `model_fingerprint` name the parts (see `plan_parts`), so that a model retrained
     at the same path is not mistaken for the old one; `input_failures` are (input, reason) pairs
     for inputs that matched nothing or could not be read, listed in the summary with the
     unreadable images.
     """
-    from accelerate.utils import broadcast_object_list
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -128,7 +130,7 @@ def caption_to_directory(
         for unfinished in (out_dir / PARTS_DIR).glob(".part-*.tmp"):  # left by a killed run
             unfinished.unlink()
         todo_indices = [[part.index for part in parts if not _part_path(out_dir, part).exists()]]
-    broadcast_object_list(todo_indices)
+    broadcast(todo_indices, state)
     todo = [parts[index] for index in todo_indices[0]]
     mine = todo[state.process_index :: state.num_processes]
     start = time.perf_counter()
@@ -137,14 +139,15 @@ def caption_to_directory(
     rank, done = state.process_index, 0
     known_total = None if any(part.is_shard for part in mine) else sum(len(part.sources) for part in mine)
     with tqdm(total=known_total, desc=f"rank {rank}", unit="img", position=rank, disable=None) as bar:
-        for part, results in caption_parts(
-            captioner, mine, batch_size=batch_size, num_workers=num_workers, progress=bar, **generation_kwargs
-        ):
-            write_part(_part_path(out_dir, part), results)
-            done += len(results)
-            for result in results:
-                if result.captions is None:
-                    tqdm.write(f"error: {result.path}: {result.error}", file=sys.stderr)
+        for index, outcomes in captioner.caption_units(
+            [part.sources for part in mine], batch_size=batch_size, workers=num_workers, progress=bar,
+            **generation_kwargs,
+        ):  # fmt: skip
+            write_part(_part_path(out_dir, mine[index]), [Result.of(path, outcome) for path, outcome in outcomes])
+            done += len(outcomes)
+            for _, outcome in outcomes:
+                if isinstance(outcome, ImageLoadError):
+                    tqdm.write(f"error: {outcome}", file=sys.stderr)
     seconds = time.perf_counter() - start
     print(f"rank {rank}: {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
 

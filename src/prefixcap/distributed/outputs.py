@@ -23,7 +23,7 @@ from typing import IO
 
 from prefixcap.atomic import atomic_file, atomic_path
 from prefixcap.data.shards import file_identity
-from prefixcap.errors import UserError
+from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.extras import require
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
@@ -48,6 +48,19 @@ class Result:
         record = json.loads(line)
         return cls(record["path"], record.get("captions"), record.get("error"))
 
+    @classmethod
+    def of(cls, path: str, outcome: list[str] | ImageLoadError) -> Result:
+        """The record of one image that `Captioner.caption_units` gave captions or a failure."""
+        if isinstance(outcome, ImageLoadError):
+            return cls(path, error=outcome.reason)
+        return cls(path, outcome)
+
+
+def require_format(fmt: str) -> None:
+    """Fail, naming the extra to install, when writing `fmt` needs a package that is missing."""
+    if fmt == "parquet":
+        require("scale", "pyarrow", feature="parquet output")
+
 
 class RecordWriter:
     """Writes the captions of good images in one of FORMATS to `out`, which `name` names in errors.
@@ -57,8 +70,7 @@ class RecordWriter:
     def __init__(self, out: IO, fmt: str, name: str):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-        if fmt == "parquet":
-            require("scale", "pyarrow", feature="parquet output")
+        require_format(fmt)
         self.out, self.fmt, self.name = out, fmt, name
         self.csv = csv.writer(out) if fmt == "csv" else None
         self.header_written = False

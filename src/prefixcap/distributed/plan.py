@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefixcap.data.shards import Source, as_source, is_shard
+from prefixcap.loader import group
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,8 @@ def plan_parts(sources: Sequence[str], *, part_size: int, settings: dict[str, An
     if part_size < 1:
         raise ValueError("part_size must be >= 1")
     salt = json.dumps(settings or {}, sort_keys=True, default=str)
-    groups: list[list[Source]] = []
-    for source in map(as_source, sources):
-        if is_shard(source) or not groups or is_shard(groups[-1][0]) or len(groups[-1]) == part_size:
-            groups.append([])
-        groups[-1].append(source)
-    return [Part(index, tuple(group), _fingerprint(salt, group)) for index, group in enumerate(groups)]
+    units = group(map(as_source, sources), part_size)
+    return [Part(index, tuple(unit), _fingerprint(salt, unit)) for index, unit in enumerate(units)]
 
 
 def _fingerprint(salt: str, sources: list[Source]) -> str:

@@ -10,7 +10,8 @@ COCO model gets about 0.75), not torchmetrics' 100 * cos.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
-from prefixcap.images import load_image
+from prefixcap.loader import ImageLoader, chunked
+from prefixcap.preprocess import ImagePreprocessor
 
 PROMPT = "A photo depicts "
 W = 2.5
@@ -67,6 +69,7 @@ class CLIPScorer:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.preprocessor = ImagePreprocessor(image_processor)  # uint8 in threads, floats on the device
         self.batch_size = batch_size
 
     @classmethod
@@ -107,12 +110,16 @@ class CLIPScorer:
             chunks.append(_features(self.model.get_text_features(**inputs)).float().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
-    @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[N, D] projected image embeddings."""
-        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, self.model.dtype)
-        return _features(self.model.get_image_features(pixel_values=pixels)).float().cpu()
+        loader = ImageLoader(self.preprocessor)
+        return self._embed_pixels(torch.stack([loader.load(image) for image in images]))
+
+    @torch.inference_mode()
+    def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, D] projected embeddings of uint8 `pixels` (normalised on the model's device)."""
+        pixel_values = self.preprocessor.normalize(pixels.to(self.device)).to(self.model.dtype)
+        return _features(self.model.get_image_features(pixel_values=pixel_values)).float().cpu()
 
     def score(
         self,
@@ -120,25 +127,25 @@ class CLIPScorer:
         captions: Sequence[str],
         references: Sequence[Sequence[str]] | None = None,
         *,
-        load: Callable[[Any], Image.Image] = load_image,
+        workers: int = 4,
     ) -> CLIPScoreResult:
         """CLIP-S (and RefCLIP-S with references) of each caption for its image.
 
-        `images` are whatever `load` opens (paths by default). Unreadable images get NaN and
-        are left out of the means, with one notice, so one bad file does not stop a run.
+        `images` are paths or records' images (`shard.tar#member`), decoded by `workers` threads
+        (see `ImageLoader`). Unreadable images get NaN and are left out of the means, with one
+        notice, so one bad file does not stop a run.
         """
         image_embeds = torch.full((len(images), self.model.config.projection_dim), float("nan"))
-        failures: list[str] = []
-        batches = range(0, len(images), self.batch_size)
-        for start in tqdm(batches, desc="CLIPScore", unit="batch", leave=False, disable=None):
-            loaded = {}
-            for index in range(start, min(start + self.batch_size, len(images))):
-                try:
-                    loaded[index] = load(images[index])
-                except ImageLoadError as error:
-                    failures.append(str(error))
-            if loaded:
-                image_embeds[list(loaded)] = self.embed_images(list(loaded.values()))
+        failures = []
+        batches = ImageLoader(self.preprocessor).batches(
+            chunked(images, self.batch_size), batch_size=self.batch_size, workers=workers
+        )
+        total = math.ceil(len(images) / self.batch_size)
+        for batch in tqdm(batches, total=total, desc="CLIPScore", unit="batch", leave=False, disable=None):
+            if batch.pixels is not None:
+                first = batch.unit * self.batch_size  # the index of the batch's first image
+                image_embeds[[first + index for index in batch.readable]] = self._embed_pixels(batch.pixels)
+            failures.extend(batch.failures.values())
         if failures:
             notice(f"CLIPScore left out {len(failures)} unreadable image(s), e.g. {failures[0]}")
         caption_embeds = self.embed_texts(captions)

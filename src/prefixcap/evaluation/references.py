@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from prefixcap.data import CaptionRecord, load_records, read_image_bytes, split_records
+from prefixcap.data import CaptionRecord, load_records, split_records
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
 from prefixcap.features import MANIFEST, FeatureStore
-from prefixcap.images import load_image
 
 
 @dataclass(frozen=True)
@@ -126,8 +124,3 @@ def match_samples(results: Mapping[str, str], references: Sequence[CaptionRecord
     if len(samples) < len(references):
         notice(f"scoring {len(samples)} of the {len(references)} reference images; the others have no result")
     return samples
-
-
-def open_image(image: str) -> Image.Image:
-    """A record's image (a file or a WebDataset member) as RGB; raises ImageLoadError."""
-    return load_image(read_image_bytes(image), name=image)

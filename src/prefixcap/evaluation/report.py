@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.evaluation.coco_metrics import simple_tokenize
-from prefixcap.evaluation.references import Sample, open_image
+from prefixcap.evaluation.references import Sample
 from prefixcap.evaluation.scoring import SIMPLE_SUFFIX, Evaluation
+from prefixcap.loader import read_image
 
 # Published figures on the COCO Karpathy test split: the two ClipCap rows from the ClipCap paper (Mokady et al.,
 # 2021, arXiv:2111.09734), the re-run from issue #38 of rmokady/CLIP_prefix_caption; the BERTScore row from the
@@ -228,7 +229,7 @@ class _Thumbnails:
             return None
         if image not in self.cache:
             try:
-                picture = open_image(image)
+                picture = read_image(image)
             except ImageLoadError:
                 self.cache[image] = None
             else:

@@ -18,7 +18,8 @@ from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, W
 from prefixcap.evaluation.coco_metrics import COCO_METRICS, coco_scores
 from prefixcap.evaluation.corpus_stats import corpus_stats
 from prefixcap.evaluation.notices import notice
-from prefixcap.evaluation.references import Sample, open_image
+from prefixcap.evaluation.references import Sample
+from prefixcap.loader import read_image
 
 ALL_METRICS = (*COCO_METRICS, "bertscore", "clipscore", "stats")
 SIMPLE_SUFFIX = " (simple tokenization)"  # on the names of metrics computed without PTB tokenisation
@@ -122,9 +123,7 @@ def _clipscore(evaluation: Evaluation, config: ScoreConfig) -> None:
     samples = evaluation.samples
     _check_images_present([s.image for s in samples])
     scorer = CLIPScorer.from_pretrained(config.clip_model, device=config.device, batch_size=config.batch_size)
-    result = scorer.score(
-        [s.image for s in samples], [s.caption for s in samples], [s.references for s in samples], load=open_image
-    )
+    result = scorer.score([s.image for s in samples], [s.caption for s in samples], [s.references for s in samples])
     evaluation.metrics |= result.summary()
     evaluation.add_per_image("CLIPScore", result.clip_s.tolist())
     evaluation.add_per_image("RefCLIPScore", result.ref_clip_s.tolist())
@@ -139,7 +138,7 @@ def _check_images_present(images: Sequence[str | None]) -> None:
     errors = []
     for image in known[:_IMAGE_PROBES]:
         try:
-            open_image(image)
+            read_image(image)
             return
         except ImageLoadError as error:
             errors.append(str(error))

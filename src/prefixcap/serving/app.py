@@ -148,7 +148,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
             ready=batcher.running,
             max_batch_size=config.max_batch_size,
             max_upload_mb=config.max_upload_mb,
-            max_pixels=captioner.max_pixels,
+            max_pixels=captioner.loader.max_pixels,
         )
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

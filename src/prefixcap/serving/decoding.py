@@ -10,6 +10,7 @@ decode side by side on every core; large ones take turns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections import deque
@@ -83,11 +84,12 @@ class MemoryBudget:
 
 
 class ImageDecoder:
-    """Turns request images into model pixels for a Captioner, in `workers` threads, with at most
-    `memory_bytes` held by decodes at once (start it, then `await pixels(...)`)."""
+    """Turns request images into model pixels with a Captioner's loader, in `workers` threads,
+    with at most `memory_bytes` held by decodes at once (start it, then `await pixels(...)`)."""
 
     def __init__(self, captioner: Captioner, *, memory_bytes: int, workers: int):
-        self.captioner = captioner
+        self.loader = captioner.loader
+        self.draft_loader = dataclasses.replace(captioner.loader, jpeg_draft=True)  # for large JPEGs
         self.budget = MemoryBudget(memory_bytes)
         self.workers = workers
         self._executor: ThreadPoolExecutor | None = None
@@ -103,20 +105,17 @@ class ImageDecoder:
 
     async def pixels(self, name: str, data: bytes) -> torch.Tensor:
         """[3, H, W] uint8 pixels of image file `data`, or an APIError (400) saying why not."""
-        preprocessor, max_pixels = self.captioner.model.preprocessor, self.captioner.max_pixels
         try:
             # The header alone: cheap, and enough to refuse bad or oversized images unbudgeted.
-            header = await self._run(functools.partial(open_image, data, max_pixels=max_pixels, name=name))
+            header = await self._run(functools.partial(open_image, data, max_pixels=self.loader.max_pixels, name=name))
             width, height = header.size
-            draft = self.captioner.jpeg_draft or (header.format == "JPEG" and width * height > LARGE_JPEG_PIXELS)
-            cost = decode_bytes(header, preprocessor.draft_size if draft else None)
-            load = functools.partial(preprocessor.load_pixels, data, name=name, max_pixels=max_pixels, jpeg_draft=draft)
-            return await self._run(load, cost)
+            draft = self.loader.jpeg_draft or (header.format == "JPEG" and width * height > LARGE_JPEG_PIXELS)
+            cost = decode_bytes(header, self.loader.preprocessor.draft_size if draft else None)
+            loader = self.draft_loader if draft else self.loader
+            return await self._run(functools.partial(loader.load, data, name), cost)
         except ImageLoadError as error:
             kind = "too_many_pixels" if isinstance(error, ImageTooLargeError) else "invalid_image"
             raise APIError(400, kind, str(error)) from None
-        except ValueError as error:  # an image the image processor cannot handle
-            raise APIError(400, "invalid_image", f"{name}: cannot preprocess ({error})") from None
 
     async def _run(self, function: Callable[[], T], cost: int = 0) -> T:
         """`function()` in a worker thread, once `cost` bytes of the budget are free. The bytes

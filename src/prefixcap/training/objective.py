@@ -41,9 +41,8 @@ class CaptionLoss(nn.Module):
         causal attention alone keeps every real position from seeing padding. Without a mask,
         SDPA takes its causal fast path and no padding mask is built at every step."""
         decoder = self.model.decoder
-        prefix = self.model.prefix_embeds(image_embeds)
-        prefix_length = prefix.shape[1]
-        embeds = torch.cat([prefix, decoder.get_input_embeddings()(input_ids)], dim=1)
+        embeds = self.model.embed_inputs(input_ids, image_embeds=image_embeds)
+        prefix_length = self.model.config.prefix_length
         hidden = decoder.base_model(inputs_embeds=embeds).last_hidden_state
         # Position K-1+t predicts caption token t; keep only the positions that have a target.
         targets = labels != -100

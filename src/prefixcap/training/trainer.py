@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from prefixcap.atomic import check_output_dir, replace_dir
 from prefixcap.errors import UserError
+from prefixcap.extras import require
 from prefixcap.features import FeatureStore, holds_only
 from prefixcap.modeling import CaptionModel
 from prefixcap.training.config import TrainConfig
@@ -77,6 +78,7 @@ class Trainer:
         overwrite: bool = False,
         given: dict[str, Any] | None = None,
     ):
+        require("train", feature="training")
         from accelerate.utils import set_seed
 
         if config.out is None:
@@ -230,11 +232,11 @@ class Trainer:
             predictions = {}
             for start in range(0, len(records), config.batch_size):
                 embeds = self.val_set.embeds[start : min(start + config.batch_size, len(records))]
-                ids = model.generate(
+                captions = model.caption(
                     image_embeds=embeds.to(self.accelerator.device), max_new_tokens=config.max_caption_tokens
                 )
-                for record, caption in zip(records[start:], model.decode(ids)):
-                    predictions[record.image_id] = caption
+                for record, per_image in zip(records[start:], captions):
+                    predictions[record.image_id] = per_image[0]
         if predictions:
             references = {record.image_id: list(record.captions) for record in records}
             scores = coco_scores(predictions, references, java=False, metrics=("bleu", "cider")).corpus
