@@ -28,6 +28,7 @@ EXTRAS: dict[str, dict[str, str]] = {
         "swagger_ui_bundle": "swagger-ui-bundle",
     },
     "scale": {"accelerate": "accelerate", "webdataset": "webdataset", "pyarrow": "pyarrow"},
+    "datasets": {"datasets": "datasets"},
 }
 
 
