@@ -148,7 +148,7 @@ def test_read_image_bytes_names_the_missing_image(tmp_path: Path) -> None:
 # Malformed inputs: (files to write, dataset to load, load_records kwargs, text the error must contain).
 MALFORMED = {
     "missing file": ({}, "data.jsonl", {}, "data.jsonl: no such file"),
-    "unknown format": ({"d.jsonl": "{}"}, "d.jsonl", {"format": "parquet"}, "unknown dataset format 'parquet'"),
+    "unknown format": ({"d.jsonl": "{}"}, "d.jsonl", {"format": "tfrecord"}, "unknown dataset format 'tfrecord'"),
     "unknown suffix": ({"d.txt": "x"}, "d.txt", {}, "d.txt: cannot tell the dataset format"),
     "bad json line": (
         {"d.jsonl": '{"image": "a.png", "caption": "x"}\n\n{oops\n'},

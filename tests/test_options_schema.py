@@ -1,6 +1,7 @@
-"""GenerationOptions is the one decoding-options schema: the command-line flags, the server's request
-fields and the engine's DecodeSpec are generated from (or derived from) it, and must not drift from
-its names, help texts and types. Also its one rule: several captions without sampling mean beams."""
+"""GenerationOptions is the one decoding-options schema, and TextOptions the one caption-text schema:
+the command-line flags, the server's request fields and the engine's DecodeSpec are generated from
+(or derived from) them, and must not drift from their names, help texts and types. Also the one
+rule: several captions without sampling mean beams."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import typing
 import pytest
 
 from prefixcap.cli import build_parser, main
-from prefixcap.cli.common import GENERATION_GROUP, add_generation_arguments, bounded
+from prefixcap.cli.common import GENERATION_GROUP, TEXT_GROUP, add_generation_arguments, bounded
 from prefixcap.engine.spec import DecodeSpec
-from prefixcap.options import GenerationOptions
+from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, MultipartCaptionRequest
 
 FIELDS = {option.name: option for option in dataclasses.fields(GenerationOptions)}
-HINTS = typing.get_type_hints(GenerationOptions)
+TEXT_FIELDS = {option.name: option for option in dataclasses.fields(TextOptions)}
+HINTS = typing.get_type_hints(GenerationOptions) | typing.get_type_hints(TextOptions)
+SCHEMAS = {GENERATION_GROUP: FIELDS, TEXT_GROUP: TEXT_FIELDS}  # argument group -> its schema's fields
 
 
 def _command(name: str) -> argparse.ArgumentParser:
@@ -45,18 +48,21 @@ def _parses_as(parse: typing.Callable[[str], object], kind: type) -> bool:
     return takes_fractions == (kind is float) and type(parse("3")) is kind
 
 
-def cli_drift(parser: argparse.ArgumentParser) -> list[str]:
-    """Where `parser`'s decoding flags differ from GenerationOptions: one line per difference."""
-    group = next((g for g in parser._action_groups if g.title == GENERATION_GROUP), None)
+def cli_drift(parser: argparse.ArgumentParser, title: str = GENERATION_GROUP) -> list[str]:
+    """Where `parser`'s flags in group `title` differ from its schema (GenerationOptions for the
+    decoding group, TextOptions for the caption text group): one line per difference."""
+    fields = SCHEMAS[title]
+    group = next((g for g in parser._action_groups if g.title == title), None)
     if group is None:
-        return [f"no {GENERATION_GROUP!r} argument group"]
+        return [f"no {title!r} argument group"]
     actions = {action.dest: action for action in group._group_actions}
-    problems = [f"{dest}: not a GenerationOptions field" for dest in sorted(set(actions) - set(FIELDS))]
-    problems += [f"{name}: no flag" for name in sorted(set(FIELDS) - set(actions))]
-    elsewhere = {a.dest for a in parser._actions if a not in group._group_actions} & set(FIELDS)
-    problems += [f"{dest}: also set outside the decoding group" for dest in sorted(elsewhere)]
-    for name in sorted(set(FIELDS) & set(actions)):
-        action, option = actions[name], FIELDS[name]
+    schema = "GenerationOptions" if fields is FIELDS else "TextOptions"
+    problems = [f"{dest}: not a {schema} field" for dest in sorted(set(actions) - set(fields))]
+    problems += [f"{name}: no flag" for name in sorted(set(fields) - set(actions))]
+    elsewhere = {a.dest for a in parser._actions if a not in group._group_actions} & set(fields)
+    problems += [f"{dest}: also set outside the {title!r} group" for dest in sorted(elsewhere)]
+    for name in sorted(set(fields) & set(actions)):
+        action, option = actions[name], fields[name]
         flag = option.metadata.get("flag", "--" + name.replace("_", "-"))
         if action.option_strings[0] != flag:
             problems.append(f"{name}: flag {action.option_strings[0]}, not {flag}")
@@ -68,14 +74,30 @@ def cli_drift(parser: argparse.ArgumentParser) -> list[str]:
         if kind is bool:
             if not isinstance(action, argparse.BooleanOptionalAction):
                 problems.append(f"{name}: a bool, but not a --x/--no-x flag")
+        elif kind is str:
+            if action.type is not None or action.nargs is not None:
+                problems.append(f"{name}: text, but not taken as one plain argument")
         elif not (action.type and _parses_as(action.type, kind)):
             problems.append(f"{name}: does not parse as a finite {kind.__name__}")
     return problems
 
 
+@pytest.mark.parametrize("title", [GENERATION_GROUP, TEXT_GROUP])
 @pytest.mark.parametrize("command", ["caption", "evaluate"])
-def test_decoding_flags_are_the_generation_options(command: str) -> None:
-    assert cli_drift(_command(command)) == []
+def test_decoding_flags_are_the_generation_options(command: str, title: str) -> None:
+    assert cli_drift(_command(command), title) == []
+
+
+def test_the_drift_check_notices_a_hand_written_text_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    group = next(g for g in parser._action_groups if g.title == TEXT_GROUP)
+    group.add_argument("--trigger", help="a trigger word")
+    next(a for a in group._group_actions if a.dest == "suffix").type = int
+    assert cli_drift(parser, TEXT_GROUP) == [
+        "trigger: not a TextOptions field",
+        "suffix: text, but not taken as one plain argument",
+    ]
 
 
 def test_the_drift_check_notices_a_hand_written_flag() -> None:
@@ -93,14 +115,16 @@ def test_the_drift_check_notices_a_hand_written_flag() -> None:
 def test_users_keep_their_flag_names() -> None:
     args = _command("caption").parse_args(["a.jpg", "--num-captions", "3", "--do-sample", "--no-early-stopping"])
     assert (args.num_return_sequences, args.do_sample, args.early_stopping) == (3, True, False)
+    args = _command("caption").parse_args(["a.jpg", "--prompt", "a photo of", "--keep-prompt", "--prefix", "sks, "])
+    assert (args.prompt, args.keep_prompt, args.prefix, args.suffix) == ("a photo of", True, "sks, ", None)
 
 
 @pytest.mark.parametrize("schema", [CaptionOptions, JSONCaptionRequest, MultipartCaptionRequest])
 def test_the_server_schema_is_the_generation_options(schema) -> None:
     fields = {name: info for name, info in schema.model_fields.items() if name != "images"}
-    assert list(fields) == list(FIELDS)
+    assert list(fields) == list(FIELDS) + list(TEXT_FIELDS)
     for name, info in fields.items():
-        assert info.description == FIELDS[name].metadata["help"], name
+        assert info.description == (FIELDS | TEXT_FIELDS)[name].metadata["help"], name
         assert info.annotation == HINTS[name] | None, name
         assert info.default is None, name
     assert schema.model_config["extra"] == "forbid"

@@ -18,6 +18,7 @@ _EXPORTS = {
     "GenerationOptions": "prefixcap.options",
     "ImageLoadError": "prefixcap.errors",
     "ModelLoadError": "prefixcap.errors",
+    "TextOptions": "prefixcap.options",
     "UserError": "prefixcap.errors",
     "load_image": "prefixcap.images",
     "load_model": "prefixcap.registry",

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
+from prefixcap.data.hf import dataset_images
 from prefixcap.errors import ImageLoadError
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.loader import ImageLoader, group, in_order
 from prefixcap.modeling import CaptionModel
+from prefixcap.options import TextOptions
 from prefixcap.registry import resolve_model_dir
 
 
@@ -27,6 +29,7 @@ class Captioner:
     >>> captioner = Captioner.from_pretrained("clipcap-coco")
     >>> captioner(["photo.jpg"], num_beams=5)
     [['A man riding a wave on top of a surfboard.']]
+    >>> captioner(["photo.jpg"], prompt="a photo of", prefix="sks person, ")  # see TextOptions
     """
 
     def __init__(
@@ -71,13 +74,26 @@ class Captioner:
         return self.loader.load(source, name)
 
     def caption_pixels(self, pixels: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
-        """Captions for a batch of `preprocess` (uint8) pixels, grouped per image."""
-        return self.model.caption(pixels=pixels, **generation_kwargs)
+        """Captions for a batch of `preprocess` (uint8) pixels, grouped per image. Besides the
+        decoding options, `generation_kwargs` may hold the `TextOptions` (prompt, keep_prompt,
+        prefix, suffix), as every captioning method of this class takes them."""
+        return self._caption(generation_kwargs, pixels=pixels)
+
+    def caption_embeds(self, image_embeds: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
+        """Captions for a batch of image embeddings (a feature store's), as `caption_pixels`."""
+        return self._caption(generation_kwargs, image_embeds=image_embeds)
+
+    def _caption(self, kwargs: dict[str, Any], **inputs: torch.Tensor) -> list[list[str]]:
+        """The model's captions, between the prefix and suffix: text formatting after decoding."""
+        text, generation = TextOptions.split(kwargs)
+        captions = self.model.caption(**inputs, prompt=text.prompt, keep_prompt=text.keep_prompt, **generation)
+        return [[text.wrap(caption) for caption in per_image] for per_image in captions]
 
     def __call__(self, images: ImageSource | Sequence[ImageSource], **generation_kwargs: Any) -> list[list[str]]:
-        """Captions per image. Raises ImageLoadError on the first image that cannot be read."""
+        """Captions per image. Raises ImageLoadError on the first image that cannot be read.
+        `images` may also be a `datasets.Dataset` or its image column, read one image at a time."""
         if not isinstance(images, (list, tuple)):
-            images = [images]
+            images = dataset_images(images) or [images]
         results = []
         for _, captions in self.stream(images, **generation_kwargs):
             if isinstance(captions, ImageLoadError):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import ModelLoadError
-from prefixcap.options import GenerationOptions
+from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
 from prefixcap.typecheck import check_types
 
 CONFIG_NAME = "config.json"
@@ -41,6 +41,7 @@ class CaptionConfig:
     freeze_decoder: bool = False  # True: only the mapper is trained (ClipCap's prefix-only mode)
     stop_token: str | None = None  # text that ends a caption besides EOS ("." for ClipCap imports)
     generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 30})  # defaults
+    prompt: str | None = None  # the prompt the model was trained with: captioning's default prompt
 
     def __post_init__(self) -> None:
         """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
@@ -58,6 +59,12 @@ class CaptionConfig:
                 f"mapper_num_heads {self.mapper_num_heads}"
             )
         self._check_generation()
+        prompt = self.prompt
+        if prompt is not None and not (0 < len(prompt) <= MAX_TEXT_CHARS and clean_prompt(prompt) == prompt):
+            raise ModelLoadError(
+                f"prompt must be non-empty text of at most {MAX_TEXT_CHARS} characters without surrounding or "
+                f"repeated whitespace, got {self.prompt[:100]!r}"
+            )
 
     def _check_generation(self) -> None:
         """The generation defaults must be valid GenerationOptions. The types are checked here too,

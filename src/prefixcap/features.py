@@ -7,7 +7,7 @@ every image at every epoch. Layout (like clip-retrieval: tensor shards plus row 
       store.json                 manifest: encoder id, embed_dim, preprocessing, counts
       shards/000000.safetensors  "image_embeds" [n, embed_dim] float16, one row per good image
       shards/000000.jsonl        one line per record of the shard: image_id, image, split,
-                                 captions, and "row" (its embedding row) or "error" (bad image)
+                                 captions, prompt (if any), and "row" (its embedding row) or "error" (bad image)
       bad_images.jsonl           every image that could not be read, with the reason
 
 Shard i holds records [i * shard_size, (i + 1) * shard_size) of the dataset's deterministic record
@@ -232,7 +232,7 @@ def _open_shard(path: Path) -> Iterator[Any]:
 
 
 def _record(entry: dict[str, Any]) -> CaptionRecord:
-    return CaptionRecord(entry["image_id"], entry["image"], tuple(entry["captions"]), entry["split"])
+    return CaptionRecord.from_dict(entry)
 
 
 def _digest(path: Path) -> str:
@@ -272,7 +272,7 @@ def preprocessing_of(image_processor: Any) -> dict[str, Any]:
 
 def shard_fingerprint(settings: dict[str, Any], records: Sequence[CaptionRecord]) -> str:
     """A digest of everything a shard's content depends on: the encoder settings and its records."""
-    payload = json.dumps([settings, [asdict(record) for record in records]], sort_keys=True)
+    payload = json.dumps([settings, [record.to_dict() for record in records]], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -303,7 +303,7 @@ def write_shard(
     embedding or to why it could not be read (stored as the reason alone)."""
     rows, entries = [], []
     for position, record in enumerate(records):
-        entry: dict[str, Any] = asdict(record)
+        entry: dict[str, Any] = record.to_dict()
         if position in embeds:
             entry["row"] = len(rows)
             rows.append(embeds[position])

@@ -190,7 +190,11 @@ def read_image(source: ImageSource) -> Image.Image:
 
 
 def _readable(source: ImageSource, name: str | None) -> tuple[ImageSource, str | None]:
-    """A plain string naming a shard member becomes that member's bytes, named by the string."""
+    """A plain string naming a shard member (or a Parquet row) becomes that member's bytes, named
+    by the string; a `datasets` image cell (`{"bytes", "path"}`) becomes its bytes, else its path."""
+    if isinstance(source, dict) and {"bytes", "path"} & source.keys():
+        data, path = source.get("bytes"), source.get("path")
+        return (data if data is not None else LocalPath(path or "")), name or path or None
     if isinstance(source, str) and not isinstance(source, (LocalPath, RemoteShard)) and is_member_reference(source):
         return read_image_bytes(source), name or source
     return source, name

@@ -15,7 +15,7 @@ Everything loads from safetensors; nothing is ever unpickled.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from prefixcap.config import CONFIG_NAME, CaptionConfig
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import generate_from_prefix
 from prefixcap.mapping import PrefixMapper
-from prefixcap.options import GenerationOptions
+from prefixcap.options import GenerationOptions, clean_prompt
 from prefixcap.preprocess import ImagePreprocessor
 
 MAPPER_WEIGHTS = "mapper.safetensors"
@@ -252,14 +252,23 @@ class CaptionModel(nn.Module):
         *,
         pixels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        prompt: str | None = None,
         **generation_kwargs: Any,
     ) -> torch.Tensor:
         """Caption token ids [B * num_return_sequences, T], padded with the pad token after the
         stop, from float `pixel_values` (the image processor's output), uint8 `pixels`
         (`preprocessor.pixels`, normalised on the model's device) or `image_embeds` (projected
-        encoder embeddings, which skip the image encoder)."""
-        options = self.generation_options(**generation_kwargs)
+        encoder embeddings, which skip the image encoder).
+
+        With a `prompt` (None: the model's trained prompt, `config.prompt`; "": none) the decoder
+        continues [prefix; prompt tokens], as it was trained to, and the ids are what follows it."""
+        options = self.generation_options(prompt=prompt, **generation_kwargs)
         prefix = self.prefix_embeds(self._image_embeds(pixels, pixel_values, image_embeds))
+        prompt_ids = self.prompt_ids(prompt)
+        if prompt_ids:  # the engine and HF generate both take any prefix length: the prompt joins it
+            embedding = self.decoder.get_input_embeddings()
+            prompt_embeds = embedding(torch.tensor(prompt_ids, device=embedding.weight.device)).to(prefix)
+            prefix = torch.cat([prefix, prompt_embeds.expand(prefix.shape[0], -1, -1)], dim=1)
         return generate_from_prefix(
             self.decoder,
             prefix,
@@ -268,17 +277,32 @@ class CaptionModel(nn.Module):
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def generation_options(self, **generation_kwargs: Any) -> GenerationOptions:
+    def generation_options(self, *, prompt: str | None = None, **generation_kwargs: Any) -> GenerationOptions:
         """`generation_kwargs` over this model's generation defaults (`GenerationOptions.resolve`),
-        validated: raises ValueError with a readable reason, before any work starts."""
+        validated, also against the positions `prompt` (see `generate`) leaves: raises ValueError
+        with a readable reason, before any work starts."""
         options = GenerationOptions.resolve(self.config.generation, generation_kwargs)
         limit = self.max_new_tokens_limit
-        if limit is not None and options.max_new_tokens > limit:
+        prompt_length = len(self.prompt_ids(prompt))
+        if limit is not None and prompt_length >= limit:
             raise ValueError(
-                f"max_new_tokens must be <= {limit}: the decoder has {limit + self.config.prefix_length} "
-                f"positions and the prefix takes {self.config.prefix_length}"
+                f"the prompt is {prompt_length} tokens, but the decoder has {limit + self.config.prefix_length} "
+                f"positions and the prefix takes {self.config.prefix_length}: at most {limit - 1} prompt tokens fit"
+            )
+        if limit is not None and options.max_new_tokens > limit - prompt_length:
+            taken = f"the prefix takes {self.config.prefix_length}"
+            taken += f" and the prompt {prompt_length}" if prompt_length else ""
+            raise ValueError(
+                f"max_new_tokens must be <= {limit - prompt_length}: the decoder has "
+                f"{limit + self.config.prefix_length} positions and {taken}"
             )
         return options
+
+    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+        """The token ids of `prompt` (None: the model's trained prompt; "": none), whitespace
+        normalised as in training (`clean_prompt`)."""
+        text = self.config.prompt if prompt is None else clean_prompt(prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     @property
     def max_new_tokens_limit(self) -> int | None:
@@ -313,14 +337,47 @@ class CaptionModel(nn.Module):
         *,
         pixels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        prompt: str | Sequence[str | None] | None = None,
+        keep_prompt: bool = False,
         **generation_kwargs: Any,
     ) -> list[list[str]]:
         """Captions grouped per image (`num_return_sequences` each, best first), decoded and
-        whitespace-normalised; the inputs are those of `generate`."""
-        texts = self.decode(self.generate(pixel_values, pixels=pixels, image_embeds=image_embeds, **generation_kwargs))
+        whitespace-normalised; the inputs are those of `generate`. `prompt` may also be one per
+        image (a dataset's records'): the images are then captioned in groups sharing a prompt.
+        `keep_prompt`: each caption starts with the prompt (decoded with what follows it, so the
+        spacing is the tokens')."""
+        if prompt is not None and not isinstance(prompt, str):
+            return self._caption_per_prompt(
+                list(prompt), keep_prompt, pixel_values=pixel_values, pixels=pixels, image_embeds=image_embeds,
+                **generation_kwargs,
+            )  # fmt: skip
+        ids = self.generate(pixel_values, pixels=pixels, image_embeds=image_embeds, prompt=prompt, **generation_kwargs)
+        prompt_ids = self.prompt_ids(prompt) if keep_prompt else []
+        if prompt_ids:
+            ids = torch.cat([ids.new_tensor(prompt_ids).expand(ids.shape[0], -1), ids], dim=1)
+        texts = self.decode(ids)
         images = next(given for given in (pixel_values, pixels, image_embeds) if given is not None).shape[0]
         per_image = len(texts) // images
         return [texts[start : start + per_image] for start in range(0, len(texts), per_image)]
+
+    def _caption_per_prompt(
+        self, prompts: list[str | None], keep_prompt: bool, **inputs_and_options: Any
+    ) -> list[list[str]]:
+        """`caption` with one prompt per image: one batch per distinct prompt, results in input order."""
+        names = ("pixel_values", "pixels", "image_embeds")
+        inputs = {name: inputs_and_options.pop(name) for name in names if inputs_and_options.get(name) is not None}
+        (name, tensor), *others = inputs.items()
+        if others or len(prompts) != tensor.shape[0]:
+            raise ValueError(f"pass exactly one of {', '.join(names)}, and one prompt per image")
+        results: list[list[str]] = [[] for _ in prompts]
+        for prompt in dict.fromkeys(prompts):  # distinct, in first-seen order
+            rows = [row for row, other in enumerate(prompts) if other == prompt]
+            captions = self.caption(
+                **{name: tensor[rows]}, prompt=prompt, keep_prompt=keep_prompt, **inputs_and_options
+            )
+            for row, per_image in zip(rows, captions):
+                results[row] = per_image
+        return results
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)

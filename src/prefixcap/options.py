@@ -110,3 +110,48 @@ def _check_names(kwargs: Mapping[str, Any]) -> None:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown generation option(s) {unknown}; valid: {sorted(known)}")
+
+
+# Longest prompt, prefix or suffix, in characters: far above any real use, and it keeps one server
+# request from tokenising megabytes. The prompt's tokens are also checked against the decoder's positions.
+MAX_TEXT_CHARS = 1000
+
+
+def clean_prompt(prompt: str) -> str:
+    """A prompt with its whitespace normalised, as captions are: training and inference must agree on
+    its tokens, and a trailing space would make GPT-2 continue mid-word."""
+    return " ".join(prompt.split())
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """The text around each caption: a prompt the decoder continues, and a prefix and suffix put
+    around the result. Separate from GenerationOptions, which are Hugging Face `generate`'s; the
+    CLI flags and the server's request fields are generated from both."""
+
+    prompt: str | None = _option(
+        None,
+        "text the decoder continues after the image, e.g. 'a photo of' (default: the prompt the model was "
+        "trained with, if any; '' for none); the caption leaves it out unless --keep-prompt",
+    )
+    keep_prompt: bool = _option(False, "start each caption with the prompt")
+    prefix: str = _option("", "text put before each caption, e.g. a trigger word: 'sks person, '")
+    suffix: str = _option("", "text put after each caption")
+
+    def __post_init__(self) -> None:
+        check_types(TextOptions, {option.name: getattr(self, option.name) for option in dataclasses.fields(self)})
+        for name in ("prompt", "prefix", "suffix"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_TEXT_CHARS:
+                raise ValueError(f"{name} must be at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+
+    @staticmethod
+    def split(kwargs: Mapping[str, Any]) -> tuple[TextOptions, dict[str, Any]]:
+        """(the TextOptions among `kwargs`, the rest: generation options), so that one set of
+        keyword arguments can carry both through the Captioner, the jobs and the server."""
+        names = {option.name for option in dataclasses.fields(TextOptions)}
+        text = TextOptions(**{name: value for name, value in kwargs.items() if name in names})
+        return text, {name: value for name, value in kwargs.items() if name not in names}
+
+    def wrap(self, caption: str) -> str:
+        return f"{self.prefix}{caption}{self.suffix}"

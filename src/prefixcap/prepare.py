@@ -19,6 +19,7 @@ from tqdm import tqdm
 from prefixcap.atomic import check_output_dir
 from prefixcap.config import DEFAULT_VISION_ENCODER, normalize_model_id
 from prefixcap.data import CaptionRecord, load_records
+from prefixcap.data.hf import export_dataset, is_dataset_object
 from prefixcap.distributed.processes import process_state
 from prefixcap.features import (
     MANIFEST,
@@ -42,6 +43,8 @@ def prepare_features(
     *,
     images_root: str | Path | None = None,
     format: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
     vision_encoder: str | Path = DEFAULT_VISION_ENCODER,
     batch_size: int = 256,
     shard_size: int = 2048,
@@ -55,7 +58,11 @@ def prepare_features(
     none of whose shards these inputs share is replaced only with `overwrite`."""
     state = process_state()
     out = Path(out)
-    records = load_records(source, format=format, images_root=images_root)
+    if is_dataset_object(source):  # its Parquet export is what the store's records point into
+        source = export_dataset(source)
+    records = load_records(
+        source, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column
+    )
     image_processor = load_image_processor(vision_encoder)
     settings = {"encoder": normalize_model_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
     shards = [records[start : start + shard_size] for start in range(0, len(records), shard_size)]

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from prefixcap.cli.common import (
+    add_column_arguments,
     add_generation_arguments,
     add_jpeg_draft_argument,
     add_model_arguments,
@@ -18,7 +19,9 @@ from prefixcap.cli.common import (
     generation_kwargs,
     load_captioner,
 )
-from prefixcap.data.shards import Source, expand_inputs, is_shard
+from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
+from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
+from prefixcap.data.shards import RemoteShard, Source, expand_inputs, is_shard
 from prefixcap.distributed.outputs import FORMATS, require_format
 from prefixcap.errors import UserError
 
@@ -32,7 +35,10 @@ output:
 examples:
   prefixcap caption photos/ 'more/*.png' > captions.txt
   prefixcap caption 'shards/train-{000..099}.tar' --output out/ --format parquet
+  prefixcap caption hf://datasets/OWNER/NAME --output out.parquet --format parquet --embed-images
   accelerate launch --multi_gpu --num_processes 8 -m prefixcap caption shards/*.tar --output out/
+  prefixcap caption training_set/ --sidecar
+  prefixcap caption /data/read-only-photos/ --sidecar-dir captions/ --existing overwrite --dry-run
 """
 
 
@@ -47,10 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Unreadable images and folders are reported on stderr as 'error: PATH: REASON' and skipped; "
         "the exit status is 1 if any failed, except with folder output, where failures are "
         "expected at scale and counted in summary.json.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + SIDECAR_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, glob pattern or WebDataset shard")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="image file, folder, glob pattern, WebDataset shard, Parquet dataset (one image per row; a folder "
+        "of .parquet files without images) or hub dataset hf://datasets/OWNER/NAME[@REV]",
+    )  # fmt: skip
     add_model_arguments(parser)
     add_jpeg_draft_argument(parser)
     add_generation_arguments(parser)
@@ -59,9 +69,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=FORMATS,
         help="text: 'path<TAB>caption' lines, with backslash, tab and newline escaped as \\\\, \\t, \\n; "
         "jsonl: {path, caption, captions}; csv: path,caption,...; parquet: columns path, caption, "
-        "captions (default: text, or jsonl into a folder)",
+        "captions, and image with --embed-images (default: text, or jsonl into a folder)",
     )
     parser.add_argument("--output", help="write results to this file, or into this folder (see 'output' below)")
+    parser.add_argument(
+        "--embed-images", action="store_true",
+        help="parquet output: also store each image's bytes, in an 'image' column that the datasets library "
+        "loads as its Image feature (load_dataset('parquet', data_files=...) gives an image-text dataset)",
+    )  # fmt: skip
+    add_column_arguments(parser, caption=False)
     parser.add_argument(
         "--workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
         help="DataLoader processes decoding images ahead of the model, per process; 0 decodes in the "
@@ -72,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder output: images per part file, the unit of work and of resuming; each WebDataset "
         "shard is one part (default: 1000)",
     )  # fmt: skip
+    add_sidecar_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -80,12 +97,18 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = generation_kwargs(args)
     state = process_state()
+    if sidecar_requested(args):
+        return run_sidecars(args, kwargs, state, load=lambda: _load_captioner(args, kwargs))
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
     if fmt == "parquet" and not args.output:
         raise UserError("parquet output needs --output FILE or --output FOLDER/")
+    if args.embed_images and fmt != "parquet":
+        raise UserError("--embed-images needs --format parquet")
     require_format(fmt)
-    sources, missing = expand_inputs(args.paths)
+    sources, missing = expand_inputs(args.paths, image_column=args.image_column)
+    if args.embed_images and (remote := next((s for s in sources if isinstance(s, RemoteShard)), None)):
+        raise UserError(f"{remote}: --embed-images reads images again when writing, which a remote shard cannot do")
     if state.is_main_process:
         for path, reason in missing:
             print(f"error: {path}: {reason}", file=sys.stderr)
@@ -94,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.output, to_folder, fmt, sources)  # before the model loads
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # each process on its own GPU
-    captioner = load_captioner(args, jpeg_draft=args.jpeg_draft)
-    check_generation(captioner.model, kwargs)
+    captioner = _load_captioner(args, kwargs)
     if to_folder:
         return _caption_to_folder(captioner, sources, missing, args, fmt, kwargs, state)
     failed = _caption_to_file(captioner, sources, args, fmt, kwargs)
     return 1 if failed or missing else 0
+
+
+def _load_captioner(args: argparse.Namespace, kwargs: dict):
+    """The model, with the decoding options checked against its defaults before any work."""
+    captioner = load_captioner(args, jpeg_draft=args.jpeg_draft)
+    check_generation(captioner.model, kwargs)
+    return captioner
 
 
 def _writes_folder(output: str | None, num_processes: int) -> bool:
@@ -145,6 +174,7 @@ def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace,
                 num_workers=args.workers,
                 progress=bar,
                 on_failure=lambda failure: tqdm.write(f"error: {failure}", file=sys.stderr),
+                embed_images=args.embed_images,
                 **kwargs,
             )
     return len(failures)
@@ -167,7 +197,8 @@ def _caption_to_folder(
     settings = {"model": model, "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
     summary = caption_to_directory(
         captioner, sources, args.output, state=state, fmt=fmt, part_size=args.part_size,
-        batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing, **kwargs,
+        batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing,
+        embed_images=args.embed_images, **kwargs,
     )  # fmt: skip
     if summary is not None:  # the main process
         print(

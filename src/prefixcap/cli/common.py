@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
-from prefixcap.options import GenerationOptions
+from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.registry import DEFAULT_MODEL, REGISTRY
 
 if TYPE_CHECKING:
@@ -60,33 +60,45 @@ def add_jpeg_draft_argument(parser: argparse.ArgumentParser) -> None:
 GENERATION_GROUP = "decoding (unset options use the model's defaults)"
 
 
+TEXT_GROUP = "caption text"
+# The schemas whose fields become flags, each in its argument group.
+OPTION_GROUPS = ((GENERATION_GROUP, GenerationOptions), (TEXT_GROUP, TextOptions))
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per GenerationOptions field: its help, its `flag` metadata or --field-name, dest = the
-    field name, default None (unset = the model's default); bools as --x/--no-x. Numbers are only
-    checked finite here: the ranges are checked in one place, GenerationOptions.validate."""
-    group = parser.add_argument_group(GENERATION_GROUP)
-    hints = typing.get_type_hints(GenerationOptions)
-    for option in dataclasses.fields(GenerationOptions):
-        flag = option.metadata.get("flag", "--" + option.name.replace("_", "-"))
-        kind = next(t for t in typing.get_args(hints[option.name]) or [hints[option.name]] if t is not type(None))
-        if kind is bool:
-            how: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
-        else:  # metavar from the flag: NUM_CAPTIONS, not NUM_RETURN_SEQUENCES
-            how = {"type": bounded(kind), "metavar": flag.removeprefix("--").replace("-", "_").upper()}
-        group.add_argument(flag, dest=option.name, help=option.metadata["help"], **how)
+    """One flag per GenerationOptions and TextOptions field: its help, its `flag` metadata or
+    --field-name, dest = the field name, default None (unset = the model's or the schema's
+    default); bools as --x/--no-x. Numbers are only checked finite here: the ranges are checked in
+    one place, GenerationOptions.validate."""
+    for title, schema in OPTION_GROUPS:
+        group = parser.add_argument_group(title)
+        hints = typing.get_type_hints(schema)
+        for option in dataclasses.fields(schema):
+            flag = option.metadata.get("flag", "--" + option.name.replace("_", "-"))
+            kind = next(t for t in typing.get_args(hints[option.name]) or [hints[option.name]] if t is not type(None))
+            metavar = flag.removeprefix("--").replace("-", "_").upper()  # NUM_CAPTIONS, not NUM_RETURN_SEQUENCES
+            if kind is bool:
+                how: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+            elif kind is str:
+                how = {"metavar": "TEXT"}
+            else:
+                how = {"type": bounded(kind), "metavar": metavar}
+            group.add_argument(flag, dest=option.name, help=option.metadata["help"], **how)
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding options the user set, by field name (no rules applied here: see
-    GenerationOptions.resolve)."""
-    values = {option.name: getattr(args, option.name) for option in dataclasses.fields(GenerationOptions)}
+    """The decoding and caption-text options the user set, by field name (no rules applied here:
+    see GenerationOptions.resolve); Captioner takes both kinds."""
+    names = [option.name for _, schema in OPTION_GROUPS for option in dataclasses.fields(schema)]
+    values = {name: getattr(args, name) for name in names}
     return {name: value for name, value in values.items() if value is not None}
 
 
 def check_generation(model, kwargs: dict[str, Any]) -> None:
-    """Reject bad decoding options before any work starts, with the model's defaults applied."""
+    """Reject bad decoding and text options before any work starts, with the model's defaults applied."""
     try:
-        model.generation_options(**kwargs)
+        text, generation = TextOptions.split(kwargs)
+        model.generation_options(prompt=text.prompt, **generation)
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -126,8 +138,24 @@ def bounded(
 METRIC_NAMES = "bleu,meteor,rouge,cider,spice,bertscore,clipscore,stats"  # prefixcap.evaluation.ALL_METRICS
 DATASETS_HELP = (
     "reference captions: a COCO caption file, a Karpathy split file (dataset_coco.json), JSONL, CSV, "
-    "an image folder with .txt captions or WebDataset shards (any dataset `prefixcap prepare` reads)"
+    "an image folder with .txt captions, WebDataset shards, a Hugging Face imagefolder or Parquet "
+    "dataset, or a hub dataset hf://datasets/OWNER/NAME[@REV] (any dataset `prefixcap prepare` reads)"
 )
+
+
+def add_column_arguments(parser: argparse.ArgumentParser, *, caption: bool = True) -> None:
+    """--image-column (and --caption-column) for Hugging Face datasets (imagefolder, Parquet, hub)."""
+    parser.add_argument(
+        "--image-column", metavar="NAME",
+        help="Hugging Face datasets: the column holding the images (image structs, bytes or file names) "
+        "(default: the first of image, img, file_name)",
+    )  # fmt: skip
+    if caption:
+        parser.add_argument(
+            "--caption-column", metavar="NAME",
+            help="Hugging Face datasets: the column holding the caption, or a list of captions "
+            "(default: the first of text, caption, captions, sentences)",
+        )  # fmt: skip
 
 
 def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, data_help: str) -> None:
@@ -149,6 +177,7 @@ def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, 
         help="folder the dataset's image paths start from, e.g. the COCO root holding val2014/ "
         "(default: the dataset file's folder); CLIPScore and the report's pictures need the images",
     )
+    add_column_arguments(parser)
 
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:

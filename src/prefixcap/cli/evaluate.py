@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     config = score_config(args, default_clip_model=model.config.vision_encoder)  # the model's own CLIP
 
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.
-    references, embeddings, store = load_split(args.data, split=args.split, images_root=args.images, format=args.format)
+    references, embeddings, store = load_split(
+        args.data, split=args.split, images_root=args.images, format=args.format,
+        image_column=args.image_column, caption_column=args.caption_column,
+    )  # fmt: skip
     if store is not None:
         store.check_encoder(model.config, model.image_processor)
 

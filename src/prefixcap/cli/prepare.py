@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prefixcap.cli.common import bounded
+from prefixcap.cli.common import add_column_arguments, bounded
 from prefixcap.config import DEFAULT_VISION_ENCODER
 from prefixcap.data import FORMATS
 
@@ -16,13 +16,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prepare",
         help="encode a dataset's images once into a feature store for training and evaluation",
         description="Read a caption dataset (COCO captions JSON, Karpathy dataset_coco.json, JSONL, CSV, "
-        "a folder of images with .txt captions, or WebDataset .tar shards), encode every image once "
+        "a folder of images with .txt captions, WebDataset .tar shards, a Hugging Face imagefolder "
+        "(metadata.jsonl/.csv) or Parquet dataset, or a hub dataset hf://datasets/OWNER/NAME[@REV]), encode every image once "
         "with the CLIP image encoder, and write fp16 embeddings in shards plus an index of image ids, "
         "paths, splits and captions to FEATURES. Unreadable images are skipped and listed with their "
         "reasons in FEATURES/bad_images.jsonl. A rerun keeps finished shards, so an interrupted run "
         "resumes. Runs data-parallel under `accelerate launch -m prefixcap prepare ...`.",
     )
-    parser.add_argument("data", metavar="DATA", help="dataset file, folder or WebDataset shard pattern")
+    parser.add_argument(
+        "data", metavar="DATA", help="dataset file, folder, WebDataset shard pattern or hf://datasets/OWNER/NAME[@REV]"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FEATURES", help="feature store folder to write")
     parser.add_argument(
         "--images-root",
@@ -31,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder that relative image paths start from (default: the dataset file's folder)",
     )
     parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
+    add_column_arguments(parser)
     parser.add_argument(
         "--vision-encoder", default=DEFAULT_VISION_ENCODER, metavar="ID_OR_DIR",
         help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from prefixcap.prepare import prepare_features
 
     manifest = prepare_features(
-        args.data, args.out, images_root=args.images_root, format=args.format, vision_encoder=args.vision_encoder,
+        args.data, args.out, images_root=args.images_root, format=args.format, image_column=args.image_column,
+        caption_column=args.caption_column, vision_encoder=args.vision_encoder,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers, overwrite=args.overwrite,
     )  # fmt: skip
     if manifest is None:  # not the main process: it wrote its shards, the main process reports

@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = score_config(args)  # check options before reading anything big
     results = load_results(args.results)
-    references = load_references(args.data, split=args.split, images_root=args.images, format=args.format)
+    references = load_references(
+        args.data, split=args.split, images_root=args.images, format=args.format,
+        image_column=args.image_column, caption_column=args.caption_column,
+    )  # fmt: skip
     samples = match_samples(results, references.records)
     out = args.out or args.results.parent
     source = f"{args.results} vs {args.data}"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from prefixcap.cli.common import bounded
-from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, make_synthetic_dataset
+from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, TASKS, make_synthetic_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Draw images of one coloured shape on a coloured background, captioned "
         "'a red shape on a white background', and write OUT_DIR/images/*.png plus "
         "OUT_DIR/captions.jsonl with train/val/test splits (80/10/10). A working pipeline "
-        "(prepare, train, caption) learns these captions even with tiny models on a CPU.",
+        "(prepare, train, caption) learns these captions even with tiny models on a CPU. "
+        "--task two-balls checks prompts instead: two balls of different colours, and each record's "
+        "prompt, 'left:' or 'right:', says which one the caption ('a red ball') describes.",
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
     parser.add_argument(
@@ -34,12 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--image-size", type=bounded(int, MIN_IMAGE_SIZE), default=64, metavar="PX",
         help="image width and height in pixels (default: 64)",
     )  # fmt: skip
+    parser.add_argument(
+        "--task", choices=TASKS, default="shapes",
+        help="shapes: one shape, captioned by its and the background's colours; two-balls: prompt-conditioned "
+        "captions of one of two balls (default: shapes)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     captions = make_synthetic_dataset(
-        args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size
+        args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size, task=args.task
     )
     print(f"wrote {args.num_images} images and {captions}")
     return 0

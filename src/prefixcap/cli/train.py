@@ -85,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="longest target in tokens, EOS included; longer captions are cut "
         "(default: long enough for 99%% of the training captions)",
     )  # fmt: skip
+    add(
+        "--prompt", metavar="TEXT",
+        help="text that every caption continues, e.g. 'a photo of': the model learns the captions given image + "
+        "prompt, and uses the prompt by default when captioning (default: each record's own 'prompt', if any)",
+    )  # fmt: skip
 
     validation = parser.add_argument_group("validation, checkpoints and logs")
     add = _adder(validation)

@@ -10,6 +10,17 @@ Formats, detected from the path unless `format=` is given:
 | `csv`        | `captions.csv`                         | `.csv`                                       |
 | `folder`     | `photos/` with `a.jpg` + `a.txt`       | a folder without `.tar` files                |
 | `webdataset` | `shards/`, `x.tar`, `x-{000..009}.tar` | a `.tar`, a folder of them, or a pattern     |
+| `imagefolder`| `ds/` with `metadata.jsonl` / `.csv`   | a folder with metadata files (or in `train/`)|
+| `parquet`    | `data/train-00000-of-00001.parquet`    | a `.parquet`, or a folder of them            |
+
+Hugging Face datasets (`imagefolder`, `parquet`, hub ids `hf://datasets/OWNER/NAME[@rev]` and
+`datasets.Dataset` objects) are read by `data.hf`, with `image_column` / `caption_column` choosing
+the columns (default: the first of `image`, `img`, `file_name` / `text`, `caption`, `captions`,
+`sentences`).
+
+JSONL and CSV rows, and the images of COCO and Karpathy files, may carry a `prompt`: text that the
+captions continue (training then learns the captions given image + prompt); rows of one image
+must agree on it.
 
 Image files are not opened here: `prepare` reads each one and reports the unreadable ones.
 """
@@ -28,10 +39,21 @@ from typing import Any
 
 from tqdm import tqdm
 
+from prefixcap.data.hf import (
+    dataset_kind,
+    export_dataset,
+    is_dataset_object,
+    is_hub_dataset,
+    read_imagefolder,
+    read_parquet,
+    resolve_hub_dataset,
+)
 from prefixcap.data.records import (
     CaptionRecord,
     RecordMerger,
+    json_lines,
     parse_caption,
+    parse_prompt,
     parse_split,
     split_name,
 )
@@ -50,27 +72,45 @@ from prefixcap.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("coco", "karpathy", "jsonl", "csv", "folder", "webdataset")
+FORMATS = ("coco", "karpathy", "jsonl", "csv", "folder", "webdataset", "imagefolder", "parquet")
+_COLUMN_FORMATS = ("imagefolder", "parquet")  # the formats whose columns can be chosen
 _JSON = "json"  # a .json file, COCO or Karpathy: told apart once the file is parsed
 
 
 def load_records(
-    path: str | Path, *, format: str | None = None, images_root: str | Path | None = None
+    path: str | Path | Any,
+    *,
+    format: str | None = None,
+    images_root: str | Path | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> list[CaptionRecord]:
     """Read a caption dataset into records, in a deterministic order.
 
     `images_root` is the folder relative image paths start from (COCO, Karpathy, JSONL, CSV); it
     defaults to the dataset file's folder, or its parent if that folder is called `annotations`
     (COCO's own layout). Folders and shards hold their images themselves and ignore it.
-    Every malformed input raises `UserError` with a one-line message naming the file.
+    `path` may also be a hub dataset id (`hf://datasets/OWNER/NAME[@rev]`, downloaded first) or a
+    `datasets.Dataset` (written once as Parquet into prefixcap's cache, so that records can name
+    its images); `image_column` / `caption_column` choose the columns of `imagefolder` and
+    `parquet` datasets. Every malformed input raises `UserError` with a one-line message naming the file.
     """
     if format is not None and format not in FORMATS:
         raise UserError(f"unknown dataset format {format!r}; choose one of {', '.join(FORMATS)}")
+    if is_dataset_object(path):
+        path, format = export_dataset(path), format or "parquet"
+    elif is_hub_dataset(str(path)) and not os.path.lexists(path):
+        path = resolve_hub_dataset(str(path))
     source = str(path)
     root = Path(images_root) if images_root is not None else None
     kind = format or _detect_format(source)
     try:
-        records = _READERS[kind](source, root)
+        if kind in _COLUMN_FORMATS:
+            records = _READERS[kind](source, root, image_column, caption_column)
+        elif image_column or caption_column:
+            raise UserError(f"{source}: columns can be chosen for {' and '.join(_COLUMN_FORMATS)} datasets, not {kind}")
+        else:
+            records = _READERS[kind](source, root)
     except UnicodeDecodeError as error:
         raise _not_utf8(source, error) from None
     except OSError as error:
@@ -84,6 +124,8 @@ def load_records(
 def _detect_format(path: str) -> str:
     """The format name for `path` (a `.json` file is parsed later to tell COCO from Karpathy)."""
     location = Path(path)
+    if kind := dataset_kind(location):
+        return kind
     if location.is_dir():
         return "webdataset" if shard_files(location) else "folder"
     if location.is_file():
@@ -129,10 +171,12 @@ def _coco_records(document: dict[str, Any], path: Path, root: Path) -> list[Capt
     if not isinstance(annotations, list):
         raise UserError(f"{path}: not a COCO caption file (no 'annotations' list)")
     file_names: dict[Any, str] = {}
+    prompts: dict[Any, str | None] = {}  # an image's optional `prompt`
     for n, image in enumerate(document["images"]):
         if not (isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)):
             raise UserError(f"{path}: images[{n}] needs an 'id' and a string 'file_name'")
         file_names[image["id"]] = image["file_name"]
+        prompts[image["id"]] = parse_prompt(image.get("prompt"), f"{path}: images[{n}]")
     captions: dict[Any, list[str]] = {}
     for n, annotation in enumerate(annotations):
         if not (isinstance(annotation, dict) and "image_id" in annotation and "caption" in annotation):
@@ -143,7 +187,9 @@ def _coco_records(document: dict[str, Any], path: Path, root: Path) -> list[Capt
         captions.setdefault(annotation["image_id"], []).append(caption)
     locate = _coco_image_locator(root)
     return [
-        CaptionRecord(str(image_id), str(locate(name)), tuple(captions[image_id]), _coco_split(name, path))
+        CaptionRecord(
+            str(image_id), str(locate(name)), tuple(captions[image_id]), _coco_split(name, path), prompts[image_id]
+        )
         for image_id, name in file_names.items()
         if image_id in captions  # COCO lists images without captions too (e.g. test2014)
     ]
@@ -188,7 +234,8 @@ def _karpathy_records(images: list[Any], path: Path, root: Path) -> list[Caption
             captions.append(parse_caption(sentence["raw"], where))
         image_id = str(image["cocoid"]) if "cocoid" in image else relative.as_posix()
         split = parse_split(image["split"], where)  # restval -> train
-        records.append(CaptionRecord(image_id, str((root / relative).absolute()), tuple(captions), split))
+        prompt = parse_prompt(image.get("prompt"), where)
+        records.append(CaptionRecord(image_id, str((root / relative).absolute()), tuple(captions), split, prompt))
     return records
 
 
@@ -201,16 +248,7 @@ def _read_jsonl(source: str, images_root: Path | None) -> list[CaptionRecord]:
     root = images_root or path.parent
     merger = RecordMerger()
     with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{where}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for where, row in json_lines(path, file):
             _add_row(merger, row, root, where)
     return merger.records()
 
@@ -253,7 +291,8 @@ def _add_row(merger: RecordMerger, row: dict[str, Any], root: Path, where: str) 
         raise UserError(f"{where}: 'captions' must be a non-empty list of strings")
     split = parse_split(row["split"], where) if "split" in row else "train"
     image_id = str(row.get("image_id", Path(image).as_posix()))
-    merger.add(str((root / image).absolute()), image_id, captions, split, where)
+    prompt = parse_prompt(row.get("prompt"), where)
+    merger.add(str((root / image).absolute()), image_id, captions, split, where, prompt)
 
 
 # --- Folders and WebDataset shards ---------------------------------------------------------------
@@ -362,7 +401,7 @@ def _check_unique_ids(records: list[CaptionRecord], source: str) -> None:
         seen.add(record.image_id)
 
 
-_READERS: dict[str, Callable[[str, Path | None], list[CaptionRecord]]] = {
+_READERS: dict[str, Callable[..., list[CaptionRecord]]] = {
     _JSON: _read_json,
     "coco": functools.partial(_read_json, layout="coco"),
     "karpathy": functools.partial(_read_json, layout="karpathy"),
@@ -370,4 +409,6 @@ _READERS: dict[str, Callable[[str, Path | None], list[CaptionRecord]]] = {
     "csv": _read_csv,
     "folder": _read_folder,
     "webdataset": _read_webdataset,
+    "imagefolder": read_imagefolder,
+    "parquet": read_parquet,
 }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
 
 from prefixcap.errors import UserError
+from prefixcap.options import MAX_TEXT_CHARS, clean_prompt
 
 SPLITS = ("train", "val", "test")
 # Other names datasets use for the same three splits (Karpathy's `restval` is extra training data).
@@ -19,6 +22,22 @@ class CaptionRecord:
     image: str  # image file path, or "path/to/shard.tar#key.jpg" for a WebDataset member
     captions: tuple[str, ...]  # every reference caption of the image, in file order
     split: str  # "train", "val" or "test"
+    # text the captions continue (training conditions on image + prompt and learns the captions only)
+    prompt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON values; without `prompt` when it has none, so that feature stores of
+        prompt-less datasets keep the files (and fingerprints) they had before prompts existed."""
+        values = asdict(self)
+        if self.prompt is None:
+            del values["prompt"]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CaptionRecord:
+        return cls(
+            values["image_id"], values["image"], tuple(values["captions"]), values["split"], values.get("prompt")
+        )
 
 
 def split_records(records: Iterable[CaptionRecord], split: str) -> list[CaptionRecord]:
@@ -53,26 +72,56 @@ def parse_caption(value: Any, where: str) -> str:
     return caption
 
 
+def parse_prompt(value: Any, where: str) -> str | None:
+    """A record's prompt, whitespace-normalised (`clean_prompt`, as at inference); an empty one
+    (or JSON null) is none."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: prompt must be a string, not {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise UserError(f"{where}: prompt is over {MAX_TEXT_CHARS} characters")
+    return clean_prompt(value) or None
+
+
 class RecordMerger:
     """Collects captions per image in first-seen order, for formats with one row per caption.
 
-    Rows that name the same image are merged into one record; they must agree on its split and id.
+    Rows that name the same image are merged into one record; they must agree on its split, id and prompt.
     """
 
     def __init__(self) -> None:
         self._records: dict[str, CaptionRecord] = {}  # image -> record so far, in insertion order
 
-    def add(self, image: str, image_id: str, captions: Iterable[str], split: str, where: str) -> None:
+    def add(
+        self, image: str, image_id: str, captions: Iterable[str], split: str, where: str, prompt: str | None = None
+    ) -> None:
         captions = tuple(captions)
         previous = self._records.get(image)
         if previous is None:
-            self._records[image] = CaptionRecord(image_id, image, captions, split)
+            self._records[image] = CaptionRecord(image_id, image, captions, split, prompt)
             return
-        if previous.split != split:
-            raise UserError(f"{where}: image {image} was given split {previous.split!r} before, now {split!r}")
-        if previous.image_id != image_id:
-            raise UserError(f"{where}: image {image} was given image_id {previous.image_id!r} before, now {image_id!r}")
-        self._records[image] = CaptionRecord(image_id, image, previous.captions + captions, split)
+        for name, value in (("split", split), ("image_id", image_id), ("prompt", prompt)):
+            if getattr(previous, name) != value:
+                before = getattr(previous, name)
+                raise UserError(f"{where}: image {image} was given {name} {before!r} before, now {value!r}")
+        self._records[image] = CaptionRecord(image_id, image, previous.captions + captions, split, prompt)
 
     def records(self) -> list[CaptionRecord]:
         return list(self._records.values())
+
+
+def json_lines(path: Path, file: IO[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("FILE:LINE", object) for each non-blank line of the JSON-lines `file` read from `path`;
+    a line that is not a JSON object is a one-line error naming it."""
+    for number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row

@@ -21,6 +21,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from prefixcap.data.hf import (
+    dataset_kind,
+    is_hub_dataset,
+    is_row_reference,
+    read_parquet_image,
+    resolve_hub_dataset,
+    row_references,
+)
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.extras import require
 from prefixcap.images import IMAGE_EXTENSIONS, os_error_reason
@@ -44,14 +52,19 @@ class RemoteShard(str):
     that webdataset's URL and pipe openers ever see."""
 
 
-Source = LocalPath | RemoteShard
+class StoredImage(str):
+    """An image stored inside a local dataset file, `data.parquet#row=12`, found by expanding a
+    Parquet input the user named: read with `read_image_bytes`, like a tar member."""
+
+
+Source = LocalPath | RemoteShard | StoredImage
 
 
 def as_source(name: str) -> Source:
     """Decide, once, how a name is opened. Typed names keep their kind; a plain string counts as
     typed by the user (a command-line argument, a string passed to this API), so it is a URL or
     `pipe:` command only when it looks like one and no file or folder has that name."""
-    if isinstance(name, (LocalPath, RemoteShard)):
+    if isinstance(name, (LocalPath, RemoteShard, StoredImage)):
         return name
     return RemoteShard(name) if _URL.match(name) and not os.path.lexists(name) else LocalPath(name)
 
@@ -148,12 +161,15 @@ def read_members(shard: str | Path, names: Iterable[str]) -> list[bytes]:
 
 
 def read_image_bytes(image: str) -> bytes:
-    """The encoded bytes of a record's image: a file, or a `shard.tar#member` of a WebDataset shard.
+    """The encoded bytes of a record's image: a file, a `shard.tar#member` of a WebDataset shard,
+    or a `data.parquet#row=N` image of a Parquet dataset.
 
     Raises `ImageLoadError` naming the image, so that `prepare` can report it and go on.
     """
     match = _MEMBER_REFERENCE.match(image)
     try:
+        if is_row_reference(image):
+            return read_parquet_image(image)
         if match is None:
             return Path(image).read_bytes()
         (data,) = read_members(match["shard"], [match["member"]])
@@ -165,8 +181,9 @@ def read_image_bytes(image: str) -> bytes:
 
 
 def is_member_reference(image: str) -> bool:
-    """Whether `image` names a member of a tar shard (`shard.tar#member`), as records do."""
-    return _MEMBER_REFERENCE.match(image) is not None
+    """Whether `image` names a member of a tar shard (`shard.tar#member`) or a row of a Parquet
+    file (`data.parquet#row=N`), as records do."""
+    return _MEMBER_REFERENCE.match(image) is not None or is_row_reference(image)
 
 
 def image_key(sample: Mapping[str, Any]) -> str | None:
@@ -210,10 +227,15 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def expand_inputs(patterns: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
+def expand_inputs(
+    patterns: list[str], *, image_column: str | None = None
+) -> tuple[list[Source], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for image extensions, globs expanded, and
     WebDataset shards: tar files, URLs and `pipe:` commands, with brace patterns
-    (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does.
+    (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does. Parquet datasets (a
+    `.parquet` file, or a folder of them without images) become one `StoredImage` per row, read
+    from `image_column` (default: the first of `image`, `img`, `file_name`); a hub dataset
+    `hf://datasets/OWNER/NAME[@rev]` is downloaded (or taken from the cache), then expanded.
 
     Only a pattern itself (or a name its braces expand to) can be a URL or `pipe:` command, and
     only when no file or folder has that name: every name found on disk is a `LocalPath`.
@@ -224,7 +246,7 @@ def expand_inputs(patterns: list[str]) -> tuple[list[Source], list[tuple[str, st
     sources: dict[object, Source] = {}
     for pattern in patterns:
         problems = len(finder.problems)
-        found = list(_expand_one(pattern, finder))
+        found = list(_expand_one(pattern, finder, image_column))
         if not found and len(finder.problems) == problems:
             finder.problems[pattern] = _nothing_found(pattern)
         for source in found:
@@ -232,20 +254,35 @@ def expand_inputs(patterns: list[str]) -> tuple[list[Source], list[tuple[str, st
     return list(sources.values()), list(finder.problems.items())
 
 
-def _expand_one(pattern: str, finder: _Finder) -> Iterator[Source]:
+def _expand_one(pattern: str, finder: _Finder, image_column: str | None) -> Iterator[Source]:
+    if is_hub_dataset(pattern) and not os.path.lexists(pattern):
+        yield from _folder_or_file(str(resolve_hub_dataset(pattern)), finder, image_column)
+        return
     source = as_source(pattern)
     if isinstance(source, RemoteShard):
         yield from map(RemoteShard, _expand_braces(pattern))  # remote shards are only opened when their turn comes
-    elif os.path.isdir(pattern):
-        yield from finder.images(pattern)
     elif os.path.lexists(pattern):
-        yield source  # an explicit file is tried whatever its extension
+        yield from _folder_or_file(source, finder, image_column)  # an explicit file is tried whatever its extension
     elif (names := _expand_braces(pattern)) != [pattern]:
         for name in names:
-            yield from _expand_one(name, finder)
+            yield from _expand_one(name, finder, image_column)
     elif glob.has_magic(pattern):
         for match in finder.glob(pattern):
-            yield from finder.images(match) if os.path.isdir(match) else [match]
+            yield from _folder_or_file(match, finder, image_column)
+
+
+def _folder_or_file(path: str, finder: _Finder, image_column: str | None) -> Iterator[Source]:
+    """The images of a folder (or the rows of its Parquet files when it holds no images); the rows
+    of a Parquet file; any other file as it is."""
+    if os.path.isdir(path):
+        images = finder.images(path)
+        if not images and dataset_kind(path) == "parquet":
+            yield from map(StoredImage, row_references(Path(path), image_column))
+        yield from images
+    elif path.lower().endswith(".parquet") and os.path.isfile(path):
+        yield from map(StoredImage, row_references(Path(path), image_column))
+    else:
+        yield LocalPath(path) if not isinstance(path, (LocalPath, RemoteShard)) else path
 
 
 def _nothing_found(pattern: str) -> str:

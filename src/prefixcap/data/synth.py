@@ -5,6 +5,11 @@ background". Only the two colours are named: a randomly initialised CLIP, as use
 models, separates global colours almost perfectly but hardly sees shape or position (a linear
 probe on its features reaches >= 99% on the colour pair and 60-66% on shape). A model that learned
 anything therefore captions held-out images exactly, and one that did not, cannot.
+
+The `two-balls` task checks prompt conditioning: each image holds two balls, one in each half
+(from disjoint palettes, see BALL_COLORS), and its record's prompt, "left:" or "right:", says which
+to describe ("a red ball"). Only a model that reads the prompt can be right more than about half
+the time.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ BACKGROUND_COLORS = {
 _SHAPE_MIN_SIDE = {"square": 0.52, "circle": 0.6, "triangle": 0.74}  # with a margin for rasterising
 _MAX_SIDE = 0.9
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
+TASKS = ("shapes", "two-balls")
+# Each side has its own palette: the tiny random CLIPs of the tests see an image's colours but hardly
+# where they are, so this keeps both balls identifiable, and only the prompt says which to describe.
+BALL_COLORS = {"left": ("red", "yellow", "purple"), "right": ("green", "blue", "orange")}
+SIDES = ("left", "right")
 MIN_NUM_IMAGES = len(SPLIT_FRACTIONS) + 1  # one image per split at least
 MIN_IMAGE_SIZE = 16
 CAPTIONS_FILE = "captions.jsonl"
@@ -47,18 +57,27 @@ def caption_for(object_color: str, background_color: str) -> str:
     return f"a {object_color} shape on a {background_color} background"
 
 
-def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: int = 0, image_size: int = 64) -> Path:
+def make_synthetic_dataset(
+    out_dir: str | Path, *, num_images: int = 600, seed: int = 0, image_size: int = 64, task: str = "shapes"
+) -> Path:
     """Write `num_images` PNGs under `out_dir/images/` and `out_dir/captions.jsonl`; return the latter.
 
-    Every colour pair appears about equally often, in shuffled order; the first 80% of the images
-    are train, then 10% val and 10% test. The same arguments always give the same files.
+    Every colour pair (and, for `two-balls`, side) appears about equally often, in shuffled order;
+    the first 80% of the images are train, then 10% val and 10% test. The same arguments always
+    give the same files.
     """
     if num_images < MIN_NUM_IMAGES:
         raise ValueError(f"num_images must be at least {MIN_NUM_IMAGES}, one per split")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     rng = random.Random(seed)
-    pairs = [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS]
+    if task == "shapes":
+        pairs = [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS]
+    else:  # (left colour, right colour, side the prompt asks for)
+        left_colors, right_colors = BALL_COLORS["left"], BALL_COLORS["right"]
+        pairs = [(left, right, side) for left in left_colors for right in right_colors for side in SIDES]
     colors = [pairs[i % len(pairs)] for i in range(num_images)]  # balanced colour pairs...
     rng.shuffle(colors)  # ...in random order, so every split sees all of them
     splits = _split_names(num_images)
@@ -66,10 +85,17 @@ def make_synthetic_dataset(out_dir: str | Path, *, num_images: int = 600, seed: 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(num_images - 1)))
     lines = []
-    for index, (obj, bg) in enumerate(tqdm(colors, desc="drawing", unit="img", disable=None)):
+    for index, pair in enumerate(tqdm(colors, desc="drawing", unit="img", disable=None)):
         name = f"images/{index:0{digits}d}.png"
-        _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
-        lines.append(json.dumps({"image": name, "caption": caption_for(obj, bg), "split": splits[index]}))
+        if task == "shapes":
+            obj, bg = pair
+            _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
+            record = {"image": name, "caption": caption_for(obj, bg)}
+        else:
+            left, right, side = pair
+            _draw_balls(rng, image_size, OBJECT_COLORS[left], OBJECT_COLORS[right]).save(out_dir / name)
+            record = {"image": name, "prompt": f"{side}:", "caption": f"a {left if side == 'left' else right} ball"}
+        lines.append(json.dumps({**record, "split": splits[index]}))
     # The captions file comes last and atomically: if it exists, the whole dataset does.
     write_atomic(out_dir / CAPTIONS_FILE, "\n".join(lines) + "\n")
     return out_dir / CAPTIONS_FILE
@@ -81,6 +107,19 @@ def _split_names(num_images: int) -> list[str]:
     for split, count in counts.items():
         names += [split] * count
     return names
+
+
+def _draw_balls(rng: random.Random, size: int, left: tuple[int, int, int], right: tuple[int, int, int]) -> Image.Image:
+    """A ball in each half of a white image, each filling most of its half, slightly jittered."""
+    image = Image.new("RGB", (size, size), BACKGROUND_COLORS["white"])
+    draw = ImageDraw.Draw(image)
+    half = size / 2
+    for offset, color in ((0.0, left), (half, right)):
+        diameter = half * rng.uniform(0.8, 0.95)
+        x = offset + rng.uniform(0, half - diameter)
+        y = rng.uniform(0, size - diameter)
+        draw.ellipse((x, y, x + diameter, y + diameter), fill=color)
+    return image
 
 
 def _draw(rng: random.Random, size: int, color: tuple[int, int, int], background: tuple[int, int, int]) -> Image.Image:

@@ -68,12 +68,14 @@ def caption_to_file(
     num_workers: int,
     progress: Any = None,
     on_failure: Callable[[ImageLoadError], None] | None = None,
+    embed_images: bool = False,
     **generation_kwargs: Any,
 ) -> list[ImageLoadError]:
     """Caption in this process, writing records to `out` (which `name` names in errors) in input order
     as they come (plain strings are read with `as_source`). Returns the failures, each also passed to
-    `on_failure` at once, so that a long run reports them while it goes. The caller opens and closes `out`."""
-    writer = RecordWriter(out, fmt, name)
+    `on_failure` at once, so that a long run reports them while it goes. The caller opens and closes `out`.
+    `embed_images`: Parquet output with the image bytes too (see `RecordWriter`)."""
+    writer = RecordWriter(out, fmt, name, embed_images=embed_images)
     # Worker processes, with units of one batch each: every worker decodes a batch while the model
     # captions another.
     results = captioner.stream(
@@ -104,6 +106,7 @@ def caption_to_directory(
     num_workers: int = 4,
     settings: dict[str, Any] | None = None,
     input_failures: Sequence[tuple[str, str]] = (),
+    embed_images: bool = False,
     **generation_kwargs: Any,
 ) -> Summary | None:
     """Caption `sources` (image files and WebDataset shard specs) into `out_dir`.
@@ -113,7 +116,8 @@ def caption_to_directory(
     captioner's `model_fingerprint` name the parts (see `plan_parts`), so that a model retrained
     at the same path is not mistaken for the old one; `input_failures` are (input, reason) pairs
     for inputs that matched nothing or could not be read, listed in the summary with the
-    unreadable images.
+    unreadable images. `embed_images` (Parquet) reads each image again from its source while the
+    parts are merged, so that part files stay small and a resumed job need not redo any part.
     """
     from tqdm import tqdm
 
@@ -157,7 +161,8 @@ def caption_to_directory(
         return None
     seconds = time.perf_counter() - start
     output = out_dir / f"captions{SUFFIXES[fmt]}"
-    captioned, failures, processed = _merge(out_dir, parts, output, fmt, redone={part.index for part in todo})
+    redone = {part.index for part in todo}
+    captioned, failures, processed = _merge(out_dir, parts, output, fmt, redone=redone, embed_images=embed_images)
     summary = Summary(
         output=str(output), images=captioned + len(failures), captioned=captioned, failed=len(failures),
         processes=state.num_processes, parts=len(parts), parts_reused=len(parts) - len(todo),
@@ -183,13 +188,13 @@ def _part_path(out_dir: Path, part: Part) -> Path:
 
 
 def _merge(
-    out_dir: Path, parts: Sequence[Part], output: Path, fmt: str, *, redone: set[int]
+    out_dir: Path, parts: Sequence[Part], output: Path, fmt: str, *, redone: set[int], embed_images: bool = False
 ) -> tuple[int, list[dict[str, str]], int]:
     """Write the good results of all `parts` to `output`, in order. Returns (images captioned,
     failures, images in the `redone` parts)."""
     captioned, failures, processed = 0, [], 0
     with open_output(output, fmt) as out:
-        writer = RecordWriter(out, fmt, str(output))
+        writer = RecordWriter(out, fmt, str(output), embed_images=embed_images)
         for part in parts:
             path = _part_path(out_dir, part)
             if not path.exists():

@@ -8,6 +8,11 @@ File names may hold bytes that are not UTF-8 (Python keeps them as surrogate esc
 write them as `\\udcNN` escapes, and text, CSV and Parquet write the same escapes as plain text,
 so every format is valid UTF-8. The text format also escapes backslash, tab, newline and carriage
 return (`\\\\`, `\\t`, `\\n`, `\\r`), so that each record is exactly one `path<TAB>caption` line.
+
+Parquet with `embed_images` also stores each image's encoded bytes, read again from its source, in
+an `image` column of `{bytes, path}` structs marked as the `datasets` Image feature, so that
+`datasets.load_dataset("parquet", data_files=...)` loads an image-text dataset. Part files never
+hold image bytes: a folder job embeds them when it merges the parts.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from pathlib import Path
 from typing import IO
 
 from prefixcap.atomic import atomic_file, atomic_path
-from prefixcap.data.shards import file_identity
+from prefixcap.data.hf import reference_file
+from prefixcap.data.shards import file_identity, read_image_bytes
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.extras import require
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
 _PARQUET_ROWS = 10_000  # rows per Parquet row group
+_PARQUET_IMAGE_ROWS = 100  # with embedded images, as the `datasets` library writes them
+# The `datasets` feature of the `image` column, in the schema metadata where `datasets` looks for it.
+_HF_FEATURES = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -65,13 +74,16 @@ def require_format(fmt: str) -> None:
 class RecordWriter:
     """Writes the captions of good images in one of FORMATS to `out`, which `name` names in errors.
     Text formats are flushed record by record, so a crash loses nothing written; Parquet is
-    written in row groups."""
+    written in row groups. Parquet columns: `path`, `caption` (the first caption), `captions`, and
+    with `embed_images` first an `image` column: the `datasets` Image struct `{bytes, path}`."""
 
-    def __init__(self, out: IO, fmt: str, name: str):
+    def __init__(self, out: IO, fmt: str, name: str, *, embed_images: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        if embed_images and fmt != "parquet":
+            raise ValueError("only parquet output can embed images")
         require_format(fmt)
-        self.out, self.fmt, self.name = out, fmt, name
+        self.out, self.fmt, self.name, self.embed_images = out, fmt, name, embed_images
         self.csv = csv.writer(out) if fmt == "csv" else None
         self.header_written = False
         self.rows: list[dict] = []  # Parquet rows not yet written
@@ -101,8 +113,11 @@ class RecordWriter:
                 self.header_written = True
             self.csv.writerow([printable(path), *captions])
         else:
-            self.rows.append({"path": printable(path), "caption": captions[0], "captions": captions})
-            if len(self.rows) == _PARQUET_ROWS:
+            row = {"path": printable(path), "caption": captions[0], "captions": captions}
+            if self.embed_images:
+                row["image"] = {"bytes": self._image_bytes(path), "path": printable(path)}
+            self.rows.append(row)
+            if len(self.rows) == (_PARQUET_IMAGE_ROWS if self.embed_images else _PARQUET_ROWS):
                 self._write_row_group()
             return
         self.out.flush()
@@ -111,12 +126,23 @@ class RecordWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([("path", pa.string()), ("caption", pa.string()), ("captions", pa.list_(pa.string()))])
+        fields = [("path", pa.string()), ("caption", pa.string()), ("captions", pa.list_(pa.string()))]
+        schema = pa.schema(fields)
+        if self.embed_images:
+            image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+            schema = pa.schema([("image", image), *fields], metadata=_HF_FEATURES)
         if self.parquet is None:
             self.parquet = pq.ParquetWriter(self.out, schema)
         if self.rows:
             self.parquet.write_table(pa.Table.from_pylist(self.rows, schema=schema))
         self.rows = []
+
+    def _image_bytes(self, path: str) -> bytes:
+        """The encoded image that `path` (a file, a local shard member or a Parquet row) names, read again."""
+        try:
+            return read_image_bytes(path)
+        except ImageLoadError as error:
+            raise UserError(f"{self.name}: cannot embed image {error}") from None
 
 
 def printable(name: str) -> str:
@@ -149,7 +175,7 @@ def check_output(targets: Sequence[Path], inputs: Iterable[str]) -> None:
             raise UserError(f"{folder}: cannot create files here ({error.strerror or error})") from None
     existing = {file_identity(target): target for target in targets if target.exists()}
     for source in inputs:
-        if (target := existing.get(file_identity(source))) is not None:
+        if (target := existing.get(file_identity(reference_file(source)))) is not None:
             raise UserError(f"{target}: is also an input; writing it would destroy that input")
 
 

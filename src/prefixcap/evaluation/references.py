@@ -66,10 +66,18 @@ def _coco_id(image_id: str) -> int | str:
 
 
 def load_references(
-    path: str | Path, *, split: str = "test", images_root: str | Path | None = None, format: str | None = None
+    path: str | Path,
+    *,
+    split: str = "test",
+    images_root: str | Path | None = None,
+    format: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> References:
     """The `split` images of any dataset `load_records` reads (see `choose_split`)."""
-    records = load_records(path, format=format, images_root=images_root)
+    records = load_records(
+        path, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column
+    )
     chosen = choose_split({record.split for record in records}, split, path)
     if chosen is None:
         return References(records, None)
@@ -78,12 +86,20 @@ def load_references(
 
 
 def load_split(
-    data: str | Path, *, split: str = "test", images_root: str | Path | None = None, format: str | None = None
+    data: str | Path,
+    *,
+    split: str = "test",
+    images_root: str | Path | None = None,
+    format: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> tuple[References, torch.Tensor | None, FeatureStore | None]:
     """The `split` of a feature store (with its stored embeddings) or of any dataset (embeddings None).
-    The store comes back too, so that the caller can check that its model expects these features."""
+    The store comes back too, so that the caller can check that its model expects these features.
+    The columns choose those of a Hugging Face dataset (see `load_records`)."""
     if not (Path(data) / MANIFEST).is_file():
-        return load_references(data, split=split, images_root=images_root, format=format), None, None
+        columns = {"image_column": image_column, "caption_column": caption_column}
+        return load_references(data, split=split, images_root=images_root, format=format, **columns), None, None
     store = FeatureStore(data)
     chosen = choose_split(store.manifest.splits, split, store.path)
     train = None

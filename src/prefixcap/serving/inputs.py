@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from prefixcap.options import GenerationOptions
+from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.serving.errors import APIError
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest
 
@@ -135,14 +135,16 @@ def _decode_base64(name: str, text: str) -> bytes:
 
 def generation_kwargs(options: CaptionOptions, model: CaptionModel, limits: Mapping[str, int]) -> dict[str, Any]:
     """All decoding options for `generate`: the request's over the model's defaults, resolved and
-    checked by the model, then against the server's `limits` (upper bounds by option name)."""
+    checked by the model, then against the server's `limits` (upper bounds by option name); and
+    the request's caption text options (`TextOptions`), which the Captioner takes alongside."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)
     try:
-        resolved = model.generation_options(**requested)
+        text, generation = TextOptions.split(requested)
+        resolved = model.generation_options(prompt=text.prompt, **generation)
     except ValueError as error:
         raise APIError(422, "invalid_options", str(error)) from None
-    check_limits(resolved, limits, requested)
-    return dataclasses.asdict(resolved)
+    check_limits(resolved, limits, generation)
+    return dataclasses.asdict(resolved) | dataclasses.asdict(text)
 
 
 def check_limits(options: GenerationOptions, limits: Mapping[str, int], requested: Mapping[str, Any]) -> None:

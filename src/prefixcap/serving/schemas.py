@@ -7,17 +7,19 @@ import typing
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from prefixcap.options import GenerationOptions
+from prefixcap.options import GenerationOptions, TextOptions
 
-_hints = typing.get_type_hints(GenerationOptions)
-# One field per GenerationOptions field, same name, type and help; unset (None) = the model's default.
+# One field per GenerationOptions and TextOptions field, same name, type and help; unset (None) =
+# the model's (or TextOptions') default.
 CaptionOptions = create_model(
     "CaptionOptions",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="Decoding options, with Hugging Face `generate` names; unset ones take the model's defaults.",
+    __doc__="Decoding options, with Hugging Face `generate` names, and the caption text options (prompt, "
+    "keep_prompt, prefix, suffix); unset ones take the model's defaults.",
     **{
-        option.name: (_hints[option.name] | None, Field(None, description=option.metadata["help"]))
-        for option in dataclasses.fields(GenerationOptions)
+        option.name: (hints[option.name] | None, Field(None, description=option.metadata["help"]))
+        for schema, hints in ((schema, typing.get_type_hints(schema)) for schema in (GenerationOptions, TextOptions))
+        for option in dataclasses.fields(schema)
     },
 )
 

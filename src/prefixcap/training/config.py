@@ -14,6 +14,7 @@ import yaml
 
 from prefixcap.config import MAPPER_KINDS, CaptionConfig
 from prefixcap.errors import UserError
+from prefixcap.options import MAX_TEXT_CHARS
 
 _FREEZE = re.compile(r"^(frozen|none|first:(\d+))$")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0  # initial weights, data order, caption choice and dropout all follow from it
     captions_per_image: str = "all"  # all: every (image, caption) pair per epoch; one: one random caption
     max_caption_tokens: int | None = None  # caption tokens incl. EOS (None: enough for 99% of captions)
+    prompt: str | None = None  # text every caption continues (None: each record's own `prompt`, if any)
     val_images: int = 1000  # val images captioned for BLEU-4 and CIDEr-D after each epoch (0 = none)
     best_metric: str = "cider"  # what picks RUN_DIR/best: cider | bleu4 | loss (val loss)
     save_every: int = 0  # also checkpoint RUN_DIR/last every N optimizer steps (0 = at epoch ends)
@@ -69,6 +71,10 @@ class TrainConfig:
             (self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}"),
             *((in_bounds(name, getattr(self, name)), bounds_text(name)) for name in BOUNDS),
             (self.lr > 0, "lr must be > 0"),
+            (
+                self.prompt is None or len(self.prompt) <= MAX_TEXT_CHARS,
+                f"prompt must be at most {MAX_TEXT_CHARS} characters",
+            ),
         ]
         for ok, message in checks:
             if not ok:

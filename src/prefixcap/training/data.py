@@ -5,6 +5,11 @@ Every target ends with EOS, so models learn to stop; captions longer than `max_t
 and then carry no EOS, since teaching a stop in mid-sentence would be wrong. `max_tokens` never
 exceeds `limit`, the positions the decoder has left after the prefix. Labels are -100 on
 padding (and CaptionModel adds -100 for the prefix), so neither counts in the loss.
+
+A caption with a prompt (its record's, or one for the whole dataset) is stored as [prompt tokens;
+caption tokens; EOS]: the model sees image + prompt and learns the caption only, as the prompt's
+labels are -100 too. The caption is then tokenised after a space, as a language model continues a
+prompt, and as `CaptionModel.generate` continues it at inference.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 import torch
 
 from prefixcap.data import CaptionRecord
+from prefixcap.errors import UserError
+from prefixcap.options import clean_prompt
 
 COVERAGE_PERCENTILE = 99  # the default max_tokens fits this share of the training captions
 
@@ -26,10 +33,12 @@ class CaptionTargets:
 
     embeds: torch.Tensor  # [images, embed_dim] image embeddings
     image_of: np.ndarray  # [captions] index of each caption's image (captions grouped by image)
-    ids: np.ndarray  # [captions, max_tokens] int32 targets (caption + EOS), padded with the pad id
-    lengths: np.ndarray  # [captions] target lengths
+    ids: np.ndarray  # [captions, prompt + max_tokens] int32 (prompt +) caption + EOS, padded with the pad id
+    lengths: np.ndarray  # [captions] prompt + target lengths
     num_cut: int  # captions longer than max_tokens, cut to it
     pad_token_id: int
+    max_tokens: int  # caption tokens incl. EOS, the prompt not counted
+    prompt_lengths: np.ndarray | None = None  # [captions] prompt tokens at the start of each row (None: none)
 
     @classmethod
     def build(
@@ -39,14 +48,25 @@ class CaptionTargets:
         tokenizer,
         max_tokens: int | None = None,
         limit: int | None = None,
+        prompt: str | None = None,
     ) -> CaptionTargets:
-        """Tokenise every caption of `records` (whose images are the rows of `embeds`);
-        `max_tokens=None` picks the length that fits COVERAGE_PERCENTILE % of the captions."""
-        captions = [caption for record in records for caption in record.captions]
+        """Tokenise every caption of `records` (whose images are the rows of `embeds`), after its
+        record's prompt, or `prompt` for all (see `record_prompts`); `max_tokens=None` picks the
+        length that fits COVERAGE_PERCENTILE % of the captions."""
+        prompts = record_prompts(records, prompt)
+        captions = [
+            f" {caption}" if record_prompt else caption
+            for record, record_prompt in zip(records, prompts)
+            for caption in record.captions
+        ]
         image_of = np.repeat(np.arange(len(records)), [len(record.captions) for record in records])
         token_ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+        prompt_ids = None
+        if any(prompts):
+            ids_of = {text: tokenizer.encode(text, add_special_tokens=False) if text else [] for text in set(prompts)}
+            prompt_ids = [ids_of[prompts[image]] for image in image_of]
         return cls.from_token_ids(
-            token_ids, image_of, embeds, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, limit
+            token_ids, image_of, embeds, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, limit, prompt_ids
         )
 
     @classmethod
@@ -59,25 +79,33 @@ class CaptionTargets:
         pad_token_id: int,
         max_tokens: int | None = None,
         limit: int | None = None,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> CaptionTargets:
+        """`prompt_ids`: each caption's prompt tokens (empty: none), put before its target."""
         full_lengths = np.array([len(ids) + 1 for ids in token_ids])  # + EOS
+        prompts = prompt_ids or [()] * len(token_ids)
+        prompt_lengths = np.array([len(ids) for ids in prompts], dtype=np.int64)
+        longest_prompt = int(prompt_lengths.max(initial=0))
         if max_tokens is None:
             max_tokens = int(np.percentile(full_lengths, COVERAGE_PERCENTILE, method="higher"))
         if limit is not None:  # a longer target would run past the decoder's position embeddings
-            max_tokens = min(max_tokens, limit)
-        ids = np.full((len(token_ids), max_tokens), pad_token_id, dtype=np.int32)
-        for row, caption in zip(ids, token_ids):
-            target = [*caption, eos_token_id][:max_tokens]
+            if longest_prompt and limit - longest_prompt < 2:
+                raise UserError(
+                    f"a prompt of {longest_prompt} tokens leaves no room for a caption: the decoder has "
+                    f"{limit} positions after the prefix"
+                )
+            max_tokens = min(max_tokens, limit - longest_prompt)
+        ids = np.full((len(token_ids), longest_prompt + max_tokens), pad_token_id, dtype=np.int32)
+        for row, prompt, caption in zip(ids, prompts, token_ids):
+            target = [*prompt, *[*caption, eos_token_id][:max_tokens]]
             row[: len(target)] = target
-        lengths = np.minimum(full_lengths, max_tokens)
-        return cls(embeds, image_of, ids, lengths, int((full_lengths > max_tokens).sum()), pad_token_id)
+        lengths = prompt_lengths + np.minimum(full_lengths, max_tokens)
+        num_cut = int((full_lengths > max_tokens).sum())
+        prompted = prompt_lengths if longest_prompt else None
+        return cls(embeds, image_of, ids, lengths, num_cut, pad_token_id, max_tokens, prompted)
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def max_tokens(self) -> int:
-        return self.ids.shape[1]
 
     @property
     def num_images(self) -> int:
@@ -96,17 +124,34 @@ class CaptionTargets:
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """CaptionModel inputs for captions `indices`, padded to the longest of them:
-        image_embeds, input_ids, attention_mask, and labels (-100 on padding)."""
+        image_embeds, input_ids, attention_mask, and labels (-100 on padding and prompts)."""
         lengths = self.lengths[indices]
         width = int(lengths.max())
         input_ids = torch.from_numpy(self.ids[indices, :width].astype(np.int64))
         attention_mask = torch.from_numpy(np.arange(width) < lengths[:, None]).long()
+        no_target = attention_mask == 0
+        if self.prompt_lengths is not None:
+            no_target |= torch.from_numpy(np.arange(width) < self.prompt_lengths[indices, None])
         return {
             "image_embeds": self.embeds[torch.from_numpy(self.image_of[indices])],
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "labels": input_ids.masked_fill(no_target, -100),
         }
+
+
+def record_prompts(records: Sequence[CaptionRecord], prompt: str | None = None) -> list[str]:
+    """Each record's prompt ("" for none), or `prompt` for every record when given (`train --prompt`)."""
+    if prompt is not None:
+        return [clean_prompt(prompt)] * len(records)
+    return [record.prompt or "" for record in records]
+
+
+def trained_prompt(prompts: Sequence[str]) -> str | None:
+    """The prompt a model trained on captions with these prompts should get by default at
+    inference (`CaptionConfig.prompt`): the one prompt they all share, else none."""
+    distinct = set(prompts)
+    return distinct.pop() or None if len(distinct) == 1 else None
 
 
 def process_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:

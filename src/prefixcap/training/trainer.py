@@ -36,7 +36,7 @@ from prefixcap.extras import require
 from prefixcap.features import FeatureStore, holds_only
 from prefixcap.modeling import CaptionModel
 from prefixcap.training.config import TrainConfig
-from prefixcap.training.data import CaptionTargets, process_batches
+from prefixcap.training.data import CaptionTargets, process_batches, record_prompts, trained_prompt
 from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.state import (
@@ -113,9 +113,12 @@ class Trainer:
         if "train" not in store.manifest.splits:
             raise UserError(f"{config.features}: no train split to train on")
         limit = self._caption_limit(model, config)
+        train_records = store.records("train")
         self.train_set = CaptionTargets.build(
-            store.records("train"), store.embeddings("train"), model.tokenizer, config.max_caption_tokens, limit
+            train_records, store.embeddings("train"), model.tokenizer, config.max_caption_tokens, limit, config.prompt
         )
+        # captioning's default prompt: the one the model learned to continue
+        model.config.prompt = trained_prompt(record_prompts(train_records, config.prompt))
         config = dataclasses.replace(config, max_caption_tokens=self.train_set.max_tokens)
         self.val_records = store.records("val") if "val" in store.manifest.splits else []
         self.val_set = None
@@ -130,7 +133,7 @@ class Trainer:
         else:
             val_embeds = store.embeddings("val")
             self.val_set = CaptionTargets.build(
-                self.val_records, val_embeds, model.tokenizer, config.max_caption_tokens
+                self.val_records, val_embeds, model.tokenizer, config.max_caption_tokens, prompt=config.prompt
             )
         self.config = config
 
@@ -229,11 +232,14 @@ class Trainer:
                 tokens += count
             metrics["val_loss"] = loss_sum / tokens
             records = self.val_records[: config.val_images]  # val_set.embeds rows follow this order
+            prompts = record_prompts(records, config.prompt)  # "" for none, not the model's default
             predictions = {}
             for start in range(0, len(records), config.batch_size):
                 embeds = self.val_set.embeds[start : min(start + config.batch_size, len(records))]
                 captions = model.caption(
-                    image_embeds=embeds.to(self.accelerator.device), max_new_tokens=config.max_caption_tokens
+                    image_embeds=embeds.to(self.accelerator.device),
+                    prompt=prompts[start : start + len(embeds)],
+                    max_new_tokens=config.max_caption_tokens,
                 )
                 for record, per_image in zip(records[start:], captions):
                     predictions[record.image_id] = per_image[0]

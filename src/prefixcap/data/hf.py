@@ -1,0 +1,407 @@
+"""Hugging Face datasets as prefixcap reads them: `imagefolder` trees, Parquet files as the
+`datasets` library writes them, hub ids (`hf://datasets/OWNER/NAME[@rev]`) and `datasets.Dataset`
+objects, all read into `CaptionRecord`s.
+
+An image stored inside a Parquet file is referenced as `data.parquet#row=12` (the row of the
+file, counted from 0), or `data.parquet#row=12&column=img` when its column is not `image`; such a
+reference is read by `read_parquet_image`, a local file read like a tar member's. Paths found in
+the data are only ever opened as local files, never as URLs or commands.
+
+Parquet files are read one row group at a time (the `datasets` library writes 100 images per row
+group), so that a dataset never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from prefixcap.data.records import CaptionRecord, RecordMerger, json_lines, parse_caption, parse_split, split_name
+from prefixcap.errors import UserError
+from prefixcap.extras import require
+from prefixcap.images import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img", "file_name")  # tried in this order when no --image-column is given
+CAPTION_COLUMNS = ("text", "caption", "captions", "sentences")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+HUB_PREFIX = "hf://datasets/"
+_DEFAULT_IMAGE_COLUMN = "image"  # the column a `#row=N` reference names when it names none
+_ROW_REFERENCE = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)(?:&column=(?P<column>.+))?$")
+_HUB_ID = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
+
+
+# --- what a name is ------------------------------------------------------------------------------
+
+
+def is_hub_dataset(name: str) -> bool:
+    """Whether `name` is a hub dataset id, `hf://datasets/OWNER/NAME[@rev][/folder]`."""
+    return name.startswith(HUB_PREFIX)
+
+
+def dataset_kind(path: str | Path) -> str | None:
+    """`imagefolder` for a folder with `metadata.jsonl`/`.csv` files, `parquet` for a Parquet file
+    or a folder holding some (directly, in split folders or in `data/`), else None."""
+    location = Path(path)
+    if location.is_file():
+        return "parquet" if location.suffix.lower() == ".parquet" else None
+    if not location.is_dir():
+        return None
+    if metadata_files(location):
+        return "imagefolder"
+    return "parquet" if parquet_files(location) else None
+
+
+def metadata_files(folder: Path) -> list[Path]:
+    """The imagefolder metadata files of `folder` and of its split folders, sorted."""
+    found = [folder / name for name in METADATA_FILES] + sorted(
+        path for name in METADATA_FILES for path in folder.glob(f"*/{name}") if not path.parent.name.startswith(".")
+    )
+    return [path for path in found if path.is_file()]
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """A Parquet file itself, or the Parquet files of a folder, sorted: at most three folders deep,
+    as the hub lays them out (`data/train-00000-of-00002.parquet`, `CONFIG/SPLIT/0000.parquet`),
+    so that telling a large image folder's format does not walk all of it. Hidden ones are skipped."""
+    if path.is_file():
+        return [path]
+    found = [file for depth in range(4) for file in path.glob("*/" * depth + "*.parquet")]
+    return sorted(
+        file for file in found if file.is_file() and not any(p.startswith(".") for p in file.relative_to(path).parts)
+    )
+
+
+def resolve_hub_dataset(name: str) -> Path:
+    """The local folder (or file) of a hub dataset id, downloaded with `huggingface_hub` (cached;
+    `HF_HUB_OFFLINE=1` uses the cache only). Only Parquet files, imagefolder metadata and images
+    are fetched; a `/folder` after the id fetches that part of the repository only."""
+    match = _HUB_ID.match(name)
+    if match is None:
+        raise UserError(f"{name}: expected hf://datasets/OWNER/NAME[@REVISION][/FOLDER]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    subpath = (match["path"] or "").strip("/")
+    patterns = ["*.parquet", *(f"*{file}" for file in METADATA_FILES), *(f"*{ext}" for ext in IMAGE_EXTENSIONS)]
+    if subpath:
+        patterns = [f"{subpath}/{pattern}" for pattern in patterns] + [subpath]
+    revision = unquote(match["revision"]) if match["revision"] else None  # refs%2Fconvert%2Fparquet
+    try:
+        folder = snapshot_download(match["repo"], repo_type="dataset", revision=revision, allow_patterns=patterns)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{name}: cannot download this dataset ({reason})") from None
+    location = Path(folder, subpath) if subpath else Path(folder)
+    if not location.exists():
+        raise UserError(f"{name}: the dataset has no {subpath!r}")
+    return location
+
+
+# --- columns -------------------------------------------------------------------------------------
+
+
+def pick_column(columns: Sequence[str], chosen: str | None, defaults: Sequence[str], what: str, source: str) -> str:
+    """`chosen` if `columns` has it, else the first of `defaults` it has; else one line listing them."""
+    if chosen is not None:
+        if chosen not in columns:
+            raise UserError(f"{source}: no {what} column {chosen!r} (columns: {', '.join(columns)})")
+        return chosen
+    for name in defaults:
+        if name in columns:
+            return name
+    flag = f"--{what}-column"
+    raise UserError(
+        f"{source}: no {what} column among {', '.join(defaults)}; pick one of ({', '.join(columns)}) with {flag}"
+    )
+
+
+def _captions(value: Any, where: str) -> list[str]:
+    """A caption cell: a string, a list of strings, or Karpathy-style sentences ({"raw": ...});
+    a CSV cell holding a JSON list counts as that list. An empty cell (None, "", []) is no
+    captions: hub datasets leave their test captions out, and such rows are skipped."""
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        return []
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a caption that starts with "[" is still a caption
+    if isinstance(value, str):
+        return [parse_caption(value, where)]
+    if isinstance(value, (list, tuple)):
+        return [parse_caption(item.get("raw") if isinstance(item, dict) else item, where) for item in value]
+    raise UserError(f"{where}: the caption must be a string or a list of strings, not {type(value).__name__}")
+
+
+def _warn_uncaptioned(count: int, source: Path) -> None:
+    if count:
+        logger.warning("%s: skipped %d images without a caption", source, count)
+
+
+def _split_of(*names: str) -> str:
+    """The split the first of `names` that names one names (`validation/` -> val), else train."""
+    for name in names:
+        if split := split_name(name):
+            return split
+    return "train"
+
+
+# --- imagefolder ---------------------------------------------------------------------------------
+
+
+def read_imagefolder(
+    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+) -> list[CaptionRecord]:
+    """An imagefolder tree: `metadata.jsonl` or `metadata.csv` files (at the root, or one per split
+    folder such as `train/`, `validation/`, `test/`), each row naming an image relative to its
+    metadata file (`file_name`) and giving its caption(s). The split is the metadata file's
+    folder, else the first folder of the image's path, when it names one; else train."""
+    folder = Path(source)
+    files = metadata_files(folder) if folder.is_dir() else []
+    if not files:
+        raise UserError(f"{source}: no metadata.jsonl or metadata.csv (an imagefolder dataset needs one)")
+    merger = RecordMerger()
+    for metadata in files:
+        rows = _metadata_rows(metadata)
+        columns = _metadata_columns(metadata, rows)
+        image = pick_column(columns, image_column, ("file_name", *IMAGE_COLUMNS), "image", str(metadata))
+        caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(metadata))
+        base = images_root or metadata.parent
+        skipped = 0
+        for where, row in rows:
+            name = row.get(image)
+            if not isinstance(name, str) or not name.strip():
+                raise UserError(f"{where}: needs an image file name in column {image!r}")
+            relative = (metadata.parent / name).relative_to(folder).as_posix()
+            split = parse_split(row["split"], where) if "split" in row else _split_of(
+                metadata.parent.name if metadata.parent != folder else "", Path(name).parts[0]
+            )  # fmt: skip
+            captions = _captions(row.get(caption), where)
+            if captions:
+                merger.add(str((base / name).absolute()), relative, captions, split, where)
+            skipped += not captions
+        _warn_uncaptioned(skipped, metadata)
+    return merger.records()
+
+
+def _metadata_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row of a metadata.jsonl or metadata.csv file."""
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        if path.suffix == ".csv":
+            reader = csv.DictReader(file)
+            for row in reader:
+                rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}))
+            return rows
+        rows.extend(json_lines(path, file))
+    return rows
+
+
+def _metadata_columns(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            return next(csv.reader(file), [])
+    return list(dict.fromkeys(key for _, row in rows for key in row))
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+
+def read_parquet(
+    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+) -> list[CaptionRecord]:
+    """Parquet files as `datasets` writes them (`Dataset.to_parquet`, the hub's `data/*.parquet`):
+    an image column of `{bytes, path}` structs (or of file paths) and a caption column. An image
+    with bytes becomes a `file.parquet#row=N` reference; one with only a path is that file
+    (relative to `images_root`, default the Parquet file's folder). The split is a `split`
+    column, else the file's folder or the first word of its name (`train-00000-of-00002.parquet`),
+    else train; the image id is an `image_id` column, else `FILE#ROW`."""
+    require("scale", "pyarrow", feature="Parquet datasets")
+    import pyarrow.parquet as pq
+
+    location = Path(source)
+    files = parquet_files(location) if location.exists() else []
+    if not files:
+        raise UserError(f"{source}: no such Parquet file, or a folder without any")
+    top = location if location.is_dir() else location.parent
+    merger = RecordMerger()
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise UserError(f"{file}: not a Parquet file ({error})") from None
+        columns = parquet.schema_arrow.names
+        image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
+        caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
+        wanted = [name for name in dict.fromkeys([image, caption, "image_id", "split"]) if name in columns]
+        default_split = _split_of(file.parent.name, re.split(r"[-_.]", file.name)[0])
+        relative = file.relative_to(top).as_posix() if location.is_dir() else file.name
+        row, skipped = 0, 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=wanted).to_pydict()
+            for offset, value in enumerate(table[image]):
+                where = f"{file}: row {row}"
+                captions = _captions(table[caption][offset], where)
+                if captions:
+                    image_ref = _record_image(value, file, row, image, images_root, where)
+                    split = parse_split(table["split"][offset], where) if "split" in table else default_split
+                    image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
+                    merger.add(image_ref, image_id, captions, split, where)
+                skipped += not captions
+                row += 1
+            del table  # one row group's images at a time
+        _warn_uncaptioned(skipped, file)
+    return merger.records()
+
+
+def row_reference(file: str | Path, row: int, column: str = _DEFAULT_IMAGE_COLUMN) -> str:
+    """The image reference of row `row` of a Parquet file, as records and `caption` inputs use it."""
+    suffix = "" if column == _DEFAULT_IMAGE_COLUMN else f"&column={column}"
+    return f"{file}#row={row}{suffix}"
+
+
+def is_row_reference(image: str) -> bool:
+    """Whether `image` names an image stored in a Parquet file (`file.parquet#row=N`)."""
+    return _ROW_REFERENCE.match(image) is not None
+
+
+def reference_file(image: str) -> str:
+    """The file an image is read from: the Parquet file of a row reference, else `image` itself."""
+    match = _ROW_REFERENCE.match(image)
+    return match["file"] if match else image
+
+
+def _record_image(value: Any, file: Path, row: int, column: str, root: Path | None, where: str) -> str:
+    """The `CaptionRecord.image` of one image cell: a row reference when the file holds its bytes."""
+    if isinstance(value, dict) and value.get("bytes") is not None or isinstance(value, bytes):
+        return row_reference(file.absolute(), row, column)
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{where}: column {column!r} holds neither image bytes nor a path")
+    return str(((root or file.parent) / path).absolute())
+
+
+def row_references(path: Path, image_column: str | None = None) -> list[str]:
+    """One `file.parquet#row=N` reference per row of the Parquet file(s) at `path`: what `caption`
+    captions when given a Parquet dataset. Reads only the files' metadata."""
+    require("scale", "pyarrow", feature="Parquet inputs")
+    import pyarrow.parquet as pq
+
+    references = []
+    for file in parquet_files(path):
+        parquet = pq.ParquetFile(file)
+        column = pick_column(parquet.schema_arrow.names, image_column, IMAGE_COLUMNS, "image", str(file))
+        references += [row_reference(file, row, column) for row in range(parquet.metadata.num_rows)]
+    return references
+
+
+def read_parquet_image(reference: str) -> bytes:
+    """The encoded bytes of a `file.parquet#row=N[&column=C]` image: the cell's bytes, else the
+    local file its path names (relative to the Parquet file's folder). Raises UserError or OSError."""
+    match = _ROW_REFERENCE.match(reference)
+    if match is None:
+        raise ValueError(f"not a Parquet row reference: {reference!r}")
+    file, row = match["file"], int(match["row"])
+    column = match["column"] or _DEFAULT_IMAGE_COLUMN
+    starts = _row_group_starts(file, os.stat(file).st_mtime_ns)
+    group = next((g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1]), None)
+    if group is None:
+        raise UserError(f"{file}: has no row {row} ({starts[-1]} rows)")
+    value = _row_group_column(file, os.stat(file).st_mtime_ns, group, column)[row - starts[group]]
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{file}: row {row} has no image in column {column!r}")
+    return (Path(file).parent / value).read_bytes()  # only ever a local file
+
+
+@functools.lru_cache(maxsize=16)
+def _row_group_starts(file: str, mtime_ns: int) -> list[int]:
+    """The first row of each row group, and the row count at the end (mtime_ns: see `_cached_index`)."""
+    metadata = _open_parquet(file).metadata
+    starts = [0]
+    for group in range(metadata.num_row_groups):
+        starts.append(starts[-1] + metadata.row_group(group).num_rows)
+    return starts
+
+
+@functools.lru_cache(maxsize=2)  # images are read in row order: the current row group is enough
+def _row_group_column(file: str, mtime_ns: int, group: int, column: str) -> list[Any]:
+    parquet = _open_parquet(file)
+    if column not in parquet.schema_arrow.names:
+        raise UserError(f"{file}: no column {column!r}")
+    return parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def _open_parquet(file: str) -> Any:
+    require("scale", "pyarrow", feature="Parquet datasets")
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise UserError(f"{file}: not a Parquet file ({error})") from None
+
+
+# --- datasets.Dataset objects --------------------------------------------------------------------
+
+
+def dataset_images(value: Any) -> Iterator[Any] | None:
+    """The images of a `datasets` image column (`dataset["image"]`) or of a `datasets.Dataset`'s
+    image column (the first of IMAGE_COLUMNS), decoded one at a time; None for anything else."""
+    kind = type(value)
+    if not kind.__module__.startswith("datasets."):
+        return None
+    if kind.__name__ == "Column":
+        return iter(value)
+    if kind.__name__ == "Dataset":
+        column = pick_column(value.column_names, None, IMAGE_COLUMNS, "image", "the dataset")
+        return (row[column] for row in value.select_columns([column]))
+    return None
+
+
+def is_dataset_object(value: Any) -> bool:
+    """Whether `value` is a `datasets.Dataset` or `DatasetDict`, without importing `datasets`."""
+    return type(value).__module__.startswith("datasets.") and type(value).__name__ in ("Dataset", "DatasetDict")
+
+
+def export_dataset(dataset: Any) -> Path:
+    """A `datasets.Dataset` (or each split of a `DatasetDict`) written once as Parquet into the
+    `datasets` cache (`HF_DATASETS_CACHE/prefixcap/FINGERPRINT/`, so the same data is written once)
+    and then read like any Parquet dataset: records, feature stores and evaluations name images
+    that outlive this process. Files are named by split (`test.parquet`, row N's id `test.parquet#N`),
+    so that the splits are kept; a Dataset without a split is `data.parquet`, read as train."""
+    require("datasets", feature="datasets.Dataset inputs")
+    import datasets
+
+    from prefixcap.atomic import atomic_path
+
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = dict(dataset)
+    else:
+        splits = {str(dataset.split) if dataset.split is not None else "data": dataset}
+    key = "-".join(f"{name}.{split._fingerprint}" for name, split in sorted(splits.items()))
+    folder = Path(datasets.config.HF_DATASETS_CACHE, "prefixcap", hashlib.sha256(key.encode()).hexdigest()[:16])
+    for name, split in splits.items():
+        target = folder / f"{name}.parquet"
+        if not target.is_file():
+            with atomic_path(target) as temporary:
+                split.to_parquet(str(temporary))
+    return folder

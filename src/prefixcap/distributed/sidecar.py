@@ -1,0 +1,217 @@
+"""Sidecar captions: one `IMAGE.txt` per image, the layout image-generator trainers read (kohya-ss,
+OneTrainer, diffusers' folder datasets): `photos/dog_01.png` gets `photos/dog_01.txt`.
+
+A job is planned before any model loads (`plan_sidecars`): the images are found, each is paired with
+its caption file (beside it, or at the same relative path under a separate folder for read-only
+image trees), and, under the default `skip` policy, images whose caption file exists drop out. A rerun
+of a finished folder therefore costs a folder walk, and a rerun after a crash continues where it
+stopped. Each caption file is written atomically (`prefixcap.atomic`): a killed run leaves complete
+files or none, and the next run removes the temporaries it left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefixcap.atomic import write_atomic
+from prefixcap.data.shards import LocalPath, RemoteShard, as_source, expand_inputs, file_identity, is_shard
+from prefixcap.distributed.outputs import printable, write_errors
+from prefixcap.errors import ImageLoadError, UserError
+
+CAPTION_SUFFIX = ".txt"
+# What to do with an image whose caption file exists: leave it (and do not caption the image), replace
+# the file, or join the new caption after or before the text already there with SEPARATOR.
+EXISTING = ("skip", "overwrite", "append", "prepend")
+SEPARATOR = ", "  # tag-style captions ("sks person, a man on a beach") are comma-separated
+# The temporary names `atomic_path` gives: ".NAME.<8 random characters>.tmp".
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    image: LocalPath
+    path: Path  # its caption file
+
+
+@dataclass
+class SidecarPlan:
+    todo: list[Sidecar]  # images to caption, in input order
+    skipped: list[Sidecar]  # images left alone: their caption file exists (policy `skip`)
+    # (input, reason) for inputs that matched nothing and folders that could not be read
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SidecarSummary:
+    written: int = 0  # caption files written (or, in a dry run, that would be)
+    skipped: int = 0
+    failed: int = 0  # unreadable images, and existing caption files that could not be joined
+
+    def __str__(self) -> str:
+        return f"{self.written} written, {self.skipped} skipped (caption file exists), {self.failed} failed"
+
+
+def plan_sidecars(inputs: Sequence[str], *, out_dir: str | Path | None = None, existing: str = "skip") -> SidecarPlan:
+    """Pair the images of `inputs` (files, folders, globs) with their caption files: `IMAGE.txt`
+    beside each image, or with `out_dir`, the image's path relative to the input folder it was
+    found in, under `out_dir` (every input must then be a folder). Refuses, before any work,
+    remote inputs, WebDataset shards and dataset files (their images have no file of their own to
+    sit beside), two images that would share a caption file (`a.jpg` and `a.png`), a caption file
+    that is an input, and folders where caption files cannot be created."""
+    if existing not in EXISTING:
+        raise ValueError(f"unknown existing-file policy {existing!r}; valid: {', '.join(EXISTING)}")
+    sidecars, missing = _pair(inputs, None if out_dir is None else Path(out_dir))
+    _check_unique(sidecars)
+    plan = SidecarPlan([], [], missing)
+    for sidecar in sidecars:
+        exists = sidecar.path.exists()
+        (plan.skipped if exists and existing == "skip" else plan.todo).append(sidecar)
+    _check_writable(plan.todo)
+    return plan
+
+
+def caption_sidecars(
+    captioner: Any,
+    sidecars: Sequence[Sidecar],
+    *,
+    existing: str = "skip",
+    dry_run: bool = False,
+    batch_size: int | None = None,
+    num_workers: int = 4,
+    progress: Any = None,
+    on_result: Callable[[Sidecar, str | ImageLoadError], None] | None = None,
+    **caption_kwargs: Any,
+) -> SidecarSummary:
+    """Caption the images of `sidecars` (`SidecarPlan.todo`) and write each caption file as soon as
+    its image is done, so that a crash loses only the batch in flight. The text written is the
+    captioner's output (one caption per line with several captions), joined to the existing text
+    for `append`/`prepend`. `on_result` gets each image's final text (written, or in a `dry_run`
+    only computed) or its failure, in input order. Returns the counts, without skipped images."""
+    summary = SidecarSummary()
+    if not dry_run:
+        _remove_temporaries(sidecars)
+    results = captioner.stream(
+        [sidecar.image for sidecar in sidecars], batch_size=batch_size, workers=num_workers, processes=True,
+        progress=progress, **caption_kwargs,
+    )  # fmt: skip
+    for sidecar, (_, captions) in zip(sidecars, results, strict=True):
+        outcome = captions if isinstance(captions, ImageLoadError) else _final_text(sidecar, captions, existing)
+        if isinstance(outcome, ImageLoadError):
+            summary.failed += 1
+        else:
+            if not dry_run:
+                with write_errors(sidecar.path):
+                    write_atomic(sidecar.path, outcome + "\n")
+            summary.written += 1
+        if on_result is not None:
+            on_result(sidecar, outcome)
+    return summary
+
+
+def _pair(inputs: Sequence[str], out_dir: Path | None) -> tuple[list[Sidecar], list[tuple[str, str]]]:
+    """Each image of `inputs` once (however many inputs reach it), with its caption file."""
+    sidecars: dict[object, Sidecar] = {}
+    missing: list[tuple[str, str]] = []
+    for pattern in inputs:
+        if isinstance(as_source(pattern), RemoteShard):  # refused before a hub dataset is downloaded
+            raise UserError(f"{pattern}: is a remote input; caption files sit beside local image files only")
+        if out_dir is not None and not os.path.isdir(pattern):
+            raise UserError(
+                f"{pattern}: is not a folder; --sidecar-dir mirrors input folders (use --sidecar for files and globs)"
+            )
+        images, problems = expand_inputs([pattern])
+        missing += problems
+        for image in images:
+            if not isinstance(image, LocalPath) or is_shard(image):  # a shard, a dataset file's rows
+                raise UserError(
+                    f"{image}: is not an image file that a caption file can sit beside; caption it with --output"
+                )
+            if out_dir is None:
+                target = Path(image).with_suffix(CAPTION_SUFFIX)
+            else:
+                target = (out_dir / os.path.relpath(image, pattern)).with_suffix(CAPTION_SUFFIX)
+            sidecars.setdefault(file_identity(image) or image, Sidecar(image, target))
+    return list(sidecars.values()), missing
+
+
+def _check_unique(sidecars: Sequence[Sidecar]) -> None:
+    """Trainers pair an image with the caption file of the same name, so two images that share one
+    (`dog.jpg`, `dog.png`) cannot both be captioned; nor may a caption file be one of the inputs."""
+    owners: dict[str, LocalPath] = {}
+    inputs = {file_identity(sidecar.image) for sidecar in sidecars}
+    for sidecar in sidecars:
+        key = os.path.normcase(os.path.abspath(sidecar.path))
+        if (other := owners.setdefault(key, sidecar.image)) != sidecar.image:
+            raise UserError(
+                f"{printable(sidecar.image)}: shares the caption file {printable(str(sidecar.path))} with "
+                f"{printable(other)}; rename one of them"
+            )
+        if sidecar.path.exists() and file_identity(str(sidecar.path)) in inputs:
+            raise UserError(f"{printable(str(sidecar.path))}: is also an input; writing it would destroy that input")
+
+
+def _check_writable(sidecars: Sequence[Sidecar]) -> None:
+    """Fail before the model loads when a caption file could not be created (a read-only image
+    folder: use --sidecar-dir). Folders still to be made are checked at their nearest existing parent."""
+    folders = {sidecar.path.parent for sidecar in sidecars}
+    for folder in sorted({_existing_ancestor(folder) for folder in folders}):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: is not a folder; cannot write caption files below it")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise UserError(
+                f"{folder}: cannot create caption files here ({error.strerror or error}); "
+                "--sidecar-dir OUT writes them to another folder"
+            ) from None
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _final_text(sidecar: Sidecar, captions: list[str], existing: str) -> str | ImageLoadError:
+    """The caption file's new text, or why it cannot be made (an existing file that is not text)."""
+    text = "\n".join(captions)
+    if existing not in ("append", "prepend"):
+        return text
+    try:
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark that is not text
+        old = sidecar.path.read_text(encoding="utf-8-sig").strip()
+    except FileNotFoundError:
+        return text
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error))
+        return ImageLoadError(sidecar.image, f"cannot {existing} to {sidecar.path} ({reason})")
+    if not old:
+        return text
+    return f"{old}{SEPARATOR}{text}" if existing == "append" else f"{text}{SEPARATOR}{old}"
+
+
+def _remove_temporaries(sidecars: Sequence[Sidecar]) -> None:
+    """Delete the temporaries a killed run left beside the caption files it was writing: only
+    names of the form `atomic_path` gives to the caption files of this job."""
+    names: dict[Path, set[str]] = {}
+    for sidecar in sidecars:
+        names.setdefault(sidecar.path.parent, set()).add(sidecar.path.name)
+    for folder, ours in names.items():
+        for entry in _entries(folder):
+            match = _TEMPORARY.match(entry.name)
+            if match and match["name"] in ours and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _entries(folder: Path) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(folder) as listing:
+            yield from listing
+    except OSError:
+        return  # a folder not made yet holds no temporaries
