@@ -7,12 +7,14 @@ so all methods do the same work.
 Decoding from image embeddings (the mapper included), greedy and beam 5:
   (a) ClipCap's loop: one image at a time, the whole sequence recomputed at every step;
   (b) Hugging Face `generate` with its KV cache, batched;
-  (c) prefixcap's decoding engine, batched.
+  (c) prefixcap's decoding engine, batched;
+  on CPU also (d) the engine in bf16 and (e) the engine with int8 decoder weights (`--quantize int8`),
+  with what the CPU supports for them (AMX, AVX512-BF16, VNNI).
 End to end: from preprocessed pixels (encode, map, decode, detokenize), and from JPEG files on
 disk (image decoding and preprocessing included) through the `caption` command's pipeline
 (DataLoader worker processes) and through `Captioner.stream` (worker threads).
 
-    python benchmarks/bench_generate.py                       # CPU: fp32, batch 64 / beam batch 16
+    python benchmarks/bench_generate.py                       # CPU: fp32 (+ bf16, int8), batch 64 / beam batch 16
     python benchmarks/bench_generate.py --device cuda --json out.json
 """
 
@@ -37,6 +39,7 @@ from PIL import Image
 from prefixcap import engine
 from prefixcap.captioner import Captioner
 from prefixcap.generation import GenerationOptions
+from prefixcap.hardware import cpu_support, quantize_int8
 from prefixcap.loader import chunked
 from prefixcap.modeling import CaptionModel
 from prefixcap.testing import build_full_size_model
@@ -185,10 +188,18 @@ class Method(NamedTuple):
     batch_size: int
 
 
-def decoding(model: CaptionModel, args: argparse.Namespace, beams: int, batch_size: int, count: int) -> dict:
-    """(a), (b) and (c) on the same image embeddings; returns their figures and ratios. The methods
-    run in interleaved rounds and each keeps its best round, so that a burst of other load on the
-    machine cannot decide a ratio."""
+def decoding(
+    model: CaptionModel,
+    args: argparse.Namespace,
+    beams: int,
+    batch_size: int,
+    count: int,
+    variants: dict[str, CaptionModel] | None = None,
+) -> dict:
+    """(a), (b), (c) and the engine on each of `variants` (d, e, ...: the same model in another
+    precision) on the same image embeddings; returns their figures and ratios. The methods run in
+    interleaved rounds and each keeps its best round, so that a burst of other load on the machine
+    cannot decide a ratio."""
     device, dtype = model.device, model.decoder.dtype
     embeds = torch.randn(max(count, batch_size), 512, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     reference = clipcap_beam if beams > 1 else clipcap_greedy
@@ -202,6 +213,12 @@ def decoding(model: CaptionModel, args: argparse.Namespace, beams: int, batch_si
         lambda x: prefixcap_generate(model, x, beams, compile_blocks=args.compile),
         batch_size,
     )
+    for key, (name, variant) in zip("defgh", (variants or {}).items()):
+        methods[key] = Method(
+            f"({key}) prefixcap engine, {name}",
+            lambda x, variant=variant: prefixcap_generate(variant, x, beams, compile_blocks=args.compile),
+            batch_size,
+        )
     inputs = {key: embeds[: args.reference_images] if key == "a" else embeds for key in methods}
     for key, method in methods.items():
         warm_up(method.run, inputs[key][: method.batch_size])
@@ -213,9 +230,10 @@ def decoding(model: CaptionModel, args: argparse.Namespace, beams: int, batch_si
                 measured[key] = result
     for key, method in methods.items():
         report(method.label, measured[key])
-    for baseline in ("a", "b"):
-        if baseline in measured:
-            measured[f"c/{baseline}"] = measured["c"]["per_s"] / measured[baseline]["per_s"]
+    for key in [key for key in methods if key >= "c"]:
+        for baseline in ("a", "b"):
+            if baseline in measured:
+                measured[f"{key}/{baseline}"] = measured[key]["per_s"] / measured[baseline]["per_s"]
     print("  " + "   ".join(f"{key} = {value:.2f}x" for key, value in measured.items() if "/" in key), flush=True)
     if args.profile:
         profile_engine(model, embeds[:batch_size], beams, args.compile)
@@ -273,6 +291,20 @@ def end_to_end(model: CaptionModel, args: argparse.Namespace, batch_size: int, c
     return measured
 
 
+def cpu_variants(model_dir: Path, names: str) -> dict[str, CaptionModel]:
+    """CPU copies of the model for (d), (e): "bf16" in bfloat16, "int8" with dynamic int8 decoder weights."""
+    variants = {}
+    for name in [name.strip() for name in names.split(",") if name.strip()]:
+        if name not in ("bf16", "int8"):
+            raise SystemExit(f"error: unknown CPU variant {name!r} (choose bf16, int8)")
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        variant = CaptionModel.from_pretrained(model_dir, device="cpu", dtype=dtype).eval()
+        if name == "int8":
+            quantize_int8(variant.decoder)
+        variants[name] = variant
+    return variants
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -295,6 +327,12 @@ def parse_args() -> argparse.Namespace:
     add("--repeats", type=int, default=3, help="interleaved timing rounds; each method keeps its best (default: 3)")
     add("--skip-reference", action="store_true", help="skip (a), ClipCap's loop")
     add("--skip-hf", action="store_true", help="skip (b), HF generate")
+    add(
+        "--cpu-variants",
+        default="bf16,int8",
+        help="on CPU, also time the engine on these copies of the model: comma-separated from bf16, int8 "
+        "(dynamic int8 decoder weights); empty for none (default: bf16,int8)",
+    )
     add("--e2e-images", type=int, help="images for the end-to-end figures (default: as --num-images; 0 skips them)")
     add(
         "--workers",
@@ -331,20 +369,24 @@ def main() -> None:
         "prefix_length": PREFIX_LENGTH, "compile_blocks": args.compile,
     }  # fmt: skip
     print(" | ".join(f"{key} {results[key]}" for key in ("machine", "dtype", "torch", "transformers")))
+    if not cuda:
+        results["cpu_support"] = cpu_support()
+        print(f"CPU support: {results['cpu_support']}")
     print(f"CLIP ViT-B/32 + MLP mapper (K={PREFIX_LENGTH}) + GPT-2 124M, random weights; {NEW_TOKENS} new tokens each")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_full_size_model(args.workdir or tmp)
         model = CaptionModel.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        variants = {} if cuda else cpu_variants(model_dir, args.cpu_variants)
         for mode in [mode.strip() for mode in args.modes.split(",") if mode.strip()]:
             if mode not in ("greedy", "beam"):
                 raise SystemExit(f"error: unknown mode {mode!r} (choose greedy, beam)")
             print(f"\n{mode}" + (" (num_beams=5)" if mode == "beam" else ""), flush=True)
             if mode == "greedy":
-                results["greedy"] = decoding(model, args, 1, batch_size, num_images)
+                results["greedy"] = decoding(model, args, 1, batch_size, num_images, variants)
             else:
                 results["beam5"] = decoding(
-                    model, args, 5, beam_batch_size, args.beam_images or batches * beam_batch_size
+                    model, args, 5, beam_batch_size, args.beam_images or batches * beam_batch_size, variants
                 )
         if e2e_images:
             print("\nend to end, greedy, text out", flush=True)

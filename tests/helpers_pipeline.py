@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from prefixcap.data import CaptionRecord
 from prefixcap.features import FeatureStore
 
 
@@ -122,3 +123,26 @@ def build_learnable_components(root: Path) -> tuple[Path, Path]:
     )  # fmt: skip
     GPT2LMHeadModel(gpt2_config).save_pretrained(root / "gpt2")
     return root / "clip", root / "gpt2"
+
+
+def train_synthetic_model(root: Path) -> tuple[Path, list[CaptionRecord]]:
+    """synth -> prepare -> train with `build_learnable_components`, as a user runs them: the
+    trained model directory (greedy captions ≥ 90% exact on held-out images) and its 60 held-out
+    (test) records."""
+    from prefixcap.cli import main
+    from prefixcap.data import load_records
+
+    clip, gpt2 = build_learnable_components(root / "models")
+    assert main(["synth", str(root / "data"), "--num-images", "600", "--seed", "0"]) == 0
+    assert main(["prepare", str(root / "data" / "captions.jsonl"), "--out", str(root / "features"),
+                 "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
+    assert main(["train", str(root / "features"), "--decoder", str(gpt2), "--out", str(root / "run"),
+                 "--prefix-length", "4", "--epochs", "30", "--batch-size", "16", "--lr", "3e-3",
+                 "--val-images", "60", "--seed", "0"]) == 0  # fmt: skip
+    test = [record for record in load_records(root / "data" / "captions.jsonl") if record.split == "test"]
+    return root / "run" / "best", test
+
+
+def exact_matches(captions: list[list[str]], expected: list[str]) -> int:
+    """How many images' first caption equals the expected text."""
+    return sum(caption[0] == text for caption, text in zip(captions, expected, strict=True))

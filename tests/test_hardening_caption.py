@@ -48,7 +48,8 @@ def caption(tiny_model_dir):
     """`prefixcap caption ARGS` in this process, with the tiny model and quick settings."""
 
     def run(*args) -> int:
-        common = ["--model", str(tiny_model_dir), "--max-new-tokens", "3", "--batch-size", "2", "--workers", "0"]
+        common = ["--model", str(tiny_model_dir), "--max-new-tokens", "3", "--batch-size", "2", "--workers", "0",
+                  "--dtype", "float32"]  # fmt: skip
         return main(["caption", *common, *map(str, args)])
 
     return run

@@ -303,7 +303,7 @@ def test_serve_exits_with_one_line_for_a_model_over_the_servers_limits(tiny_mode
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "generation": {"num_beams": 50}}))
-    command = [sys.executable, "-m", "prefixcap", "serve", "--model", str(model), "--port", "0"]
+    command = [sys.executable, "-m", "prefixcap", "serve", "--model", str(model), "--port", "0", "--dtype", "float32"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (

@@ -16,7 +16,7 @@ from prefixcap.cli import main
 from prefixcap.distributed.sidecar import SEPARATOR, plan_sidecars
 from tests.helpers_pipeline import kill_when, run_prefixcap
 
-SETTINGS = ["--max-new-tokens", "3", "--batch-size", "2", "--workers", "0"]
+SETTINGS = ["--max-new-tokens", "3", "--batch-size", "2", "--workers", "0", "--dtype", "float32"]  # no dtype notice
 
 
 def save_images(root: Path) -> dict[str, Path]:
@@ -58,7 +58,7 @@ def caption(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def captioner(tiny_model_dir) -> Captioner:
-    return Captioner.from_pretrained(tiny_model_dir, device="cpu")
+    return Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")  # as SETTINGS
 
 
 def expected(captioner: Captioner, image: Path) -> str:

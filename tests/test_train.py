@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from prefixcap import Captioner, CaptionModel
-from prefixcap.cli import main
-from prefixcap.data import CaptionRecord, load_records
+from prefixcap.data import CaptionRecord
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import UserError
 from prefixcap.prepare import prepare_features
@@ -34,10 +33,11 @@ from prefixcap.training.state import (
 from prefixcap.training.step import freeze_first_blocks
 from prefixcap.training.trainer import Trainer
 from tests.helpers_pipeline import (
-    build_learnable_components,
+    exact_matches,
     kill_when,
     model_weights,
     run_prefixcap,
+    train_synthetic_model,
 )
 
 
@@ -268,17 +268,9 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
 @pytest.mark.slow
 def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) -> None:
     """Tiny real models learn the synthetic captions: greedy captions of held-out images match."""
-    clip, gpt2 = build_learnable_components(tmp_path / "models")
-    assert main(["synth", str(tmp_path / "data"), "--num-images", "600", "--seed", "0"]) == 0
-    assert main(["prepare", str(tmp_path / "data" / "captions.jsonl"), "--out", str(tmp_path / "features"),
-                 "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
-    assert main(["train", str(tmp_path / "features"), "--decoder", str(gpt2), "--out", str(tmp_path / "run"),
-                 "--prefix-length", "4", "--epochs", "30", "--batch-size", "16", "--lr", "3e-3",
-                 "--val-images", "60", "--seed", "0"]) == 0  # fmt: skip
-
-    test = [record for record in load_records(tmp_path / "data" / "captions.jsonl") if record.split == "test"]
-    captions = Captioner.from_pretrained(tmp_path / "run" / "best")([record.image for record in test])
-    exact = sum(caption[0] == record.captions[0] for caption, record in zip(captions, test))
+    model_dir, test = train_synthetic_model(tmp_path)
+    captions = Captioner.from_pretrained(model_dir)([record.image for record in test])
+    exact = exact_matches(captions, [record.captions[0] for record in test])
     assert exact >= 0.9 * len(test), f"{exact}/{len(test)} exact"
 
 

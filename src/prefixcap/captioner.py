@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from prefixcap.data.hf import dataset_images
-from prefixcap.errors import ImageLoadError
+from prefixcap.engine import supports as engine_supports
+from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.hardware import QUANTIZE_CHOICES, auto_dtype, quantize_int8
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.loader import ImageLoader, group, in_order
 from prefixcap.modeling import CaptionModel
@@ -52,21 +54,46 @@ class Captioner:
         cls,
         name_or_dir: str | Path,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = "auto",
+        quantize: str | None = None,
         **kwargs: Any,
     ) -> Captioner:
-        """Load a model; by default on CUDA in bf16 when available, else on CPU in fp32."""
+        """Load a model; by default on CUDA when available, else on CPU. `dtype="auto"` (or None)
+        picks bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32
+        (`prefixcap.hardware.auto_dtype`); `precision` says which and why. `quantize="int8"` makes
+        the decoder's linear layers dynamic int8 (CPU only; `hardware.quantize_int8`)."""
         device = torch.device(device) if device is not None else default_device()
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if quantize is not None and quantize not in QUANTIZE_CHOICES:
+            raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        if quantize is not None and device.type != "cpu":
+            raise UserError(f"--quantize {quantize} runs on CPU only (PyTorch has no {device.type} kernels for it)")
+        if dtype is None or dtype == "auto":
+            dtype, why = auto_dtype(device, quantize=quantize)
+        else:
+            dtype, why = (getattr(torch, dtype) if isinstance(dtype, str) else dtype), "as asked"
+            if quantize is not None and dtype != torch.float32:
+                raise UserError(f"--quantize {quantize} needs --dtype float32 (its kernels take float32 activations)")
         directory = resolve_model_dir(name_or_dir)
         # Taken before loading: files replaced meanwhile (training goes on) then change the
         # fingerprint of the next run, which redoes results, rather than hide behind this one.
         fingerprint = model_fingerprint(directory)
         model = CaptionModel.from_pretrained(directory, device=device, dtype=dtype)
-        return cls(model, model_fingerprint=fingerprint, **kwargs)
+        if quantize is not None:
+            quantize_int8(model.decoder)
+        captioner = cls(model, model_fingerprint=fingerprint, **kwargs)
+        captioner.precision = f"{str(dtype).removeprefix('torch.')} ({why})"
+        captioner.quantize = quantize
+        return captioner
+
+    # How `from_pretrained` chose the dtype, e.g. "float32 (this CPU has no AMX or AVX512-BF16)",
+    # and the weight quantization it applied; None for a model built in memory.
+    precision: str | None = None
+    quantize: str | None = None
+
+    @property
+    def decoding_path(self) -> str:
+        """Which decoder runs: prefixcap's engine (plain GPT-2, also int8) or HF `generate`."""
+        return "decoding engine" if engine_supports(self.model.decoder) else "Hugging Face generate"
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the

@@ -15,7 +15,6 @@ from prefixcap.cli.common import (
     add_jpeg_draft_argument,
     add_model_arguments,
     bounded,
-    check_generation,
     generation_kwargs,
     load_captioner,
 )
@@ -126,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_captioner(args: argparse.Namespace, kwargs: dict):
     """The model, with the decoding options checked against its defaults before any work."""
-    captioner = load_captioner(args, jpeg_draft=args.jpeg_draft)
-    check_generation(captioner.model, kwargs)
-    return captioner
+    return load_captioner(args, generation=kwargs, jpeg_draft=args.jpeg_draft)
 
 
 def _writes_folder(output: str | None, num_processes: int) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
+from prefixcap.hardware import QUANTIZE_CHOICES
 from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.registry import DEFAULT_MODEL, REGISTRY
 
@@ -37,9 +38,17 @@ def add_model_arguments(
     )
     parser.add_argument(
         "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="model precision (default: bfloat16 on CUDA, float32 on CPU)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model precision. auto (the default): bfloat16 on CUDA and on CPUs with bf16 matrix "
+        "instructions (AMX or AVX512-BF16), where it is faster; float32 on other CPUs, where bf16 is "
+        "emulated and slower. The choice is printed on stderr",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="int8: dynamic int8 weights for the decoder's linear layers (CPU only, float32 "
+        "activations): faster decoding on CPUs, captions may differ slightly (default: none)",
     )
     if batch_size:
         parser.add_argument(
@@ -103,12 +112,22 @@ def check_generation(model, kwargs: dict[str, Any]) -> None:
         raise UserError(str(error)) from None
 
 
-def load_captioner(args: argparse.Namespace, **kwargs: Any):
+def load_captioner(args: argparse.Namespace, *, generation: dict[str, Any] | None = None, **kwargs: Any):
+    """The captioner the model arguments describe; `generation` (decoding and text options) is
+    checked against the model's defaults (`check_generation`) before it says what it loaded."""
     from prefixcap.captioner import Captioner
 
-    return Captioner.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs
-    )
+    captioner = Captioner.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, batch_size=args.batch_size,
+        **kwargs,
+    )  # fmt: skip
+    if generation is not None:
+        check_generation(captioner.model, generation)
+    if args.dtype == "auto":
+        print(f"dtype: {captioner.precision}", file=sys.stderr)
+    if args.quantize:
+        print(f"quantize: {args.quantize} decoder linear layers, run by the {captioner.decoding_path}", file=sys.stderr)
+    return captioner
 
 
 def bounded(

@@ -13,7 +13,6 @@ from prefixcap.cli.common import (
     add_reference_arguments,
     add_scoring_arguments,
     bounded,
-    check_generation,
     generation_kwargs,
     load_captioner,
     print_evaluation,
@@ -61,9 +60,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     if kwargs.get("num_return_sequences", 1) > 1:
         raise UserError("evaluate scores one caption per image; drop --num-captions")
-    captioner = load_captioner(args)
+    captioner = load_captioner(args, generation=kwargs)
     model = captioner.model
-    check_generation(model, kwargs)
     config = score_config(args, default_clip_model=model.config.vision_encoder)  # the model's own CLIP
 
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.

@@ -46,34 +46,59 @@ BLOCK_PARAMETERS = (
 
 
 class Block(NamedTuple):
-    """One transformer block's parameters. Linear weights are HF Conv1D weights, [in, out]."""
+    """One transformer block's parameters. Linear weights are HF Conv1D weights, [in, out]; a
+    projection that is another module (an int8 `quantize_dynamic` Linear, see
+    `prefixcap.hardware.quantize_int8`) is kept as that module, with bias None: it adds its own."""
 
     ln_1_weight: torch.Tensor
     ln_1_bias: torch.Tensor
-    attn_weight: torch.Tensor
-    attn_bias: torch.Tensor
-    attn_proj_weight: torch.Tensor
-    attn_proj_bias: torch.Tensor
+    attn_weight: torch.Tensor | nn.Module
+    attn_bias: torch.Tensor | None
+    attn_proj_weight: torch.Tensor | nn.Module
+    attn_proj_bias: torch.Tensor | None
     ln_2_weight: torch.Tensor
     ln_2_bias: torch.Tensor
-    fc_weight: torch.Tensor
-    fc_bias: torch.Tensor
-    mlp_proj_weight: torch.Tensor
-    mlp_proj_bias: torch.Tensor
+    fc_weight: torch.Tensor | nn.Module
+    fc_bias: torch.Tensor | None
+    mlp_proj_weight: torch.Tensor | nn.Module
+    mlp_proj_bias: torch.Tensor | None
+
+
+def project(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight + bias for a Conv1D weight, else the projection module's own call."""
+    if isinstance(weight, torch.Tensor):
+        return torch.addmm(bias, x, weight)
+    return weight(x)
 
 
 def attention_input(x: torch.Tensor, block: Block, eps: float) -> torch.Tensor:
     """ln_1 then the fused q/k/v projection: [rows, E] -> [rows, 3E]."""
     h = F.layer_norm(x, x.shape[-1:], block.ln_1_weight, block.ln_1_bias, eps)
-    return torch.addmm(block.attn_bias, h, block.attn_weight)
+    return project(h, block.attn_weight, block.attn_bias)
 
 
 def block_output(x: torch.Tensor, attended: torch.Tensor, block: Block, eps: float) -> torch.Tensor:
     """Attention output projection, residual, ln_2, MLP with tanh-GELU, residual: [rows, E]."""
-    x = x + torch.addmm(block.attn_proj_bias, attended, block.attn_proj_weight)
+    x = x + project(attended, block.attn_proj_weight, block.attn_proj_bias)
     h = F.layer_norm(x, x.shape[-1:], block.ln_2_weight, block.ln_2_bias, eps)
-    h = F.gelu(torch.addmm(block.fc_bias, h, block.fc_weight), approximate="tanh")
-    return x + torch.addmm(block.mlp_proj_bias, h, block.mlp_proj_weight)
+    h = F.gelu(project(h, block.fc_weight, block.fc_bias), approximate="tanh")
+    return x + project(h, block.mlp_proj_weight, block.mlp_proj_bias)
+
+
+def block_parameters(layer: nn.Module) -> Block:
+    """A `Block` of an HF GPT-2 layer's parameters, used in place; a projection that is not a
+    `Conv1D` (an int8 Linear) is called as a module."""
+    from transformers.pytorch_utils import Conv1D
+
+    values: list[torch.Tensor | nn.Module | None] = []
+    for name in BLOCK_PARAMETERS:
+        owner, _, kind = name.rpartition(".")
+        module = layer.get_submodule(owner)
+        if isinstance(module, (nn.LayerNorm, Conv1D)):
+            values.append(module.get_parameter(kind))
+        else:
+            values.append(module if kind == "weight" else None)
+    return Block(*values)
 
 
 class GPT2Forward:
@@ -106,7 +131,7 @@ class GPT2Forward:
         if self.lm_head.is_cuda and self.vocab % 64:
             # filled by `refresh`, which every `DecodeRunner.run` calls before its first step
             self.padded_head = self.lm_head.new_zeros((-(-self.vocab // 64) * 64, width))
-        self.blocks = [Block(*(layer.get_parameter(name) for name in BLOCK_PARAMETERS)) for layer in transformer.h]
+        self.blocks = [block_parameters(layer) for layer in transformer.h]
         self._attention_input = attention_input
         self._block_output = block_output
         if compile_blocks:

@@ -5,6 +5,7 @@ metrics=("bleu", "cider"))`: pycocoevalcap's scorers on `simple_tokenize`d text,
 """
 
 from prefixcap.evaluation.bertscore import BERTScoreConfig, BERTScoreResult, bertscore
+from prefixcap.evaluation.cider import CiderD
 from prefixcap.evaluation.clipscore import (
     CLIPScorer,
     CLIPScoreResult,
@@ -45,6 +46,7 @@ __all__ = [
     "CLIPScoreResult",
     "CLIPScorer",
     "COCO_METRICS",
+    "CiderD",
     "CocoScores",
     "Evaluation",
     "References",

@@ -1,0 +1,107 @@
+"""What the hardware runs fast: the default precision per device, and int8 decoding on CPUs.
+
+bf16 halves memory traffic, but only a CPU with bf16 matrix instructions (Intel AMX, or
+AVX512-BF16 on Intel Cooper Lake+ and AMD Zen 4+) multiplies in it faster than in fp32; elsewhere
+oneDNN emulates bf16 and it is slower than fp32. So `auto` picks bf16 on CUDA and on those CPUs,
+fp32 on the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+QUANTIZE_CHOICES = ("int8",)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from Linux /proc/cpuinfo (empty elsewhere, or when unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_model_name() -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16), which make bf16
+    matmuls faster than fp32. Reads /proc/cpuinfo on Linux; elsewhere asks PyTorch whether its
+    CPU kernels use AMX (`torch.backends.cpu.get_cpu_capability`), and otherwise says no, since a
+    wrong yes (slow emulated bf16) costs more than a wrong no."""
+    flags = cpu_flags()
+    if flags:
+        return bool({"amx_bf16", "avx512_bf16"} & flags)
+    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
+
+
+def cpu_support() -> str:
+    """One line for logs and benchmarks: the CPU model and its bf16/int8 matrix instructions."""
+    flags = cpu_flags()
+    names = {"amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI"}
+    found = [label for flag, label in names.items() if flag in flags] or ["none of AMX / AVX512-BF16 / VNNI"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model_name()}: {', '.join(found)} (PyTorch CPU kernels: {capability})"
+
+
+def auto_dtype(device: torch.device, *, quantize: str | None = None) -> tuple[torch.dtype, str]:
+    """The precision `--dtype auto` picks for `device`, and why (for the one line the CLI prints)."""
+    if quantize is not None:
+        return torch.float32, f"{quantize} weights take float32 activations"
+    if device.type == "cuda":
+        return torch.bfloat16, "CUDA"
+    if device.type != "cpu":
+        return torch.float32, f"{device.type}"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "this CPU has AMX or AVX512-BF16"
+    return torch.float32, "this CPU has no AMX or AVX512-BF16"
+
+
+def quantize_int8(decoder: nn.Module) -> nn.Module:
+    """Quantize the transformer blocks' linear layers of `decoder` to dynamic int8, in place.
+
+    Weights become int8 (per output channel), activations are quantized per batch on the fly, with
+    fp32 outputs: PyTorch's fbgemm/oneDNN int8 kernels (VNNI/AMX where the CPU has them). HF GPT-2's
+    projections are `Conv1D` layers, weights [in, out], which `quantize_dynamic` does not know: they
+    become `nn.Linear` first (weight transposed). The LM head, tied to the token embeddings, stays
+    float. CPU only: PyTorch has no CUDA kernels for these modules."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(decoder.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1], dtype=child.weight.dtype)
+                linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, linear)
+    quantization = torch.ao.quantization
+    blocks = {
+        name: quantization.per_channel_dynamic_qconfig
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.Linear) and name != "lm_head"
+    }
+    with warnings.catch_warnings():  # torch.ao's deprecation notices (torchao replaces it): not the user's concern
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        return quantization.quantize_dynamic(decoder, blocks, dtype=torch.qint8, inplace=True)
