@@ -6,7 +6,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +25,33 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Reranker(Protocol):
+    """Scores candidate captions (higher is better), e.g. `prefixcap.evaluation.clipscore.CLIPScorer`.
+    The captioner only needs this much, so that the scorer, a layer above, is built by the caller."""
+
+    def __call__(self, pixels: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
+        """One score per caption of each image of the batch; `pixels` are `Captioner.preprocess`'s uint8."""
+        ...
+
+
+class RankedCaptions(list[str]):
+    """An image's captions sorted best first by a `Reranker`, with their `scores` in the same order.
+    A plain list of captions everywhere else, so reranking changes no caller's types; outputs
+    (`distributed.outputs`) write the scores when they are there."""
+
+    def __init__(self, captions: Iterable[str], scores: Iterable[float]):
+        super().__init__(captions)
+        self.scores = list(scores)
+
+    @classmethod
+    def ranked(cls, captions: Sequence[str], scores: Sequence[float]) -> RankedCaptions:
+        """`captions` sorted by descending score; ties keep the decoder's order (`sorted` is stable)."""
+        if len(captions) != len(scores):
+            raise ValueError(f"the reranker gave {len(scores)} score(s) for {len(captions)} caption(s)")
+        order = sorted(range(len(captions)), key=lambda index: -scores[index])
+        return cls((captions[index] for index in order), (float(scores[index]) for index in order))
+
+
 class Captioner:
     """Caption images with a `CaptionModel`.
 
@@ -32,6 +59,10 @@ class Captioner:
     >>> captioner(["photo.jpg"], num_beams=5)
     [['A man riding a wave on top of a surfboard.']]
     >>> captioner(["photo.jpg"], prompt="a photo of", prefix="sks person, ")  # see TextOptions
+    >>> captioner(["photo.jpg"], num_return_sequences=5, rerank=CLIPScorer.from_pretrained(...))
+
+    Every captioning method takes `rerank=` (a `Reranker`): each image's captions then come back
+    best first by its scores, as `RankedCaptions` (which carry the scores).
     """
 
     def __init__(
@@ -103,15 +134,24 @@ class Captioner:
     def caption_pixels(self, pixels: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
         """Captions for a batch of `preprocess` (uint8) pixels, grouped per image. Besides the
         decoding options, `generation_kwargs` may hold the `TextOptions` (prompt, keep_prompt,
-        prefix, suffix), as every captioning method of this class takes them."""
-        return self._caption(generation_kwargs, pixels=pixels)
+        prefix, suffix), as every captioning method of this class takes them, and `rerank`."""
+        rerank: Reranker | None = generation_kwargs.pop("rerank", None)
+        captions = self._caption(generation_kwargs, pixels=pixels)
+        if rerank is None:
+            return captions
+        scores = rerank(pixels, captions)
+        return [RankedCaptions.ranked(texts, scored) for texts, scored in zip(captions, scores, strict=True)]
 
     def caption_embeds(self, image_embeds: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
         """Captions for a batch of image embeddings (a feature store's), as `caption_pixels`."""
+        if generation_kwargs.get("rerank") is not None:
+            raise UserError("reranking scores the images themselves; stored image embeddings cannot be reranked")
+        generation_kwargs.pop("rerank", None)
         return self._caption(generation_kwargs, image_embeds=image_embeds)
 
     def _caption(self, kwargs: dict[str, Any], **inputs: torch.Tensor) -> list[list[str]]:
-        """The model's captions, between the prefix and suffix: text formatting after decoding."""
+        """The model's captions, between the prefix and suffix: text formatting after decoding.
+        The reranker scores the captions as written, prefix and suffix included."""
         text, generation = TextOptions.split(kwargs)
         captions = self.model.caption(**inputs, prompt=text.prompt, keep_prompt=text.keep_prompt, **generation)
         return [[text.wrap(caption) for caption in per_image] for per_image in captions]

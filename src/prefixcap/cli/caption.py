@@ -14,9 +14,11 @@ from prefixcap.cli.common import (
     add_generation_arguments,
     add_jpeg_draft_argument,
     add_model_arguments,
+    add_rerank_arguments,
     bounded,
     generation_kwargs,
     load_captioner,
+    load_rerank,
 )
 from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
 from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
@@ -63,11 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_jpeg_draft_argument(parser)
     add_generation_arguments(parser)
+    add_rerank_arguments(parser)
     parser.add_argument(
         "--format",
         choices=FORMATS,
         help="text: 'path<TAB>caption' lines, with backslash, tab and newline escaped as \\\\, \\t, \\n; "
-        "jsonl: {path, caption, captions}; csv: path,caption,...; parquet: columns path, caption, "
+        "jsonl: {path, caption, captions}, and scores with --rerank; csv: path,caption,...; parquet: columns path, caption, "
         "captions, and image with --embed-images (default: text, or jsonl into a folder)",
     )
     parser.add_argument("--output", help="write results to this file, or into this folder (see 'output' below)")
@@ -95,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from prefixcap.distributed.processes import process_state
 
     kwargs = generation_kwargs(args)
+    if args.rerank_clip and not args.rerank:
+        raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")
+    caption_kwargs = dict(kwargs)  # the decoding options, and `rerank` once the model has loaded
     state = process_state()
     if sidecar_requested(args):
-        return run_sidecars(args, kwargs, state, load=lambda: _load_captioner(args, kwargs))
+        return run_sidecars(args, caption_kwargs, state, load=lambda: _load_captioner(args, kwargs, caption_kwargs))
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
     if fmt == "parquet" and not args.output:
@@ -116,16 +122,19 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.output, to_folder, fmt, sources)  # before the model loads
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # each process on its own GPU
-    captioner = _load_captioner(args, kwargs)
+    captioner = _load_captioner(args, kwargs, caption_kwargs)
     if to_folder:
-        return _caption_to_folder(captioner, sources, missing, args, fmt, kwargs, state)
-    failed = _caption_to_file(captioner, sources, args, fmt, kwargs)
+        return _caption_to_folder(captioner, sources, missing, args, fmt, caption_kwargs, state)
+    failed = _caption_to_file(captioner, sources, args, fmt, caption_kwargs)
     return 1 if failed or missing else 0
 
 
-def _load_captioner(args: argparse.Namespace, kwargs: dict):
-    """The model, with the decoding options checked against its defaults before any work."""
-    return load_captioner(args, generation=kwargs, jpeg_draft=args.jpeg_draft)
+def _load_captioner(args: argparse.Namespace, kwargs: dict, caption_kwargs: dict):
+    """The model, with the decoding options checked against its defaults before any work; adds
+    the --rerank scorer, which needs the model (its CLIP, its device), to `caption_kwargs`."""
+    captioner = load_captioner(args, generation=kwargs, jpeg_draft=args.jpeg_draft)
+    caption_kwargs.update(load_rerank(args, captioner))
+    return captioner
 
 
 def _writes_folder(output: str | None, num_processes: int) -> bool:
@@ -191,7 +200,10 @@ def _caption_to_folder(
 
     # local folders by absolute path, so that a rerun from another directory recognises its parts
     model = normalize_model_id(args.model)
-    settings = {"model": model, "dtype": str(captioner.model.decoder.dtype), "generation": kwargs}
+    generation = {name: value for name, value in kwargs.items() if name != "rerank"}
+    settings = {"model": model, "dtype": str(captioner.model.decoder.dtype), "generation": generation}
+    if args.rerank:  # reranked parts differ from plain ones (order, scores): a rerun must not mix them
+        settings["rerank"] = {"score": args.rerank, "clip": args.rerank_clip}
     summary = caption_to_directory(
         captioner, sources, args.output, state=state, fmt=fmt, part_size=args.part_size,
         batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing,

@@ -130,6 +130,31 @@ def load_captioner(args: argparse.Namespace, *, generation: dict[str, Any] | Non
     return captioner
 
 
+def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    """--rerank (caption) or only --rerank-clip (serve, where each request asks with its `rerank` field)."""
+    if not serve:
+        parser.add_argument(
+            "--rerank", choices=("clipscore",),
+            help="order each image's captions best first by this score, and write the scores (jsonl: "
+            "'scores'); pair it with --num-captions N to choose among N beams or samples. clipscore: "
+            "CLIPScore (Hessel et al. 2021, w=2.5) of each caption against its image",
+        )  # fmt: skip
+    parser.add_argument(
+        "--rerank-clip", metavar="MODEL",
+        help="the full CLIP (both towers; hub id or folder) that scores captions for reranking "
+        "(default: the model's own image encoder, if saved with its text tower)",
+    )  # fmt: skip
+
+
+def load_rerank(args: argparse.Namespace, captioner: Any) -> dict[str, Any]:
+    """The `rerank=` keyword for the Captioner that --rerank asks for, or nothing."""
+    if args.rerank is None:
+        return {}
+    from prefixcap.evaluation.clipscore import load_reranker
+
+    return {"rerank": load_reranker(captioner, args.rerank_clip)}
+
+
 def bounded(
     kind: Callable[[str], Number], minimum: Number | None = None, maximum: Number | None = None
 ) -> Callable[[str], Number]:

@@ -12,7 +12,13 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from prefixcap.cli.common import add_jpeg_draft_argument, add_model_arguments, bounded, load_captioner
+from prefixcap.cli.common import (
+    add_jpeg_draft_argument,
+    add_model_arguments,
+    add_rerank_arguments,
+    bounded,
+    load_captioner,
+)
 from prefixcap.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="require this key on /v1/ and /metrics, as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' "
         f"(default: ${API_KEY_VARIABLE}, which other users cannot see in the process list; unset: no key)",
     )
+    add_rerank_arguments(parser, serve=True)
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-upload-mb",
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=[*default_allowed_hosts(args.host, listener.getsockname()[1]), *args.allowed_hosts],
         cors_origins=args.cors_origins,
         api_key=args.api_key,
+        rerank_clip=args.rerank_clip,
     )
     server = uvicorn.Server(uvicorn_config(create_app(captioner, config), args))  # create_app checks the model
     print(

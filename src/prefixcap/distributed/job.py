@@ -206,7 +206,7 @@ def _merge(
                 if result.captions is None:
                     failures.append({"path": result.path, "error": result.error})
                 else:
-                    writer.write(result.path, result.captions)
+                    writer.write(result.path, result.ranked)
                     captioned += 1
                 processed += part.index in redone
         writer.close()

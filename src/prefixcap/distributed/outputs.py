@@ -46,23 +46,35 @@ class Result:
     path: str  # image file, or "shard#member" for an image inside a WebDataset shard
     captions: list[str] | None = None  # the captions, best first; None if the image failed
     error: str | None = None  # why the image could not be read (without the path)
+    scores: list[float] | None = None  # the reranker's score of each caption, when reranked
 
     def to_json(self) -> str:
         if self.captions is None:
             return json.dumps({"path": self.path, "error": self.error})
-        return json.dumps({"path": self.path, "caption": self.captions[0], "captions": self.captions})
+        record = {"path": self.path, "caption": self.captions[0], "captions": list(self.captions)}
+        if self.scores is not None:
+            record["scores"] = self.scores
+        return json.dumps(record)
 
     @classmethod
     def from_json(cls, line: str) -> Result:
         record = json.loads(line)
-        return cls(record["path"], record.get("captions"), record.get("error"))
+        return cls(record["path"], record.get("captions"), record.get("error"), record.get("scores"))
 
     @classmethod
     def of(cls, path: str, outcome: list[str] | ImageLoadError) -> Result:
-        """The record of one image that `Captioner.caption_units` gave captions or a failure."""
+        """The record of one image that `Captioner.caption_units` gave captions or a failure;
+        reranked captions (`RankedCaptions`) bring their scores."""
         if isinstance(outcome, ImageLoadError):
             return cls(path, error=outcome.reason)
-        return cls(path, outcome)
+        return cls(path, list(outcome), scores=getattr(outcome, "scores", None))
+
+    @property
+    def ranked(self) -> list[str]:
+        """The captions as a captioner gave them: with their scores (`RankedCaptions`) when reranked."""
+        from prefixcap.captioner import RankedCaptions  # not at import: the CLI's --help loads no torch
+
+        return self.captions if self.scores is None else RankedCaptions(self.captions, self.scores)
 
 
 def require_format(fmt: str) -> None:
@@ -73,6 +85,7 @@ def require_format(fmt: str) -> None:
 
 class RecordWriter:
     """Writes the captions of good images in one of FORMATS to `out`, which `name` names in errors.
+    Reranked captions (`RankedCaptions`) also write their scores in JSON lines, as `scores`.
     Text formats are flushed record by record, so a crash loses nothing written; Parquet is
     written in row groups. Parquet columns: `path`, `caption` (the first caption), `captions`, and
     with `embed_images` first an `image` column: the `datasets` Image struct `{bytes, path}`."""
@@ -104,7 +117,7 @@ class RecordWriter:
 
     def _write(self, path: str, captions: list[str]) -> None:
         if self.fmt == "jsonl":
-            self.out.write(Result(path, captions).to_json() + "\n")
+            self.out.write(Result.of(path, captions).to_json() + "\n")
         elif self.fmt == "text":
             self.out.write("\t".join(printable(field.translate(_TEXT_ESCAPES)) for field in [path, *captions]) + "\n")
         elif self.fmt == "csv":

@@ -73,7 +73,10 @@ class CLIPScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64) -> CLIPScorer:
+    def from_pretrained(
+        cls, name_or_dir: str, *, device: str | None = None, batch_size: int = 64, flag: str = "--clip-model"
+    ) -> CLIPScorer:
+        """Load a full CLIP; failing that, a UserError that names the model and `flag`, the option choosing it."""
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         from prefixcap.captioner import default_device
@@ -90,7 +93,7 @@ class CLIPScorer:
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise UserError(
-                f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with --clip-model"
+                f"cannot load CLIP model {name_or_dir!r} for CLIPScore ({reason}); choose one with {flag}"
             ) from None
         return cls(
             model.to(device or default_device()), tokenizer, load_image_processor(name_or_dir), batch_size=batch_size
@@ -120,6 +123,17 @@ class CLIPScorer:
         """[N, D] projected embeddings of uint8 `pixels` (normalised on the model's device)."""
         pixel_values = self.preprocessor.normalize(pixels.to(self.device)).to(self.model.dtype)
         return _features(self.model.get_image_features(pixel_values=pixel_values)).float().cpu()
+
+    def __call__(self, pixels: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
+        """CLIP-S of each image's candidate captions: `captioner.Reranker`, for reranking at inference.
+        `pixels` are a captioner's uint8 [N, 3, H, W], preprocessed for its own encoder; they are
+        resized and cropped again with this CLIP's processor (a no-op for the same CLIP)."""
+        images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
+        image_embeds = self._embed_pixels(torch.stack([self.preprocessor.pixels(image) for image in images]))
+        caption_embeds = self.embed_texts([caption for per_image in captions for caption in per_image])
+        counts = [len(per_image) for per_image in captions]
+        repeated = image_embeds.repeat_interleave(torch.tensor(counts), dim=0)
+        return [scores.tolist() for scores in clip_s(repeated, caption_embeds).split(counts)]
 
     def score(
         self,
@@ -155,6 +169,14 @@ class CLIPScorer:
         flat = [ref for refs in references for ref in refs]
         reference_embeds = self.embed_texts(flat).split([len(refs) for refs in references])
         return CLIPScoreResult(scores, ref_clip_s(scores, caption_embeds, reference_embeds))
+
+
+def load_reranker(captioner: Any, clip_model: str | None = None, *, flag: str = "--rerank-clip") -> CLIPScorer:
+    """The CLIPScorer that reranks a `Captioner`'s candidates (`rerank=`), on its device:
+    `clip_model`, else the model's own CLIP (its config's `vision_encoder`), which must then be a
+    full CLIP with a text tower; `flag` is the option that names another, for the error."""
+    name = clip_model or str(captioner.model.config.vision_encoder)
+    return CLIPScorer.from_pretrained(name, device=captioner.model.device, flag=flag)
 
 
 def _features(output: Any) -> torch.Tensor:

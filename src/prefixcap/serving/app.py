@@ -10,7 +10,8 @@ GET  /             the web page (static/index.html)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 
 from prefixcap import __version__
-from prefixcap.captioner import Captioner
+from prefixcap.captioner import Captioner, Reranker
 from prefixcap.errors import UserError
 from prefixcap.serving.batching import DynamicBatcher
 from prefixcap.serving.decoding import ImageDecoder, default_workers
@@ -66,6 +67,7 @@ class ServerConfig:
     allowed_hosts: list[str] | None = None  # Host values answered (None: all, e.g. behind a proxy)
     cors_origins: list[str] = field(default_factory=list)  # other web origins that may POST ("*": all)
     api_key: str | None = None  # required by /v1/ and /metrics when set
+    rerank_clip: str | None = None  # CLIP for requests' rerank="clipscore" (None: the model's own)
 
 
 def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
@@ -75,8 +77,9 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
     limits = _option_limits(captioner, config)
     _check_model(captioner, config, limits)
     metrics = ServerMetrics(config.max_batch_size)
+    reranker = functools.cache(lambda: _load_reranker(captioner, config))  # on the first request asking
     batcher = DynamicBatcher(
-        lambda pixels, options: _caption_batch(captioner, metrics, pixels, options),
+        lambda pixels, options: _caption_batch(captioner, metrics, pixels, options, reranker),
         max_batch_size=config.max_batch_size,
         max_wait_ms=config.max_wait_ms,
     )
@@ -123,20 +126,27 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         CAPTION_PATH,
         summary="Caption images",
         response_model=list[list[GeneratedText]],
+        response_model_exclude_none=True,  # `score` only when reranked
         responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 500, 503)},
         openapi_extra={"requestBody": _request_body_docs()},
     )
     async def caption(request: Request) -> Any:
         """One entry per image, in order; each lists `num_return_sequences` captions. Send files in a
         repeatable multipart field `images` with options as form fields, or JSON
-        `{"images": [base64, ...], "num_beams": 3, ...}`."""
+        `{"images": [base64, ...], "num_beams": 3, ...}`. With `"rerank": "clipscore"`, each image's
+        captions come best first by CLIPScore, each with its `score`."""
         if not batcher.running:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
         kwargs = generation_kwargs(options, captioner.model, limits)
+        if options.rerank is not None:
+            kwargs["rerank"] = options.rerank  # a name, so that batches group by it; the model thread loads it
         captions = await _unless_disconnected(request, _caption(decoder, batcher, images, kwargs))
         metrics.images.inc(len(images))
-        return [[{"generated_text": text} for text in texts] for texts in captions]
+        return [
+            [{"generated_text": text, "score": score} for text, score in zip(texts, _scores(texts), strict=True)]
+            for texts in captions
+        ]
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health(request: Request) -> JSONResponse:
@@ -224,11 +234,32 @@ async def _caption(
 
 
 def _caption_batch(
-    captioner: Captioner, metrics: ServerMetrics, pixels: list[torch.Tensor], options: Mapping[str, Any]
+    captioner: Captioner,
+    metrics: ServerMetrics,
+    pixels: list[torch.Tensor],
+    options: Mapping[str, Any],
+    reranker: Callable[[], Reranker],
 ) -> list[list[str]]:
-    """Runs on the model thread."""
+    """Runs on the model thread, which also loads the reranker when a batch first needs it."""
     metrics.batch_size.observe(len(pixels))
+    if options.get("rerank") is not None:
+        options = {**options, "rerank": reranker()}
     return captioner.caption_pixels(torch.stack(pixels), **options)
+
+
+def _load_reranker(captioner: Captioner, config: ServerConfig) -> Reranker:
+    """The CLIPScore reranker, or a 422 saying why this server has none (e.g. a vision-only CLIP)."""
+    from prefixcap.evaluation.clipscore import load_reranker
+
+    try:
+        return load_reranker(captioner, config.rerank_clip, flag="prefixcap serve --rerank-clip")
+    except UserError as error:
+        raise APIError(422, "invalid_options", f"rerank: {error}") from None
+
+
+def _scores(captions: list[str]) -> list[float | None]:
+    """The reranker's score of each caption (`RankedCaptions`), or None each when not reranked."""
+    return getattr(captions, "scores", None) or [None] * len(captions)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.serving.errors import APIError
-from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest
+from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, RequestOptions
 
 if TYPE_CHECKING:
     from prefixcap.modeling import CaptionModel
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 NamedImage = tuple[str, bytes]  # (how error messages name it, the file's bytes)
 
 
-async def read_caption_request(request: Request, *, max_images: int) -> tuple[list[NamedImage], CaptionOptions]:
+async def read_caption_request(request: Request, *, max_images: int) -> tuple[list[NamedImage], RequestOptions]:
     """The images and options of a request, or an APIError saying what is wrong with it."""
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -53,7 +53,7 @@ class _MultiPartParser(MultiPartParser):
         self.complete = True
 
 
-async def _read_multipart(request: Request, max_images: int) -> tuple[list[NamedImage], CaptionOptions]:
+async def _read_multipart(request: Request, max_images: int) -> tuple[list[NamedImage], RequestOptions]:
     async with aclosing(request.stream()) as stream:
         parser = _MultiPartParser(request.headers, stream)
         try:
@@ -81,10 +81,10 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[Named
             images.append((name, await upload.read()))
     finally:
         await form.close()
-    return images, _validate(CaptionOptions, fields)
+    return images, _validate(RequestOptions, fields)
 
 
-async def _read_json(request: Request, max_images: int) -> tuple[list[NamedImage], CaptionOptions]:
+async def _read_json(request: Request, max_images: int) -> tuple[list[NamedImage], RequestOptions]:
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -24,13 +25,29 @@ CaptionOptions = create_model(
 )
 
 
-class JSONCaptionRequest(CaptionOptions):
+RERANK_HELP = (
+    "'clipscore': score each image's captions with CLIPScore (the server's --rerank-clip, or the model's "
+    "own CLIP) and return them best first, each with its score; useful with num_return_sequences > 1"
+)
+
+
+class RerankOption(BaseModel):
+    """Not a decoding option: it orders what decoding produced, so it stays out of CaptionOptions."""
+
+    rerank: Literal["clipscore"] | None = Field(None, description=RERANK_HELP)
+
+
+class RequestOptions(CaptionOptions, RerankOption):
+    """Everything a request may set besides its images (a multipart request's form fields)."""
+
+
+class JSONCaptionRequest(RequestOptions):
     images: list[str] = Field(
         min_length=1, description="image files (JPEG, PNG, ...) encoded as base64 or as data: URLs"
     )
 
 
-class MultipartCaptionRequest(CaptionOptions):
+class MultipartCaptionRequest(RequestOptions):
     """Documents the multipart form; options are form fields next to the files."""
 
     images: list[bytes] = Field(min_length=1, description="image files; repeat the field for several")
@@ -38,6 +55,7 @@ class MultipartCaptionRequest(CaptionOptions):
 
 class GeneratedText(BaseModel):
     generated_text: str
+    score: float | None = None  # its reranking score, only when the request asked for `rerank`
 
 
 class Health(BaseModel):
