@@ -144,9 +144,8 @@ class Captioner:
 
     def caption_embeds(self, image_embeds: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
         """Captions for a batch of image embeddings (a feature store's), as `caption_pixels`."""
-        if generation_kwargs.get("rerank") is not None:
+        if generation_kwargs.pop("rerank", None) is not None:
             raise UserError("reranking scores the images themselves; stored image embeddings cannot be reranked")
-        generation_kwargs.pop("rerank", None)
         return self._caption(generation_kwargs, image_embeds=image_embeds)
 
     def _caption(self, kwargs: dict[str, Any], **inputs: torch.Tensor) -> list[list[str]]:

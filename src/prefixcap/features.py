@@ -166,9 +166,14 @@ def read_manifest(path: Path) -> StoreManifest:
 
 def read_shard_index(path: Path, shard: int) -> list[dict[str, Any]]:
     """The entries of one shard's `.jsonl`; a damaged line is an error naming the file and line."""
-    index = shard_path(path, shard, ".jsonl")
+    return _read_index(shard_path(path, shard, ".jsonl"))[0]
+
+
+def _read_index(index: Path) -> tuple[list[dict[str, Any]], str]:
+    """(entries, sha256 of the file) of a shard's `.jsonl`, read once."""
     try:
-        lines = index.read_text(encoding="utf-8").splitlines()
+        data = index.read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"{index}: missing; {RERUN}") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -184,14 +189,14 @@ def read_shard_index(path: Path, shard: int) -> list[dict[str, Any]]:
             reason = f"{type(error).__name__}: {error}"
             raise UserError(f"{index}:{number}: not a feature store entry ({reason}); {RERUN}") from None
         entries.append(entry)
-    return entries
+    return entries, _digest(data)
 
 
 def _checked_shard(path: Path, shard: int, manifest: StoreManifest) -> tuple[list[dict[str, Any]], str]:
     """(entries, fingerprint) of one shard, once its index and embeddings agree with each other and
     with the manifest: a cut or damaged shard must fail here, not train on part of the data."""
     index, embeds = shard_path(path, shard, ".jsonl"), shard_path(path, shard, ".safetensors")
-    entries = read_shard_index(path, shard)
+    entries, digest = _read_index(index)
     expected = min(manifest.shard_size, manifest.num_records - shard * manifest.shard_size)
     if len(entries) != expected:
         raise UserError(f"{index}: {len(entries)} records, but {MANIFEST} says the shard holds {expected}; {RERUN}")
@@ -206,7 +211,7 @@ def _checked_shard(path: Path, shard: int, manifest: StoreManifest) -> tuple[lis
             f"{embeds}: holds embeddings of shape {shape}, but its index lists {len(rows)} images "
             f"of {manifest.embed_dim}-d features; {RERUN}"
         )
-    if not _index_intact(index, metadata):
+    if metadata.get(INDEX_DIGEST) not in (None, digest):
         raise UserError(f"{index}: changed since `prefixcap prepare` wrote it (unlike {embeds.name}); {RERUN}")
     return entries, metadata.get("fingerprint", "")
 
@@ -235,14 +240,14 @@ def _record(entry: dict[str, Any]) -> CaptionRecord:
     return CaptionRecord.from_dict(entry)
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _index_intact(index: Path, metadata: dict[str, str]) -> bool:
     """Whether a shard's `.jsonl` is the one its `.safetensors` was written with (stores from
     before the digest existed carry none, and are trusted)."""
-    return metadata.get(INDEX_DIGEST) in (None, _digest(index))
+    return metadata.get(INDEX_DIGEST) in (None, _digest(index.read_bytes()))
 
 
 def is_feature_store(path: Path) -> bool:
@@ -312,9 +317,10 @@ def write_shard(
         entries.append(entry)
     tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
     index = shard_path(store, shard, ".jsonl")
-    write_atomic(index, _jsonl(entries))
+    text = _jsonl(entries)
+    write_atomic(index, text)
     # The .safetensors comes last: its presence, with this fingerprint, marks the shard finished.
-    metadata = {"fingerprint": fingerprint, INDEX_DIGEST: _digest(index)}
+    metadata = {"fingerprint": fingerprint, INDEX_DIGEST: _digest(text.encode("utf-8"))}
     with atomic_path(shard_path(store, shard, ".safetensors")) as staging:
         save_file({EMBEDS_KEY: tensor.to(torch.float16).contiguous()}, staging, metadata=metadata)
 

@@ -13,6 +13,7 @@ group), so that a dataset never has to fit in memory.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import hashlib
@@ -228,7 +229,6 @@ def read_parquet(
     column, else the file's folder or the first word of its name (`train-00000-of-00002.parquet`),
     else train; the image id is an `image_id` column, else `FILE#ROW`."""
     require("scale", "pyarrow", feature="Parquet datasets")
-    import pyarrow.parquet as pq
 
     location = Path(source)
     files = parquet_files(location) if location.exists() else []
@@ -237,10 +237,7 @@ def read_parquet(
     top = location if location.is_dir() else location.parent
     merger = RecordMerger()
     for file in files:
-        try:
-            parquet = pq.ParquetFile(file)
-        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-            raise UserError(f"{file}: not a Parquet file ({error})") from None
+        parquet = _open_parquet(str(file))
         columns = parquet.schema_arrow.names
         image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
         caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
@@ -314,11 +311,12 @@ def read_parquet_image(reference: str) -> bytes:
         raise ValueError(f"not a Parquet row reference: {reference!r}")
     file, row = match["file"], int(match["row"])
     column = match["column"] or _DEFAULT_IMAGE_COLUMN
-    starts = _row_group_starts(file, os.stat(file).st_mtime_ns)
-    group = next((g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1]), None)
-    if group is None:
+    mtime_ns = os.stat(file).st_mtime_ns
+    starts = _row_group_starts(file, mtime_ns)
+    if not 0 <= row < starts[-1]:
         raise UserError(f"{file}: has no row {row} ({starts[-1]} rows)")
-    value = _row_group_column(file, os.stat(file).st_mtime_ns, group, column)[row - starts[group]]
+    group = bisect.bisect_right(starts, row) - 1
+    value = _row_group_column(file, mtime_ns, group, column)[row - starts[group]]
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             return value["bytes"]

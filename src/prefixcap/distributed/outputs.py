@@ -187,6 +187,8 @@ def check_output(targets: Sequence[Path], inputs: Iterable[str]) -> None:
         except OSError as error:
             raise UserError(f"{folder}: cannot create files here ({error.strerror or error})") from None
     existing = {file_identity(target): target for target in targets if target.exists()}
+    if not existing:  # nothing to overwrite: spare a stat of every input
+        return
     for source in inputs:
         if (target := existing.get(file_identity(reference_file(source)))) is not None:
             raise UserError(f"{target}: is also an input; writing it would destroy that input")

@@ -11,18 +11,15 @@ from typing import Any
 
 import torch
 
+from prefixcap.captioner import default_device
 from prefixcap.extras import require
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
 class SingleProcess:
     """The part of `accelerate.PartialState` that `caption` and `prepare` use, for one process."""
 
-    device: torch.device = field(default_factory=_default_device)
+    device: torch.device = field(default_factory=default_device)
     num_processes: int = 1
     process_index: int = 0
     is_main_process: bool = True

@@ -81,8 +81,7 @@ def load_references(
     chosen = choose_split({record.split for record in records}, split, path)
     if chosen is None:
         return References(records, None)
-    train = [caption for record in split_records(records, "train") for caption in record.captions]
-    return References(split_records(records, chosen), train or None)
+    return References(split_records(records, chosen), _captions(split_records(records, "train")))
 
 
 def load_split(
@@ -98,14 +97,20 @@ def load_split(
     The store comes back too, so that the caller can check that its model expects these features.
     The columns choose those of a Hugging Face dataset (see `load_records`)."""
     if not (Path(data) / MANIFEST).is_file():
-        columns = {"image_column": image_column, "caption_column": caption_column}
-        return load_references(data, split=split, images_root=images_root, format=format, **columns), None, None
+        references = load_references(
+            data, split=split, images_root=images_root, format=format, image_column=image_column,
+            caption_column=caption_column,
+        )  # fmt: skip
+        return references, None, None
     store = FeatureStore(data)
     chosen = choose_split(store.manifest.splits, split, store.path)
-    train = None
-    if chosen is not None and "train" in store.manifest.splits:
-        train = [caption for record in store.records("train") for caption in record.captions]
+    train = _captions(store.records("train")) if chosen is not None and "train" in store.manifest.splits else None
     return References(store.records(chosen), train), store.embeddings(chosen), store
+
+
+def _captions(records: Iterable[CaptionRecord]) -> list[str] | None:
+    """Every caption of `records` (the training captions that corpus statistics compare with), or None."""
+    return [caption for record in records for caption in record.captions] or None
 
 
 def choose_split(splits: Iterable[str], split: str, source: str | Path) -> str | None:
