@@ -1,7 +1,9 @@
 """Captioning speed, measured side by side in one process on full-size random-weight models.
 
-Models: CLIP ViT-B/32 image tower, ClipCap's MLP mapper (K=10), GPT-2 124M. Speed does not
-depend on weight values. Every caption gets exactly 20 new tokens (min_new_tokens = max_new_tokens),
+Models: CLIP ViT-B/32 image tower, ClipCap's MLP mapper (K=10), GPT-2 124M or, with --decoder, a
+Llama-family decoder of a hub model's shapes (llama: Llama 3.2 1B, smollm2: SmolLM2 135M, qwen2:
+Qwen2.5 0.5B, qwen3: Qwen3 0.6B; --decoder-layers cuts a big one short). Speed does not depend on
+weight values. Every caption gets exactly 20 new tokens (min_new_tokens = max_new_tokens),
 so all methods do the same work.
 
 Decoding from image embeddings (the mapper included), greedy and beam 5:
@@ -9,13 +11,16 @@ Decoding from image embeddings (the mapper included), greedy and beam 5:
   (b) Hugging Face `generate` with its KV cache, batched;
   (c) prefixcap's decoding engine, batched;
   on CPU also (d) the engine in bf16 and (e) the engine with int8 decoder weights (`--quantize int8`),
-  with what the CPU supports for them (AMX, AVX512-BF16, VNNI).
+  with what the CPU supports for them (AMX, AVX512-BF16, VNNI), and (o, p) the model's ONNX exports
+  (`prefixcap export onnx`, fp32 and --quantize int8) on ONNX Runtime, driven by the same engine searches.
 End to end: from preprocessed pixels (encode, map, decode, detokenize), and from JPEG files on
 disk (image decoding and preprocessing included) through the `caption` command's pipeline
 (DataLoader worker processes) and through `Captioner.stream` (worker threads).
 
     python benchmarks/bench_generate.py                       # CPU: fp32 (+ bf16, int8), batch 64 / beam batch 16
     python benchmarks/bench_generate.py --device cuda --json out.json
+    python benchmarks/bench_generate.py --device cpu --workdir ~/bench-cpu --onnx fp32,int8   # exports once, reuses
+    python benchmarks/bench_generate.py --decoder smollm2 --batch-size 32 --beam-batch-size 32 --skip-reference
 """
 
 from __future__ import annotations
@@ -42,10 +47,16 @@ from prefixcap.generation import GenerationOptions
 from prefixcap.hardware import cpu_support, quantize_int8
 from prefixcap.loader import chunked
 from prefixcap.modeling import CaptionModel
+from prefixcap.onnx_backend import OnnxCaptionModel, is_onnx_export
 from prefixcap.testing import build_full_size_model
 
 NEW_TOKENS = 20
 PREFIX_LENGTH = 10
+# --decoder: the hub model whose shapes `build_decoder(full_size=True)` takes
+DECODER_SHAPES = {
+    "gpt2": "GPT-2 124M", "llama": "Llama 3.2 1B", "smollm2": "SmolLM2 135M", "qwen2": "Qwen2.5 0.5B",
+    "qwen3": "Qwen3 0.6B",
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the three decoders
@@ -54,6 +65,7 @@ def clipcap_greedy(model: CaptionModel, image_embeds: torch.Tensor) -> torch.Ten
     """(a) Modelled on ClipCap's `generate2`: per image, run GPT-2 on the whole embedding sequence,
     sort for its top-p filter (which cannot change the argmax that follows), take the argmax, append."""
     gpt, captions = model.decoder, []
+    embedding = gpt.get_input_embeddings()
     for embeds in image_embeds:
         sequence, tokens = model.prefix_embeds(embeds[None]), []
         for _ in range(NEW_TOKENS):
@@ -62,7 +74,7 @@ def clipcap_greedy(model: CaptionModel, image_embeds: torch.Tensor) -> torch.Ten
             sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             token = logits.argmax(dim=-1)
             tokens.append(token.item())  # ClipCap checks the stop token on the host every step
-            sequence = torch.cat([sequence, gpt.transformer.wte(token)[:, None]], dim=1)
+            sequence = torch.cat([sequence, embedding(token)[:, None]], dim=1)
         captions.append(tokens)
     return torch.tensor(captions)
 
@@ -72,6 +84,7 @@ def clipcap_beam(model: CaptionModel, image_embeds: torch.Tensor, beams: int = 5
     """(a) Modelled on ClipCap's `generate_beam`: per image, `beams` sequences recomputed in full
     at every step, ranked by summed log-prob divided by length."""
     gpt, captions = model.decoder, []
+    embedding = gpt.get_input_embeddings()
     for embeds in image_embeds:
         sequence = model.prefix_embeds(embeds[None])
         scores, tokens = None, None
@@ -86,7 +99,7 @@ def clipcap_beam(model: CaptionModel, image_embeds: torch.Tensor, beams: int = 5
                 source, next_tokens = flat // log_probs.shape[1], flat % log_probs.shape[1]
                 tokens = torch.cat([tokens[source], next_tokens[:, None]], dim=1)
                 sequence, scores = sequence[source], best * (step + 1)
-            sequence = torch.cat([sequence, gpt.transformer.wte(next_tokens)[:, None]], dim=1)
+            sequence = torch.cat([sequence, embedding(next_tokens)[:, None]], dim=1)
         captions.append(tokens[0].tolist())
     return torch.tensor(captions)
 
@@ -115,6 +128,15 @@ def prefixcap_generate(
         model.decoder, model.prefix_embeds(image_embeds), options, eos_token_ids=[eos], pad_token_id=eos,
         cuda_graphs=cuda_graphs, compile_blocks=compile_blocks,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def onnx_generate(
+    model: CaptionModel, exported: OnnxCaptionModel, image_embeds: torch.Tensor, beams: int
+) -> torch.Tensor:
+    """(o, p) an ONNX export on ONNX Runtime, from the same prefixes (the PyTorch mapper's), batched."""
+    options = GenerationOptions(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams)
+    return exported.generate_from_prefix(model.prefix_embeds(image_embeds), options)
 
 
 # ---------------------------------------------------------------------- timing
@@ -195,6 +217,7 @@ def decoding(
     batch_size: int,
     count: int,
     variants: dict[str, CaptionModel] | None = None,
+    exports: dict[str, OnnxCaptionModel] | None = None,
 ) -> dict:
     """(a), (b), (c) and the engine on each of `variants` (d, e, ...: the same model in another
     precision) on the same image embeddings; returns their figures and ratios. The methods run in
@@ -217,6 +240,12 @@ def decoding(
         methods[key] = Method(
             f"({key}) prefixcap engine, {name}",
             lambda x, variant=variant: prefixcap_generate(variant, x, beams, compile_blocks=args.compile),
+            batch_size,
+        )
+    for key, (name, exported) in zip("opq", (exports or {}).items()):
+        methods[key] = Method(
+            f"({key}) ONNX Runtime, {name}",
+            lambda x, exported=exported: onnx_generate(model, exported, x, beams),
             batch_size,
         )
     inputs = {key: embeds[: args.reference_images] if key == "a" else embeds for key in methods}
@@ -305,6 +334,23 @@ def cpu_variants(model_dir: Path, names: str) -> dict[str, CaptionModel]:
     return variants
 
 
+def onnx_exports(model_dir: Path, names: str) -> dict[str, OnnxCaptionModel]:
+    """(o, p): the model exported with `prefixcap export onnx` ("fp32", "int8": --quantize int8) beside
+    `model_dir`, reused when already there, loaded for ONNX Runtime."""
+    from prefixcap.onnx_export import export_onnx
+
+    exports = {}
+    for name in [name.strip() for name in names.split(",") if name.strip()]:
+        if name not in ("fp32", "int8"):
+            raise SystemExit(f"error: unknown ONNX variant {name!r} (choose fp32, int8)")
+        directory = model_dir.with_name(f"{model_dir.name}-onnx-{name}")
+        if not is_onnx_export(directory):
+            print(f"exporting the model to ONNX ({name}) ...", flush=True)
+            export_onnx(model_dir, directory, quantize=None if name == "fp32" else name)
+        exports[name] = OnnxCaptionModel.from_pretrained(directory)
+    return exports
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -333,6 +379,12 @@ def parse_args() -> argparse.Namespace:
         help="on CPU, also time the engine on these copies of the model: comma-separated from bf16, int8 "
         "(dynamic int8 decoder weights); empty for none (default: bf16,int8)",
     )
+    add(
+        "--onnx",
+        default="fp32,int8",
+        help="on CPU, also time the model's ONNX exports on ONNX Runtime (needs prefixcap[onnx]): comma-separated "
+        "from fp32, int8 (--quantize int8); empty for none (default: fp32,int8)",
+    )
     add("--e2e-images", type=int, help="images for the end-to-end figures (default: as --num-images; 0 skips them)")
     add(
         "--workers",
@@ -341,6 +393,19 @@ def parse_args() -> argparse.Namespace:
         help="image decoding processes or threads (default: cores, at most 16)",
     )
     add("--workdir", type=Path, help="keep the built full-size model here and reuse it (default: a temp dir)")
+    add(
+        "--decoder",
+        choices=list(DECODER_SHAPES),
+        default="gpt2",
+        help="decoder architecture at a hub model's shapes, random weights: gpt2 (GPT-2 124M), llama (Llama 3.2 "
+        "1B), smollm2 (SmolLM2 135M), qwen2 (Qwen2.5 0.5B), qwen3 (Qwen3 0.6B) (default: gpt2)",
+    )
+    add(
+        "--decoder-layers",
+        type=int,
+        help="build the Llama-family decoder with this many layers instead of the model's own (quicker runs "
+        "of the 1B llama; the figures then stand for that depth)",
+    )
     add(
         "--compile",
         action="store_true",
@@ -372,25 +437,39 @@ def main() -> None:
     if not cuda:
         results["cpu_support"] = cpu_support()
         print(f"CPU support: {results['cpu_support']}")
-    print(f"CLIP ViT-B/32 + MLP mapper (K={PREFIX_LENGTH}) + GPT-2 124M, random weights; {NEW_TOKENS} new tokens each")
+    if args.decoder == "gpt2" and args.decoder_layers:
+        raise SystemExit("error: --decoder-layers applies to Llama-family decoders")
+    decoder_name = DECODER_SHAPES[args.decoder]
+    if args.decoder_layers:
+        decoder_name += f" cut to {args.decoder_layers} layers"
+    print(f"CLIP ViT-B/32 + MLP mapper (K={PREFIX_LENGTH}) + {decoder_name}, random weights; {NEW_TOKENS} new tokens")
+    results["decoder"] = decoder_name
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_full_size_model(args.workdir or tmp)
+        model_dir = build_full_size_model(args.workdir or tmp, args.decoder, decoder_layers=args.decoder_layers)
         model = CaptionModel.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        results["decoding_path"] = engine.describe(model.decoder)
+        print(f"decoding path: {results['decoding_path']}", flush=True)
         variants = {} if cuda else cpu_variants(model_dir, args.cpu_variants)
+        exports = {} if cuda else onnx_exports(model_dir, args.onnx)
+        if exports:
+            print(f"ONNX Runtime: {torch.get_num_threads()} intra-op threads (torch.get_num_threads())", flush=True)
         for mode in [mode.strip() for mode in args.modes.split(",") if mode.strip()]:
             if mode not in ("greedy", "beam"):
                 raise SystemExit(f"error: unknown mode {mode!r} (choose greedy, beam)")
             print(f"\n{mode}" + (" (num_beams=5)" if mode == "beam" else ""), flush=True)
             if mode == "greedy":
-                results["greedy"] = decoding(model, args, 1, batch_size, num_images, variants)
+                results["greedy"] = decoding(model, args, 1, batch_size, num_images, variants, exports)
             else:
                 results["beam5"] = decoding(
-                    model, args, 5, beam_batch_size, args.beam_images or batches * beam_batch_size, variants
+                    model, args, 5, beam_batch_size, args.beam_images or batches * beam_batch_size, variants, exports
                 )
         if e2e_images:
             print("\nend to end, greedy, text out", flush=True)
             results["end_to_end"] = end_to_end(model, args, batch_size, e2e_images, Path(tmp))
+            for name, exported in exports.items():  # the same pipeline on an export (Captioner takes either)
+                print(f"\nend to end, greedy, text out: ONNX Runtime, {name}", flush=True)
+                results[f"end_to_end_onnx_{name}"] = end_to_end(exported, args, batch_size, e2e_images, Path(tmp))
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,16 @@ encoder is not part of a training step). Captions have 10-20 tokens, as in COCO.
       padded only to the longest in their batch, the LM head and loss computed only where there
       is a target, gradient clipping and LR schedule included.
 
+  `--objective scst` times a self-critical step instead (`train --objective scst`): sampling
+  `--samples-per-image` captions of up to 20 tokens per image with the decoding engine, the CIDEr-D
+  reward, the mean-of-others baseline and the policy-gradient step, with `--batch-size` images; it
+  reports sampled captions per second and the shares of the step spent sampling and rewarding. A
+  random-weight model samples noise, so the reward scores COCO-like stand-ins (8-16 words of a
+  Zipf-distributed 2,000-word vocabulary) against 5 such references per image, which cost CIDEr-D
+  what real captions cost.
+
     python benchmarks/bench_train.py --steps 3 --batch-size 64    # CPU: a quick look
+    python benchmarks/bench_train.py --objective scst --steps 2 --warmup 1 --batch-size 4    # CPU smoke
     python benchmarks/bench_train.py --device cuda --steps 50 --json out.json
 """
 
@@ -34,6 +43,7 @@ from prefixcap.testing import build_full_size_model
 from prefixcap.training import TrainConfig
 from prefixcap.training.data import CaptionTargets
 from prefixcap.training.objective import CaptionLoss
+from prefixcap.training.scst import SCSTLoss, SelfCritical
 from prefixcap.training.trainer import (
     build_accelerator,
     build_optimizer,
@@ -117,6 +127,49 @@ def bench_prefixcap(
     return samples_per_second(step, config.batch_size, args.steps, args.warmup, accelerator.device)
 
 
+def stand_in_captions(count: int, rng: np.random.Generator, vocabulary: int = 2000) -> list[str]:
+    """COCO-like word sequences: 8-16 words, Zipf-distributed over `vocabulary` words."""
+    ranks = np.arange(1, vocabulary + 1)
+    probabilities = 1 / ranks / (1 / ranks).sum()
+    return [
+        " ".join(f"w{word}" for word in rng.choice(vocabulary, rng.integers(8, 17), p=probabilities))
+        for _ in range(count)
+    ]
+
+
+def bench_scst(model: CaptionModel, args: argparse.Namespace, config: TrainConfig) -> dict[str, float]:
+    """Sampled captions per second of SCST steps, and the shares of sampling and reward in them."""
+    from prefixcap.evaluation.cider import CiderD
+
+    accelerator = build_accelerator(config)
+    optimizer = build_optimizer(model.to(accelerator.device), config, accelerator.device)
+    scheduler = build_scheduler(optimizer, config, total_steps=args.steps + args.warmup)
+    images, k = (args.steps + args.warmup) * config.batch_size, args.samples_per_image
+    rng = np.random.default_rng(0)
+    references = [stand_in_captions(5, rng) for _ in range(images)]
+    cider = CiderD(references)
+
+    def reward(captions, image_indices):  # stand-ins for the sampled noise, scored as real captions are
+        return cider(stand_in_captions(len(captions), rng), [references[i] for i in image_indices])
+
+    embeds = torch.randn(images, model.config.embed_dim, generator=torch.Generator().manual_seed(0)).half()
+    scst = SelfCritical(model, reward, embeds, [""] * images, samples_per_image=k, max_new_tokens=20)
+    objective, optimizer = accelerator.prepare(SCSTLoss(model), optimizer)
+    objective.eval()
+
+    def step(i: int) -> None:
+        if i == args.warmup:  # time the timed steps only
+            scst.report(0.0, {})
+        batch = np.arange(i * config.batch_size, (i + 1) * config.batch_size)
+        micro_batches = scst.step_batches([batch], (0, i, 0))
+        train_step(objective, optimizer, scheduler, accelerator, micro_batches, config.max_grad_norm)
+
+    rate = samples_per_second(step, config.batch_size * k, args.steps, args.warmup, accelerator.device)
+    seconds = config.batch_size * k * args.steps / rate
+    return {"samples_per_s": rate, **{name: value for name, value in scst.report(seconds, {}).items()
+                                       if name.endswith("_share")}}  # fmt: skip
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,6 +192,11 @@ def main() -> None:
         "--workdir", type=Path, help="keep the built full-size model here and reuse it (default: a temp dir)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--objective", choices=("xent", "scst"), default="xent",
+        help="xent: ClipCap's step against prefixcap's; scst: prefixcap's self-critical step (default: xent)",
+    )  # fmt: skip
+    parser.add_argument("--samples-per-image", type=int, default=5, help="scst: captions per image (default: 5)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if (device.type == "cuda") != torch.cuda.is_available():  # Accelerate takes the GPU whenever there is one
@@ -151,8 +209,21 @@ def main() -> None:
         compile=args.compile,
     )
     total = args.steps + args.warmup
-    targets = random_targets(total * max(args.batch_size, CLIPCAP_BATCH))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if args.objective == "scst":
+        with tempfile.TemporaryDirectory() as tmp:
+            scst = bench_scst(CaptionModel.from_pretrained(build_full_size_model(args.workdir or tmp)), args, config)
+        results = {"device": f"{device.type}: {name}", "torch": torch.__version__, "steps": args.steps,
+                   "scst": {**scst, "images_per_step": config.batch_size, "samples_per_image": args.samples_per_image,
+                            "precision": config.precision, "reward": "cider"}}  # fmt: skip
+        print(f"device: {results['device']} | torch {torch.__version__} | {args.steps} timed steps")
+        print(f"SCST ({config.precision}, {config.batch_size} images x {args.samples_per_image} samples, CIDEr-D): "
+              f"{scst['samples_per_s']:,.1f} sampled captions/s; reward {scst['reward_share']:.1%} and sampling "
+              f"{scst['sample_share']:.1%} of the step time")  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
+    targets = random_targets(total * max(args.batch_size, CLIPCAP_BATCH))
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_full_size_model(args.workdir or tmp)

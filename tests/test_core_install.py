@@ -87,6 +87,7 @@ def test_the_core_install_captions_images(core_env, tiny_model_dir, example_imag
         (["train", "features", "--out", "run"], "train"),
         (["score", "--results", "r.json", "--references", "refs.json"], "eval"),
         (["caption", "--model", "MODEL", "--format", "parquet", "--output", "OUT", "IMAGE"], "scale"),
+        (["export", "onnx", "MODEL", "OUT"], "onnx"),
     ],
 )
 def test_commands_name_their_missing_extra(core_env, tiny_model_dir, example_images, tmp_path, command, extra) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from unittest import mock
 
@@ -58,7 +59,7 @@ def test_int8_quantizes_the_blocks_and_decodes_with_the_engine(tiny_model_dir: P
     assert isinstance(decoder.transformer.h[-1].mlp.c_proj, DynamicInt8Linear)
     assert decoder.lm_head.weight is decoder.transformer.wte.weight  # the tied head stays float
     assert captioner.precision == "float32 (int8 weights take float32 activations)"
-    assert captioner.decoding_path == "decoding engine"
+    assert captioner.decoding_path == "prefixcap engine (gpt2)"
 
     # The engine's int8 path gives HF generate's tokens on the same quantized modules.
     for beams in (1, 3):
@@ -82,17 +83,34 @@ def test_int8_refusals_are_one_line(tiny_model_dir: Path, kwargs: dict, message:
 
 @pytest.mark.slow
 def test_bf16_and_int8_say_what_fp32_says(tmp_path: Path, one_thread) -> None:
-    """A model trained to ≥ 90% exact on the synthetic colours keeps its captions in bf16 and int8."""
+    """A model trained to ≥ 90% exact on the synthetic colours keeps its captions in bf16 and int8,
+    and in its ONNX exports run by ONNX Runtime (fp32 and int8), when the onnx extra is installed."""
     model_dir, test = train_synthetic_model(tmp_path)
     images, truth = [record.image for record in test], [record.captions[0] for record in test]
     reference = Captioner.from_pretrained(model_dir, device="cpu", dtype="float32")(images)
     assert exact_matches(reference, truth) >= 0.9 * len(test)
-    for name, captioner in [
-        ("bf16", Captioner.from_pretrained(model_dir, device="cpu", dtype="bfloat16")),
-        ("int8", Captioner.from_pretrained(model_dir, device="cpu", quantize="int8")),
-    ]:
-        captions = captioner(images)
+    variants = [
+        ("bf16", lambda: Captioner.from_pretrained(model_dir, device="cpu", dtype="bfloat16")),
+        ("int8", lambda: Captioner.from_pretrained(model_dir, device="cpu", quantize="int8")),
+    ]
+    if all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript")):
+        variants += [
+            (f"onnx {quantize or 'fp32'}", _onnx_export(model_dir, tmp_path, quantize)) for quantize in (None, "int8")
+        ]
+    for name, load in variants:
+        captions = load()(images)
         agree = exact_matches(captions, [caption[0] for caption in reference])
         exact = exact_matches(captions, truth)
         print(f"{name}: agrees with fp32 on {agree}/{len(test)}, exact {exact}/{len(test)}")
-        assert agree >= 0.95 * len(test) and exact >= 0.9 * len(test), name
+        assert agree >= 0.95 * len(test) and exact >= 0.9 * len(test), f"{name}: agrees {agree}, exact {exact}"
+
+
+def _onnx_export(model_dir: Path, root: Path, quantize: str | None):
+    """A loader of the captioner of `model_dir`'s ONNX export (`prefixcap export onnx`)."""
+    from prefixcap.onnx_export import export_onnx
+
+    def load() -> Captioner:
+        export_onnx(model_dir, root / f"onnx-{quantize or 'fp32'}", quantize=quantize)
+        return Captioner.from_pretrained(root / f"onnx-{quantize or 'fp32'}")
+
+    return load

@@ -6,11 +6,9 @@ step, so stop tokens land at different positions in different rows.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -23,9 +21,9 @@ from prefixcap.engine.processors import keep_top_k, keep_top_p
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
 from prefixcap.generation import GenerationOptions
+from tests.helpers_engine import PAD, PREFIX, engine, full_recompute_greedy, hf_generate, prefixes, stop_ids_seen_in
 
-VOCAB, WIDTH, PREFIX = 300, 64, 5
-PAD = 1
+VOCAB, WIDTH = 300, 64
 
 
 def tiny_gpt2(device: str = "cpu", dtype: torch.dtype = torch.float32, **overrides) -> GPT2LMHeadModel:
@@ -37,51 +35,6 @@ def tiny_gpt2(device: str = "cpu", dtype: torch.dtype = torch.float32, **overrid
     return GPT2LMHeadModel(config).eval().to(device, dtype)
 
 
-def prefixes(batch: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, PREFIX, WIDTH, generator=generator).to(device, dtype)
-
-
-def engine(model, prefix, stop_ids, **options) -> torch.Tensor:
-    return generate_from_prefix(model, prefix, GenerationOptions(**options), eos_token_ids=stop_ids, pad_token_id=PAD)
-
-
-@torch.no_grad()
-def hf_generate(model, prefix, stop_ids, **options) -> torch.Tensor:
-    """HF `generate` with the same options, defaults included (greedy or beam search)."""
-    hf_options = dataclasses.asdict(GenerationOptions(**options))
-    for sampling_only in ("seed", "temperature", "top_k", "top_p"):
-        del hf_options[sampling_only]
-    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-    return model.generate(
-        inputs_embeds=prefix, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=PAD, **hf_options
-    )
-
-
-@torch.no_grad()
-def full_recompute_greedy(model, prefix, steps: int, stop_ids: list[int]) -> torch.Tensor:
-    """ClipCap's loop: run the whole sequence at every step, take the argmax, append; then keep
-    each row up to its first stop token and pad the rest."""
-    sequence, tokens = prefix, []
-    for _ in range(steps):
-        token = model(inputs_embeds=sequence).logits[:, -1].argmax(dim=-1)
-        tokens.append(token)
-        sequence = torch.cat([sequence, model.transformer.wte(token).unsqueeze(1)], dim=1)
-    tokens = torch.stack(tokens, dim=1)
-    stops = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
-    after_stop = (stops.cumsum(dim=1) - stops.long()) > 0
-    tokens = tokens.masked_fill(after_stop, PAD)
-    length = int((~after_stop).sum(dim=1).max())
-    return tokens[:, :length]
-
-
-def stop_ids_seen_in(model, prefix, positions: list[tuple[int, int]]) -> list[int]:
-    """Stop tokens that greedy decoding emits at the given (row, step) positions, so that rows
-    end at different lengths."""
-    free = full_recompute_greedy(model, prefix, 16, stop_ids=[VOCAB])
-    return sorted({int(free[row, step]) for row, step in positions})
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT2LMHeadModel:
     return tiny_gpt2()
@@ -89,12 +42,10 @@ def model() -> GPT2LMHeadModel:
 
 def test_supports_plain_gpt2_only(model):
     assert supports(model)
-    assert not supports(tiny_gpt2(scale_attn_by_inverse_layer_idx=True))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
-    assert not supports(llama)
-    with pytest.raises(ValueError, match="plain GPT-2"):
-        engine(llama, torch.zeros(1, PREFIX, 32), [0])
+    variant = tiny_gpt2(scale_attn_by_inverse_layer_idx=True)
+    assert not supports(variant)
+    with pytest.raises(ValueError, match="cannot run GPT2LMHeadModel: scale_attn_by_inverse_layer_idx=True"):
+        engine(variant, prefixes(1), [0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil
+from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
 
 from prefixcap.images import load_image
 from prefixcap.preprocess import ImagePreprocessor
@@ -25,11 +25,27 @@ PROCESSORS = {
     "no normalisation": dict(do_normalize=False),
     "fixed size (the processor's own resize)": dict(size={"height": 50, "width": 70}),
 }
+# The other encoder families' processors, with their hub checkpoints' settings.
+OTHER_PROCESSORS = {
+    "siglip (square resize, no crop, mean and std 0.5)": lambda: SiglipImageProcessorPil(),
+    "siglip 384": lambda: SiglipImageProcessorPil(size={"height": 384, "width": 384}),
+    "dinov2 (shortest edge 256, crop 224, ImageNet statistics)": lambda: BitImageProcessorPil(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ),  # fmt: skip
+}
 
 
-@pytest.mark.parametrize("settings", PROCESSORS.values(), ids=PROCESSORS.keys())
-def test_split_pipeline_equals_the_processor(settings):
-    processor = CLIPImageProcessorPil(**settings)
+def _processors():
+    yield from (pytest.param(lambda s=s: CLIPImageProcessorPil(**s), id=name) for name, s in PROCESSORS.items())
+    yield from (pytest.param(make, id=name) for name, make in OTHER_PROCESSORS.items())
+
+
+@pytest.mark.parametrize("make_processor", _processors())
+def test_split_pipeline_equals_the_processor(make_processor):
+    processor = make_processor()
     preprocessor = ImagePreprocessor(processor)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)) for shape in SHAPES]
@@ -73,3 +89,21 @@ def test_extremely_elongated_images_are_resized_within_bounded_memory():
     pixels = preprocessor.pixels(Image.new("RGB", (200_000, 1), (10, 20, 30)))
     assert pixels.shape == (3, 224, 224)
     assert pixels.flatten(1).unique(dim=1).tolist() == [[10], [20], [30]]
+
+
+def test_the_fast_path_covers_every_encoder_family():
+    """CLIP's, SigLIP's and DINOv2's processors are reproduced by `pixels` itself (PIL resize and
+    crop), not by the processor's slower own pipeline, and say their fixed output size."""
+    for make in [CLIPImageProcessorPil, *OTHER_PROCESSORS.values()]:
+        processor = make()
+        preprocessor = ImagePreprocessor(processor)
+        assert preprocessor.geometry is not None, type(processor).__name__
+        assert preprocessor.output_size == tuple(preprocessor.pixels(Image.new("RGB", (300, 200))).shape[1:])
+
+
+def test_square_resize_bounds_memory_and_drafts_at_the_output_size():
+    """SigLIP squashes the whole image: a banner needs no crop trick, and a JPEG draft keeps both
+    sides at least the output size."""
+    preprocessor = ImagePreprocessor(SiglipImageProcessorPil(size={"height": 64, "width": 96}))
+    assert preprocessor.pixels(Image.new("RGB", (200_000, 1))).shape == (3, 64, 96)
+    assert preprocessor.draft_size == 96

@@ -15,6 +15,8 @@ from prefixcap.data import load_records, split_records
 from prefixcap.data.synth import (
     BACKGROUND_COLORS,
     OBJECT_COLORS,
+    REFERENCES_PER_IMAGE,
+    WORDINGS,
     make_synthetic_dataset,
 )
 
@@ -68,3 +70,17 @@ def test_cli_writes_the_dataset_and_rejects_bad_sizes(tmp_path: Path, capsys: py
     assert raised.value.code == 2
     assert "--num-images: must be at least 3" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_wordings_task_gives_each_image_differently_worded_references_of_its_colours(tmp_path: Path) -> None:
+    records = load_records(make_synthetic_dataset(tmp_path, num_images=200, seed=2, task="wordings"))
+    templates = [template for _, template in WORDINGS]
+    short = 0
+    for record in records:
+        assert len(record.captions) == REFERENCES_PER_IMAGE
+        pixels = np.asarray(Image.open(record.image))
+        obj = next(name for name, colour in OBJECT_COLORS.items() if (pixels == colour).all(axis=-1).any())
+        bg = next(name for name, colour in BACKGROUND_COLORS.items() if (pixels == colour).all(axis=-1).any())
+        assert set(record.captions) <= {template.format(obj=obj, bg=bg) for template in templates}
+        short += sum(caption == templates[0].format(obj=obj, bg=bg) for caption in record.captions)
+    assert 0.3 < short / (len(records) * REFERENCES_PER_IMAGE) < 0.5  # the short wording: 40%, the likeliest one

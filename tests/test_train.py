@@ -160,7 +160,7 @@ def test_config_file_fills_options_and_flags_win(tmp_path: Path) -> None:
         ("batch_size: 1.5\n", "batch_size must be int"),
         ("learning_rate: 1\n", "unknown option 'learning_rate'"),
         ("- 1\n", "must hold a mapping"),
-        ("freeze: some\n", "freeze must be frozen, none or first:N"),
+        ("freeze: some\n", "freeze must be frozen, none, lora or first:N"),
     ],
 )
 def test_bad_config_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:

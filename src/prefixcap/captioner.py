@@ -11,12 +11,13 @@ from typing import Any, Protocol
 import torch
 
 from prefixcap.data.hf import dataset_images
-from prefixcap.engine import supports as engine_supports
+from prefixcap.engine import describe as describe_decoding
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.hardware import QUANTIZE_CHOICES, auto_dtype, quantize_int8
 from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.loader import ImageLoader, group, in_order
 from prefixcap.modeling import CaptionModel
+from prefixcap.onnx_backend import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import TextOptions
 from prefixcap.registry import resolve_model_dir
 
@@ -67,7 +68,7 @@ class Captioner:
 
     def __init__(
         self,
-        model: CaptionModel,
+        model: CaptionModel | OnnxCaptionModel,
         *,
         batch_size: int = 32,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -92,7 +93,14 @@ class Captioner:
         """Load a model; by default on CUDA when available, else on CPU. `dtype="auto"` (or None)
         picks bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32
         (`prefixcap.hardware.auto_dtype`); `precision` says which and why. `quantize="int8"` makes
-        the decoder's linear layers dynamic int8 (CPU only; `hardware.quantize_int8`)."""
+        the decoder's linear layers dynamic int8 (CPU only; `hardware.quantize_int8`). A folder
+        written by `prefixcap export onnx` runs on ONNX Runtime, on CPU (`onnx_backend`)."""
+        if is_onnx_export(name_or_dir):  # device, dtype and quantization were fixed at export
+            fingerprint = model_fingerprint(name_or_dir)
+            onnx_model = OnnxCaptionModel.from_pretrained(name_or_dir, device=device, dtype=dtype, quantize=quantize)
+            captioner = cls(onnx_model, model_fingerprint=fingerprint, **kwargs)
+            captioner.precision, captioner.quantize = onnx_model.precision, onnx_model.quantize
+            return captioner
         device = torch.device(device) if device is not None else default_device()
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
             raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
@@ -123,8 +131,11 @@ class Captioner:
 
     @property
     def decoding_path(self) -> str:
-        """Which decoder runs: prefixcap's engine (plain GPT-2, also int8) or HF `generate`."""
-        return "decoding engine" if engine_supports(self.model.decoder) else "Hugging Face generate"
+        """Which decoder runs, e.g. "prefixcap engine (llama)", "HF generate (PhiForCausalLM: not
+        supported by the engine)" or "ONNX Runtime"."""
+        if isinstance(self.model, OnnxCaptionModel):
+            return self.model.decoding_path
+        return describe_decoding(self.model.decoder)
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the

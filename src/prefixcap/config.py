@@ -14,7 +14,11 @@ from prefixcap.typecheck import check_types
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
-MAPPER_KINDS = ("linear", "mlp", "transformer")
+MAPPER_KINDS = ("linear", "mlp", "transformer", "resampler")
+# Mappers that read the encoder's patch tokens [B, N, patch_dim] instead of its pooled embedding.
+PATCH_MAPPERS = ("resampler",)
+# What a feature store holds per image: the pooled embedding, or the patch tokens (for PATCH_MAPPERS).
+FEATURE_KINDS = ("pooled", "patches")
 # Upper bounds for every size in a config, far above real models (GPT-2 XL is 1600 wide, ClipCap
 # uses K = 10..40), so that a damaged or hostile config.json fails before anything is allocated.
 SIZE_LIMITS = {
@@ -24,21 +28,24 @@ SIZE_LIMITS = {
     "mapper_num_layers": 64,
     "mapper_num_heads": 256,
     "mapper_clip_length": 1024,
+    "mapper_width": 16384,
 }
 
 
 @dataclass
 class CaptionConfig:
-    vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen CLIP encoder
+    vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen image encoder (CLIP, SigLIP, DINOv2)
     decoder: str = "gpt2"  # hub id or dir of the causal LM the decoder started from
-    mapper: str = "mlp"  # prefix mapper kind: linear | mlp | transformer
+    mapper: str = "mlp"  # prefix mapper kind: linear | mlp | transformer | resampler (reads patch tokens)
     prefix_length: int = 10  # K, the number of prefix embeddings given to the decoder
-    embed_dim: int = 512  # size of the encoder's projected image embedding (mapper input)
+    embed_dim: int = 512  # the mapper's input width: the pooled embedding's, or a patch token's (resampler)
     decoder_hidden_size: int = 768  # size of the decoder's input embeddings (mapper output)
-    mapper_num_layers: int = 8  # transformer mapper: attention layers
-    mapper_num_heads: int = 8  # transformer mapper: attention heads
+    mapper_num_layers: int = 8  # transformer and resampler mappers: attention layers
+    mapper_num_heads: int = 8  # transformer and resampler mappers: attention heads
     mapper_clip_length: int = 10  # transformer mapper: tokens the image embedding is expanded to
+    mapper_width: int | None = None  # resampler: width of its queries and layers (None: decoder_hidden_size)
     freeze_decoder: bool = False  # True: only the mapper is trained (ClipCap's prefix-only mode)
+    decoder_adapter: bool = False  # True: the decoder is `decoder` plus the LoRA adapter in decoder_adapter/
     stop_token: str | None = None  # text that ends a caption besides EOS ("." for ClipCap imports)
     generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 30})  # defaults
     prompt: str | None = None  # the prompt the model was trained with: captioning's default prompt
@@ -51,12 +58,17 @@ class CaptionConfig:
             raise ModelLoadError(f"unknown mapper kind {self.mapper!r}; choose one of {MAPPER_KINDS}")
         for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not 1 <= value <= limit:
+            if value is not None and not 1 <= value <= limit:
                 raise ModelLoadError(f"{name} must be in [1, {limit}], got {value}")
         if self.mapper == "transformer" and self.decoder_hidden_size % self.mapper_num_heads:
             raise ModelLoadError(
                 f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by "
                 f"mapper_num_heads {self.mapper_num_heads}"
+            )
+        if self.mapper == "resampler" and self.resampler_width % self.mapper_num_heads:
+            raise ModelLoadError(
+                f"the resampler's width {self.resampler_width} (mapper_width, else decoder_hidden_size) is not "
+                f"divisible by mapper_num_heads {self.mapper_num_heads}"
             )
         self._check_generation()
         prompt = self.prompt
@@ -65,6 +77,15 @@ class CaptionConfig:
                 f"prompt must be non-empty text of at most {MAX_TEXT_CHARS} characters without surrounding or "
                 f"repeated whitespace, got {self.prompt[:100]!r}"
             )
+
+    @property
+    def uses_patches(self) -> bool:
+        """Whether the mapper reads patch tokens [B, N, embed_dim] rather than pooled embeddings [B, embed_dim]."""
+        return self.mapper in PATCH_MAPPERS
+
+    @property
+    def resampler_width(self) -> int:
+        return self.mapper_width or self.decoder_hidden_size
 
     def _check_generation(self) -> None:
         """The generation defaults must be valid GenerationOptions. The types are checked here too,

@@ -29,6 +29,8 @@ EXTRAS: dict[str, dict[str, str]] = {
     },
     "scale": {"accelerate": "accelerate", "webdataset": "webdataset", "pyarrow": "pyarrow"},
     "datasets": {"datasets": "datasets"},
+    "lora": {"peft": "peft"},  # also in pyproject's train extra; only --freeze lora and LoRA models need it
+    "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"},
 }
 
 

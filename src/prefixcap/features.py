@@ -1,11 +1,14 @@
-"""The feature store: every image of a dataset encoded once by the frozen CLIP encoder.
+"""The feature store: every image of a dataset encoded once by the frozen image encoder.
 
-Training and evaluation read fp16 projected embeddings from here instead of re-running CLIP on
-every image at every epoch. Layout (like clip-retrieval: tensor shards plus row metadata):
+Training and evaluation read fp16 features from here instead of re-running the encoder on every
+image at every epoch: pooled embeddings [n, embed_dim] (for the linear, MLP and transformer
+mappers), or patch tokens [n, num_patches, embed_dim] (for the resampler; `prepare --features
+patches`). Layout (like clip-retrieval: tensor shards plus row metadata):
 
     FEATURES/
-      store.json                 manifest: encoder id, embed_dim, preprocessing, counts
-      shards/000000.safetensors  "image_embeds" [n, embed_dim] float16, one row per good image
+      store.json                 manifest: encoder id, feature kind and sizes, preprocessing, counts
+      shards/000000.safetensors  "image_embeds" [n, embed_dim] (or [n, num_patches, embed_dim])
+                                 float16, one row per good image
       shards/000000.jsonl        one line per record of the shard: image_id, image, split,
                                  captions, prompt (if any), and "row" (its embedding row) or "error" (bad image)
       bad_images.jsonl           every image that could not be read, with the reason
@@ -32,12 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prefixcap.atomic import atomic_path, write_atomic
-from prefixcap.config import CaptionConfig, normalize_model_id
+from prefixcap.config import FEATURE_KINDS, CaptionConfig, normalize_model_id
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import ImageLoadError, UserError
 
@@ -58,7 +62,7 @@ PREPROCESSING_KEYS = (
 @dataclass
 class StoreManifest:
     encoder: str  # the vision encoder the embeddings came from: hub id or absolute directory
-    embed_dim: int  # size of each projected image embedding
+    embed_dim: int  # size of each pooled embedding, or of each patch token
     preprocessing: dict[str, Any]  # the encoder's image processor settings (PREPROCESSING_KEYS)
     shard_size: int  # records per shard (the last shard may hold fewer)
     num_shards: int
@@ -68,6 +72,14 @@ class StoreManifest:
     splits: dict[str, int] = field(default_factory=dict)  # encoded images per split
     source: str = ""  # the dataset prepare read
     dtype: str = "float16"  # dtype of the stored embeddings
+    features: str = "pooled"  # FEATURE_KINDS: what each row holds
+    num_patches: int = 0  # patch tokens per image (features "patches"; 0 for pooled)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features."""
+        return (self.num_patches, self.embed_dim) if self.features == "patches" else (self.embed_dim,)
+
     format_version: int = FORMAT_VERSION
 
 
@@ -109,13 +121,22 @@ class FeatureStore:
         """The encoded images (all, or one split's) in dataset order."""
         return [record for _, _, record in self._select(split)]
 
-    def embeddings(self, split: str | None = None) -> torch.Tensor:
-        """float16 [len(records(split)), embed_dim]; row i belongs to records(split)[i].
-        Loads the selected rows into memory (COCO: 123k images, 126 MB)."""
+    def embeddings(self, split: str | None = None, *, mmap: bool = False) -> torch.Tensor | MappedRows:
+        """float16 [len(records(split)), embed_dim] ([..., num_patches, embed_dim] for patch
+        features); row i belongs to records(split)[i]. Loads the selected rows into memory (COCO:
+        123k images, 126 MB pooled; 9 GB of ViT-B/32 patch tokens), or with `mmap` maps the shards
+        instead and reads rows when indexed (`MappedRows`), so that a patch store larger than
+        memory trains."""
+        if mmap:
+            selected = self._select(split)
+            shards = np.array([shard for shard, _, _ in selected], dtype=np.int64)
+            rows = np.array([row for _, row, _ in selected], dtype=np.int64)
+            paths = [shard_path(self.path, shard, ".safetensors") for shard in range(self.manifest.num_shards)]
+            return MappedRows(paths, shards, rows, self.manifest.row_shape)
         rows_by_shard: dict[int, list[int]] = {}
         for shard, row, _ in self._select(split):
             rows_by_shard.setdefault(shard, []).append(row)
-        parts = [torch.empty(0, self.embed_dim, dtype=torch.float16)]
+        parts = [torch.empty(0, *self.manifest.row_shape, dtype=torch.float16)]
         for shard, rows in rows_by_shard.items():
             with _open_shard(shard_path(self.path, shard, ".safetensors")) as file:
                 parts.append(file.get_tensor(EMBEDS_KEY)[rows])
@@ -123,8 +144,20 @@ class FeatureStore:
 
     def check_encoder(self, config: CaptionConfig, image_processor: Any = None) -> None:
         """Raise UserError unless a model with `config` (and `image_processor`) expects exactly
-        these features: the same encoder, embedding size and, if given, preprocessing."""
+        these features: the same kind (pooled or patches), encoder, embedding size and, if given,
+        preprocessing."""
         where = f"{self.path}: features from {self.encoder!r}"
+        wanted = "patches" if config.uses_patches else "pooled"
+        if self.manifest.features != wanted:
+            fix = (
+                f"prepare the store with `prefixcap prepare ... --features {wanted}`"
+                if config.uses_patches
+                else "train with --mapper resampler, or prepare the store with `--features pooled`"
+            )
+            raise UserError(
+                f"{self.path} holds {_KIND_NAMES[self.manifest.features]}, but the {config.mapper} mapper reads "
+                f"{_KIND_NAMES[wanted]}; {fix}"
+            )
         if config.embed_dim != self.embed_dim:
             raise UserError(f"{where} are {self.embed_dim}-d, but the model's mapper expects {config.embed_dim}-d")
         if normalize_model_id(config.vision_encoder) != self.encoder:
@@ -136,6 +169,59 @@ class FeatureStore:
         if split is not None and split not in self.manifest.splits:
             raise UserError(f"{self.path}: no images in split {split!r} (splits: {', '.join(self.manifest.splits)})")
         return [item for item in self._index if split is None or item[2].split == split]
+
+
+class MappedRows:
+    """Some rows of a feature store, memory-mapped from its shards: indexing with a slice, an index
+    tensor, array or list gives a float16 tensor of those rows, read from disk (or the page cache)
+    then. Enough of a tensor for the training and evaluation loops, which only index it."""
+
+    def __init__(self, paths: Sequence[Path], shards: np.ndarray, rows: np.ndarray, row_shape: tuple[int, ...]):
+        self.row_shape = row_shape
+        self.shard_of, self.row_of = shards, rows  # row i is row row_of[i] of shard shard_of[i]
+        self.arrays = {shard: _map_embeds(paths[shard]) for shard in np.unique(shards).tolist()}
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.row_of), *self.row_shape))
+
+    dtype = torch.float16
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __getitem__(self, index: slice | torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+        if isinstance(index, slice):
+            positions = np.arange(len(self))[index]
+        else:
+            positions = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        shards, rows = self.shard_of[positions], self.row_of[positions]
+        out = np.empty((len(positions), *self.row_shape), dtype=np.float16)
+        for shard in np.unique(shards).tolist():
+            chosen = shards == shard
+            out[chosen] = self.arrays[shard][rows[chosen]]
+        return torch.from_numpy(out)
+
+
+def _map_embeds(path: Path) -> np.ndarray:
+    """The embeddings tensor of a shard, memory-mapped read-only (safetensors: an 8-byte header
+    length, a JSON header giving each tensor's dtype, shape and byte range, then the data)."""
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            entry = json.loads(file.read(length))[EMBEDS_KEY]
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if entry["dtype"] != "F16" or end - begin != 2 * math.prod(shape):
+            raise ValueError(f"{entry['dtype']} {shape} in {end - begin} bytes")
+        if not begin < end:
+            return np.empty(shape, dtype=np.float16)
+        return np.memmap(path, dtype=np.float16, mode="r", offset=8 + length + begin, shape=shape)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: unreadable embeddings ({error}); {RERUN}") from None
+
+
+_KIND_NAMES = {"pooled": "pooled embeddings", "patches": "patch tokens"}
 
 
 def read_manifest(path: Path) -> StoreManifest:
@@ -155,8 +241,11 @@ def read_manifest(path: Path) -> StoreManifest:
             and result.num_shards == math.ceil(result.num_records / result.shard_size)
             and result.num_images + result.num_bad == result.num_records
         )
+        kind_agrees = result.features in FEATURE_KINDS and (result.features == "patches") == (result.num_patches > 0)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
         raise UserError(f"{manifest}: not a prefixcap feature manifest ({error})") from None
+    if not kind_agrees:
+        raise UserError(f"{manifest}: unknown features {result.features!r} with num_patches {result.num_patches}")
     if result.format_version != FORMAT_VERSION:
         raise UserError(f"{manifest}: store format {result.format_version}, this prefixcap reads {FORMAT_VERSION}")
     if not counts_agree:
@@ -206,10 +295,10 @@ def _checked_shard(path: Path, shard: int, manifest: StoreManifest) -> tuple[lis
     with _open_shard(embeds) as file:
         metadata = file.metadata() or {}
         shape = file.get_slice(EMBEDS_KEY).get_shape() if EMBEDS_KEY in file.keys() else None
-    if shape != [len(rows), manifest.embed_dim]:
+    if shape != [len(rows), *manifest.row_shape]:
         raise UserError(
             f"{embeds}: holds embeddings of shape {shape}, but its index lists {len(rows)} images "
-            f"of {manifest.embed_dim}-d features; {RERUN}"
+            f"of {'x'.join(map(str, manifest.row_shape))} features; {RERUN}"
         )
     if metadata.get(INDEX_DIGEST) not in (None, digest):
         raise UserError(f"{index}: changed since `prefixcap prepare` wrote it (unlike {embeds.name}); {RERUN}")
@@ -302,10 +391,10 @@ def write_shard(
     embeds: dict[int, torch.Tensor],
     failures: dict[int, ImageLoadError],
     fingerprint: str,
-    embed_dim: int,
+    row_shape: tuple[int, ...],
 ) -> None:
     """Write one shard atomically; `embeds`/`failures` map a record's position in `records` to its
-    embedding or to why it could not be read (stored as the reason alone)."""
+    features (of `row_shape`) or to why it could not be read (stored as the reason alone)."""
     rows, entries = [], []
     for position, record in enumerate(records):
         entry: dict[str, Any] = record.to_dict()
@@ -315,7 +404,7 @@ def write_shard(
         else:
             entry["error"] = failures[position].reason
         entries.append(entry)
-    tensor = torch.stack(rows) if rows else torch.empty(0, embed_dim)
+    tensor = torch.stack(rows) if rows else torch.empty(0, *row_shape)
     index = shard_path(store, shard, ".jsonl")
     text = _jsonl(entries)
     write_atomic(index, text)

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+import weakref
 
 import torch
 from transformers import PreTrainedModel
@@ -12,6 +15,21 @@ from prefixcap import engine
 from prefixcap.options import GenerationOptions
 
 __all__ = ["GenerationOptions", "generate_from_prefix"]
+
+logger = logging.getLogger("prefixcap")
+
+# The path last logged per decoder: each decoder's path is logged once, and again if it changes
+# (a decode longer than a sliding window moves to HF generate).
+_logged_paths: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_logged_lock = threading.Lock()
+
+
+def _log_path(decoder: torch.nn.Module, path: str) -> None:
+    with _logged_lock:
+        if _logged_paths.get(decoder) == path:
+            return
+        _logged_paths[decoder] = path
+    logger.info("generating with %s", path)
 
 
 def generate_from_prefix(
@@ -25,10 +43,13 @@ def generate_from_prefix(
     """New token ids [B * num_return_sequences, T] continuing `prefix_embeds` [B, K, E]; rows are
     padded with `pad_token_id` after their stop token, which is kept.
 
-    GPT-2 decoders run on prefixcap's decoding engine (`prefixcap.engine`: the same tokens as HF
-    `generate` for greedy and beam search, faster, most of all on CUDA); other decoders use HF
-    `generate`."""
-    if engine.supports(decoder):
+    GPT-2 and Llama-family decoders run on prefixcap's decoding engine (`prefixcap.engine`: the
+    same tokens as HF `generate` for greedy and beam search, faster, most of all on CUDA); other
+    decoders, and decodes longer than a decoder's sliding window, use HF `generate`. The path
+    taken (`engine.describe`) is logged at INFO once per decoder."""
+    length = prefix_embeds.shape[1] + options.max_new_tokens - 1
+    _log_path(decoder, engine.describe(decoder, length))
+    if engine.supports(decoder) and engine.fits(decoder, length):
         return engine.generate_from_prefix(
             decoder, prefix_embeds, options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id
         )

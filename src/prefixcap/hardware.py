@@ -82,10 +82,12 @@ def quantize_int8(decoder: nn.Module) -> nn.Module:
     """Quantize the transformer blocks' linear layers of `decoder` to dynamic int8, in place.
 
     Weights become int8 (per output channel), activations are quantized per batch on the fly, with
-    fp32 outputs: PyTorch's fbgemm/oneDNN int8 kernels (VNNI/AMX where the CPU has them). HF GPT-2's
-    projections are `Conv1D` layers, weights [in, out], which `quantize_dynamic` does not know: they
-    become `nn.Linear` first (weight transposed). The LM head, tied to the token embeddings, stays
-    float. CPU only: PyTorch has no CUDA kernels for these modules."""
+    fp32 outputs: PyTorch's fbgemm/oneDNN int8 kernels (VNNI/AMX where the CPU has them). Llama-family
+    projections (q/k/v/o, gate/up/down) are `nn.Linear` already; HF GPT-2's are `Conv1D` layers,
+    weights [in, out], which `quantize_dynamic` does not know: they become `nn.Linear` first (weight
+    transposed). The LM head (often tied to the token embeddings, which must stay float) stays
+    float. The decoding engine calls a quantized projection as a module. CPU only: PyTorch has no
+    CUDA kernels for these modules."""
     from transformers.pytorch_utils import Conv1D
 
     for parent in list(decoder.modules()):
@@ -104,4 +106,5 @@ def quantize_int8(decoder: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # torch.ao's deprecation notices (torchao replaces it): not the user's concern
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         return quantization.quantize_dynamic(decoder, blocks, dtype=torch.qint8, inplace=True)

@@ -1,4 +1,9 @@
-"""Prefix mappers: turn one image embedding into K embeddings in the decoder's input space."""
+"""Prefix mappers: turn an image's encoding into K embeddings in the decoder's input space.
+
+linear, mlp and transformer read the encoder's pooled embedding [B, embed_dim] (ClipCap's
+designs); resampler reads its patch tokens [B, N, embed_dim] (a Perceiver resampler, as in
+Flamingo, or a Q-Former without text, as in BLIP-2), so the prefix can describe where things
+are and not only what the image is about overall."""
 
 from __future__ import annotations
 
@@ -60,8 +65,51 @@ class TransformerMapper(nn.Module):
         return self.transformer(torch.cat([expanded, constant], dim=1))[:, self.clip_length :]
 
 
+class ResamplerLayer(nn.Module):
+    """One pre-norm resampler block: the queries attend to [patch tokens; queries] (so they also
+    see each other), then an MLP; both residual."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.norm_queries = nn.LayerNorm(width)
+        self.norm_patches = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        normed = self.norm_queries(queries)
+        context = torch.cat([self.norm_patches(patches), normed], dim=1)
+        queries = queries + self.attention(normed, context, context, need_weights=False)[0]
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class ResamplerMapper(nn.Module):
+    """K learned queries cross-attend to the patch tokens through `num_layers` blocks: patch tokens
+    [B, N, patch_dim] -> prefix [B, K, hidden_size], for any N (the encoder's tokens carry their
+    positions already)."""
+
+    def __init__(
+        self, patch_dim: int, hidden_size: int, prefix_length: int, width: int, num_layers: int, num_heads: int
+    ):
+        super().__init__()
+        self.input = nn.Linear(patch_dim, width)
+        self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
+        self.layers = nn.ModuleList(ResamplerLayer(width, num_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        self.output = nn.Linear(width, hidden_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        patches = self.input(patches)
+        queries = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, patches)
+        return self.output(self.norm(queries))
+
+
 class PrefixMapper(nn.Module):
-    """Maps [B, embed_dim] image embeddings to [B, prefix_length, decoder_hidden_size] prefixes."""
+    """Maps image embeddings [B, embed_dim] (patch tokens [B, N, embed_dim] for the resampler) to
+    [B, prefix_length, decoder_hidden_size] prefixes."""
 
     def __init__(self, config: CaptionConfig):
         super().__init__()
@@ -88,4 +136,6 @@ def _build(config: CaptionConfig) -> nn.Module:
         return LinearMapper(*sizes)
     if config.mapper == "mlp":
         return MLPMapper(*sizes)
+    if config.mapper == "resampler":
+        return ResamplerMapper(*sizes, config.resampler_width, config.mapper_num_layers, config.mapper_num_heads)
     return TransformerMapper(*sizes, config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads)

@@ -1,21 +1,25 @@
-"""CaptionModel: frozen CLIP image encoder -> PrefixMapper -> causal LM decoder (the ClipCap design).
+"""CaptionModel: frozen image encoder (CLIP, SigLIP, DINOv2) -> PrefixMapper -> causal LM decoder
+(the ClipCap design; a resampler mapper reads the encoder's patch tokens instead of its pooled embedding).
 
 A model directory is self-contained:
 
     config.json              CaptionConfig
     mapper.safetensors       PrefixMapper weights
-    vision_encoder/          CLIPVisionModelWithProjection (absent when stored as a reference)
+    vision_encoder/          the image encoder's vision tower (absent when stored as a reference)
     decoder/                 the causal LM (absent when a frozen decoder is stored as a reference)
+    decoder_adapter/         a LoRA-trained decoder's adapter, in PEFT's format (then there is no
+                             decoder/: `config.decoder` names the base decoder; see prefixcap.lora)
     tokenizer/               the decoder's tokenizer
-    image_processor/         the encoder's CLIPImageProcessor
+    image_processor/         the encoder's image processor
 
 Everything loads from safetensors; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +27,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    CLIPImageProcessorPil,
-    CLIPVisionModelWithProjection,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.atomic import atomic_dir, check_output_dir
-from prefixcap.config import CONFIG_NAME, CaptionConfig
+from prefixcap.checkpoints import check_finite
+from prefixcap.checkpoints import first_names as _first
+from prefixcap.checkpoints import hf_call as _hf_call
+from prefixcap.checkpoints import load_checked as _load_checked
+from prefixcap.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
+from prefixcap.encoders import ImageEncoder, load_image_encoder, load_image_processor
 from prefixcap.errors import ModelLoadError
 from prefixcap.generation import generate_from_prefix
+from prefixcap.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, has_adapter, load_adapter, save_adapter
 from prefixcap.mapping import PrefixMapper
 from prefixcap.options import GenerationOptions, clean_prompt
 from prefixcap.preprocess import ImagePreprocessor
@@ -57,10 +58,10 @@ class CaptionModel(nn.Module):
     def __init__(
         self,
         config: CaptionConfig,
-        vision_encoder: CLIPVisionModelWithProjection,
+        vision_encoder: ImageEncoder,
         decoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        image_processor: CLIPImageProcessorPil,
+        image_processor: Any,
         mapper: PrefixMapper | None = None,
     ):
         super().__init__()
@@ -69,6 +70,8 @@ class CaptionModel(nn.Module):
         self.vision_encoder = vision_encoder.eval().requires_grad_(False)
         self.mapper = mapper if mapper is not None else PrefixMapper(config)
         self.decoder = decoder
+        # Where the decoder's base weights load from, for a LoRA adapter's reference (None: only in memory)
+        self.decoder_source: str | None = config.decoder
         if config.freeze_decoder:
             self.decoder.requires_grad_(False)
         if tokenizer.pad_token_id is None:  # GPT-2 has no pad token; padding is masked anyway
@@ -89,14 +92,14 @@ class CaptionModel(nn.Module):
         **config_overrides: Any,
     ) -> CaptionModel:
         """A new model with an untrained mapper, from an encoder and a decoder (hub ids or dirs)."""
-        encoder_model = load_vision_encoder(vision_encoder)
+        encoder_model = load_image_encoder(vision_encoder)
         decoder_model = _load_decoder(decoder)
         config = CaptionConfig(
             vision_encoder=str(vision_encoder),
-            decoder=str(decoder),
+            decoder=normalize_model_id(decoder),  # absolute: a LoRA model directory refers to it
             mapper=mapper,
             prefix_length=prefix_length,
-            embed_dim=encoder_model.config.projection_dim,
+            embed_dim=_encoder_width(encoder_model, mapper in PATCH_MAPPERS),
             decoder_hidden_size=decoder_model.get_input_embeddings().embedding_dim,
             freeze_decoder=freeze_decoder,
             **config_overrides,
@@ -105,10 +108,19 @@ class CaptionModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        merge_adapter: bool = True,
     ) -> CaptionModel:
         """Load a local model directory. Names and hub ids are the registry's job (`prefixcap.load_model`),
-        so that the model class does not depend on the converter and the hub."""
+        so that the model class does not depend on the converter and the hub.
+
+        A LoRA-trained decoder (`decoder_adapter/`) is its base decoder with the adapter merged in: a
+        plain Hugging Face model, decoded at full speed. `merge_adapter=False` keeps the adapter as
+        separate trainable layers instead (to continue training it)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelLoadError(
@@ -116,12 +128,14 @@ class CaptionModel(nn.Module):
                 "prefixcap.load_model(...) or Captioner.from_pretrained(...)"
             )
         config = CaptionConfig.load(directory)
-        for required in ["tokenizer", "image_processor"] + ([] if config.freeze_decoder else ["decoder"]):
+        decoder_part = [ADAPTER_DIR] if config.decoder_adapter else [] if config.freeze_decoder else ["decoder"]
+        for required in ["tokenizer", "image_processor", *decoder_part]:
             if not (directory / required).is_dir():
                 raise ModelLoadError(f"{directory}: missing {required}/ (the directory is incomplete)")
+        decoder, decoder_source = _load_decoder_of(directory, config, merge_adapter)
         components = (
-            load_vision_encoder(_local_or(directory / "vision_encoder", config.vision_encoder)),
-            _load_decoder(_local_or(directory / "decoder", config.decoder)),
+            load_image_encoder(_local_or(directory / "vision_encoder", config.vision_encoder)),
+            decoder,
             _load_tokenizer(directory / "tokenizer"),
             load_image_processor(directory / "image_processor"),
         )
@@ -129,6 +143,7 @@ class CaptionModel(nn.Module):
             model = cls(config, *components)
         except ModelLoadError as error:
             raise ModelLoadError(f"{directory / CONFIG_NAME}: {error}") from None
+        model.decoder_source = decoder_source
         mapper_path = directory / MAPPER_WEIGHTS
         if not mapper_path.is_file():
             raise ModelLoadError(f"{directory}: missing {MAPPER_WEIGHTS}")
@@ -142,11 +157,22 @@ class CaptionModel(nn.Module):
         other non-empty folder is refused, never deleted."""
         check_output_dir(directory, what=MODEL_DIRECTORY, is_ours=is_model_dir, overwrite=True)
         with atomic_dir(directory) as staging:
-            self.config.save(staging)
+            adapter = has_adapter(self.decoder)
+            if adapter and self.decoder_source is None:
+                raise ValueError(
+                    "cannot save a LoRA adapter whose base decoder exists only in memory (it has another adapter "
+                    "merged in): load that model with merge_adapter=False to train its own adapter"
+                )
+            saved = dataclasses.replace(self.config, decoder_adapter=adapter)
+            if adapter:  # the base the adapter applies to
+                saved.decoder = self.decoder_source
+            saved.save(staging)
             save_file({k: v.contiguous() for k, v in self.mapper.state_dict().items()}, staging / MAPPER_WEIGHTS)
             if save_frozen:
                 self.vision_encoder.save_pretrained(staging / "vision_encoder")
-            if save_frozen or not self.config.freeze_decoder:
+            if adapter:  # LoRA: the adapter only, megabytes; the base decoder stays a reference
+                save_adapter(self.decoder, staging / ADAPTER_DIR, base=saved.decoder)
+            elif save_frozen or not self.config.freeze_decoder:
                 self.decoder.save_pretrained(staging / "decoder")
             self.tokenizer.save_pretrained(staging / "tokenizer")
             self.image_processor.save_pretrained(staging / "image_processor")
@@ -168,7 +194,7 @@ class CaptionModel(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     @property
-    def image_processor(self) -> CLIPImageProcessorPil:
+    def image_processor(self) -> Any:
         """The encoder's Hugging Face image processor (what `preprocessor` splits)."""
         return self.preprocessor.processor
 
@@ -177,13 +203,14 @@ class CaptionModel(nn.Module):
         return next(self.mapper.parameters()).device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, embed_dim] of the image processor's (float) output, as
-        CLIP's `get_image_features` gives."""
-        return embed_pixel_values(self.vision_encoder, pixel_values)
+        """What the mapper reads, of the image processor's (float) output: pooled embeddings
+        [B, embed_dim] (CLIP's `get_image_features`), or patch tokens [B, N, embed_dim] for a
+        resampler mapper."""
+        return embed_pixel_values(self.vision_encoder, pixel_values, patches=self.config.uses_patches)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, embed_dim] of uint8 pixels from `preprocessor.pixels`."""
-        return embed_pixels(self.vision_encoder, self.preprocessor, pixels)
+        """`encode_images` of uint8 pixels from `preprocessor.pixels`."""
+        return embed_pixels(self.vision_encoder, self.preprocessor, pixels, patches=self.config.uses_patches)
 
     def prefix_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Mapper output [B, K, hidden], in the decoder's dtype."""
@@ -202,6 +229,18 @@ class CaptionModel(nn.Module):
             return self.encode_pixels(pixels)
         if pixel_values is not None:
             return self.encode_images(pixel_values)
+        return self.check_image_embeds(image_embeds)
+
+    def check_image_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`image_embeds` if they have the shape the mapper reads, else a ValueError saying why."""
+        patches = self.config.uses_patches
+        if image_embeds.dim() != (3 if patches else 2):
+            expected = "patch tokens [B, N, D]" if patches else "pooled embeddings [B, D]"
+            raise ValueError(
+                f"image_embeds have shape {tuple(image_embeds.shape)}, but this model's {self.config.mapper} "
+                f"mapper reads {expected} (features of the other kind: `prefixcap prepare --features "
+                f"{'patches' if patches else 'pooled'}`)"
+            )
         if image_embeds.shape[-1] != self.config.embed_dim:
             raise ValueError(
                 f"image_embeds have size {image_embeds.shape[-1]}, but this model's mapper expects "
@@ -387,85 +426,63 @@ class CaptionModel(nn.Module):
 # ---------------------------------------------------------------------- the encode step
 @torch.no_grad()
 def embed_pixels(
-    vision_encoder: CLIPVisionModelWithProjection, preprocessor: ImagePreprocessor, pixels: torch.Tensor
+    vision_encoder: ImageEncoder, preprocessor: ImagePreprocessor, pixels: torch.Tensor, *, patches: bool = False
 ) -> torch.Tensor:
-    """Projected embeddings [B, D] of uint8 pixels [B, 3, H, W] (`ImagePreprocessor.pixels`):
-    moved to the encoder's device (without waiting, from pinned memory), normalised there, encoded."""
+    """Pooled embeddings [B, D] (patch tokens [B, N, D] with `patches`) of uint8 pixels
+    [B, 3, H, W] (`ImagePreprocessor.pixels`): moved to the encoder's device (without waiting,
+    from pinned memory), normalised there, encoded."""
     pixels = pixels.to(vision_encoder.device, non_blocking=True)
-    return embed_pixel_values(vision_encoder, preprocessor.normalize(pixels))
+    return embed_pixel_values(vision_encoder, preprocessor.normalize(pixels), patches=patches)
 
 
 @torch.no_grad()
-def embed_pixel_values(vision_encoder: CLIPVisionModelWithProjection, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected embeddings [B, D] of normalised float pixel values (an image processor's output)."""
+def embed_pixel_values(
+    vision_encoder: ImageEncoder, pixel_values: torch.Tensor, *, patches: bool = False
+) -> torch.Tensor:
+    """Pooled embeddings [B, D] (patch tokens [B, N, D] with `patches`) of normalised float pixel
+    values (an image processor's output)."""
     if not pixel_values.is_floating_point():
         raise TypeError(
             "pixel_values are an image processor's normalised floats; pass uint8 pixels from "
             "pixels()/load_pixels() as pixels="
         )
     pixel_values = pixel_values.to(vision_encoder.device, vision_encoder.dtype)
-    return vision_encoder(pixel_values=pixel_values).image_embeds
+    return vision_encoder(pixel_values, patches=patches)
 
 
 # ---------------------------------------------------------------------- component loaders
-def load_vision_config(source: str | Path) -> PretrainedConfig:
-    """The CLIP vision tower's config (with `projection_dim`), from a full CLIP or a vision-only
-    checkpoint, without loading any weights."""
-    config = _hf_call(AutoConfig.from_pretrained, source, "image encoder config")
-    if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives at top level
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-        config = vision_config
-    if config.model_type != "clip_vision_model":
-        raise ModelLoadError(f"{source}: expected a CLIP model, found model_type {config.model_type!r}")
-    return config
-
-
-def load_vision_encoder(source: str | Path) -> CLIPVisionModelWithProjection:
-    """The CLIP vision tower with its projection, from a full CLIP or a vision-only checkpoint."""
-    config = load_vision_config(source)
-    return _load_checked(CLIPVisionModelWithProjection.from_pretrained, source, "image encoder", config=config)
-
-
-def load_image_processor(source: str | Path) -> CLIPImageProcessorPil:
-    return _hf_call(CLIPImageProcessorPil.from_pretrained, source, "image processor")
+def load_vision_encoder(source: str | Path) -> PreTrainedModel:
+    """The Hugging Face vision tower itself (e.g. CLIPVisionModelWithProjection), as before image
+    encoders other than CLIP existed; `load_image_encoder` gives it behind prefixcap's interface."""
+    return load_image_encoder(source).model
 
 
 def _load_decoder(source: str | Path) -> PreTrainedModel:
     return _load_checked(AutoModelForCausalLM.from_pretrained, source, "decoder")
 
 
+def _load_decoder_of(directory: Path, config: CaptionConfig, merge_adapter: bool) -> tuple[PreTrainedModel, str | None]:
+    """The decoder of a model directory (its own copy, or the base decoder it refers to, plus its
+    LoRA adapter, merged unless `merge_adapter` is False) and where its base weights load from
+    (None for merged ones). `config.decoder_adapter` then says whether the decoder still carries
+    the adapter as separate layers."""
+    local = directory / "decoder"
+    source = str(local.resolve()) if local.is_dir() else config.decoder
+    decoder = _load_decoder(source)
+    if config.decoder_adapter:
+        weights_path = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
+        if not weights_path.is_file():
+            raise ModelLoadError(f"{directory}: missing {ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+        weights = read_safetensors(weights_path)
+        check_finite(weights, weights_path)
+        decoder = load_adapter(decoder, directory / ADAPTER_DIR, weights, merge=merge_adapter)
+        config.decoder_adapter = not merge_adapter
+        source = None if merge_adapter else source
+    return decoder, source
+
+
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     return _hf_call(AutoTokenizer.from_pretrained, source, "tokenizer")
-
-
-def _hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
-    """Run a transformers loader; turn its errors into one clear line. Missing files and bad ids
-    raise OSError or ValueError, damaged files anything from SafetensorError to AttributeError."""
-    try:
-        return loader(str(source), **kwargs)
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None
-
-
-def _load_checked(loader: Callable[..., Any], source: str | Path, what: str, **kwargs: Any) -> PreTrainedModel:
-    """Load safetensors weights with a transformers loader, refusing what it only logs: a tensor
-    whose shape differs from the model's config (it would be re-initialised at random), a missing
-    tensor, and non-finite values (NaN weights give empty captions)."""
-    model, info = _hf_call(
-        loader, source, what, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
-    )
-    if info["mismatched_keys"]:
-        name, found, expected = min(info["mismatched_keys"], key=lambda entry: entry[0])
-        raise ModelLoadError(
-            f"{source}: the {what}'s tensor {name} has shape {tuple(found)}, but its config.json gives "
-            f"{tuple(expected)}"
-        )
-    if info["missing_keys"]:
-        raise ModelLoadError(f"{source}: the {what}'s weights lack {_first(info['missing_keys'])}")
-    check_finite(model.state_dict(), source)
-    return model
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -494,24 +511,17 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     module.load_state_dict(state)
 
 
-def check_finite(state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
-    """Refuse NaN or infinite weights: they make every caption empty, silently."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+def _encoder_width(encoder: ImageEncoder, patches: bool) -> int:
+    """The width of what `encoder` gives the mapper: patch tokens' or the pooled embedding's."""
+    return encoder.patch_dim if patches else encoder.embed_dim
 
 
-def _first(names: Iterable[str]) -> str:
-    """The first of some tensor names, and how many more there are."""
-    names = sorted(names)
-    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-
-def _check_sizes(config: CaptionConfig, encoder: CLIPVisionModelWithProjection, decoder: PreTrainedModel) -> None:
-    encoder_dim = encoder.config.projection_dim
+def _check_sizes(config: CaptionConfig, encoder: ImageEncoder, decoder: PreTrainedModel) -> None:
+    encoder_dim = _encoder_width(encoder, config.uses_patches)
     if encoder_dim != config.embed_dim:
+        kind = "patch tokens" if config.uses_patches else "embeddings"
         raise ModelLoadError(
-            f"image encoder {config.vision_encoder!r} gives {encoder_dim}-d embeddings, but the mapper "
+            f"image encoder {config.vision_encoder!r} gives {encoder_dim}-d {kind}, but the mapper "
             f"expects {config.embed_dim}-d; use the encoder the model was trained with"
         )
     hidden = decoder.get_input_embeddings().embedding_dim

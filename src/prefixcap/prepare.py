@@ -1,4 +1,5 @@
-"""Encode every image of a caption dataset once, into a feature store (layout in `features`).
+"""Encode every image of a caption dataset once, into a feature store (layout in `features`):
+pooled embeddings, or patch tokens (`features="patches"`, for the resampler mapper).
 
 Images are read and preprocessed by DataLoader worker processes while the encoder runs on the
 previous batch. Under `accelerate launch` or `torchrun`, shard i is encoded by process
@@ -17,10 +18,12 @@ import torch
 from tqdm import tqdm
 
 from prefixcap.atomic import check_output_dir
-from prefixcap.config import DEFAULT_VISION_ENCODER, normalize_model_id
+from prefixcap.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS, normalize_model_id
 from prefixcap.data import CaptionRecord, load_records
 from prefixcap.data.hf import export_dataset, is_dataset_object
 from prefixcap.distributed.processes import process_state
+from prefixcap.encoders import EncoderSpec, load_encoder_config
+from prefixcap.errors import UserError
 from prefixcap.features import (
     MANIFEST,
     StoreManifest,
@@ -33,7 +36,7 @@ from prefixcap.features import (
 )
 from prefixcap.images import DEFAULT_MAX_PIXELS
 from prefixcap.loader import Batch, ImageLoader, chunked
-from prefixcap.modeling import embed_pixels, load_image_processor, load_vision_config, load_vision_encoder
+from prefixcap.modeling import embed_pixels, load_image_encoder, load_image_processor
 from prefixcap.preprocess import ImagePreprocessor
 
 
@@ -51,11 +54,16 @@ def prepare_features(
     num_workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    features: str = "pooled",
 ) -> StoreManifest | None:
     """Build (or finish) the feature store at `out`; returns its manifest on the main process and
     None on the others. Finished shards from an earlier run with the same inputs are kept. `out`
     must be new, empty or such a store: a folder holding anything else is refused, and a store
-    none of whose shards these inputs share is replaced only with `overwrite`."""
+    none of whose shards these inputs share is replaced only with `overwrite`. `features`:
+    "pooled" stores each image's pooled embedding, "patches" its patch tokens (for a resampler
+    mapper; the size is printed before encoding starts)."""
+    if features not in FEATURE_KINDS:
+        raise UserError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {features!r}")
     state = process_state()
     out = Path(out)
     if is_dataset_object(source):  # its Parquet export is what the store's records point into
@@ -64,7 +72,13 @@ def prepare_features(
         source, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column
     )
     image_processor = load_image_processor(vision_encoder)
+    preprocessor = ImagePreprocessor(image_processor)
+    spec, _ = load_encoder_config(vision_encoder)
     settings = {"encoder": normalize_model_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
+    row_shape: tuple[int, ...] = (spec.embed_dim,)
+    if features == "patches":  # (pooled stores keep the fingerprints they had before patch stores existed)
+        settings["features"] = features
+        row_shape = (_num_patches(spec, preprocessor, vision_encoder), spec.patch_dim)
     shards = [records[start : start + shard_size] for start in range(0, len(records), shard_size)]
     fingerprints = [shard_fingerprint(settings, shard) for shard in shards]
     finished = [is_finished(out, i, fingerprint) for i, fingerprint in enumerate(fingerprints)]
@@ -75,33 +89,33 @@ def prepare_features(
     if state.is_main_process:
         kept = f"; {sum(finished)} finished shards kept" if any(finished) else ""
         print(f"{len(records)} images in {len(shards)} shards{kept}", file=sys.stderr)
+        if features == "patches":
+            print(_store_size(len(records), row_shape), file=sys.stderr)
         if not all(finished):  # the store is incomplete until the manifest is rewritten at the end
             (out / MANIFEST).unlink(missing_ok=True)
 
-    embed_dim = load_vision_config(vision_encoder).projection_dim
     if todo:  # (a rerun over a finished store, or a process without shards, loads no encoder)
         dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-        encoder = load_vision_encoder(vision_encoder).to(state.device, dtype).eval()
+        encoder = load_image_encoder(vision_encoder).to(state.device, dtype).eval()
         if num_workers is None:  # share the CPUs between the processes of this machine
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
             num_workers = min(8, (os.cpu_count() or 1) // local_processes)
         # One flat stream of images across this process's shards keeps the workers and the encoder
         # busy: units of one encoder batch each, decoded by worker processes.
         work = [(i, shards[i], fingerprints[i]) for i in todo]
-        preprocessor = ImagePreprocessor(image_processor)
         units = list(chunked([record.image for _, records, _ in work for record in records], batch_size))
         batches = ImageLoader(preprocessor, max_pixels=max_pixels).batches(
             units, batch_size=batch_size, workers=num_workers, processes=True, pin_memory=state.device.type == "cuda"
         )
-        _encode_shards(encoder, preprocessor, batches, batch_size, work, embed_dim, out, state)
+        _encode_shards(encoder, preprocessor, batches, batch_size, work, row_shape, out, state)
 
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     manifest = StoreManifest(
-        encoder=settings["encoder"], embed_dim=embed_dim, preprocessing=settings["preprocessing"],
+        encoder=settings["encoder"], embed_dim=row_shape[-1], preprocessing=settings["preprocessing"],
         shard_size=shard_size, num_shards=len(shards), num_records=len(records), num_images=0, num_bad=0,
-        source=str(source),
+        source=str(source), features=features, num_patches=row_shape[0] if features == "patches" else 0,
     )  # fmt: skip
     finish_store(out, manifest)
     return manifest
@@ -114,7 +128,7 @@ def _encode_shards(
     batches: Iterable[Batch],
     batch_size: int,
     shards: list[tuple[int, list[CaptionRecord], str]],
-    embed_dim: int,
+    row_shape: tuple[int, ...],
     out: Path,
     state,
 ) -> None:
@@ -130,7 +144,7 @@ def _encode_shards(
             first = batch.unit * batch_size  # the index of the batch's first image
             # 1. Encode the good images of the batch.
             if batch.pixels is not None:
-                embeds = embed_pixels(encoder, preprocessor, batch.pixels)
+                embeds = embed_pixels(encoder, preprocessor, batch.pixels, patches=len(row_shape) == 2)
                 for index, embed in zip(batch.readable, embeds.to(torch.float16).cpu()):
                     number, position = owners[first + index]
                     results[number][0][position] = embed
@@ -143,5 +157,33 @@ def _encode_shards(
                 remaining[number] -= 1
                 if remaining[number] == 0:
                     records, fingerprint = by_number[number]
-                    write_shard(out, number, records, *results.pop(number), fingerprint, embed_dim)
+                    write_shard(out, number, records, *results.pop(number), fingerprint, row_shape)
             bar.update(len(batch.keys))
+
+
+def _num_patches(spec: EncoderSpec, preprocessor: ImagePreprocessor, source: str | Path) -> int:
+    """Patch tokens per image: the encoder's grid over the processor's fixed output size."""
+    if preprocessor.output_size is None:
+        raise UserError(
+            f"{source}: its image processor gives inputs of varying size, so images would have varying "
+            "numbers of patch tokens; patch features need a fixed-size processor"
+        )
+    return spec.num_patches(*preprocessor.output_size)
+
+
+def _store_size(num_images: int, row_shape: tuple[int, ...]) -> str:
+    """What the patch store will hold, in words: a COCO-sized store runs to tens of gigabytes."""
+    tokens, width = row_shape
+    size = num_images * tokens * width * 2  # float16
+    return (
+        f"patch features: {num_images} images x {tokens} tokens x {width} x 2 bytes = {_human_bytes(size)} "
+        "in the store (and in memory when training reads it)"
+    )
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

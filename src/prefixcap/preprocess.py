@@ -25,21 +25,23 @@ MAX_RESIZED_PIXELS = 2**25
 
 
 class Geometry(NamedTuple):
-    """CLIP's resize-then-crop: shortest side to `shortest_edge`, then a central crop."""
+    """CLIP's and DINOv2's resize-then-crop: shortest side to `shortest_edge`, then a central
+    crop; or, with `shortest_edge` None, SigLIP's resize of the whole image to the output size
+    (aspect ratio not kept, nothing cropped)."""
 
-    shortest_edge: int
+    shortest_edge: int | None
     crop_height: int
     crop_width: int
     resample: int
 
 
 class ImagePreprocessor:
-    """Wraps a Hugging Face image processor (e.g. `CLIPImageProcessorPil`); picklable, so it
-    can travel to DataLoader worker processes."""
+    """Wraps a Hugging Face image processor (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`,
+    DINOv2's `BitImageProcessorPil`, ...); picklable, so it can travel to DataLoader worker processes."""
 
     def __init__(self, processor: Any):
         self.processor = processor
-        self.geometry = _clip_geometry(processor)
+        self.geometry = _geometry(processor)
         self.lookup = _level_lookup(processor)
 
     def load_pixels(
@@ -60,21 +62,31 @@ class ImagePreprocessor:
     def draft_size(self) -> int | None:
         """The smallest side a reduced-scale JPEG decode may have: the model's input size (None
         when the processor resizes by another rule)."""
-        return None if self.geometry is None else self.geometry.shortest_edge
+        if self.geometry is None:
+            return None
+        size, crop_height, crop_width, _ = self.geometry
+        return max(crop_height, crop_width) if size is None else size  # a squash keeps both sides
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every `pixels` output, when fixed (None: it depends on the image)."""
+        return None if self.geometry is None else (self.geometry.crop_height, self.geometry.crop_width)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The resized and cropped RGB `image` as [3, H, W] uint8, ready for `normalize`."""
         if self.geometry is None:  # another resize rule: the processor's own, minus the float steps
             return self.processor(image, do_rescale=False, do_normalize=False, return_tensors="pt").pixel_values[0]
         size, crop_height, crop_width, resample = self.geometry
+        if image.mode != "RGB":  # (converting an RGB image would copy it)
+            image = image.convert("RGB")
+        if size is None:  # a squash to the output size allocates nothing large, whatever the input
+            return _as_tensor(image.resize((crop_width, crop_height), resample=resample))
         width, height = image.size
         # the processor's arithmetic: the short side becomes `size`, the long side is truncated
         if width <= height:
             new_width, new_height = size, int(size * height / width)
         else:
             new_width, new_height = int(size * width / height), size
-        if image.mode != "RGB":  # (converting an RGB image would copy it)
-            image = image.convert("RGB")
         top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
         if new_width * new_height <= MAX_RESIZED_PIXELS:
             image = image.resize((new_width, new_height), resample=resample)
@@ -83,8 +95,7 @@ class ImagePreprocessor:
             x_scale, y_scale = width / new_width, height / new_height
             box = (left * x_scale, top * y_scale, (left + crop_width) * x_scale, (top + crop_height) * y_scale)
             image = image.resize((crop_width, crop_height), resample=resample, box=box)
-        flat = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return flat.view(crop_height, crop_width, 3).permute(2, 0, 1)
+        return _as_tensor(image)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 model inputs from uint8 `pixels` [..., 3, H, W], on their device."""
@@ -98,11 +109,24 @@ class ImagePreprocessor:
         return lookup.view(-1)[pixels.int() + offsets]
 
 
-def _clip_geometry(processor: Any) -> Geometry | None:
-    """The resize-and-crop settings when they are CLIP's kind (else None: use the processor)."""
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as [3, H, W] uint8."""
+    flat = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return flat.view(image.height, image.width, 3).permute(2, 0, 1)
+
+
+def _geometry(processor: Any) -> Geometry | None:
+    """The resize (and crop) settings when they are of a kind `pixels` reproduces: CLIP's and
+    DINOv2's shortest-edge resize and centre crop, or SigLIP's fixed-size resize without a crop
+    (else None: use the processor)."""
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-    if not (getattr(processor, "do_resize", False) and getattr(processor, "do_center_crop", False)):
+    if not getattr(processor, "do_resize", False) or not size:
         return None
+    if not getattr(processor, "do_center_crop", False):  # SigLIP: {"height", "width"}, nothing else
+        others = ("shortest_edge", "longest_edge", "max_height", "max_width")
+        if size.get("height") is None or size.get("width") is None or any(size.get(key) for key in others):
+            return None
+        return Geometry(None, int(size["height"]), int(size["width"]), int(processor.resample))
     shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
     if shortest is None or longest is not None or crop.get("height") is None or crop.get("width") is None:
         return None

@@ -1,4 +1,5 @@
-"""Random-weight CLIP and GPT-2 models built locally, for offline tests and speed benchmarks.
+"""Random-weight image encoders (CLIP, SigLIP, DINOv2) and decoders (GPT-2, the Llama family)
+built locally, for offline tests and speed benchmarks.
 
 They use the real transformers classes and are saved and loaded through the same
 `from_pretrained` path that users take with hub ids, so tests cover the real loading code.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,16 +100,30 @@ def build_components(root: str | Path, *, full_size: bool = False) -> tuple[Path
     return build_clip(root / "clip", full_size=full_size), build_gpt2(root / "gpt2", full_size=full_size)
 
 
-def build_full_size_model(workdir: str | Path) -> Path:
+def build_full_size_model(workdir: str | Path, decoder: str = "gpt2", *, decoder_layers: int | None = None) -> Path:
     """A saved CaptionModel with ClipCap's architecture and random weights (CLIP ViT-B/32, MLP
-    mapper with K=10, GPT-2 124M), for speed benchmarks; reused when `workdir` already holds one."""
+    mapper with K=10, GPT-2 124M), for speed benchmarks; reused when `workdir` already holds one.
+
+    `decoder` picks another `build_decoder` family at full size (`decoder_layers`: fewer layers).
+    Those models are saved with a frozen decoder kept as a reference to its component folder,
+    so that a 1B-parameter decoder is on disk once."""
     from prefixcap.modeling import CaptionModel
 
-    model_dir = Path(workdir) / "model"
+    if decoder == "gpt2" and decoder_layers is not None:
+        raise ValueError("decoder_layers applies to Llama-family decoders, not gpt2")
+    name = "model" if decoder == "gpt2" else f"model-{decoder}" + (f"-{decoder_layers}" if decoder_layers else "")
+    model_dir = Path(workdir) / name
     if not (model_dir / CONFIG_NAME).is_file():
         torch.manual_seed(0)
-        clip_dir, gpt2_dir = build_components(Path(workdir) / "components", full_size=True)
-        CaptionModel.from_components(clip_dir, gpt2_dir).save_pretrained(model_dir)
+        if decoder == "gpt2":
+            clip_dir, gpt2_dir = build_components(Path(workdir) / "components", full_size=True)
+            CaptionModel.from_components(clip_dir, gpt2_dir).save_pretrained(model_dir)
+        else:
+            components = Path(workdir) / "components"
+            clip_dir = build_clip(components / "clip", full_size=True)
+            decoder_dir = build_decoder(components / name, decoder, full_size=True, num_layers=decoder_layers)
+            model = CaptionModel.from_components(clip_dir, decoder_dir, freeze_decoder=True)
+            model.save_pretrained(model_dir, save_frozen=False)
     return model_dir
 
 
@@ -133,3 +149,136 @@ def build_roberta(out_dir: str | Path, corpus: list[str]) -> Path:
     )  # fmt: skip
     RobertaModel(config).save_pretrained(out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------- other image encoders
+def build_siglip(out_dir: str | Path, *, full_size: bool = False, seed: int = 0) -> Path:
+    """A SiglipModel (both towers, as on the hub) plus its image processor (square resize, no
+    crop). No tokenizer: SiglipTokenizer needs sentencepiece, which prefixcap does not install."""
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    torch.manual_seed(seed)
+    ids = {"pad_token_id": 1, "bos_token_id": 1, "eos_token_id": 1}  # within the vocabulary, as the hub's
+    if full_size:  # google/siglip-base-patch16-224
+        config, image_size = SiglipConfig(text_config=ids), 224
+    else:
+        tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        text = {**tower, **ids, "vocab_size": 400, "max_position_embeddings": 16}
+        vision = {**tower, "image_size": 32, "patch_size": 8}
+        config, image_size = SiglipConfig(text_config=text, vision_config=vision), 32
+    SiglipModel(config).save_pretrained(out_dir)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_dinov2(out_dir: str | Path, *, full_size: bool = False, registers: int = 0, seed: int = 0) -> Path:
+    """A Dinov2Model (Dinov2WithRegistersModel with `registers`) plus its BitImageProcessor
+    (shortest-edge resize, centre crop, ImageNet mean and std, as facebook/dinov2-* ship)."""
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    torch.manual_seed(seed)
+    sizes = {} if full_size else {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2}
+    sizes |= {"image_size": 518, "patch_size": 14} if full_size else {"image_size": 32, "patch_size": 8}
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **sizes))
+    else:
+        model = Dinov2Model(Dinov2Config(**sizes))
+    model.save_pretrained(out_dir)
+    shortest, crop = (256, 224) if full_size else (36, 32)
+    BitImageProcessorPil(
+        size={"shortest_edge": shortest}, crop_size={"height": crop, "width": crop},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out_dir)  # fmt: skip
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------- decoders: GPT-2 and the Llama family
+DECODER_FAMILIES = ("gpt2", "llama", "smollm2", "qwen2", "qwen3", "mistral")
+
+# Tiny shapes: 2 layers, 4 heads over 2 key/value heads (grouped-query attention), wide random
+# weights (initializer_range 0.2) so that greedy outputs vary from step to step.
+_TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.2,
+}  # fmt: skip
+# family -> (config class, model class, tiny config, full-size config: the shapes of a hub model)
+_DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {
+        "tie_word_embeddings": False, "rope_theta": 10000.0,  # the llama3 scaling acts on 16-d heads at 32
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32},
+    }, {  # Llama 3.2 1B
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    }),
+    "smollm2": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "rope_theta": 100000.0}, {
+        # SmolLM2 135M
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+    }),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True, "rope_theta": 1000000.0}, {
+        # Qwen2.5 0.5B (q/k/v biases: always, in Qwen2)
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    }),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {
+        "head_dim": 24, "tie_word_embeddings": False, "rope_theta": 1000000.0,  # head_dim != 64 / 4
+    }, {  # Qwen3 0.6B
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
+        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    }),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {
+        "tie_word_embeddings": False, "sliding_window": 64,  # half the positions: decodes past it use HF
+    }, None),  # no full size: Mistral's smallest model has 7B parameters
+}  # fmt: skip
+
+
+def build_decoder(
+    out_dir: str | Path,
+    family: str,
+    *,
+    full_size: bool = False,
+    seed: int = 0,
+    num_layers: int | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """A random-weight causal LM of `family` (one of `DECODER_FAMILIES`) with the tiny BPE
+    tokenizer (`build_tokenizer`), EOS and BOS set to its end-of-text token.
+
+    Tiny by default; `full_size` takes the shapes of GPT-2 124M, Llama 3.2 1B ("llama"), SmolLM2
+    135M, Qwen2.5 0.5B or Qwen3 0.6B, vocabulary size included (the tokenizer stays tiny: speed
+    depends on the model's shapes only). `num_layers` overrides the layer count of a Llama-family
+    decoder (a shallower full-size model for quicker benchmarks). `config_overrides` go to the
+    config last (e.g. a narrower `initializer_range` for a model that is to learn)."""
+    import transformers
+
+    if family not in DECODER_FAMILIES:
+        raise ValueError(f"unknown decoder family {family!r}: choose one of {', '.join(DECODER_FAMILIES)}")
+    if family == "gpt2":
+        if num_layers is not None:
+            raise ValueError("num_layers applies to Llama-family decoders, not gpt2")
+        return build_gpt2(out_dir, full_size=full_size, seed=seed)
+    config_name, model_name, tiny, full = _DECODERS[family]
+    if full_size and full is None:
+        raise ValueError(f"there is no full-size {family} decoder: its smallest model is too large to benchmark")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(out_dir)
+    shape = full if full_size else {**_TINY, **tiny, "vocab_size": len(tokenizer)}
+    if num_layers is not None:
+        shape = {**shape, "num_hidden_layers": num_layers}
+    eos = tokenizer.eos_token_id
+    config = getattr(transformers, config_name)(**{**shape, **config_overrides}, bos_token_id=eos, eos_token_id=eos)
+    getattr(transformers, model_name)(config).save_pretrained(out_dir)
+    return Path(out_dir)

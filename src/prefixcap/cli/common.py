@@ -30,7 +30,7 @@ def add_model_arguments(
         "--model",
         default=default_model,
         required=default_model is None,
-        help=f"registered name ({', '.join(REGISTRY)}), model directory or hub repo id"
+        help=f"registered name ({', '.join(REGISTRY)}), model directory, `prefixcap export onnx` folder or hub repo id"
         + (f" (default: {default_model})" if default_model else ""),
     )
     parser.add_argument(
@@ -126,7 +126,7 @@ def load_captioner(args: argparse.Namespace, *, generation: dict[str, Any] | Non
     if args.dtype == "auto":
         print(f"dtype: {captioner.precision}", file=sys.stderr)
     if args.quantize:
-        print(f"quantize: {args.quantize} decoder linear layers, run by the {captioner.decoding_path}", file=sys.stderr)
+        print(f"quantize: {args.quantize} decoder linear layers, decoded by {captioner.decoding_path}", file=sys.stderr)
     return captioner
 
 

@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate scores one caption per image; drop --num-captions")
     captioner = load_captioner(args, generation=kwargs)
     model = captioner.model
-    config = score_config(args, default_clip_model=model.config.vision_encoder)  # the model's own CLIP
+    # CLIPScore's default CLIP: the model's own encoder when it is a CLIP (a SigLIP or DINOv2 one is not)
+    own_clip = model.config.vision_encoder if model.vision_encoder.family == "clip" else None
+    config = score_config(args, default_clip_model=own_clip)
 
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.
     references, embeddings, store = load_split(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from prefixcap.cli.common import add_column_arguments, bounded
-from prefixcap.config import DEFAULT_VISION_ENCODER
+from prefixcap.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS
 from prefixcap.data import FORMATS
 
 
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read a caption dataset (COCO captions JSON, Karpathy dataset_coco.json, JSONL, CSV, "
         "a folder of images with .txt captions, WebDataset .tar shards, a Hugging Face imagefolder "
         "(metadata.jsonl/.csv) or Parquet dataset, or a hub dataset hf://datasets/OWNER/NAME[@REV]), encode every image once "
-        "with the CLIP image encoder, and write fp16 embeddings in shards plus an index of image ids, "
+        "with the image encoder (CLIP, SigLIP or DINOv2), and write fp16 embeddings (pooled, or patch tokens "
+        "for a resampler mapper) in shards plus an index of image ids, "
         "paths, splits and captions to FEATURES. Unreadable images are skipped and listed with their "
         "reasons in FEATURES/bad_images.jsonl. A rerun keeps finished shards, so an interrupted run "
         "resumes. Runs data-parallel under `accelerate launch -m prefixcap prepare ...`.",
@@ -37,7 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_column_arguments(parser)
     parser.add_argument(
         "--vision-encoder", default=DEFAULT_VISION_ENCODER, metavar="ID_OR_DIR",
-        help="CLIP model (hub id or folder) whose projected image embeddings are stored (default: %(default)s)",
+        help="image encoder (hub id or folder of a CLIP, SigLIP or DINOv2 model) whose features are stored "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--features", choices=FEATURE_KINDS, default="pooled",
+        help="pooled: one embedding per image, for the linear, mlp and transformer mappers; patches: the "
+        "encoder's patch tokens, for --mapper resampler (N times the size: printed before encoding starts) "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=bounded(int, 1), default=256, metavar="N", help="images per encoder batch (default: 256)"
@@ -68,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, images_root=args.images_root, format=args.format, image_column=args.image_column,
         caption_column=args.caption_column, vision_encoder=args.vision_encoder,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers, overwrite=args.overwrite,
+        features=args.features,
     )  # fmt: skip
     if manifest is None:  # not the main process: it wrote its shards, the main process reports
         return 0
     splits = ", ".join(f"{count} {split}" for split, count in manifest.splits.items())
-    print(f"encoded {manifest.num_images} images ({splits}) into {args.out / MANIFEST}")
+    kind = f" as {manifest.num_patches} patch tokens each" if manifest.features == "patches" else ""
+    print(f"encoded {manifest.num_images} images ({splits}){kind} into {args.out / MANIFEST}")
     if manifest.num_bad:
         print(f"skipped {manifest.num_bad} unreadable images; reasons in {args.out / BAD_IMAGES}", file=sys.stderr)
     return 0

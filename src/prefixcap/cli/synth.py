@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT_DIR/captions.jsonl with train/val/test splits (80/10/10). A working pipeline "
         "(prepare, train, caption) learns these captions even with tiny models on a CPU. "
         "--task two-balls checks prompts instead: two balls of different colours, and each record's "
-        "prompt, 'left:' or 'right:', says which one the caption ('a red ball') describes.",
+        "prompt, 'left:' or 'right:', says which one the caption ('a red ball') describes. "
+        "--task wordings shows what self-critical training does: the shapes images, each with 5 references "
+        "worded in 4 ways, where greedy captions of a cross-entropy model take the short, hedged wording "
+        "('a red shape') and `train --objective scst` learns the consensus that names the background too.",
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created if missing)")
     parser.add_argument(
@@ -39,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--task", choices=TASKS, default="shapes",
         help="shapes: one shape, captioned by its and the background's colours; two-balls: prompt-conditioned "
-        "captions of one of two balls (default: shapes)",
+        "captions of one of two balls; wordings: shapes with 5 differently worded references each, for SCST "
+        "(default: shapes)",
     )  # fmt: skip
     parser.set_defaults(func=run)
 

@@ -12,8 +12,11 @@ from prefixcap.training.config import (
     BEST_METRICS,
     BOUNDS,
     CAPTION_MODES,
+    OBJECTIVES,
     PRECISIONS,
     SCHEDULES,
+    SCST_BASELINES,
+    SCST_REWARDS,
     TrainConfig,
     field_kind,
 )
@@ -56,8 +59,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
     add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
     add("--prefix-length", metavar="K", help="prefix embeddings per image")
+    add("--mapper-layers", metavar="N", help="transformer and resampler mappers: attention layers (default 8)")
+    add("--mapper-heads", metavar="N", help="transformer and resampler mappers: attention heads (default 8)")
+    add("--mapper-width", metavar="W", help="resampler: width of its queries and layers (default: the decoder's "
+        "hidden size)")  # fmt: skip
     add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
-        "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10)")  # fmt: skip
+        "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10); lora: train the mapper "
+        "and LoRA adapters on the decoder (needs peft: pip install 'prefixcap[lora]')")  # fmt: skip
+    add("--lora-rank", metavar="R", help="--freeze lora: the rank of each adapter")
+    add("--lora-alpha", metavar="ALPHA", help="--freeze lora: adapter scale numerator; the scale is ALPHA / R "
+        "(default: twice R)")  # fmt: skip
+    add("--lora-targets", metavar="NAMES", help="--freeze lora: comma-separated names of the decoder modules to "
+        "adapt (default: every linear layer of the blocks: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,"
+        "o_proj,gate_proj,up_proj,down_proj for Llama, SmolLM2, Qwen2/2.5/3 and Mistral)")  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     add = _adder(optim)
@@ -90,6 +104,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="text that every caption continues, e.g. 'a photo of': the model learns the captions given image + "
         "prompt, and uses the prompt by default when captioning (default: each record's own 'prompt', if any)",
     )  # fmt: skip
+
+    scst = parser.add_argument_group(
+        "self-critical sequence training",
+        "fine-tune a trained model on a reward of its own sampled captions: --init MODEL --objective scst",
+    )
+    add = _adder(scst)
+    add("--objective", choices=OBJECTIVES, help="xent: cross-entropy on the references; scst: self-critical sequence "
+        "training (needs --init; --batch-size then counts images)")  # fmt: skip
+    add("--init", metavar="MODEL", help="start from this trained model: a model folder, registered name or hub id "
+        "(e.g. RUN_DIR/best of a cross-entropy run); its encoder must be the feature store's")  # fmt: skip
+    add("--reward", choices=SCST_REWARDS, help="scst reward: CIDEr-D against the image's training references, "
+        "CLIP-S (needs a full CLIP with the captioner's image tower), or their weighted sum")  # fmt: skip
+    add("--samples-per-image", metavar="K", help="scst: captions sampled per image per step")
+    add("--baseline", choices=SCST_BASELINES, help="scst: mean: the mean reward of the image's other samples "
+        "(Luo 2020); greedy: the reward of its greedy caption (Rennie 2017)")  # fmt: skip
+    add("--max-new-tokens", metavar="N", help="scst: longest sampled caption in tokens (default: the training "
+        "targets' length, --max-caption-tokens)")  # fmt: skip
+    add("--reward-clip", metavar="MODEL", help="scst: full CLIP (hub id or folder) for the clipscore reward; its "
+        "image tower must be the captioner's encoder (default: the encoder's own CLIP)")  # fmt: skip
+    add("--reward-weights", metavar="W_CIDER,W_CLIP", help="scst cider+clipscore: the weights of CIDEr-D and "
+        "CLIP-S in the reward")  # fmt: skip
 
     validation = parser.add_argument_group("validation, checkpoints and logs")
     add = _adder(validation)

@@ -10,6 +10,14 @@ The `two-balls` task checks prompt conditioning: each image holds two balls, one
 (from disjoint palettes, see BALL_COLORS), and its record's prompt, "left:" or "right:", says which
 to describe ("a red ball"). Only a model that reads the prompt can be right more than about half
 the time.
+
+The `wordings` task is one where self-critical training (`train --objective scst`) visibly helps.
+The images are the `shapes` ones, but each has REFERENCES_PER_IMAGE references, each drawn from
+WORDINGS: the short "a red shape" (40%) or one of three longer wordings that also name the
+background (20% each). Cross-entropy learns these frequencies, so greedy decoding starts with the
+likeliest first word, "a", and says the short, hedged caption; but most references name the
+background, and CIDEr-D prefers the longer consensus (about 5.5 against 4.5 per image). SCST with
+the CIDEr-D reward learns it, and held-out CIDEr-D rises.
 """
 
 from __future__ import annotations
@@ -43,7 +51,15 @@ BACKGROUND_COLORS = {
 _SHAPE_MIN_SIDE = {"square": 0.52, "circle": 0.6, "triangle": 0.74}  # with a margin for rasterising
 _MAX_SIDE = 0.9
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
-TASKS = ("shapes", "two-balls")
+TASKS = ("shapes", "two-balls", "wordings")
+# `wordings`: (probability, template) of each reference; only the short one leaves out the background.
+WORDINGS = (
+    (0.4, "a {obj} shape"),
+    (0.2, "{obj} shape on a {bg} background"),
+    (0.2, "the {obj} shape is on a {bg} background"),
+    (0.2, "there is a {obj} shape on a {bg} background"),
+)
+REFERENCES_PER_IMAGE = 5
 # Each side has its own palette: the tiny random CLIPs of the tests see an image's colours but hardly
 # where they are, so this keeps both balls identifiable, and only the prompt says which to describe.
 BALL_COLORS = {"left": ("red", "yellow", "purple"), "right": ("green", "blue", "orange")}
@@ -73,7 +89,7 @@ def make_synthetic_dataset(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     rng = random.Random(seed)
-    if task == "shapes":
+    if task in ("shapes", "wordings"):
         pairs = [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS]
     else:  # (left colour, right colour, side the prompt asks for)
         left_colors, right_colors = BALL_COLORS["left"], BALL_COLORS["right"]
@@ -91,6 +107,10 @@ def make_synthetic_dataset(
             obj, bg = pair
             _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
             record = {"image": name, "caption": caption_for(obj, bg)}
+        elif task == "wordings":
+            obj, bg = pair
+            _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
+            record = {"image": name, "captions": wordings_for(rng, obj, bg)}
         else:
             left, right, side = pair
             _draw_balls(rng, image_size, OBJECT_COLORS[left], OBJECT_COLORS[right]).save(out_dir / name)
@@ -99,6 +119,13 @@ def make_synthetic_dataset(
     # The captions file comes last and atomically: if it exists, the whole dataset does.
     write_atomic(out_dir / CAPTIONS_FILE, "\n".join(lines) + "\n")
     return out_dir / CAPTIONS_FILE
+
+
+def wordings_for(rng: random.Random, object_color: str, background_color: str) -> list[str]:
+    """REFERENCES_PER_IMAGE references of one image of the `wordings` task, drawn from WORDINGS."""
+    weights, templates = zip(*WORDINGS)
+    chosen = rng.choices(templates, weights=weights, k=REFERENCES_PER_IMAGE)
+    return [template.format(obj=object_color, bg=background_color) for template in chosen]
 
 
 def _split_names(num_images: int) -> list[str]:

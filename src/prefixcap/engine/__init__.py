@@ -1,10 +1,12 @@
-"""Fast batched decoding from prefix embeddings for GPT-2 decoders.
+"""Fast batched decoding from prefix embeddings for GPT-2 and Llama-family decoders.
 
-`generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on GPT-2: it prefills the
-prefix once per input, keeps the KV cache in preallocated tensors, and runs greedy, sampling and
-beam search batched, with finished rows masked. Steps never read values back to the host; the loop
-only asks every few steps whether all rows have finished, to stop early. On CUDA each step is
-replayed from a CUDA graph. Other decoders keep using HF `generate` (see `supports`).
+`generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on the decoders that
+`supports` accepts (GPT-2; Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3, Mistral: see `forward.family`):
+it prefills the prefix once per input, keeps the KV cache in preallocated tensors, and runs
+greedy, sampling and beam search batched, with finished rows masked. Steps never read values back
+to the host; the loop only asks every few steps whether all rows have finished, to stop early. On
+CUDA each step is replayed from a CUDA graph. Other decoders keep using HF `generate`;
+`describe` says which path a decoder takes, in words.
 """
 
 from __future__ import annotations
@@ -16,18 +18,38 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from prefixcap.engine.gpt2 import GPT2Forward, supports
+from prefixcap.engine.forward import decoder_forward, family, supports, unsupported_reason, window
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
 from prefixcap.options import GenerationOptions
 
-__all__ = ["DecodeSpec", "generate_from_prefix", "supports"]
+__all__ = ["DecodeSpec", "describe", "fits", "generate_from_prefix", "supports"]
 
 # Graphed runners kept per decoder (each holds a KV cache for its batch size).
 MAX_CACHED_RUNNERS = 4
 
 _runners: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, DecodeRunner]] = weakref.WeakKeyDictionary()
 _runners_lock = threading.Lock()  # graphed runners own shared buffers: one decode at a time
+
+
+def fits(decoder: nn.Module, length: int) -> bool:
+    """Whether a decode over `length` positions (prefix + max_new_tokens - 1) stays where the engine
+    equals HF: within the sliding window of a decoder that has one (Mistral); always otherwise
+    (the decoder's own position limit is checked when decoding starts)."""
+    size = window(decoder)
+    return size is None or length <= size
+
+
+def describe(decoder: nn.Module, length: int | None = None) -> str:
+    """Which path generates with `decoder`, in a few words for logs and benchmarks:
+    "prefixcap engine (llama)", or "HF generate (PhiForCausalLM: not supported by the engine)".
+    With `length` (see `fits`), also whether a decode that long stays on the engine."""
+    name = type(decoder).__name__
+    if not supports(decoder):
+        return f"HF generate ({name}: {unsupported_reason(decoder) or 'not supported by the engine'})"
+    if length is not None and not fits(decoder, length):
+        return f"HF generate ({name}: {length} positions exceed its {window(decoder)}-position sliding window)"
+    return f"prefixcap engine ({family(decoder)})"
 
 
 @torch.no_grad()
@@ -49,18 +71,25 @@ def generate_from_prefix(
     blocks' elementwise work with `torch.compile` (slow to start, faster per step).
     """
     if not supports(decoder):
-        raise ValueError(f"the decoding engine supports plain GPT-2 decoders, not {type(decoder).__name__}")
+        raise ValueError(f"the decoding engine cannot run {type(decoder).__name__}: {unsupported_reason(decoder)}")
+    batch, prefix_length, _ = prefix_embeds.shape
+    length = prefix_length + options.max_new_tokens - 1  # the last token is never fed back
+    if not fits(decoder, length):
+        raise ValueError(
+            f"prefix ({prefix_length}) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+            f"{window(decoder)}-position sliding window of {type(decoder).__name__}: the engine decodes "
+            "within the window only (HF generate decodes past it)"
+        )
     spec = DecodeSpec.from_options(options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     seed = options.seed
     if spec.do_sample and seed is None:  # draw one from torch's global RNG: torch.manual_seed applies
         seed = int(torch.randint(2**62, ()))
-    batch, prefix_length, _ = prefix_embeds.shape
     prefix_embeds = prefix_embeds.to(decoder.device, decoder.dtype)
     # Decoding runs in the decoder's own dtype. Under a caller's autocast (training validation),
     # captured graphs would read autocast's cached weight copies, which are freed when it exits.
     with torch.autocast(decoder.device.type, enabled=False):
         if decoder.device.type != "cuda" or not cuda_graphs:
-            model = GPT2Forward(decoder, compile_blocks=compile_blocks)
+            model = decoder_forward(decoder, compile_blocks=compile_blocks)
             return DecodeRunner(model, spec, batch, prefix_length).run(prefix_embeds, seed)
 
         # Runners hold a power-of-two batch (extra rows are padding) so that a few captured shapes
@@ -82,7 +111,7 @@ def _graphed_runner(
     if key in runners:
         runners.move_to_end(key)
         return runners[key]
-    runner = DecodeRunner(GPT2Forward(decoder, compile_blocks=compile_blocks), spec, batch, prefix_length)
+    runner = DecodeRunner(decoder_forward(decoder, compile_blocks=compile_blocks), spec, batch, prefix_length)
     runner.capture()
     runners[key] = runner
     if len(runners) > MAX_CACHED_RUNNERS:

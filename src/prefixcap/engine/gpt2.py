@@ -18,24 +18,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixcap.engine.head import LMHead
+
 # Activations that equal GPT-2's `gelu_new` (the tanh approximation of GELU).
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def supports(decoder: nn.Module) -> bool:
-    """Whether `decoder` is a plain GPT-2 that this forward reproduces exactly."""
+def unsupported_reason(decoder: nn.Module) -> str | None:
+    """None if `decoder` is a plain GPT-2 that this forward reproduces exactly, else why not."""
     from transformers import GPT2LMHeadModel
 
     if type(decoder) is not GPT2LMHeadModel:
-        return False
+        return "not a GPT2LMHeadModel"
     config = decoder.config
-    return (
-        config.activation_function in _TANH_GELU
-        and config.scale_attn_weights
-        and not config.scale_attn_by_inverse_layer_idx
-        and not config.reorder_and_upcast_attn
-        and not config.add_cross_attention
-    )
+    if config.activation_function not in _TANH_GELU:
+        return f"activation_function {config.activation_function!r} is not the tanh GELU"
+    for flag, wanted in [
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+    ]:
+        if bool(getattr(config, flag)) != wanted:
+            return f"{flag}={getattr(config, flag)}"
+    return None
 
 
 # One block's parameter names in an HF GPT-2 layer, in `Block` field order.
@@ -123,14 +129,7 @@ class GPT2Forward:
         self.wte = transformer.wte.weight
         self.wpe = transformer.wpe.weight
         self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
-        self.lm_head = model.lm_head.weight
-        # cuBLAS's fast kernels need 16-byte aligned rows, and GPT-2's V = 50257 is odd: on CUDA
-        # the head multiplies a copy padded to a multiple of 64 rows (nanoGPT pads to 50304).
-        self.vocab, width = self.lm_head.shape
-        self.padded_head = None
-        if self.lm_head.is_cuda and self.vocab % 64:
-            # filled by `refresh`, which every `DecodeRunner.run` calls before its first step
-            self.padded_head = self.lm_head.new_zeros((-(-self.vocab // 64) * 64, width))
+        self.lm_head = LMHead(model.lm_head.weight)
         self.blocks = [block_parameters(layer) for layer in transformer.h]
         self._attention_input = attention_input
         self._block_output = block_output
@@ -179,14 +178,10 @@ class GPT2Forward:
         return F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)
 
     def refresh(self) -> None:
-        """Copy the live LM-head weights into the padded copy that CUDA steps read (weights may
-        have changed since capture, e.g. during training)."""
-        if self.padded_head is not None:
-            self.padded_head[: self.vocab].copy_(self.lm_head)
+        """Bring the LM head's padded CUDA copy up to date (weights may have changed since
+        capture, e.g. during training)."""
+        self.lm_head.refresh()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype (on CUDA, a view of
-        rows padded to a multiple of 64 entries)."""
-        if self.padded_head is None:
-            return F.linear(hidden, self.lm_head)
-        return F.linear(hidden, self.padded_head)[:, : self.vocab]
+        """The tied LM head: [rows, E] -> [rows, V], in the model's dtype."""
+        return self.lm_head(hidden)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixcap.engine.gpt2 import GPT2Forward
+from prefixcap.engine.forward import DecoderForward
 from prefixcap.engine.search import BeamSearch, GreedySearch
 from prefixcap.engine.spec import DecodeSpec
 
@@ -20,7 +20,7 @@ FINISH_CHECK_INTERVAL = 4
 
 
 class DecodeRunner:
-    def __init__(self, model: GPT2Forward, spec: DecodeSpec, batch: int, prefix_length: int):
+    def __init__(self, model: DecoderForward, spec: DecodeSpec, batch: int, prefix_length: int):
         total = prefix_length + spec.max_new_tokens - 1  # the last token is never fed back
         if total > model.max_positions:
             raise ValueError(

@@ -16,18 +16,25 @@ from prefixcap.config import MAPPER_KINDS, CaptionConfig
 from prefixcap.errors import UserError
 from prefixcap.options import MAX_TEXT_CHARS
 
-_FREEZE = re.compile(r"^(frozen|none|first:(\d+))$")
+_FREEZE = re.compile(r"^(frozen|none|lora|first:(\d+))$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # one --lora-targets entry
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("linear", "cosine")
 CAPTION_MODES = ("all", "one")
 BEST_METRICS = ("cider", "bleu4", "loss")
+OBJECTIVES = ("xent", "scst")
+SCST_REWARDS = ("cider", "clipscore", "cider+clipscore")
+SCST_BASELINES = ("mean", "greedy")
 # The range of every numeric option, inclusive (None: no maximum). Config files and the command
 # line's flags are checked against this one table, and neither accepts NaN or infinities.
 BOUNDS: dict[str, tuple[float, float | None]] = {
-    "prefix_length": (1, None), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
+    "prefix_length": (1, None), "mapper_layers": (1, 64), "mapper_heads": (1, 256), "mapper_width": (1, 16384),
+    "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
     "warmup": (0, None), "weight_decay": (0, None), "grad_accum": (1, None), "max_grad_norm": (0, None),
     "seed": (0, 2**32 - 1),  # NumPy's legacy seeding, which accelerate's set_seed uses, takes 32 bits
     "max_caption_tokens": (2, None), "val_images": (0, None), "save_every": (0, None), "log_every": (1, None),
+    "samples_per_image": (1, None), "max_new_tokens": (1, None),
+    "lora_rank": (1, 4096), "lora_alpha": (0, None),
 }  # fmt: skip
 
 
@@ -38,7 +45,10 @@ class TrainConfig:
     decoder: str = CaptionConfig.decoder  # causal LM to start from: hub id or folder
     mapper: str = CaptionConfig.mapper  # prefix mapper: linear | mlp | transformer
     prefix_length: int = CaptionConfig.prefix_length  # K, prefix embeddings per image
-    freeze: str = "none"  # frozen: mapper only (ClipCap) | none | first:N embeddings + first N blocks
+    mapper_layers: int | None = None  # transformer and resampler mappers: attention layers (None: 8)
+    mapper_heads: int | None = None  # transformer and resampler mappers: attention heads (None: 8)
+    mapper_width: int | None = None  # resampler: width of its queries and layers (None: the decoder's hidden size)
+    freeze: str = "none"  # frozen: mapper only (ClipCap) | none | first:N embeddings + first N blocks | lora
     epochs: int = 10
     batch_size: int = 256  # captions per process per micro-batch
     lr: float = 1e-4  # peak learning rate
@@ -57,11 +67,27 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint RUN_DIR/last every N optimizer steps (0 = at epoch ends)
     log_every: int = 10  # optimizer steps between train-loss points in TensorBoard
     compile: bool = False  # torch.compile the model (worth it on GPUs; the first steps compile)
+    # Self-critical sequence training (training/scst.py): `objective="scst"` fine-tunes the `init` model
+    # on a reward of its own sampled captions; `batch_size` then counts images, each sampled
+    # `samples_per_image` times. `init` also starts a cross-entropy run from a trained model.
+    objective: str = "xent"  # xent: cross-entropy on the references | scst: self-critical sequence training
+    init: str | None = None  # model to start from: a model directory, registered name or hub id
+    reward: str = "cider"  # scst reward: cider (CIDEr-D) | clipscore (CLIP-S) | cider+clipscore
+    samples_per_image: int = 5  # scst: captions sampled per image per step
+    baseline: str = "mean"  # scst: mean (of the image's other samples' rewards) | greedy (its greedy caption's)
+    max_new_tokens: int | None = None  # scst: longest sampled caption in tokens (None: max_caption_tokens)
+    reward_clip: str | None = None  # scst: full CLIP for CLIP-S (None: the model's own encoder's CLIP)
+    reward_weights: str = "1,1"  # scst cider+clipscore: weights of CIDEr-D and CLIP-S, "W_CIDER,W_CLIP"
+    # LoRA (`freeze="lora"`, prefixcap.lora): the mapper trains fully, the decoder only through low-rank
+    # adapters on `lora_targets`; a model directory then holds the adapter, not a decoder copy.
+    lora_rank: int = 16  # r, the rank of each adapter
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank (None: 2 x rank, a scale of 2)
+    lora_targets: str | None = None  # comma-separated module names (None: the decoder family's block linears)
 
     def __post_init__(self) -> None:
         checks = [
             (self.mapper in MAPPER_KINDS, f"mapper must be one of {', '.join(MAPPER_KINDS)}"),
-            (_FREEZE.match(self.freeze) is not None, "freeze must be frozen, none or first:N"),
+            (_FREEZE.match(self.freeze) is not None, "freeze must be frozen, none, lora or first:N"),
             (
                 self.precision is None or self.precision in PRECISIONS,
                 f"precision must be one of {', '.join(PRECISIONS)}",
@@ -71,6 +97,23 @@ class TrainConfig:
             (self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}"),
             *((in_bounds(name, getattr(self, name)), bounds_text(name)) for name in BOUNDS),
             (self.lr > 0, "lr must be > 0"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha must be > 0"),
+            (
+                self.lora_targets is None or all(_MODULE_NAME.match(name) for name in self.lora_targets.split(",")),
+                "lora_targets must be comma-separated module names, e.g. q_proj,v_proj",
+            ),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
+            (self.reward in SCST_REWARDS, f"reward must be one of {', '.join(SCST_REWARDS)}"),
+            (self.baseline in SCST_BASELINES, f"baseline must be one of {', '.join(SCST_BASELINES)}"),
+            (_weights(self.reward_weights) is not None, "reward_weights must be two numbers >= 0, e.g. 1,1"),
+            (
+                self.objective != "scst" or self.init is not None,
+                "objective scst needs init: the model to fine-tune (trained with cross-entropy first)",
+            ),
+            (
+                self.objective != "scst" or self.baseline != "mean" or self.samples_per_image >= 2,
+                "baseline mean needs samples_per_image >= 2 (it is the mean of an image's other samples' rewards)",
+            ),
             (
                 self.prompt is None or len(self.prompt) <= MAX_TEXT_CHARS,
                 f"prompt must be at most {MAX_TEXT_CHARS} characters",
@@ -86,8 +129,35 @@ class TrainConfig:
         match = _FREEZE.match(self.freeze)
         return int(match[2]) if match and match[2] else None
 
+    @property
+    def lora_scale_alpha(self) -> float:
+        """LoRA's alpha: `lora_alpha`, or 2 x `lora_rank` when unset."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...] | None:
+        """`lora_targets` as names (None: the decoder family's defaults)."""
+        return None if self.lora_targets is None else tuple(self.lora_targets.split(","))
+
+    @property
+    def reward_weight_pair(self) -> tuple[float, float]:
+        """`reward_weights` as (CIDEr-D weight, CLIP-S weight)."""
+        pair = _weights(self.reward_weights)
+        assert pair is not None  # checked in __post_init__
+        return pair
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _weights(text: str) -> tuple[float, float] | None:
+    """The weights in "W_CIDER,W_CLIP" as two finite floats >= 0, else None."""
+    try:
+        pair = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        return None
+    ok = len(pair) == 2 and all(math.isfinite(weight) and weight >= 0 for weight in pair)
+    return (pair[0], pair[1]) if ok else None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -22,6 +22,7 @@ import torch
 
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
+from prefixcap.features import MappedRows
 from prefixcap.options import clean_prompt
 
 COVERAGE_PERCENTILE = 99  # the default max_tokens fits this share of the training captions
@@ -31,7 +32,9 @@ COVERAGE_PERCENTILE = 99  # the default max_tokens fits this share of the traini
 class CaptionTargets:
     """Every (image, caption) pair of one split, as token ids ready to batch."""
 
-    embeds: torch.Tensor  # [images, embed_dim] image embeddings
+    # [images, embed_dim] pooled embeddings, or [images, num_patches, embed_dim] patch tokens (memory-mapped
+    # from the store: rows are read when a batch indexes them)
+    embeds: torch.Tensor | MappedRows
     image_of: np.ndarray  # [captions] index of each caption's image (captions grouped by image)
     ids: np.ndarray  # [captions, prompt + max_tokens] int32 (prompt +) caption + EOS, padded with the pad id
     lengths: np.ndarray  # [captions] prompt + target lengths
@@ -44,7 +47,7 @@ class CaptionTargets:
     def build(
         cls,
         records: Sequence[CaptionRecord],
-        embeds: torch.Tensor,
+        embeds: torch.Tensor | MappedRows,
         tokenizer,
         max_tokens: int | None = None,
         limit: int | None = None,
@@ -74,7 +77,7 @@ class CaptionTargets:
         cls,
         token_ids: Sequence[Sequence[int]],
         image_of: np.ndarray,
-        embeds: torch.Tensor,
+        embeds: torch.Tensor | MappedRows,
         eos_token_id: int,
         pad_token_id: int,
         max_tokens: int | None = None,

@@ -31,7 +31,8 @@ class RunLog:
         self.plotted_at = -PLOT_INTERVAL_S  # time.monotonic() of the last plot
 
     def step(self, step: int, values: dict[str, float]) -> None:
-        """Per-step values (train loss, learning rate) for TensorBoard."""
+        """Per-step values (train loss, learning rate; SCST: reward, baseline, the reward's and the
+        sampling's shares of the step time) for TensorBoard."""
         for name, value in values.items():
             self.writer.add_scalar(f"train/{name}", value, step)
 
@@ -61,18 +62,18 @@ def _csv(history: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Losses (left) and caption metrics (right) by epoch."""
+    """Losses, caption metrics and, for SCST runs, the mean reward and baseline, by epoch."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    figure, (losses, metrics) = plt.subplots(1, 2, figsize=(10, 4))
-    for axes, names, title in (
-        (losses, ("train_loss", "val_loss"), "loss"),
-        (metrics, ("BLEU-4", "CIDEr"), "val metrics (x100)"),
-    ):
+    panels = [(("train_loss", "val_loss"), "loss"), (("BLEU-4", "CIDEr"), "val metrics (x100)")]
+    if any("reward" in row for row in history):  # an SCST run: its mean sampled reward and baseline
+        panels.append((("reward", "baseline"), "SCST reward (train samples)"))
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for axes, (names, title) in zip(all_axes, panels):
         for name in names:
             points = [(epoch, row.get(name)) for epoch, row in zip(epochs, history) if row.get(name) is not None]
             if points:

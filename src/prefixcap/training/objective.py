@@ -40,15 +40,19 @@ class CaptionLoss(nn.Module):
         `attention_mask` is part of the batch but not needed: captions are padded on the right, so
         causal attention alone keeps every real position from seeing padding. Without a mask,
         SDPA takes its causal fast path and no padding mask is built at every step."""
+        targets = labels != -100
+        return F.cross_entropy(self.target_logits(image_embeds, input_ids, targets).float(), labels[targets])
+
+    def target_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] of the N positions where `targets` ([B, T] bool) is set, row by row:
+        a teacher-forced pass over [prefix; input_ids] (also the SCST objective's, training/scst.py)."""
         decoder = self.model.decoder
         embeds = self.model.embed_inputs(input_ids, image_embeds=image_embeds)
         prefix_length = self.model.config.prefix_length
         hidden = decoder.base_model(inputs_embeds=embeds).last_hidden_state
         # Position K-1+t predicts caption token t; keep only the positions that have a target.
-        targets = labels != -100
         hidden = hidden[:, prefix_length - 1 : -1][targets]
-        logits = decoder.get_output_embeddings()(hidden)
-        return F.cross_entropy(logits.float(), labels[targets])
+        return decoder.get_output_embeddings()(hidden)
 
 
 def use_one_kernel_gelu(module: nn.Module) -> None:

@@ -41,6 +41,7 @@ class Progress:
     best: float | None = None  # best validation score so far
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+    sums: dict[str, float] = field(default_factory=dict)  # other running sums of the epoch (SCST: reward, ...)
 
 
 @dataclass
@@ -57,7 +58,10 @@ class TrainingState:
 def save_training_state(directory: Path, state: TrainingState) -> None:
     """Write both files atomically: a crash leaves the previous state or the new one."""
     tensors: dict[str, torch.Tensor] = {}
-    document = to_storable({**state.__dict__, "progress": asdict(state.progress)}, tensors, "")
+    progress = asdict(state.progress)
+    if not progress["sums"]:  # only SCST runs keep other sums: other runs' states keep their layout
+        del progress["sums"]
+    document = to_storable({**state.__dict__, "progress": progress}, tensors, "")
     with atomic_path(directory / TENSORS_FILE) as staging:
         save_file(tensors, staging)
     write_atomic(directory / JSON_FILE, json.dumps(document) + "\n")
@@ -92,7 +96,8 @@ def _load_progress(saved: dict[str, Any], document_path: Path) -> Progress:
     """The stored progress dict as `Progress`: every counter must be there (none has a safe default
     when resuming), and an unknown one means the file is not what this version wrote."""
     names = {item.name for item in fields(Progress)}
-    missing, unknown = sorted(names - saved.keys()), sorted(saved.keys() - names)
+    optional = {"sums"}  # added later: absent from earlier runs' states
+    missing, unknown = sorted(names - optional - saved.keys()), sorted(saved.keys() - names)
     if missing:
         raise damaged(document_path, f"its progress lacks {', '.join(missing)}")
     if unknown:

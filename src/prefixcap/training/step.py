@@ -1,5 +1,6 @@
 """The pieces of one training step, shared by `Trainer` and `benchmarks/bench_train.py`: the
-Accelerator, which parameters train, the optimizer and LR schedule, and the step itself."""
+Accelerator, which parameters train (`apply_freeze_policy`), the optimizer and LR schedule, and
+the step itself."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from prefixcap.errors import UserError
+from prefixcap.lora import add_lora, has_adapter
+from prefixcap.modeling import CaptionModel
 from prefixcap.training.config import TrainConfig
 
 
@@ -16,10 +19,38 @@ def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def apply_freeze_policy(model: CaptionModel, config: TrainConfig) -> None:
+    """Set which parameters of `model` train, as `config.freeze` says: the one place that decides
+    it, for a new model, an `--init` model and a resumed checkpoint alike. The mapper always
+    trains; the image encoder never does (CaptionModel freezes it).
+
+    frozen: not the decoder (ClipCap's prefix-only mode). none: all of it. first:N: all but its
+    embeddings and first N blocks. lora: only LoRA adapters on it, new ones (`config.lora_*`),
+    or the ones it carries already (a LoRA model loaded with `merge_adapter=False`), which then
+    continue training."""
+    decoder = model.decoder
+    model.mapper.requires_grad_(True)
+    model.config.freeze_decoder = config.freeze == "frozen"
+    if config.freeze == "lora":
+        if not has_adapter(decoder):  # (an adapter that was loaded trainable keeps its own settings)
+            add_lora(decoder, config.lora_rank, config.lora_scale_alpha, config.lora_target_names)
+        model.config.decoder_adapter = True
+        return
+    if has_adapter(decoder):
+        raise UserError(
+            f"--freeze {config.freeze}: the decoder carries a LoRA adapter; load the model with it merged "
+            "(CaptionModel.from_pretrained's default) to train the decoder itself"
+        )
+    decoder.requires_grad_(config.freeze != "frozen")
+    if config.frozen_blocks is not None:
+        freeze_first_blocks(decoder, config.frozen_blocks)
+
+
 def freeze_first_blocks(decoder: nn.Module, count: int) -> None:
     """Freeze the decoder's input embeddings (and GPT-2's learned positions) and its first `count`
-    blocks, as the seed project did with 10 of GPT-2's 12. GPT-2 ties its output layer to the
-    input embeddings, so that stays frozen too."""
+    blocks (GPT-2's `h`, Llama-style `layers`), as the seed project did with 10 of GPT-2's 12.
+    A tied output layer (GPT-2, SmolLM2, Qwen2.5-0.5B) is the input embedding, so it stays frozen
+    too; an untied one (Llama 3 8B, Mistral) is the top of the model and trains."""
     base = decoder.base_model
     blocks = next(
         (getattr(base, name) for name in ("h", "layers") if isinstance(getattr(base, name, None), nn.ModuleList)), None

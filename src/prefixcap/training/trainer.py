@@ -10,6 +10,9 @@ Run layout:
       curves.png       loss and metrics by epoch
       tensorboard/     event files
 
+`objective="scst"` fine-tunes an `init` model with self-critical sequence training instead
+(training/scst.py): each step samples captions for a batch of images and trains on their rewards.
+
 Exact resume: the epoch order is a function of (seed, epoch), the checkpoint holds the optimizer,
 scheduler, scaler and every process's RNG states, and a resumed run skips the batches already
 done in the checkpoint's epoch. With the same number of processes, a run resumed from any
@@ -35,10 +38,12 @@ from prefixcap.errors import UserError
 from prefixcap.extras import require
 from prefixcap.features import FeatureStore, holds_only
 from prefixcap.modeling import CaptionModel
+from prefixcap.registry import resolve_model_dir
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches, record_prompts, trained_prompt
 from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog
 from prefixcap.training.objective import CaptionLoss
+from prefixcap.training.scst import SCSTLoss, SelfCritical, build_reward, reward_workers, window_metrics
 from prefixcap.training.state import (
     JSON_FILE,
     STATE_DIR,
@@ -51,11 +56,11 @@ from prefixcap.training.state import (
     save_training_state,
 )
 from prefixcap.training.step import (
+    apply_freeze_policy,
     build_accelerator,
     build_optimizer,
     build_scheduler,
     default_precision,
-    freeze_first_blocks,
     train_step,
 )
 
@@ -114,12 +119,18 @@ class Trainer:
             raise UserError(f"{config.features}: no train split to train on")
         limit = self._caption_limit(model, config)
         train_records = store.records("train")
+        if config.init and config.prompt is None and model.config.prompt and not any(r.prompt for r in train_records):
+            # an --init model trained with a prompt continues it, in training (and SCST sampling) as when captioning
+            config = dataclasses.replace(config, prompt=model.config.prompt)
+        mmap = store.manifest.features == "patches"  # patch tokens may not fit in memory: read rows per batch
         self.train_set = CaptionTargets.build(
-            train_records, store.embeddings("train"), model.tokenizer, config.max_caption_tokens, limit, config.prompt
-        )
+            train_records, store.embeddings("train", mmap=mmap), model.tokenizer, config.max_caption_tokens, limit,
+            config.prompt,
+        )  # fmt: skip
         # captioning's default prompt: the one the model learned to continue
         model.config.prompt = trained_prompt(record_prompts(train_records, config.prompt))
         config = dataclasses.replace(config, max_caption_tokens=self.train_set.max_tokens)
+        self.scst = None if config.objective != "scst" else self._self_critical(model, config, train_records)
         self.val_records = store.records("val") if "val" in store.manifest.splits else []
         self.val_set = None
         if not self.val_records:
@@ -131,7 +142,7 @@ class Trainer:
                 f"--best-metric {config.best_metric} needs captions: set --val-images above 0, or --best-metric loss"
             )
         else:
-            val_embeds = store.embeddings("val")
+            val_embeds = store.embeddings("val", mmap=mmap)
             self.val_set = CaptionTargets.build(
                 self.val_records, val_embeds, model.tokenizer, config.max_caption_tokens, prompt=config.prompt
             )
@@ -143,7 +154,8 @@ class Trainer:
         self.optimizer = build_optimizer(model.to(self.accelerator.device), config, self.accelerator.device)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.model = model  # the CaptionModel: validated, saved
-        self.objective, self.optimizer = self.accelerator.prepare(CaptionLoss(model), self.optimizer)  # trained
+        objective = SCSTLoss(model) if self.scst is not None else CaptionLoss(model)
+        self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)  # trained
         self.progress = Progress() if saved is None else saved.progress
         if saved is not None:
             self._restore(saved, state_dir)
@@ -182,7 +194,11 @@ class Trainer:
             unit="step", file=sys.stderr, disable=not accelerator.is_main_process or None,
         )  # fmt: skip
         for step in steps[progress.epoch_step :]:
-            micro_batches = [self.train_set.batch(indices) for indices in step]
+            if self.scst is not None:  # sampled captions: a function of (seed, step, process)
+                images = [self.train_set.image_of[indices] for indices in step]
+                micro_batches = self.scst.step_batches(images, (config.seed, progress.step, accelerator.process_index))
+            else:
+                micro_batches = [self.train_set.batch(indices) for indices in step]
             loss = train_step(
                 self.objective, self.optimizer, self.scheduler, accelerator, micro_batches, config.max_grad_norm
             )
@@ -200,10 +216,14 @@ class Trainer:
                 mean_loss = window_total / window_steps
                 progress.loss_sum += window_total
                 progress.loss_steps += window_steps
-                rate = window_samples / (time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                seconds = time.perf_counter() - window_start
+                rate = window_samples / seconds
+                scst = {} if self.scst is None else self.scst.report(seconds, progress.sums)
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}", **{k: f"{v:.3g}" for k, v in scst.items()}
+                )
                 if self.log is not None:
-                    self.log.step(progress.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+                    self.log.step(progress.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0], **scst})
                 window_loss.zero_()
                 window_steps, window_samples, window_start = 0, 0, time.perf_counter()
             if checkpoint:
@@ -228,7 +248,7 @@ class Trainer:
                 batch = self.val_set.batch(np.arange(start, min(start + config.batch_size, len(self.val_set))))
                 batch = {name: tensor.to(self.accelerator.device) for name, tensor in batch.items()}
                 count = int((batch["labels"] != -100).sum())
-                loss_sum += objective(**batch).item() * count
+                loss_sum += CaptionLoss.forward(objective, **batch).item() * count  # cross-entropy, also for SCST
                 tokens += count
             metrics["val_loss"] = loss_sum / tokens
             records = self.val_records[: config.val_images]  # val_set.embeds rows follow this order
@@ -259,8 +279,10 @@ class Trainer:
             "train_loss": progress.loss_sum / max(1, progress.loss_steps),
             "lr": self.scheduler.get_last_lr()[0], **metrics,
         }  # fmt: skip
+        if self.scst is not None:  # the epoch's mean reward and baseline, and the reward's share of the time
+            row.update(window_metrics(progress.sums))
         progress.history.append(row)
-        progress.epoch_step, progress.loss_sum, progress.loss_steps = 0, 0.0, 0
+        progress.epoch_step, progress.loss_sum, progress.loss_steps, progress.sums = 0, 0.0, 0, {}
         score = metrics.get(_METRIC_NAMES[self.config.best_metric])
         lower_is_better = self.config.best_metric == "loss"
         improved = score is not None and (
@@ -326,12 +348,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _process_batches(self, epoch: int) -> list[np.ndarray]:
-        order = self.train_set.epoch_order(self.config.captions_per_image, self.config.seed, epoch)
+        per_image = "one" if self.config.objective == "scst" else self.config.captions_per_image  # SCST: images
+        order = self.train_set.epoch_order(per_image, self.config.seed, epoch)
         return process_batches(
             order, self.config.batch_size, self.accelerator.process_index, self.accelerator.num_processes
         )
 
     def _train_mode(self) -> None:
+        if self.scst is not None:  # no dropout: the gradient is that of the policy that sampled (scst.py)
+            self.objective.eval()
+            return
         self.objective.train()
         self.model.vision_encoder.eval()  # unused while training on stored features
         if self.model.config.freeze_decoder:  # a frozen decoder is a fixed function: no dropout (as ClipCap)
@@ -341,14 +367,16 @@ class Trainer:
         config, data = self.config, self.train_set
         per_step = config.batch_size * self.accelerator.num_processes * config.grad_accum
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
         cut = f"{data.num_cut} of {len(data)} training captions ({data.num_cut / max(1, len(data)):.2%}) cut"
         self._say(
             f"train: {data.num_images} images, {len(data)} captions; max caption length "
             f"{config.max_caption_tokens} tokens incl. EOS, {cut}\n"
             f"{self.steps_per_epoch} steps per epoch of {per_step} captions ({config.batch_size} x "
             f"{self.accelerator.num_processes} processes x {config.grad_accum} accumulated), {total_steps} steps; "
-            f"{trainable:,} trainable parameters; precision {config.precision}"
+            f"{trainable:,} of {total:,} parameters train (--freeze {config.freeze}); precision {config.precision}"
             + (f"; resuming after step {self.progress.step}" if self.progress.step else "")
+            + (f"\n{self.scst.describe()}; the steps above count images, not captions" if self.scst else "")
         )
 
     def _caption_limit(self, model: CaptionModel, config: TrainConfig) -> int | None:
@@ -358,9 +386,26 @@ class Trainer:
         if limit is not None and config.max_caption_tokens is not None and config.max_caption_tokens > limit:
             self._say(
                 f"note: --max-caption-tokens {config.max_caption_tokens} is capped to {limit}: the decoder has "
-                f"{limit + config.prefix_length} positions and the prefix takes {config.prefix_length}"
+                f"{limit + model.config.prefix_length} positions and the prefix takes {model.config.prefix_length}"
             )
         return limit
+
+    def _self_critical(self, model: CaptionModel, config: TrainConfig, records: list) -> SelfCritical:
+        """The SCST sampler and reward for the training `records`."""
+        max_new_tokens = config.max_new_tokens or self.train_set.max_tokens  # default: the targets' length
+        longest_prompt = self.train_set.ids.shape[1] - self.train_set.max_tokens
+        fits = None if model.max_new_tokens_limit is None else model.max_new_tokens_limit - longest_prompt
+        if fits is not None and max_new_tokens > fits:
+            raise UserError(f"--max-new-tokens {max_new_tokens}: only {fits} tokens fit after the prefix and prompt")
+        return SelfCritical(
+            model,
+            build_reward(
+                config, model, records, self.train_set.embeds, workers=reward_workers(self.accelerator.num_processes)
+            ),
+            self.train_set.embeds, record_prompts(records, config.prompt),
+            samples_per_image=config.samples_per_image, baseline=config.baseline, max_new_tokens=max_new_tokens,
+            reward_name=config.reward,
+        )  # fmt: skip
 
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -368,17 +413,24 @@ class Trainer:
 
 
 def _load_model(config: TrainConfig, store: FeatureStore, checkpoint: Path | None) -> CaptionModel:
-    """A new model on the store's encoder, or the checkpoint's; frozen as `config.freeze` says."""
-    if checkpoint is None:
+    """A new model on the store's encoder, or the checkpoint's; frozen as `config.freeze` says.
+    With `--freeze lora` a LoRA model's adapter stays separate and continues training; otherwise
+    it is merged into the decoder, which then trains as a whole."""
+    merge = config.freeze != "lora"
+    if checkpoint is not None:
+        model = CaptionModel.from_pretrained(checkpoint, merge_adapter=merge)
+    elif config.init is not None:  # a trained model to fine-tune (SCST, or more cross-entropy)
+        model = CaptionModel.from_pretrained(resolve_model_dir(config.init), merge_adapter=merge)
+    else:
+        sizes = {"mapper_num_layers": config.mapper_layers, "mapper_num_heads": config.mapper_heads,
+                 "mapper_width": config.mapper_width}  # fmt: skip
         model = CaptionModel.from_components(
             vision_encoder=store.encoder, decoder=config.decoder, mapper=config.mapper,
             prefix_length=config.prefix_length, freeze_decoder=config.freeze == "frozen",
+            **{name: value for name, value in sizes.items() if value is not None},
         )  # fmt: skip
-    else:
-        model = CaptionModel.from_pretrained(checkpoint)
     store.check_encoder(model.config, model.image_processor)
-    if config.frozen_blocks is not None:
-        freeze_first_blocks(model.decoder, config.frozen_blocks)
+    apply_freeze_policy(model, config)  # the same for every way in (new, --init, resumed)
     return model
 
 

@@ -1,0 +1,152 @@
+"""Frozen image encoders behind one small interface: CLIP, SigLIP (and fixed-resolution SigLIP 2)
+and DINOv2 towers, each giving a pooled embedding [B, embed_dim] or patch tokens [B, N, patch_dim].
+
+    family   checkpoints (model_type)                      pooled                     patch tokens
+    clip     clip, clip_vision_model (OpenAI, LAION, DFN)  projected image_embeds     last_hidden_state minus CLS
+    siglip   siglip, siglip_vision_model (SigLIP 1 and 2)  pooler_output (MAP head)   last_hidden_state
+    dinov2   dinov2, dinov2_with_registers                 pooler_output (CLS, normed) last_hidden_state minus CLS
+                                                                                      and register tokens
+
+Patch tokens are the spatial grid only: the CLS (and register) tokens summarise the image and
+are what the pooled embedding is made of already, and a resampler's queries attend better over a
+homogeneous set of tokens (as in LLaVA and BLIP-2). CLIP's tokens are taken as its last layer
+gives them, without the post-layernorm that CLIP applies to CLS alone (LLaVA does the same): the
+resampler normalises its input itself. SigLIP's and DINOv2's last_hidden_state are normalised by
+their models already.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    CLIPVisionModelWithProjection,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionModel,
+)
+
+from prefixcap.checkpoints import hf_call, load_checked
+from prefixcap.errors import ModelLoadError
+
+FAMILIES = ("clip", "siglip", "dinov2")
+# The vision towers' model_type (a full two-tower checkpoint is read as its vision tower) -> family.
+_FAMILY_OF = {
+    "clip_vision_model": "clip",
+    "siglip_vision_model": "siglip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+}
+_REFUSED = {
+    "siglip2": "SigLIP 2 NaFlex checkpoints (model_type 'siglip2', variable resolution) are not supported; "
+    "use a fixed-resolution SigLIP 2 checkpoint such as google/siglip2-base-patch16-224",
+}
+
+
+class EncoderSpec(NamedTuple):
+    """What an encoder's config says about its outputs, known without loading any weights."""
+
+    family: str  # clip | siglip | dinov2
+    embed_dim: int  # width of the pooled embedding
+    patch_dim: int  # width of each patch token
+    patch_size: int  # pixels per patch side: N = (H // patch_size) * (W // patch_size)
+    leading_tokens: int  # tokens before the patches in last_hidden_state (CLS, registers)
+
+    def num_patches(self, height: int, width: int) -> int:
+        """Patch tokens the encoder gives for [height, width] pixel inputs."""
+        return (height // self.patch_size) * (width // self.patch_size)
+
+
+def load_encoder_config(source: str | Path) -> tuple[EncoderSpec, PretrainedConfig]:
+    """The vision tower's config of a checkpoint (a full two-tower model or a vision-only one) and
+    its EncoderSpec; anything but the supported families is refused in one line."""
+    config = hf_call(AutoConfig.from_pretrained, source, "image encoder config")
+    if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives at top level
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        config = vision_config
+    elif config.model_type == "siglip":
+        config = config.vision_config
+    if config.model_type in _REFUSED:
+        raise ModelLoadError(f"{source}: {_REFUSED[config.model_type]}")
+    family = _FAMILY_OF.get(config.model_type)
+    if family is None:
+        raise ModelLoadError(
+            f"{source}: expected a CLIP, SigLIP or DINOv2 image encoder, found model_type {config.model_type!r}"
+        )
+    if family == "siglip" and not getattr(config, "vision_use_head", True):
+        raise ModelLoadError(f"{source}: this SigLIP tower has no pooling head (vision_use_head is false)")
+    embed_dim = config.projection_dim if family == "clip" else config.hidden_size
+    leading = 0 if family == "siglip" else 1 + getattr(config, "num_register_tokens", 0)
+    return EncoderSpec(family, embed_dim, config.hidden_size, config.patch_size, leading), config
+
+
+class ImageEncoder(nn.Module):
+    """A frozen vision tower: `encoder(pixel_values)` is the pooled embedding [B, embed_dim],
+    `encoder(pixel_values, patches=True)` the patch tokens [B, N, patch_dim]."""
+
+    def __init__(self, model: PreTrainedModel, spec: EncoderSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    @property
+    def patch_dim(self) -> int:
+        return self.spec.patch_dim
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, pixel_values: torch.Tensor, *, patches: bool = False) -> torch.Tensor:
+        if self.family == "clip":
+            if patches:  # the tower alone: the projection serves the pooled embedding only
+                return self.model.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            return self.model(pixel_values=pixel_values).image_embeds
+        output = self.model(pixel_values=pixel_values)
+        return output.last_hidden_state[:, self.spec.leading_tokens :] if patches else output.pooler_output
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
+        """The tower as a vision-only checkpoint, which `load_image_encoder` reads back."""
+        self.model.save_pretrained(directory, **kwargs)
+
+
+def load_image_encoder(source: str | Path) -> ImageEncoder:
+    """The image encoder of a hub id or folder; its family follows from the config's model_type."""
+    spec, config = load_encoder_config(source)
+    if spec.family == "clip":
+        loader = CLIPVisionModelWithProjection.from_pretrained
+    elif spec.family == "siglip":  # reads the vision tower's tensors of a full SiglipModel too
+        loader = SiglipVisionModel.from_pretrained
+    else:
+        loader = AutoModel.from_pretrained
+    return ImageEncoder(load_checked(loader, source, "image encoder", config=config), spec)
+
+
+def load_image_processor(source: str | Path) -> Any:
+    """The encoder's Hugging Face image processor, in its PIL backend (CLIPImageProcessorPil,
+    SiglipImageProcessorPil, BitImageProcessorPil for DINOv2), which `ImagePreprocessor` matches
+    bit for bit."""
+    return hf_call(AutoImageProcessor.from_pretrained, source, "image processor", backend="pil")

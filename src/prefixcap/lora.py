@@ -1,0 +1,141 @@
+"""LoRA adapters on the decoder, through PEFT (the `lora` extra).
+
+Training injects LoRA layers into the Hugging Face decoder in place (`peft.inject_adapter_in_model`),
+so the decoder keeps its class and its module names: the training loss, `freeze_first_blocks` and
+the decoding engine (which calls a wrapped projection as a module, base weight plus adapter) all
+work on it unchanged. A model directory stores only the adapter, in PEFT's own format, next to a
+reference to the base decoder (`CaptionConfig.decoder`):
+
+    decoder_adapter/adapter_config.json          peft.LoraConfig
+    decoder_adapter/adapter_model.safetensors    the LoRA weights (keys as PeftModel saves them)
+
+so `peft.PeftModel.from_pretrained(base, "decoder_adapter")` reads it too. Loading for inference
+merges the adapter into the base weights (`merge_and_unload`): the decoder is a plain HF model
+again, and runs at full speed. Loading to continue training keeps the adapter separate.
+
+PEFT is imported only after `prefixcap.extras.require("lora", ...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from prefixcap.errors import ModelLoadError, UserError
+from prefixcap.extras import require
+
+ADAPTER_DIR = "decoder_adapter"  # in a model directory
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors of its wrapped model
+_NAME = "default"  # PEFT's adapter name; prefixcap uses one adapter per decoder
+
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear layer of the blocks, per decoder family (`config.model_type`); SmolLM2 is a Llama.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA_STYLE),
+}
+
+
+def require_peft(feature: str) -> None:
+    """One line naming `pip install "prefixcap[lora]"` when PEFT is missing."""
+    require("lora", "peft", feature=feature)
+
+
+def has_adapter(decoder: nn.Module) -> bool:
+    """Whether `decoder` carries injected (unmerged) PEFT adapter layers."""
+    return bool(getattr(decoder, "peft_config", None))
+
+
+def default_targets(decoder: PreTrainedModel) -> tuple[str, ...]:
+    """The module names LoRA adapts by default in `decoder`'s family: every linear layer of its blocks."""
+    model_type = getattr(decoder.config, "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        known = ", ".join(sorted(DEFAULT_TARGETS))
+        raise UserError(
+            f"--freeze lora: no default LoRA targets for a {model_type!r} decoder (known: {known}); "
+            "give --lora-targets, the comma-separated names of its linear layers (e.g. q_proj,v_proj)"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def add_lora(decoder: PreTrainedModel, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:
+    """Inject fresh LoRA layers (A random, B zero: the decoder's function is unchanged at first)
+    into the modules of `decoder` named `targets` (None: the family's `default_targets`), and
+    freeze everything of it but them."""
+    require_peft("--freeze lora")
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = tuple(targets) if targets else default_targets(decoder)
+    matched = {name.rpartition(".")[2]: module for name, module in decoder.named_modules()}
+    unknown = [target for target in targets if target not in matched]
+    if unknown:
+        raise UserError(
+            f"--lora-targets: the {type(decoder).__name__} has no module named {', '.join(unknown)}; "
+            f"its leaf modules include {', '.join(sorted(_leaf_names(decoder))[:12])}"
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        # GPT-2's Conv1D stores weights [in, out], the transpose of nn.Linear's
+        fan_in_fan_out=any(isinstance(matched[target], Conv1D) for target in targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        inject_adapter_in_model(config, decoder, adapter_name=_NAME)
+    except ValueError as error:  # e.g. a target that is not a layer type LoRA supports
+        raise UserError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0]}") from None
+
+
+def save_adapter(decoder: nn.Module, directory: Path, base: str) -> None:
+    """Write `decoder`'s adapter to `directory` in PEFT's format, with `base` (the base decoder's
+    hub id or folder) as its `base_model_name_or_path`."""
+    from peft import get_peft_model_state_dict
+
+    config = decoder.peft_config[_NAME]
+    config.base_model_name_or_path = base
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    state = get_peft_model_state_dict(decoder, adapter_name=_NAME)
+    save_file({_PEFT_PREFIX + name: tensor.contiguous() for name, tensor in state.items()}, directory / ADAPTER_WEIGHTS)
+
+
+def load_adapter(
+    decoder: PreTrainedModel, directory: Path, weights: Mapping[str, torch.Tensor], *, merge: bool
+) -> PreTrainedModel:
+    """`decoder` with the adapter of `directory` (its config; `weights`, the tensors read from its
+    safetensors file) applied: merged into the base weights (a plain HF model), or kept as separate
+    trainable layers (`merge=False`, to continue training it)."""
+    require_peft(f"{directory.parent}: a LoRA model directory")
+    from peft import LoraConfig, LoraModel, set_peft_model_state_dict
+
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+    except Exception as error:  # a missing file, bad JSON, an unknown field: PEFT raises all kinds
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelLoadError(f"{directory / ADAPTER_CONFIG}: not a usable LoRA config ({reason})") from None
+    config.inference_mode = merge  # False: the injected layers train
+    source = directory / ADAPTER_WEIGHTS
+    try:
+        tuner = LoraModel(decoder, config, _NAME)  # injects the layers into `decoder`, in place
+        state = {name.removeprefix(_PEFT_PREFIX): tensor for name, tensor in weights.items()}
+        result = set_peft_model_state_dict(decoder, state, adapter_name=_NAME)
+    except (ValueError, RuntimeError) as error:  # targets the decoder lacks, tensors of the wrong shape
+        raise ModelLoadError(f"{source}: does not fit the decoder ({str(error).strip().splitlines()[0]})") from None
+    missing = [name for name in result.missing_keys if f".{_NAME}." in name and "lora_" in name]
+    if result.unexpected_keys or missing:
+        what = f"unexpected tensor {result.unexpected_keys[0]}" if result.unexpected_keys else f"lacks {missing[0]}"
+        raise ModelLoadError(f"{source}: {what} (an adapter for another decoder?)")
+    return tuner.merge_and_unload() if merge else decoder
+
+
+def _leaf_names(module: nn.Module) -> set[str]:
+    return {name.rpartition(".")[2] for name, child in module.named_modules() if name and not list(child.children())}

@@ -1,0 +1,420 @@
+"""Export a model directory to ONNX: an encoder graph, a one-step KV-cache decoder graph, the token
+embeddings, the tokenizer, the image processor and a manifest (layout: `onnx_backend`).
+
+The decoder graph wraps the Hugging Face decoder's own forward with a `DynamicCache` built from
+the `past.*` inputs, so any causal LM whose forward takes `inputs_embeds`, `cache` and
+`logits_to_keep` exports the same way (GPT-2 is tested; the numerical check below decides for
+others). Graphs come from `torch.onnx.export`'s maintained exporter (torch.export + onnxscript);
+int8 weights from ONNX Runtime's `quantize_dynamic`.
+
+Every export is checked on the spot, before the folder appears: both graphs run in ONNX Runtime on
+sample inputs and must match PyTorch (fp32: `FP32_TOLERANCE`; int8: `INT8_TOLERANCE`). An export
+that fails its check is never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from prefixcap.atomic import atomic_dir, check_output_dir
+from prefixcap.errors import UserError
+from prefixcap.extras import require
+from prefixcap.hardware import QUANTIZE_CHOICES
+from prefixcap.modeling import CaptionModel
+from prefixcap.onnx_backend import (
+    DECODER_FILE,
+    EMBEDDINGS_FILE,
+    ENCODER_FILE,
+    EXPORT_DIRECTORY,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    is_onnx_export,
+    past_feeds,
+    past_names,
+    present_names,
+    session,
+)
+
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and onnxruntime-web run it
+MIN_OPSET = 18  # the exporter's own ops are written for 18 and up
+# fp32 graphs must match PyTorch within atol + rtol * max|reference| (max over all outputs compared)
+FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+# int8 weights: prefix embeddings and logits within this fraction of the fp32 reference's range
+# (max |diff| / (max - min)); the captions' agreement is what matters, which tests/test_cpu_speed.py guards.
+INT8_TOLERANCE = {"max_relative_error": 0.05}
+QUANTIZE_PER_CHANNEL = True  # int8 weights with one scale per output channel (see quantize_graph)
+QUANTIZATION = {  # what --quantize int8 does, for the manifest
+    "method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": QUANTIZE_PER_CHANNEL,
+    "ops": ["MatMul", "Gemm"], "graphs": ["encoder", "decoder"],
+}  # fmt: skip
+TOLERANCE_TEXT = {  # the checks, in words, for the manifest (its "checked" entry gives the measured values)
+    "fp32": f"max |onnxruntime - pytorch| <= {FP32_TOLERANCE['atol']} + {FP32_TOLERANCE['rtol']} * max |pytorch|, "
+    "for the prefix embeddings and for the logits and keys/values of a prefill and cached steps",
+    "int8": f"max |onnxruntime int8 - pytorch fp32| <= {INT8_TOLERANCE['max_relative_error']} * (max - min of pytorch "
+    "fp32), for the prefix embeddings and the logits",
+}
+CHECK_ROWS, CHECK_STEPS = 3, 3  # sample rows and cached steps after the prefill, for the check
+
+
+class ExportCheckError(UserError):
+    """A graph's outputs differ from PyTorch's beyond the tolerance: the export is not written."""
+
+
+class CheckResult(NamedTuple):
+    """The largest differences the check measured (all within the tolerance): fp32 graphs, max
+    |error|; int8 graphs, max |error| / the reference's range."""
+
+    encoder: float
+    decoder: float
+
+
+# ---------------------------------------------------------------------- the graphs' modules
+class EncoderGraph(nn.Module):
+    """pixel_values -> prefix embeddings: the model's image encoder, then its mapper."""
+
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.prefix_embeds(self.model.encode_images(pixel_values))
+
+
+class DecoderStep(nn.Module):
+    """One decoder step with an explicit cache: the HF forward on `inputs_embeds` after `past`
+    (per layer its keys, then its values, each [rows, kv_heads, P, head_dim]); returns the last position's logits
+    [rows, V], then per layer the keys and the values of all P+S positions, [rows, kv_heads, P+S, head_dim]:
+    the forward's own concatenation of past and new, so the graph outputs it without another copy and
+    the backend feeds it back as the next step's past (see `onnx_backend.OrtDecoder`).
+    Positions follow from the cache's length: P .. P+S-1."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.decoder.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        logits = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1], *(kind for layer in cache.layers for kind in (layer.keys, layer.values))
+
+
+class CacheShape(NamedTuple):
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def cache_shape(decoder: nn.Module) -> CacheShape:
+    """The decoder's KV cache sizes, read from one tiny forward rather than from config names,
+    which differ between model families (n_head, num_key_value_heads, head_dim, ...)."""
+    from transformers import DynamicCache
+
+    name = type(decoder).__name__
+    hidden = decoder.get_input_embeddings().embedding_dim
+    cache = DynamicCache(config=decoder.config)
+    try:
+        with torch.no_grad():
+            decoder(inputs_embeds=torch.zeros(1, 1, hidden), cache=cache, use_cache=True, logits_to_keep=1)
+    except Exception as error:  # a forward without a `cache` argument, or a wrapped (PEFT) decoder
+        raise UserError(f"cannot export the decoder {name}: its forward does not take a KV cache ({error})") from None
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if kinds != {"DynamicLayer"}:  # sliding-window layers drop old positions: `past` would not match
+        raise UserError(f"cannot export the decoder {name}: its KV cache has {', '.join(sorted(kinds))} layers")
+    keys = cache.layers[0].keys
+    return CacheShape(len(cache.layers), keys.shape[1], keys.shape[3])
+
+
+# ---------------------------------------------------------------------- export
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    quantize: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export the model directory `model_dir` to `out_dir` (see the module docstring) and return
+    the manifest written there. `quantize="int8"` gives the decoder int8 weights (dynamic
+    quantization of its MatMuls). The folder appears only once both graphs passed their check
+    (`ExportCheckError` otherwise); an earlier export there is replaced only with `overwrite`,
+    and a folder holding anything else is refused. `progress` is told each step's name."""
+    require("onnx", feature="prefixcap export onnx")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if opset < MIN_OPSET:
+        raise UserError(f"opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
+    check_output_dir(out_dir, what=EXPORT_DIRECTORY, is_ours=is_onnx_export, overwrite=overwrite)
+    say = progress or (lambda step: None)
+    say("loading the model")
+    model = CaptionModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32).eval()
+    shape = cache_shape(model.decoder)
+    with atomic_dir(out_dir) as staging:
+        say("exporting the encoder")
+        export_encoder(model, staging / ENCODER_FILE, opset=opset)
+        say("exporting the decoder")
+        export_decoder(model.decoder, staging / DECODER_FILE, shape, opset=opset)
+        embeddings = model.decoder.get_input_embeddings().weight.detach().float().contiguous()
+        save_file({"weight": embeddings}, staging / EMBEDDINGS_FILE)
+        model.tokenizer.save_pretrained(staging / "tokenizer")
+        model.image_processor.save_pretrained(staging / "image_processor")
+        say("checking the graphs against PyTorch in ONNX Runtime")
+        checked = {"fp32": check_export(model, staging)}
+        if quantize is not None:
+            say("quantizing the graphs to int8")
+            for graph in (ENCODER_FILE, DECODER_FILE):
+                quantize_graph(staging / graph)
+            say("checking the int8 graphs")
+            checked["int8"] = check_export(model, staging, quantized=True)
+        manifest = build_manifest(model, shape, quantize=quantize, opset=opset, checked=checked, source=model_dir)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@contextmanager
+def _quiet_exporter():
+    """The exporter's step-by-step notes and transformers' deprecation notices are not the user's
+    concern; errors still raise."""
+    import logging
+
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "")  # "": quantize_dynamic's advice
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, *, opset: int, **names: Any) -> None:
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > 2**30  # protobuf's limit is 2 GiB
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, **names)
+        except Exception as error:  # torch.export's and onnxscript's many error types
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"cannot export {path.stem} to ONNX: {reason}") from None
+        program.save(str(path), external_data=large)
+
+
+def export_encoder(model: CaptionModel, path: Path, *, opset: int = DEFAULT_OPSET) -> None:
+    """encoder.onnx: pixel_values [batch, 3, H, W] float32 -> prefix_embeds [batch, K, hidden]."""
+    from PIL import Image
+    from torch.export import Dim
+
+    pixels = model.preprocessor.pixels(Image.new("RGB", (640, 480)))
+    sample = model.preprocessor.normalize(pixels.unsqueeze(0).expand(2, -1, -1, -1).contiguous())
+    _export(
+        EncoderGraph(model).eval(), (sample,), path, opset=opset,
+        input_names=["pixel_values"], output_names=["prefix_embeds"],
+        dynamic_shapes={"pixel_values": {0: Dim("batch")}},
+    )  # fmt: skip
+
+
+def export_decoder(decoder: nn.Module, path: Path, shape: CacheShape, *, opset: int = DEFAULT_OPSET) -> None:
+    """decoder.onnx: (inputs_embeds [rows, S, hidden], past.{layer}.key/value [rows, kv_heads, P, head_dim])
+    -> (logits [rows, V] of the last position, present.{layer}.key/value [rows, kv_heads, P+S, head_dim]).
+    Attention is exported from the decoder's eager implementation: its q @ k^T fuses into one
+    MatMul, where SDPA's decomposition transposes every layer's whole past (measured: 14% of an
+    int8 step's kernel time)."""
+    from torch.export import Dim
+
+    hidden = decoder.get_input_embeddings().embedding_dim
+    rows, length, past_length = 2, 3, 4  # distinct sample sizes, none 0 or 1 (those would be specialised)
+    sample = (
+        torch.randn(rows, length, hidden),
+        [torch.randn(rows, shape.kv_heads, past_length, shape.head_dim) for _ in range(2 * shape.layers)],
+    )
+    rows_dim, past_dim = Dim("rows"), Dim("past_length")
+    implementation = decoder.config._attn_implementation
+    decoder.set_attn_implementation("eager")
+    _export(
+        DecoderStep(decoder).eval(), sample, path, opset=opset,
+        input_names=["inputs_embeds", *past_names(shape.layers)], output_names=["logits", *present_names(shape.layers)],
+        dynamic_shapes={
+            "inputs_embeds": {0: rows_dim, 1: Dim("length")}, "past": [{0: rows_dim, 2: past_dim}] * (2 * shape.layers),
+        },
+    )  # fmt: skip
+    decoder.set_attn_implementation(implementation)
+
+
+def quantize_graph(path: Path) -> None:
+    """Give a graph int8 weights in place: ONNX Runtime's dynamic quantization of every MatMul and
+    Gemm with a constant weight (int8 per output channel; activations quantized per call). Layer
+    norms, attention scores, the encoder's patch embedding (a Conv) and the embeddings stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_suffix(".int8.onnx")
+    with _quiet_exporter():
+        quantize_dynamic(
+            path, quantized, weight_type=QuantType.QInt8, per_channel=QUANTIZE_PER_CHANNEL,
+            op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True},
+        )  # fmt: skip
+    quantized.replace(path)
+    for leftover in path.parent.glob(f"{path.name}.data"):  # fp32 weights stored beside a large graph
+        leftover.unlink()
+
+
+# ---------------------------------------------------------------------- the check
+@torch.no_grad()
+def check_export(model: CaptionModel, directory: Path, *, quantized: bool = False) -> CheckResult:
+    """Run both graphs of `directory` in ONNX Runtime on sample inputs and compare with PyTorch:
+    the encoder's prefix embeddings, then the decoder's logits (and, fp32, its keys and values) for
+    a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same inputs. `quantized`
+    graphs (int8) are held to INT8_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError
+    naming the graph and the difference when over the tolerance."""
+    encoder, decoder = session(directory / ENCODER_FILE), session(directory / DECODER_FILE)
+    generator = torch.Generator().manual_seed(0)
+    size = model.preprocessor.pixels(_blank_image()).shape
+    pixels = torch.randint(0, 256, (CHECK_ROWS, *size), dtype=torch.uint8, generator=generator)
+    pixel_values = model.preprocessor.normalize(pixels)
+    prefix = EncoderGraph(model)(pixel_values)
+    (got,) = encoder.run(None, {"pixel_values": pixel_values.numpy()})
+    compare = _check_int8 if quantized else _check_close
+    encoder_error = compare(directory / ENCODER_FILE, "prefix embeddings", torch.from_numpy(got), prefix)
+
+    step, embedding = DecoderStep(model.decoder), model.decoder.get_input_embeddings()
+    shape = cache_shape(model.decoder)
+    past = torch.zeros(shape.layers, 2, CHECK_ROWS, shape.kv_heads, 0, shape.head_dim)
+    embeds, decoder_error = prefix, 0.0
+    for index in range(1 + CHECK_STEPS):
+        logits, *present = step(embeds, list(past.flatten(0, 1)))
+        present = torch.stack(present).unflatten(0, (shape.layers, 2))
+        feeds = {"inputs_embeds": embeds.numpy(), **past_feeds(past, past.shape[4])}
+        got_logits, *got_present = (torch.from_numpy(array) for array in decoder.run(None, feeds))
+        got_present = torch.stack(got_present).unflatten(0, (shape.layers, 2))
+        where = "the prefill" if index == 0 else f"cached step {index}"
+        errors = [compare(directory / DECODER_FILE, f"logits at {where}", got_logits, logits)]
+        if not quantized:  # int8 keys and values differ as much as the logits do: those are checked
+            errors.append(_check_close(directory / DECODER_FILE, f"keys and values at {where}", got_present, present))
+        decoder_error = max(decoder_error, *errors)
+        past = present
+        embeds = embedding(logits.argmax(dim=-1)).unsqueeze(1)
+    return CheckResult(encoder_error, decoder_error)
+
+
+def _check_close(path: Path, what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected|, checked against FP32_TOLERANCE (scaled by the reference's magnitude)."""
+    if got.shape != expected.shape:
+        raise ExportCheckError(f"{path}: {what} have shape {tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
+    error = float((got - expected).abs().max()) if got.numel() else 0.0
+    limit = FP32_TOLERANCE["atol"] + FP32_TOLERANCE["rtol"] * float(expected.abs().max() if expected.numel() else 0)
+    if not error <= limit:  # NaN fails too
+        raise ExportCheckError(
+            f"{path}: ONNX Runtime's {what} differ from PyTorch's by {error:.3g} (tolerance {limit:.3g}); "
+            "the export is not written"
+        )
+    return error
+
+
+def _check_int8(path: Path, what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / (max - min of expected), checked against INT8_TOLERANCE."""
+    if got.shape != expected.shape:
+        raise ExportCheckError(f"{path}: {what} have shape {tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
+    spread = float(expected.max() - expected.min()) or 1.0
+    error = float((got - expected).abs().max()) / spread
+    limit = INT8_TOLERANCE["max_relative_error"]
+    if not error <= limit:
+        raise ExportCheckError(
+            f"{path}: ONNX Runtime's int8 {what} differ from PyTorch's fp32 by {error:.3g} of their range "
+            f"(tolerance {limit}); the export is not written"
+        )
+    return error
+
+
+def _blank_image() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (640, 480))
+
+
+# ---------------------------------------------------------------------- the manifest
+def build_manifest(
+    model: CaptionModel,
+    shape: CacheShape,
+    *,
+    quantize: str | None,
+    opset: int,
+    checked: dict[str, CheckResult],
+    source: Any,
+) -> dict[str, Any]:
+    """What another runtime needs to drive the graphs (`onnx_backend` reads the same)."""
+    import onnx
+    import onnxruntime
+    import transformers
+
+    decoder_config = model.decoder.config
+    hidden = model.decoder.get_input_embeddings().embedding_dim
+    height, width = model.preprocessor.pixels(_blank_image()).shape[1:]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "files": {
+            "encoder": ENCODER_FILE,
+            "decoder": DECODER_FILE,
+            "embeddings": EMBEDDINGS_FILE,
+            "tokenizer": "tokenizer",
+            "image_processor": "image_processor",
+        },
+        "usage": {
+            "encoder": f"pixel_values [batch, 3, {height}, {width}] float32, the image processor's normalised "
+            f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",
+            "decoder": f"inputs_embeds [rows, length, {hidden}] and, for each layer i < {shape.layers}, past.i.key "
+            f"and past.i.value [rows, kv_heads={shape.kv_heads}, past_length, head_dim={shape.head_dim}] (past_length 0 "
+            f"for the prefill) -> logits [rows, vocab] of the last position and, for each layer, present.i.key and "
+            f"present.i.value [rows, kv_heads={shape.kv_heads}, past_length + length, head_dim={shape.head_dim}]: the "
+            "past followed by the new positions' keys and values, the next step's past; positions are past_length .. "
+            "past_length + length - 1, added by the graph",
+            "embeddings": f"{EMBEDDINGS_FILE} tensor 'weight' [vocab, {hidden}]: token embeddings (no positions) "
+            "for the decoder's inputs_embeds",
+            "decoding": "prefill [prefix_embeds; embeddings of prompt_ids], then feed each chosen token's embedding "
+            "with the cache, until a stop token or max_new_tokens",
+        },  # fmt: skip
+        "prefix_length": model.config.prefix_length,
+        "prompt": model.config.prompt,
+        "prompt_ids": model.prompt_ids(),
+        "stop_token_ids": model.stop_token_ids(),
+        "pad_token_id": model.tokenizer.pad_token_id,
+        "generation": dataclasses.asdict(model.generation_options()),
+        "hidden_size": hidden,
+        "vocab_size": model.decoder.get_input_embeddings().num_embeddings,
+        "num_layers": shape.layers,
+        "num_kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "max_positions": decoder_config.max_position_embeddings,
+        "decoder_type": decoder_config.model_type,
+        "dtype": "float32",
+        "quantize": quantize,
+        "quantization": None if quantize is None else QUANTIZATION,
+        "opset": opset,
+        "tolerance": {name: TOLERANCE_TEXT[name] for name in checked},
+        "checked": {name: result._asdict() for name, result in checked.items()},
+        "caption_config": dataclasses.asdict(model.config),
+        "source": str(source),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },  # fmt: skip
+    }

@@ -1,0 +1,66 @@
+"""Shared by the decoding-engine tests (GPT-2 and the Llama family): random prefixes, the engine
+and HF `generate` called with the same options, a full-recompute greedy reference, and stop
+tokens chosen so that rows end at different steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from prefixcap.engine import generate_from_prefix
+from prefixcap.generation import GenerationOptions
+
+PREFIX = 5  # prefix positions
+PAD = 1
+
+
+def prefixes(
+    batch: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, *, width: int = 64
+) -> torch.Tensor:
+    """Random prefix embeddings [batch, PREFIX, width]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, PREFIX, width, generator=generator).to(device, dtype)
+
+
+def engine(model, prefix, stop_ids, **options) -> torch.Tensor:
+    """The engine's tokens for `GenerationOptions(**options)`."""
+    return generate_from_prefix(model, prefix, GenerationOptions(**options), eos_token_ids=stop_ids, pad_token_id=PAD)
+
+
+@torch.no_grad()
+def hf_generate(model, prefix, stop_ids, **options) -> torch.Tensor:
+    """HF `generate` with the same options, defaults included (greedy or beam search)."""
+    hf_options = dataclasses.asdict(GenerationOptions(**options))
+    for sampling_only in ("seed", "temperature", "top_k", "top_p"):
+        del hf_options[sampling_only]
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    return model.generate(
+        inputs_embeds=prefix, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=PAD, **hf_options
+    )
+
+
+@torch.no_grad()
+def full_recompute_greedy(model, prefix, steps: int, stop_ids: list[int]) -> torch.Tensor:
+    """ClipCap's loop: run the whole sequence at every step, take the argmax, append; then keep
+    each row up to its first stop token and pad the rest."""
+    sequence, tokens = prefix, []
+    embedding = model.get_input_embeddings()
+    for _ in range(steps):
+        token = model(inputs_embeds=sequence).logits[:, -1].argmax(dim=-1)
+        tokens.append(token)
+        sequence = torch.cat([sequence, embedding(token).unsqueeze(1)], dim=1)
+    tokens = torch.stack(tokens, dim=1)
+    stops = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    after_stop = (stops.cumsum(dim=1) - stops.long()) > 0
+    tokens = tokens.masked_fill(after_stop, PAD)
+    length = int((~after_stop).sum(dim=1).max())
+    return tokens[:, :length]
+
+
+def stop_ids_seen_in(model, prefix, positions: list[tuple[int, int]]) -> list[int]:
+    """Stop tokens that greedy decoding emits at the given (row, step) positions, so that rows
+    end at different lengths."""
+    never = model.config.vocab_size  # out of the vocabulary: no row stops
+    free = full_recompute_greedy(model, prefix, 16, stop_ids=[never])
+    return sorted({int(free[row, step]) for row, step in positions})

@@ -1,0 +1,254 @@
+"""ONNX export (`prefixcap export onnx`) and the ONNX Runtime backend: the export's own check, the
+same tokens as the PyTorch engine, the Captioner / CLI / server on an export folder, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from prefixcap import Captioner, CaptionModel
+from prefixcap import onnx_export as export_module
+from prefixcap.cli import main
+from prefixcap.errors import UserError
+from prefixcap.onnx_backend import MANIFEST_NAME, OnnxCaptionModel, OrtDecoder, is_onnx_export
+from prefixcap.onnx_export import ExportCheckError, check_export, export_onnx
+
+onnx = pytest.importorskip("onnx")  # the onnx extra: onnx, onnxruntime, onnxscript
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_onnx(tiny_model_dir, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pytorch_model(tiny_model_dir: Path) -> CaptionModel:
+    return CaptionModel.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(onnx_dir: Path) -> OnnxCaptionModel:
+    return OnnxCaptionModel.from_pretrained(onnx_dir)
+
+
+def _pixels(count: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+
+
+# ---------------------------------------------------------------------- the export and its check
+def test_export_writes_graphs_embeddings_and_a_manifest(onnx_dir: Path, pytorch_model: CaptionModel) -> None:
+    manifest = json.loads((onnx_dir / MANIFEST_NAME).read_text())
+    assert {"encoder.onnx", "decoder.onnx", "embeddings.safetensors", "tokenizer", "image_processor"} <= {
+        path.name for path in onnx_dir.iterdir()
+    }
+    config = pytorch_model.decoder.config
+    assert manifest["prefix_length"] == pytorch_model.config.prefix_length == 4
+    assert manifest["stop_token_ids"] == pytorch_model.stop_token_ids()
+    assert manifest["pad_token_id"] == pytorch_model.tokenizer.pad_token_id
+    assert (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]) == (
+        config.n_layer,
+        config.n_head,
+        8,
+    )
+    assert (manifest["dtype"], manifest["quantize"], manifest["opset"]) == ("float32", None, 18)
+    assert set(manifest["checked"]) == {"fp32"} and manifest["checked"]["fp32"]["decoder"] <= 1e-4
+    assert "fp32" in manifest["tolerance"]
+    for name in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(onnx_dir / name))
+
+
+def _scale_largest_weight(graph: Path, factor: float) -> None:
+    """Damage a graph the way a bad exporter or a corrupted file would: scale its largest weight."""
+    model = onnx.load(str(graph))
+    tensor = max(model.graph.initializer, key=lambda init: int(torch.tensor(init.dims).prod()) if init.dims else 0)
+    array = onnx.numpy_helper.to_array(tensor) * factor
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.parametrize(("graph", "message"), [("decoder.onnx", "logits at the prefill"), ("encoder.onnx", "prefix")])
+def test_the_check_catches_damaged_weights(
+    onnx_dir: Path, pytorch_model: CaptionModel, tmp_path: Path, graph: str, message: str
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(onnx_dir, damaged)
+    check_export(pytorch_model, damaged)  # intact: passes
+    _scale_largest_weight(damaged / graph, 1.01)
+    with pytest.raises(ExportCheckError, match=f"{graph}: ONNX Runtime's {message}.* differ from PyTorch's"):
+        check_export(pytorch_model, damaged)
+
+
+@pytest.mark.slow
+def test_an_export_failing_its_check_is_not_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    original = export_module.export_decoder
+
+    def damaged_export(decoder, path, shape, **kwargs):
+        original(decoder, path, shape, **kwargs)
+        _scale_largest_weight(path, 1.01)
+
+    with mock.patch.object(export_module, "export_decoder", damaged_export), pytest.raises(ExportCheckError):
+        export_onnx(tiny_model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # no staging folder left either
+
+
+@pytest.mark.slow
+def test_export_refuses_a_foreign_folder_and_replaces_an_export_only_when_asked(
+    tiny_model_dir: Path, onnx_dir: Path, tmp_path: Path
+) -> None:
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "keep.jpg").write_bytes(b"mine")
+    with pytest.raises(UserError, match="is not empty and is not a prefixcap ONNX export"):
+        export_onnx(tiny_model_dir, foreign, overwrite=True)
+    assert (foreign / "keep.jpg").read_bytes() == b"mine"
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(onnx_dir, earlier)
+    assert main(["export", "onnx", str(tiny_model_dir), str(earlier)]) == 2  # needs --overwrite
+    assert main(["export", "onnx", str(tiny_model_dir), str(earlier), "--overwrite"]) == 0
+    assert is_onnx_export(earlier)
+
+
+# ---------------------------------------------------------------------- decoding: the engine's tokens
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"num_beams": 3, "num_return_sequences": 2},
+        {"do_sample": True, "top_k": 20, "seed": 3, "num_return_sequences": 2},
+        {"prompt": "a photo of", "repetition_penalty": 1.3},
+    ],
+    ids=["greedy", "beam", "sampling", "prompt"],
+)
+def test_onnx_runtime_gives_the_pytorch_engines_tokens(
+    pytorch_model: CaptionModel, onnx_model: OnnxCaptionModel, options: dict
+) -> None:
+    pixels = _pixels(3)  # batched
+    expected = pytorch_model.generate(pixels=pixels, max_new_tokens=12, **options)
+    assert torch.equal(onnx_model.generate(pixels=pixels, max_new_tokens=12, **options), expected)
+
+
+def test_captioner_and_cli_caption_from_an_export(
+    tiny_model_dir: Path, onnx_dir: Path, example_images: list[Path], capsys
+) -> None:
+    exported = Captioner.from_pretrained(onnx_dir)
+    assert exported.decoding_path == "ONNX Runtime"
+    assert exported.precision == "float32 (ONNX export)"
+    pytorch = Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    options = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8}
+    assert exported(example_images, **options) == pytorch(example_images, **options)
+
+    paths = [str(path) for path in example_images[:2]]
+    assert main(["caption", *paths, "--model", str(tiny_model_dir), "--dtype", "float32"]) == 0
+    expected = capsys.readouterr().out
+    assert main(["caption", *paths, "--model", str(onnx_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected
+    assert "dtype: float32 (ONNX export)" in captured.err
+
+
+def test_the_server_runs_an_export(onnx_dir: Path, example_images: list[Path]) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from prefixcap.serving import ServerConfig, create_app
+    from prefixcap.serving.app import CAPTION_PATH
+
+    captioner = Captioner.from_pretrained(onnx_dir)
+    with TestClient(create_app(captioner, ServerConfig(model_name="onnx"))) as client:
+        assert client.get("/health").json()["device"] == "cpu"
+        files = [("images", (path.name, path.read_bytes(), "image/jpeg")) for path in example_images[:2]]
+        answer = client.post(CAPTION_PATH, files=files, data={"num_beams": "2", "max_new_tokens": "6"})
+    assert answer.status_code == 200
+    texts = [[item["generated_text"] for item in entry] for entry in answer.json()]
+    assert texts == captioner(example_images[:2], num_beams=2, max_new_tokens=6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "cuda"}, "runs on CPU with ONNX Runtime"),
+        ({"dtype": "bfloat16"}, "runs float32 activations"),
+        ({"quantize": "int8"}, "quantization is chosen at export"),
+    ],
+)
+def test_settings_fixed_at_export_are_refused_in_one_line(onnx_dir: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        Captioner.from_pretrained(onnx_dir, **kwargs)
+
+
+def test_stored_image_embeddings_need_the_pytorch_model(onnx_model: OnnxCaptionModel) -> None:
+    with pytest.raises(UserError, match="captions images from their pixels"):
+        onnx_model.caption(image_embeds=torch.zeros(1, 24))
+
+
+def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(onnx_dir, damaged)
+    (damaged / MANIFEST_NAME).write_text('{"format": "prefixcap-onnx", "format_version": 99}')
+    with pytest.raises(UserError, match="format_version 99 is newer"):
+        Captioner.from_pretrained(damaged)
+    (damaged / MANIFEST_NAME).write_text('{"format": "prefixcap-onnx", "format_version": 1}')
+    with pytest.raises(UserError, match="format_version 1 was written by an older prefixcap; export the model again"):
+        Captioner.from_pretrained(damaged)
+
+
+def test_the_decoder_rereads_a_cache_written_between_steps(onnx_model: OnnxCaptionModel) -> None:
+    """OrtDecoder feeds its own buffers back while the cache is untouched, and copies the cache
+    again once something wrote to it (as beam search's reorder does): both give the cache's results."""
+    decoder = onnx_model.decoder
+    fresh = OrtDecoder(decoder.graph, decoder.embeddings, onnx_model.manifest)  # a new one copies the cache
+    embeds = torch.randn(2, 3, decoder.hidden_size, generator=torch.Generator().manual_seed(0))
+    tokens = decoder.embed(torch.tensor([[5, 7], [9, 9]]))  # [steps, rows, 1, E]
+    cache = decoder.new_cache(2, 5)
+    decoder(embeds, 0, cache)
+    expected = fresh(tokens[0], 3, cache.clone())
+    assert torch.equal(decoder(tokens[0], 3, cache), expected)  # from the buffers
+    assert decoder.holds is not None and decoder.holds[2] == 4
+    cache[:, :, 0] = cache[:, :, 1].clone()  # in place, as a beam reorder: row 0 continues row 1
+    reordered = decoder(tokens[1], 4, cache)
+    assert torch.equal(reordered, fresh(tokens[1], 4, cache.clone()))
+    torch.testing.assert_close(reordered[0], reordered[1])
+
+
+# ---------------------------------------------------------------------- int8 and other decoders
+@pytest.mark.slow
+def test_int8_export_runs(tiny_model_dir: Path, tmp_path: Path, example_images: list[Path]) -> None:
+    manifest = export_onnx(tiny_model_dir, tmp_path / "int8", quantize="int8")
+    assert manifest["quantize"] == "int8" and max(manifest["checked"]["int8"].values()) <= 0.05
+    for graph in ("encoder.onnx", "decoder.onnx"):
+        ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / graph)).graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, graph
+    captioner = Captioner.from_pretrained(tmp_path / "int8", quantize="int8")
+    assert captioner.precision == "float32 activations, int8 weights (ONNX export)"
+    captions = captioner(example_images[:2], num_beams=2, max_new_tokens=6)
+    assert len(captions) == 2 and all(len(per_image) == 1 for per_image in captions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # grouped-query attention; head_dim != hidden / heads
+def test_llama_family_decoders_export_and_decode_alike(
+    tiny_components: tuple[Path, Path], tmp_path: Path, family: str
+) -> None:
+    from prefixcap.testing import build_decoder
+
+    decoder = build_decoder(tmp_path / family, family)
+    torch.manual_seed(0)
+    CaptionModel.from_components(tiny_components[0], decoder, mapper="mlp", prefix_length=4).save_pretrained(
+        tmp_path / "model"
+    )
+    export_onnx(tmp_path / "model", tmp_path / "onnx")
+    pytorch = CaptionModel.from_pretrained(tmp_path / "model").eval()
+    exported = OnnxCaptionModel.from_pretrained(tmp_path / "onnx")
+    for options in ({}, {"num_beams": 3, "num_return_sequences": 2}):
+        expected = pytorch.generate(pixels=_pixels(3), max_new_tokens=10, **options)
+        assert torch.equal(exported.generate(pixels=_pixels(3), max_new_tokens=10, **options), expected)
