@@ -13,10 +13,10 @@ from prefixcap.cli import main
 from prefixcap.config import CaptionConfig
 from prefixcap.data import load_records
 from prefixcap.data.synth import make_synthetic_dataset
+from prefixcap.encoders import load_image_processor
 from prefixcap.errors import UserError
 from prefixcap.features import BAD_IMAGES, MANIFEST, FeatureStore, shard_path
 from prefixcap.images import load_image
-from prefixcap.modeling import load_image_processor, load_vision_encoder
 from prefixcap.prepare import prepare_features
 from tests.helpers_data import DATASET, WRITERS, write_images
 from tests.helpers_pipeline import kill_when, run_prefixcap, store_contents
@@ -74,13 +74,16 @@ def test_store_rows_are_the_encoder_embeddings_of_their_images(tmp_path: Path, t
     store = FeatureStore(tmp_path / "features")
     assert (manifest.num_shards, manifest.num_images, manifest.embed_dim) == (5, 30, 24)
     assert manifest.encoder == str(tiny_components[0].resolve())
-    encoder, processor = load_vision_encoder(tiny_components[0]), load_image_processor(tiny_components[0])
+    from transformers import CLIPModel  # the reference: Hugging Face's own CLIP
+
+    encoder = CLIPModel.from_pretrained(tiny_components[0])
+    processor = load_image_processor(tiny_components[0])
     assert manifest.preprocessing["crop_size"] == processor.crop_size
     for split in ("train", "val", "test"):
         records = store.records(split)
         pixels = processor([load_image(record.image) for record in records], return_tensors="pt").pixel_values
         with torch.no_grad():
-            expected = encoder(pixel_values=pixels).image_embeds
+            expected = encoder.visual_projection(encoder.vision_model(pixel_values=pixels).pooler_output)
         torch.testing.assert_close(store.embeddings(split).float(), expected, atol=2e-3, rtol=2e-3)  # fp16 storage
 
 

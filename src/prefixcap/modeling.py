@@ -31,10 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.atomic import atomic_dir, check_output_dir
-from prefixcap.checkpoints import check_finite
-from prefixcap.checkpoints import first_names as _first
-from prefixcap.checkpoints import hf_call as _hf_call
-from prefixcap.checkpoints import load_checked as _load_checked
+from prefixcap.checkpoints import check_finite, first_names, hf_call, load_checked
 from prefixcap.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
 from prefixcap.encoders import ImageEncoder, load_image_encoder, load_image_processor
 from prefixcap.errors import ModelLoadError
@@ -451,14 +448,8 @@ def embed_pixel_values(
 
 
 # ---------------------------------------------------------------------- component loaders
-def load_vision_encoder(source: str | Path) -> PreTrainedModel:
-    """The Hugging Face vision tower itself (e.g. CLIPVisionModelWithProjection), as before image
-    encoders other than CLIP existed; `load_image_encoder` gives it behind prefixcap's interface."""
-    return load_image_encoder(source).model
-
-
 def _load_decoder(source: str | Path) -> PreTrainedModel:
-    return _load_checked(AutoModelForCausalLM.from_pretrained, source, "decoder")
+    return load_checked(AutoModelForCausalLM.from_pretrained, source, "decoder")
 
 
 def _load_decoder_of(directory: Path, config: CaptionConfig, merge_adapter: bool) -> tuple[PreTrainedModel, str | None]:
@@ -482,7 +473,7 @@ def _load_decoder_of(directory: Path, config: CaptionConfig, merge_adapter: bool
 
 
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    return _hf_call(AutoTokenizer.from_pretrained, source, "tokenizer")
+    return hf_call(AutoTokenizer.from_pretrained, source, "tokenizer")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -498,9 +489,9 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     names it: `prefix` + key) for a missing or unexpected tensor, a wrong shape or non-finite values."""
     expected = module.state_dict()
     if expected.keys() - state.keys():
-        raise ModelLoadError(f"{source}: tensor {prefix}{_first(expected.keys() - state.keys())} is missing")
+        raise ModelLoadError(f"{source}: tensor {prefix}{first_names(expected.keys() - state.keys())} is missing")
     if state.keys() - expected.keys():
-        raise ModelLoadError(f"{source}: unexpected tensor {prefix}{_first(state.keys() - expected.keys())}")
+        raise ModelLoadError(f"{source}: unexpected tensor {prefix}{first_names(state.keys() - expected.keys())}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise ModelLoadError(

@@ -22,7 +22,7 @@ from prefixcap.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS, normalize_mo
 from prefixcap.data import CaptionRecord, load_records
 from prefixcap.data.hf import export_dataset, is_dataset_object
 from prefixcap.distributed.processes import process_state
-from prefixcap.encoders import EncoderSpec, load_encoder_config
+from prefixcap.encoders import EncoderSpec, load_encoder_config, load_image_encoder, load_image_processor
 from prefixcap.errors import UserError
 from prefixcap.features import (
     MANIFEST,
@@ -36,7 +36,7 @@ from prefixcap.features import (
 )
 from prefixcap.images import DEFAULT_MAX_PIXELS
 from prefixcap.loader import Batch, ImageLoader, chunked
-from prefixcap.modeling import embed_pixels, load_image_encoder, load_image_processor
+from prefixcap.modeling import embed_pixels
 from prefixcap.preprocess import ImagePreprocessor
 
 

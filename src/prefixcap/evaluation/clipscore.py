@@ -80,7 +80,7 @@ class CLIPScorer:
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         from prefixcap.captioner import default_device
-        from prefixcap.modeling import load_image_processor
+        from prefixcap.encoders import load_image_processor
 
         try:
             config = AutoConfig.from_pretrained(name_or_dir)
