@@ -208,12 +208,12 @@ def test_the_decoder_rereads_a_cache_written_between_steps(onnx_model: OnnxCapti
     decoder = onnx_model.decoder
     fresh = OrtDecoder(decoder.graph, decoder.embeddings, onnx_model.manifest)  # a new one copies the cache
     embeds = torch.randn(2, 3, decoder.hidden_size, generator=torch.Generator().manual_seed(0))
-    tokens = decoder.embed(torch.tensor([[5, 7], [9, 9]]))  # [steps, rows, 1, E]
+    tokens = [decoder.embed(torch.tensor(ids)) for ids in ([5, 7], [9, 9])]  # two steps' [rows, 1, E]
     cache = decoder.new_cache(2, 5)
     decoder(embeds, 0, cache)
     expected = fresh(tokens[0], 3, cache.clone())
     assert torch.equal(decoder(tokens[0], 3, cache), expected)  # from the buffers
-    assert decoder.holds is not None and decoder.holds[2] == 4
+    assert decoder.held is not None and decoder.held[2] == 4
     cache[:, :, 0] = cache[:, :, 1].clone()  # in place, as a beam reorder: row 0 continues row 1
     reordered = decoder(tokens[1], 4, cache)
     assert torch.equal(reordered, fresh(tokens[1], 4, cache.clone()))

@@ -2,8 +2,9 @@
 embeddings, the tokenizer, the image processor and a manifest (layout: `onnx_backend`).
 
 The decoder graph wraps the Hugging Face decoder's own forward with a `DynamicCache` built from
-the `past.*` inputs, so any causal LM whose forward takes `inputs_embeds`, `cache` and
-`logits_to_keep` exports the same way (GPT-2 is tested; the numerical check below decides for
+the `past.*` inputs and outputs each layer's whole present (the forward's concatenation of past and
+new keys/values, the next step's past, so the backend never copies the past out of its cache), so
+any causal LM whose forward takes `inputs_embeds`, `cache` and `logits_to_keep` exports the same way (GPT-2 is tested; the numerical check below decides for
 others). Graphs come from `torch.onnx.export`'s maintained exporter (torch.export + onnxscript);
 int8 weights from ONNX Runtime's `quantize_dynamic`.
 
