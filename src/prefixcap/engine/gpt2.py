@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixcap.engine.cached import CachedForward
 from prefixcap.engine.head import LMHead
 
 # Activations that equal GPT-2's `gelu_new` (the tanh approximation of GELU).
@@ -107,7 +108,7 @@ def block_parameters(layer: nn.Module) -> Block:
     return Block(*values)
 
 
-class GPT2Forward:
+class GPT2Forward(CachedForward):
     """GPT-2's forward pass for decoding against a static KV cache.
 
     The cache is one tensor [layers, 2 (key, value), rows, heads, length, head_dim]. A call feeds
@@ -122,40 +123,16 @@ class GPT2Forward:
     def __init__(self, model: nn.Module, *, compile_blocks: bool = False):
         config = model.config
         transformer = model.transformer
-        self.num_heads = config.n_head
+        self.num_heads = self.num_kv_heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.max_positions = config.n_positions
         self.eps = config.layer_norm_epsilon
-        self.wte = transformer.wte.weight
+        self.embedding = transformer.wte.weight
         self.wpe = transformer.wpe.weight
         self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias)
         self.lm_head = LMHead(model.lm_head.weight)
         self.blocks = [block_parameters(layer) for layer in transformer.h]
-        self._attention_input = attention_input
-        self._block_output = block_output
-        if compile_blocks:
-            self._attention_input = torch.compile(attention_input, dynamic=False)
-            self._block_output = torch.compile(block_output, dynamic=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.wte.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.wte.shape[1]
-
-    def new_cache(self, rows: int, length: int) -> torch.Tensor:
-        shape = (len(self.blocks), 2, rows, self.num_heads, length, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [rows, 1, E] for a decode step."""
-        return F.embedding(tokens, self.wte).unsqueeze(1)
+        self.use_block_functions(attention_input, block_output, compile_blocks)
 
     def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1, writing their keys and values

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixcap.engine.cached import CachedForward
 from prefixcap.engine.head import LMHead
 
 # `*ForCausalLM` class name -> family name shown in `prefixcap.engine.describe`.
@@ -179,7 +180,7 @@ def block_output(x: torch.Tensor, attended: torch.Tensor, block: Block, eps: flo
     return x + project(h, block.down, block.down_bias)
 
 
-class LlamaForward:
+class LlamaForward(CachedForward):
     """A Llama-family forward pass for decoding against a static KV cache (see `GPT2Forward`).
 
     The cache is one tensor [layers, 2 (key, value), rows, kv_heads, length, head_dim]. A call
@@ -206,31 +207,7 @@ class LlamaForward:
         self.norm = body.norm.weight
         self.lm_head = LMHead(model.lm_head.weight)
         self.blocks = [block_parameters(layer) for layer in body.layers]
-        self._attention_input = attention_input
-        self._block_output = block_output
-        if compile_blocks:
-            self._attention_input = torch.compile(attention_input, dynamic=False)
-            self._block_output = torch.compile(block_output, dynamic=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embedding.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embedding.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.embedding.shape[1]
-
-    def new_cache(self, rows: int, length: int) -> torch.Tensor:
-        shape = (len(self.blocks), 2, rows, self.num_kv_heads, length, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [rows, 1, E] for a decode step."""
-        return F.embedding(tokens, self.embedding).unsqueeze(1)
+        self.use_block_functions(attention_input, block_output, compile_blocks)
 
     def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1, writing their keys and values
