@@ -15,7 +15,7 @@ from prefixcap.registry import REGISTRY
 EPILOG = """\
 the export folder:
   encoder.onnx            pixel_values [batch, 3, H, W] -> prefix embeddings [batch, K, hidden]
-  decoder.onnx            one decoder step: (inputs_embeds, past keys/values) -> (last logits, new keys/values)
+  decoder.onnx            one decoder step: (inputs_embeds, past keys/values) -> (last logits, past + new keys/values)
   embeddings.safetensors  token embeddings, to feed chosen tokens back
   tokenizer/, image_processor/, prefixcap_onnx.json (the manifest: shapes, stop tokens, defaults)
 
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     onnx.add_argument(
         "--quantize", choices=QUANTIZE_CHOICES,
-        help="int8: int8 decoder weights (ONNX Runtime dynamic quantization of its MatMuls): a quarter of the size, "
+        help="int8: int8 weights in both graphs (ONNX Runtime dynamic quantization of their MatMuls): a quarter of the size, "
         "faster on CPUs with VNNI or AMX; checked against fp32 with a looser tolerance (default: float32)",
     )  # fmt: skip
     onnx.add_argument(
