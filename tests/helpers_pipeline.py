@@ -78,6 +78,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def synthetic_store(root: Path, vision_encoder: Path, num_images: int) -> Path:
+    """root/features: a feature store of `num_images` 16-pixel synthetic images (80% train, 10% val,
+    10% test) encoded by `vision_encoder`."""
+    from prefixcap.data.synth import make_synthetic_dataset
+    from prefixcap.prepare import prepare_features
+
+    captions = make_synthetic_dataset(root / "data", num_images=num_images, image_size=16)
+    prepare_features(captions, root / "features", vision_encoder=vision_encoder, num_workers=0)
+    return root / "features"
+
+
 def store_contents(path: Path) -> tuple[list, dict[str, torch.Tensor]]:
     """Everything a reader sees in a feature store: its records and embeddings, by split."""
     store = FeatureStore(path)

@@ -14,17 +14,16 @@ from torch import nn
 
 from prefixcap import CaptionModel
 from prefixcap.config import CONFIG_NAME, CaptionConfig
-from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import UserError
 from prefixcap.extras import MissingExtraError
 from prefixcap.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, default_targets, has_adapter
-from prefixcap.prepare import prepare_features
 from prefixcap.testing import build_decoder, build_tokenizer
 from prefixcap.training import TrainConfig
 from prefixcap.training import trainer as trainer_module
 from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.step import apply_freeze_policy
 from prefixcap.training.trainer import Trainer
+from tests.helpers_pipeline import synthetic_store
 
 pytest.importorskip("peft")
 
@@ -35,10 +34,7 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 @pytest.fixture(scope="module")
 def lora_features(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A feature store of 60 synthetic images (48 train, 6 val, 6 test) from the tiny CLIP."""
-    root = tmp_path_factory.mktemp("lora_synth")
-    captions = make_synthetic_dataset(root / "data", num_images=60, image_size=16)
-    prepare_features(captions, root / "features", vision_encoder=tiny_components[0], num_workers=0)
-    return root / "features"
+    return synthetic_store(tmp_path_factory.mktemp("lora_synth"), tiny_components[0], 60)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,15 @@ import pytest
 import torch
 
 from prefixcap import CaptionModel
-from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import UserError
 from prefixcap.evaluation.cider import CiderD
 from prefixcap.evaluation.clipscore import CLIPScorer, clip_s
 from prefixcap.features import FeatureStore
-from prefixcap.prepare import prepare_features
 from prefixcap.training import TrainConfig
 from prefixcap.training.scst import SCSTLoss, SelfCritical, clip_reward, sampling_seed
 from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.trainer import Trainer
-from tests.helpers_pipeline import model_weights
+from tests.helpers_pipeline import model_weights, synthetic_store
 
 K = 4
 
@@ -35,10 +33,7 @@ def model(tiny_model_dir: Path) -> CaptionModel:
 @pytest.fixture(scope="module")
 def features(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A feature store of 100 synthetic images (80 train) from the tiny CLIP, as `tiny_model_dir` encodes."""
-    root = tmp_path_factory.mktemp("scst")
-    captions = make_synthetic_dataset(root / "data", num_images=100, image_size=16)
-    prepare_features(captions, root / "features", vision_encoder=tiny_components[0], num_workers=0)
-    return root / "features"
+    return synthetic_store(tmp_path_factory.mktemp("scst"), tiny_components[0], 100)
 
 
 def sampler(model: CaptionModel, reward, *, baseline: str = "mean", prompts=None, images: int = 6) -> SelfCritical:

@@ -12,9 +12,7 @@ import torch
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.data import CaptionRecord
-from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import UserError
-from prefixcap.prepare import prepare_features
 from prefixcap.training import TrainConfig, resolve_config
 from prefixcap.training.data import CaptionTargets, process_batches
 from prefixcap.training.objective import CaptionLoss
@@ -37,6 +35,7 @@ from tests.helpers_pipeline import (
     kill_when,
     model_weights,
     run_prefixcap,
+    synthetic_store,
     train_synthetic_model,
 )
 
@@ -44,10 +43,7 @@ from tests.helpers_pipeline import (
 @pytest.fixture(scope="module")
 def synth_features(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A feature store of 100 synthetic images (80 train, 10 val, 10 test) from the tiny CLIP."""
-    root = tmp_path_factory.mktemp("synth")
-    captions = make_synthetic_dataset(root / "data", num_images=100, image_size=16)
-    prepare_features(captions, root / "features", vision_encoder=tiny_components[0], num_workers=0)
-    return root / "features"
+    return synthetic_store(tmp_path_factory.mktemp("synth"), tiny_components[0], 100)
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from prefixcap import engine
 from prefixcap.config import CaptionConfig
 from prefixcap.encoders import load_image_processor
-from prefixcap.engine.runner import DecodeRunner
-from prefixcap.engine.spec import DecodeSpec
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.extras import require
 from prefixcap.modeling import CaptionModel, read_safetensors
@@ -332,11 +331,6 @@ class OnnxCaptionModel:
     def generate_from_prefix(self, prefix: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         """New token ids [B * n, T] continuing `prefix` [B, K', E], on the decoding engine's
         runner and searches (as `engine.generate_from_prefix` does for PyTorch decoders)."""
-        spec = DecodeSpec.from_options(
-            options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id
+        return engine.decode(
+            self.decoder, prefix, options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id
         )
-        seed = options.seed
-        if spec.do_sample and seed is None:  # as the engine: torch.manual_seed applies
-            seed = int(torch.randint(2**62, ()))
-        batch, length, _ = prefix.shape
-        return DecodeRunner(self.decoder, spec, batch, length).run(prefix.float(), seed)

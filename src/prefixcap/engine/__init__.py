@@ -18,12 +18,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from prefixcap.engine.forward import decoder_forward, family, supports, unsupported_reason, window
+from prefixcap.engine.forward import DecoderForward, decoder_forward, family, supports, unsupported_reason, window
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
 from prefixcap.options import GenerationOptions
 
-__all__ = ["DecodeSpec", "describe", "fits", "generate_from_prefix", "supports"]
+__all__ = ["DecodeSpec", "decode", "describe", "fits", "generate_from_prefix", "supports"]
 
 # Graphed runners kept per decoder (each holds a KV cache for its batch size).
 MAX_CACHED_RUNNERS = 4
@@ -80,24 +80,49 @@ def generate_from_prefix(
             f"{window(decoder)}-position sliding window of {type(decoder).__name__}: the engine decodes "
             "within the window only (HF generate decodes past it)"
         )
-    spec = DecodeSpec.from_options(options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
-    seed = options.seed
-    if spec.do_sample and seed is None:  # draw one from torch's global RNG: torch.manual_seed applies
-        seed = int(torch.randint(2**62, ()))
     prefix_embeds = prefix_embeds.to(decoder.device, decoder.dtype)
     # Decoding runs in the decoder's own dtype. Under a caller's autocast (training validation),
     # captured graphs would read autocast's cached weight copies, which are freed when it exits.
     with torch.autocast(decoder.device.type, enabled=False):
         if decoder.device.type != "cuda" or not cuda_graphs:
-            model = decoder_forward(decoder, compile_blocks=compile_blocks)
-            return DecodeRunner(model, spec, batch, prefix_length).run(prefix_embeds, seed)
+            forward = decoder_forward(decoder, compile_blocks=compile_blocks)
+            return decode(forward, prefix_embeds, options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
 
         # Runners hold a power-of-two batch (extra rows are padding) so that a few captured shapes
         # serve every batch size.
         capacity = 1 << (batch - 1).bit_length()
+        spec, seed = _spec_and_seed(options, eos_token_ids, pad_token_id)
         with _runners_lock:
             runner = _graphed_runner(decoder, spec, capacity, prefix_length, compile_blocks)
             return runner.run(prefix_embeds, seed)
+
+
+@torch.no_grad()
+def decode(
+    forward: DecoderForward,
+    prefix_embeds: torch.Tensor,
+    options: GenerationOptions,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """New token ids, as `generate_from_prefix`, on any forward object (`engine.forward`): a torch
+    decoder's, or an ONNX Runtime session's (`prefixcap.onnx_backend.OrtDecoder`); eager steps."""
+    spec, seed = _spec_and_seed(options, eos_token_ids, pad_token_id)
+    batch, prefix_length, _ = prefix_embeds.shape
+    return DecodeRunner(forward, spec, batch, prefix_length).run(prefix_embeds.to(forward.dtype), seed)
+
+
+def _spec_and_seed(
+    options: GenerationOptions, eos_token_ids: list[int], pad_token_id: int
+) -> tuple[DecodeSpec, int | None]:
+    """The normalised request, and the sampling seed: the options' own, or (sampling without one)
+    one drawn from torch's global RNG, so that torch.manual_seed applies."""
+    spec = DecodeSpec.from_options(options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    seed = options.seed
+    if spec.do_sample and seed is None:
+        seed = int(torch.randint(2**62, ()))
+    return spec, seed
 
 
 def _graphed_runner(
