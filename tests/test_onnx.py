@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from unittest import mock
 
+import numpy
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from prefixcap import Captioner, CaptionModel
 from prefixcap import onnx_export as export_module
 from prefixcap.cli import main
 from prefixcap.errors import UserError
-from prefixcap.onnx_backend import MANIFEST_NAME, OnnxCaptionModel, OrtDecoder, is_onnx_export
+from prefixcap.onnx_backend import MANIFEST_NAME, OnnxCaptionModel, is_onnx_export
 from prefixcap.onnx_export import ExportCheckError, check_export, export_onnx
 
 onnx = pytest.importorskip("onnx")  # the onnx extra: onnx, onnxruntime, onnxscript
@@ -202,22 +203,56 @@ def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
         Captioner.from_pretrained(damaged)
 
 
-def test_the_decoder_rereads_a_cache_written_between_steps(onnx_model: OnnxCaptionModel) -> None:
-    """OrtDecoder feeds its own buffers back while the cache is untouched, and copies the cache
-    again once something wrote to it (as beam search's reorder does): both give the cache's results."""
+def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCaptionModel) -> None:
+    """Run plainly (exact-length past in, past + new out, as another runtime would from the
+    manifest), the graph gives the logits, keys and values that OrtDecoder's shared cache holds."""
     decoder = onnx_model.decoder
-    fresh = OrtDecoder(decoder.graph, decoder.embeddings, onnx_model.manifest)  # a new one copies the cache
     embeds = torch.randn(2, 3, decoder.hidden_size, generator=torch.Generator().manual_seed(0))
-    tokens = [decoder.embed(torch.tensor(ids)) for ids in ([5, 7], [9, 9])]  # two steps' [rows, 1, E]
-    cache = decoder.new_cache(2, 5)
+    step = decoder.embed(torch.tensor([5, 7]))
+    cache = decoder.new_cache(2, 6)  # one position longer than needed: the graph must not read it
+    cache[:, :, :, :, 4:] = float("nan")
     decoder(embeds, 0, cache)
-    expected = fresh(tokens[0], 3, cache.clone())
-    assert torch.equal(decoder(tokens[0], 3, cache), expected)  # from the buffers
-    assert decoder.held is not None and decoder.held[2] == 4
-    cache[:, :, 0] = cache[:, :, 1].clone()  # in place, as a beam reorder: row 0 continues row 1
-    reordered = decoder(tokens[1], 4, cache)
-    assert torch.equal(reordered, fresh(tokens[1], 4, cache.clone()))
-    torch.testing.assert_close(reordered[0], reordered[1])
+    shared_logits = decoder(step, 3, cache)
+
+    def unshared(inputs: torch.Tensor, past: list) -> list:
+        feeds = {"inputs_embeds": inputs.numpy(), "past_length": numpy.array(past[0].shape[2], dtype=numpy.int64)}
+        return decoder.graph.run(None, {**feeds, **dict(zip(decoder.past_names, past, strict=True))})
+
+    empty = numpy.zeros((2, decoder.num_kv_heads, 0, decoder.head_dim), dtype=numpy.float32)
+    _, *present = unshared(embeds, [empty] * len(decoder.past_names))
+    logits, *present = unshared(step, present)
+    torch.testing.assert_close(torch.from_numpy(logits), shared_logits)
+    flat = cache[:, :, :, :, :4].flatten(0, 1)
+    for got, expected in zip(present, flat, strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), expected)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama: grouped-query attention, rotary positions
+def test_the_exported_attention_computes_the_decoders_own_step(tmp_path: Path, family: str) -> None:
+    """In PyTorch, the exported module (the GroupQueryAttention op's reference body in place of the
+    decoder's attention) gives the HF forward's logits, keys and values: a prefill, then a cached step."""
+    from transformers import AutoModelForCausalLM
+
+    from prefixcap.onnx_attention import attention_of
+    from prefixcap.onnx_export import DecoderGraph, DecoderStep, cache_shape
+    from prefixcap.testing import build_decoder
+
+    decoder = AutoModelForCausalLM.from_pretrained(build_decoder(tmp_path, family)).eval()
+    shape = cache_shape(decoder)
+    generator = torch.Generator().manual_seed(0)
+    hidden = decoder.get_input_embeddings().embedding_dim
+    prefix, step = torch.randn(2, 5, hidden, generator=generator), torch.randn(2, 1, hidden, generator=generator)
+    past = [torch.zeros(2, shape.kv_heads, 0, shape.head_dim)] * (2 * shape.layers)
+    with torch.no_grad():
+        expected = DecoderStep(decoder)(prefix, past)
+        expected_step = DecoderStep(decoder)(step, list(expected[1:]))
+        with attention_of(decoder):
+            got = DecoderGraph(decoder)(prefix, torch.tensor(0), past)
+            got_step = DecoderGraph(decoder)(step, torch.tensor(5), list(got[1:]))
+    for got_outputs, expected_outputs in ((got, expected), (got_step, expected_step)):
+        assert len(got_outputs) == len(expected_outputs) == 1 + 2 * shape.layers
+        for got_tensor, expected_tensor in zip(got_outputs, expected_outputs, strict=True):
+            torch.testing.assert_close(got_tensor, expected_tensor)
 
 
 # ---------------------------------------------------------------------- int8 and other decoders

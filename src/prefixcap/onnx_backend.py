@@ -4,28 +4,25 @@ An export directory holds two graphs and what is needed to drive them (see `onnx
 writes it, and `MANIFEST_NAME`, which describes it for other runtimes):
 
     encoder.onnx            pixel_values [B, 3, H, W] -> prefix_embeds [B, K, hidden]
-    decoder.onnx            (inputs_embeds [rows, S, hidden], past.{layer}.key/value [rows, kv_heads, P, head_dim])
-                            -> (logits of the last position [rows, V], present.{layer}.key/value: the P past
-                            and S new keys and values, [rows, kv_heads, P+S, head_dim], the next step's past)
+    decoder.onnx            (inputs_embeds [rows, S, hidden], past_length [] int64,
+                            past.{layer}.key/value [rows, kv_heads, L, head_dim])
+                            -> (logits of the last position [rows, V], present.{layer}.key/value)
     embeddings.safetensors  the token embedding matrix ("weight", [V, hidden]), no positions
     tokenizer/, image_processor/, prefixcap_onnx.json (the manifest)
+
+The decoder's attention is ONNX Runtime's GroupQueryAttention (`onnx_attention`). Bound to the same
+buffer as its `present`, each `past` is a cache of any length L >= past_length + S that the step
+appends to in place; unshared, `past` holds exactly past_length positions and `present` returns
+them followed by the new ones.
 
 No second search lives here: `OrtDecoder` is the decoding engine's forward object (the contract of
 `engine.runner.DecodeRunner`: new_cache, embed, __call__, logits, refresh), so greedy, beam search
 and sampling are the engine's own, token for token. `OnnxCaptionModel` offers the surface of
 `CaptionModel` that the Captioner, the CLI and the server use, so they need no special cases.
 
-Speed: a decoding step copies the past once, in the graph, where the HF forward concatenates past
-and new keys/values; `OrtDecoder` feeds that concatenation (the `present` outputs) back as the next
-step's past instead of copying the past out of the engine-layout cache (whose length axis is not
-the outermost) every step. Measured A/B in one process on the same inputs, full-size GPT-2 int8,
-64 rows, greedy, 10 prefix + 20 new positions, same tokens: 2 threads 1.37 s -> 1.09 s (-21 %),
-1 thread 2.10 s -> 1.71 s (-19 %); feeding the outputs back through IOBinding into two preallocated
-buffers measured no faster than this.
-The remaining copy goes only with attention that appends in place to a preallocated cache (ONNX
-Runtime's GroupQueryAttention with a shared past/present buffer), which needs the decoder graph's
-attention rewritten; the profiler put that Concat at ~25 % of an int8 step at 64 rows before this
-change.
+Speed: `OrtDecoder` binds the engine's own cache as each layer's shared past/present buffer, so a
+step copies no keys or values at all: the graph writes the new positions where the engine reads
+them (measured in `onnx_attention`'s docstring).
 
 onnxruntime is an optional dependency (`pip install "prefixcap[onnx]"`): it is imported only after
 `prefixcap.extras.require`, inside the functions that need it.
@@ -34,10 +31,10 @@ onnxruntime is an optional dependency (`pip install "prefixcap[onnx]"`): it is i
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +49,7 @@ from prefixcap.preprocess import ImagePreprocessor
 
 MANIFEST_NAME = "prefixcap_onnx.json"
 FORMAT = "prefixcap-onnx"
-FORMAT_VERSION = 2  # 2: the decoder outputs each layer's whole present (past and new), not a stack of the new
+FORMAT_VERSION = 3  # 3: GroupQueryAttention, with past_length and past/present buffers that may be shared
 ENCODER_FILE, DECODER_FILE, EMBEDDINGS_FILE = "encoder.onnx", "decoder.onnx", "embeddings.safetensors"
 EXPORT_DIRECTORY = "prefixcap ONNX export"
 
@@ -65,15 +62,6 @@ def past_names(layers: int) -> list[str]:
 def present_names(layers: int) -> list[str]:
     """The decoder graph's cache outputs, in the order of `past_names`: present.0.key, present.0.value, ..."""
     return [name.replace("past.", "present.", 1) for name in past_names(layers)]
-
-
-def past_feeds(cache: torch.Tensor, start: int) -> dict[str, Any]:
-    """The decoder graph's cache inputs from positions < `start` of an engine-layout `cache`
-    [layers, 2, rows, kv_heads, length, head_dim], as NumPy arrays. One input per layer and kind,
-    so that the graph needs no Split of one big tensor; each is a dense copy (the slice is strided)."""
-    past = cache[:, :, :, :, :start]
-    names = past_names(cache.shape[0])
-    return {name: tensor.contiguous().numpy() for name, tensor in zip(names, past.flatten(0, 1), strict=True)}
 
 
 def is_onnx_export(path: str | Path) -> bool:
@@ -128,32 +116,21 @@ class OrtDecoder:
     """The decoder graph as the decoding engine's forward object (`engine.runner.DecodeRunner`).
 
     The KV cache is a CPU torch tensor [layers, 2, rows, kv_heads, length, head_dim], the engine's
-    layout, so beam search reorders it with the engine's own gathers; each call writes the new
-    positions' keys and values there, so the cache always holds the truth.
-
-    The graph's inputs, though, are dense [rows, kv_heads, P, head_dim] arrays, which a slice of
-    that cache is not (its length is the fourth axis). Rather than copy the past out of the cache
-    every step, the decoder feeds the graph's last `present` outputs (past and new positions, the
-    graph's own concatenation) back as the next step's past, zero-copy. It does so only while
-    nothing else touched the cache since the last call (same tensor, same `_version`, next
-    position); beam search's reorder and the prefix's copy to the rows of each input are writes, so
-    the past is then copied from the cache again. See the module docstring for the speed.
+    layout, so beam search reorders it with the engine's own gathers. Each [rows, kv_heads, length,
+    head_dim] slice is contiguous, and a call binds it as both that layer's `past` and its `present`:
+    the graph's attention reads the filled positions and writes the new ones into the cache itself.
 
     The graph ends with the LM head, so `__call__` returns the logits of the last position and
     `logits` is the identity: the runner's `logits(model(...))` gets the same values either way.
     """
 
-    def __init__(self, graph: Any, embeddings: torch.Tensor, manifest: dict[str, Any]):
+    def __init__(self, graph: Any, embeddings: torch.Tensor, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 max_positions: int):  # fmt: skip
         self.graph = graph
         self.embeddings = embeddings
-        self.num_layers = int(manifest["num_layers"])
-        self.num_kv_heads = int(manifest["num_kv_heads"])
-        self.head_dim = int(manifest["head_dim"])
-        self.max_positions = int(manifest["max_positions"])
-        self.past_names = past_names(self.num_layers)
-        # the last call's (weakref to the cache, its _version, filled length, present outputs): one
-        # tuple, replaced whole, so that concurrent calls (on their own caches) read a consistent one
-        self.held: tuple[Any, int, int, list[Any]] | None = None
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_positions = max_positions
+        self.past_names, self.present_names = past_names(num_layers), present_names(num_layers)
 
     dtype = torch.float32  # ONNX Runtime's CPU kernels run float32 activations (int8 weights too)
     device = torch.device("cpu")
@@ -163,33 +140,32 @@ class OrtDecoder:
         return self.embeddings.shape[1]
 
     def new_cache(self, rows: int, length: int) -> torch.Tensor:
+        """Uninitialised: the graph reads only positions it wrote (tests fill the rest with NaN), and
+        zeroing a full-size cache cost ~15 ms a decode (GPT-2, 64 rows, 29 positions)."""
         shape = (self.num_layers, 2, rows, self.num_kv_heads, length, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype)
+        return torch.empty(shape, dtype=self.dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [rows, 1, E] (the graph adds the positions)."""
         return F.embedding(tokens, self.embeddings).unsqueeze(1)
 
-    def _past(self, cache: torch.Tensor, start: int) -> list[Any]:
-        """The dense past inputs: the last call's present when it still holds exactly `cache`'s
-        first `start` positions, else a copy of them."""
-        held = self.held
-        if held is not None:
-            reference, version, length, present = held
-            if reference() is cache and version == cache._version and length == start:
-                return present
-        return list(past_feeds(cache, start).values())
-
     def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1 against the cache's first
         `start` positions, store their keys and values in `cache`; returns the logits [rows, V]."""
-        length = embeds.shape[1]
-        feeds = dict(zip(self.past_names, self._past(cache, start), strict=True))
-        logits, *present = self.graph.run(None, {"inputs_embeds": embeds.contiguous().numpy(), **feeds})
-        new = torch.stack([torch.from_numpy(array[:, :, start:]) for array in present])
-        cache[:, :, :, :, start : start + length] = new.unflatten(0, (self.num_layers, 2))
-        self.held = (weakref.ref(cache), cache._version, start + length, present)
-        return torch.from_numpy(logits)
+        if not cache.is_contiguous() or cache.dtype != self.dtype or start + embeds.shape[1] > cache.shape[4]:
+            raise ValueError("the cache must be a contiguous float32 tensor with room for the new positions")
+        inputs = embeds.to(self.dtype).contiguous().numpy()  # held until the run is over
+        past_length = np.array(start, dtype=np.int64)
+        binding = self.graph.io_binding()
+        binding.bind_cpu_input("inputs_embeds", inputs)
+        binding.bind_cpu_input("past_length", past_length)
+        binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
+        shape = list(cache.shape[2:])
+        for buffer, past, present in zip(cache.flatten(0, 1), self.past_names, self.present_names, strict=True):
+            binding.bind_input(past, "cpu", 0, np.float32, shape, buffer.data_ptr())
+            binding.bind_output(present, "cpu", 0, np.float32, shape, buffer.data_ptr())
+        self.graph.run_with_iobinding(binding)
+        return torch.from_numpy(binding.get_outputs()[0].numpy())
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The identity: `__call__` already returns logits (see the class docstring)."""
@@ -221,7 +197,11 @@ class OnnxCaptionModel:
         self.config = CaptionConfig(**manifest["caption_config"])
         self.encoder = session(directory / files["encoder"], threads=threads)
         embeddings = read_safetensors(directory / files["embeddings"])["weight"].float()
-        self.decoder = OrtDecoder(session(directory / files["decoder"], threads=threads), embeddings, manifest)
+        self.decoder = OrtDecoder(
+            session(directory / files["decoder"], threads=threads), embeddings,
+            num_layers=int(manifest["num_layers"]), num_kv_heads=int(manifest["num_kv_heads"]),
+            head_dim=int(manifest["head_dim"]), max_positions=int(manifest["max_positions"]),
+        )  # fmt: skip
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory / files["tokenizer"]))
         except Exception as error:

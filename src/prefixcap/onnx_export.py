@@ -1,12 +1,14 @@
 """Export a model directory to ONNX: an encoder graph, a one-step KV-cache decoder graph, the token
 embeddings, the tokenizer, the image processor and a manifest (layout: `onnx_backend`).
 
-The decoder graph wraps the Hugging Face decoder's own forward with a `DynamicCache` built from
-the `past.*` inputs and outputs each layer's whole present (the forward's concatenation of past and
-new keys/values, the next step's past, so the backend never copies the past out of its cache), so
-any causal LM whose forward takes `inputs_embeds`, `cache` and `logits_to_keep` exports the same way (GPT-2 is tested; the numerical check below decides for
-others). Graphs come from `torch.onnx.export`'s maintained exporter (torch.export + onnxscript);
-int8 weights from ONNX Runtime's `quantize_dynamic`.
+The decoder graph is the Hugging Face decoder's own forward, run without a transformers cache and
+with `onnx_attention`'s attention implementation, which makes each layer's attention one
+GroupQueryAttention node over that layer's `past.*` buffers (appended to in place when the caller
+shares them with the `present.*` outputs, as `onnx_backend.OrtDecoder` does). Any causal LM whose
+forward takes `inputs_embeds`, `position_ids` and `logits_to_keep` and whose attention modules call
+transformers' attention interface exports the same way (GPT-2 and the Llama family are tested; the
+numerical check below decides for others). Graphs come from `torch.onnx.export`'s maintained
+exporter (torch.export + onnxscript); int8 weights from ONNX Runtime's `quantize_dynamic`.
 
 Every export is checked on the spot, before the folder appears: both graphs run in ONNX Runtime on
 sample inputs and must match PyTorch (fp32: `FP32_TOLERANCE`; int8: `INT8_TOLERANCE`). An export
@@ -32,6 +34,7 @@ from prefixcap.errors import UserError
 from prefixcap.extras import require
 from prefixcap.hardware import QUANTIZE_CHOICES
 from prefixcap.modeling import CaptionModel
+from prefixcap.onnx_attention import TRANSLATION, SharedKV, attention_of
 from prefixcap.onnx_backend import (
     DECODER_FILE,
     EMBEDDINGS_FILE,
@@ -40,8 +43,8 @@ from prefixcap.onnx_backend import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    OrtDecoder,
     is_onnx_export,
-    past_feeds,
     past_names,
     present_names,
     session,
@@ -93,12 +96,10 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """One decoder step with an explicit cache: the HF forward on `inputs_embeds` after `past`
-    (per layer its keys, then its values, each [rows, kv_heads, P, head_dim]); returns the last position's logits
-    [rows, V], then per layer the keys and the values of all P+S positions, [rows, kv_heads, P+S, head_dim]:
-    the forward's own concatenation of past and new, so the graph outputs it without another copy and
-    the backend feeds it back as the next step's past (see `onnx_backend.OrtDecoder`).
-    Positions follow from the cache's length: P .. P+S-1."""
+    """The reference for the decoder graph: one step of the HF forward with its own `DynamicCache`
+    built from `past` (per layer its keys, then its values, each [rows, kv_heads, P, head_dim]);
+    returns the last position's logits [rows, V], then per layer the keys and the values of all
+    P+S positions. Positions follow from the cache's length: P .. P+S-1."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
@@ -112,6 +113,26 @@ class DecoderStep(nn.Module):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         logits = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1], *(kind for layer in cache.layers for kind in (layer.keys, layer.values))
+
+
+class DecoderGraph(nn.Module):
+    """The module exported as decoder.onnx: the same step as `DecoderStep`, run inside
+    `onnx_attention.attention_of(decoder)` (GroupQueryAttention over the `past` buffers, see the
+    manifest's usage) and positions past_length .. past_length+S-1 from the `past_length` input."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, past: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        positions = (torch.arange(inputs_embeds.shape[1]) + past_length).unsqueeze(0)
+        shared_kv = SharedKV(past, past_length)
+        logits = self.decoder(
+            inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False, logits_to_keep=1, shared_kv=shared_kv
+        ).logits
+        return logits[:, -1], *shared_kv.present
 
 
 class CacheShape(NamedTuple):
@@ -233,30 +254,29 @@ def export_encoder(model: CaptionModel, path: Path, *, opset: int = DEFAULT_OPSE
 
 
 def export_decoder(decoder: nn.Module, path: Path, shape: CacheShape, *, opset: int = DEFAULT_OPSET) -> None:
-    """decoder.onnx: (inputs_embeds [rows, S, hidden], past.{layer}.key/value [rows, kv_heads, P, head_dim])
-    -> (logits [rows, V] of the last position, present.{layer}.key/value [rows, kv_heads, P+S, head_dim]).
-    Attention is exported from the decoder's eager implementation: its q @ k^T fuses into one
-    MatMul, where SDPA's decomposition transposes every layer's whole past (measured: 14% of an
-    int8 step's kernel time)."""
+    """decoder.onnx: (inputs_embeds [rows, S, hidden], past_length [] int64, past.{layer}.key/value
+    [rows, kv_heads, L, head_dim]) -> (logits [rows, V] of the last position, present.{layer}.key/value);
+    see `DecoderGraph` and the manifest's usage."""
     from torch.export import Dim
 
     hidden = decoder.get_input_embeddings().embedding_dim
     rows, length, past_length = 2, 3, 4  # distinct sample sizes, none 0 or 1 (those would be specialised)
     sample = (
         torch.randn(rows, length, hidden),
+        torch.tensor(past_length),
         [torch.randn(rows, shape.kv_heads, past_length, shape.head_dim) for _ in range(2 * shape.layers)],
     )
     rows_dim, past_dim = Dim("rows"), Dim("past_length")
-    implementation = decoder.config._attn_implementation
-    decoder.set_attn_implementation("eager")
-    _export(
-        DecoderStep(decoder).eval(), sample, path, opset=opset,
-        input_names=["inputs_embeds", *past_names(shape.layers)], output_names=["logits", *present_names(shape.layers)],
-        dynamic_shapes={
-            "inputs_embeds": {0: rows_dim, 1: Dim("length")}, "past": [{0: rows_dim, 2: past_dim}] * (2 * shape.layers),
-        },
-    )  # fmt: skip
-    decoder.set_attn_implementation(implementation)
+    with attention_of(decoder):
+        _export(
+            DecoderGraph(decoder).eval(), sample, path, opset=opset, custom_translation_table=TRANSLATION,
+            input_names=["inputs_embeds", "past_length", *past_names(shape.layers)],
+            output_names=["logits", *present_names(shape.layers)],
+            dynamic_shapes={
+                "inputs_embeds": {0: rows_dim, 1: Dim("length")}, "past_length": None,
+                "past": [{0: rows_dim, 2: past_dim}] * (2 * shape.layers),
+            },
+        )  # fmt: skip
 
 
 def quantize_graph(path: Path) -> None:
@@ -281,7 +301,8 @@ def quantize_graph(path: Path) -> None:
 def check_export(model: CaptionModel, directory: Path, *, quantized: bool = False) -> CheckResult:
     """Run both graphs of `directory` in ONNX Runtime on sample inputs and compare with PyTorch:
     the encoder's prefix embeddings, then the decoder's logits (and, fp32, its keys and values) for
-    a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same inputs. `quantized`
+    a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same input embeddings;
+    the graph keeps its own cache, shared with its outputs as `OrtDecoder` runs it. `quantized`
     graphs (int8) are held to INT8_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError
     naming the graph and the difference when over the tolerance."""
     encoder, decoder = session(directory / ENCODER_FILE), session(directory / DECODER_FILE)
@@ -296,17 +317,22 @@ def check_export(model: CaptionModel, directory: Path, *, quantized: bool = Fals
 
     step, embedding = DecoderStep(model.decoder), model.decoder.get_input_embeddings()
     shape = cache_shape(model.decoder)
-    past = torch.zeros(shape.layers, 2, CHECK_ROWS, shape.kv_heads, 0, shape.head_dim)
+    # the decoder graph runs as prefixcap runs it: on an engine-layout cache shared with its outputs
+    graph = OrtDecoder(
+        decoder, embedding.weight.detach(), num_layers=shape.layers, num_kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim, max_positions=model.decoder.config.max_position_embeddings,
+    )  # fmt: skip
+    cache = graph.new_cache(CHECK_ROWS, prefix.shape[1] + CHECK_STEPS)
+    past = cache[:, :, :, :, :0]
     embeds, decoder_error = prefix, 0.0
     for index in range(1 + CHECK_STEPS):
         logits, *present = step(embeds, list(past.flatten(0, 1)))
         present = torch.stack(present).unflatten(0, (shape.layers, 2))
-        feeds = {"inputs_embeds": embeds.numpy(), **past_feeds(past, past.shape[4])}
-        got_logits, *got_present = (torch.from_numpy(array) for array in decoder.run(None, feeds))
-        got_present = torch.stack(got_present).unflatten(0, (shape.layers, 2))
+        got_logits = graph(embeds, past.shape[4], cache)
         where = "the prefill" if index == 0 else f"cached step {index}"
         errors = [compare(directory / DECODER_FILE, f"logits at {where}", got_logits, logits)]
         if not quantized:  # int8 keys and values differ as much as the logits do: those are checked
+            got_present = cache[:, :, :, :, : present.shape[4]]
             errors.append(_check_close(directory / DECODER_FILE, f"keys and values at {where}", got_present, present))
         decoder_error = max(decoder_error, *errors)
         past = present
@@ -380,12 +406,15 @@ def build_manifest(
         "usage": {
             "encoder": f"pixel_values [batch, 3, {height}, {width}] float32, the image processor's normalised "
             f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",
-            "decoder": f"inputs_embeds [rows, length, {hidden}] and, for each layer i < {shape.layers}, past.i.key "
-            f"and past.i.value [rows, kv_heads={shape.kv_heads}, past_length, head_dim={shape.head_dim}] (past_length 0 "
-            f"for the prefill) -> logits [rows, vocab] of the last position and, for each layer, present.i.key and "
-            f"present.i.value [rows, kv_heads={shape.kv_heads}, past_length + length, head_dim={shape.head_dim}]: the "
-            "past followed by the new positions' keys and values, the next step's past; positions are past_length .. "
-            "past_length + length - 1, added by the graph",
+            "decoder": f"inputs_embeds [rows, length, {hidden}] float32, past_length [] int64 (positions already in "
+            f"the cache; 0 for the prefill) and, for each layer i < {shape.layers}, past.i.key and past.i.value [rows, "
+            f"kv_heads={shape.kv_heads}, L, head_dim={shape.head_dim}] -> logits [rows, vocab] of the last position and, "
+            "for each layer, present.i.key and present.i.value. Attention is com.microsoft GroupQueryAttention. Shared "
+            "buffers (fastest): bind each past.i.* and present.i.* to the same buffer of any length L >= past_length + "
+            "length; the step reads its first past_length positions and writes the new ones after them, in place. "
+            "Unshared: L = past_length, and present.i.* [rows, kv_heads, past_length + length, head_dim] is the past "
+            "followed by the new positions, the next step's past. Positions past_length .. past_length + length - 1 "
+            "are added by the graph",
             "embeddings": f"{EMBEDDINGS_FILE} tensor 'weight' [vocab, {hidden}]: token embeddings (no positions) "
             "for the decoder's inputs_embeds",
             "decoding": "prefill [prefix_embeds; embeddings of prompt_ids], then feed each chosen token's embedding "
