@@ -221,7 +221,7 @@ def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCa
     empty = numpy.zeros((2, decoder.num_kv_heads, 0, decoder.head_dim), dtype=numpy.float32)
     _, *present = unshared(embeds, [empty] * len(decoder.past_names))
     logits, *present = unshared(step, present)
-    torch.testing.assert_close(torch.from_numpy(logits), shared_logits)
+    torch.testing.assert_close(torch.from_numpy(logits).squeeze(1), shared_logits)
     flat = cache[:, :, :, :, :4].flatten(0, 1)
     for got, expected in zip(present, flat, strict=True):
         torch.testing.assert_close(torch.from_numpy(got), expected)
@@ -251,7 +251,8 @@ def test_the_exported_attention_computes_the_decoders_own_step(tmp_path: Path, f
             got_step = DecoderGraph(decoder)(step, torch.tensor(5), list(got[1:]))
     for got_outputs, expected_outputs in ((got, expected), (got_step, expected_step)):
         assert len(got_outputs) == len(expected_outputs) == 1 + 2 * shape.layers
-        for got_tensor, expected_tensor in zip(got_outputs, expected_outputs, strict=True):
+        torch.testing.assert_close(got_outputs[0].squeeze(1), expected_outputs[0])  # the graph's logits: [rows, 1, V]
+        for got_tensor, expected_tensor in zip(got_outputs[1:], expected_outputs[1:], strict=True):
             torch.testing.assert_close(got_tensor, expected_tensor)
 
 

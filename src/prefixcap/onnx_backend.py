@@ -6,7 +6,7 @@ writes it, and `MANIFEST_NAME`, which describes it for other runtimes):
     encoder.onnx            pixel_values [B, 3, H, W] -> prefix_embeds [B, K, hidden]
     decoder.onnx            (inputs_embeds [rows, S, hidden], past_length [] int64,
                             past.{layer}.key/value [rows, kv_heads, L, head_dim])
-                            -> (logits of the last position [rows, V], present.{layer}.key/value)
+                            -> (logits of the last position [rows, 1, V], present.{layer}.key/value)
     embeddings.safetensors  the token embedding matrix ("weight", [V, hidden]), no positions
     tokenizer/, image_processor/, prefixcap_onnx.json (the manifest)
 
@@ -165,7 +165,7 @@ class OrtDecoder:
             binding.bind_input(past, "cpu", 0, np.float32, shape, buffer.data_ptr())
             binding.bind_output(present, "cpu", 0, np.float32, shape, buffer.data_ptr())
         self.graph.run_with_iobinding(binding)
-        return torch.from_numpy(binding.get_outputs()[0].numpy())
+        return torch.from_numpy(binding.get_outputs()[0].numpy()).squeeze(1)  # [rows, 1, V] -> [rows, V]
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The identity: `__call__` already returns logits (see the class docstring)."""

@@ -118,7 +118,8 @@ class DecoderStep(nn.Module):
 class DecoderGraph(nn.Module):
     """The module exported as decoder.onnx: the same step as `DecoderStep`, run inside
     `onnx_attention.attention_of(decoder)` (GroupQueryAttention over the `past` buffers, see the
-    manifest's usage) and positions past_length .. past_length+S-1 from the `past_length` input."""
+    manifest's usage) and positions past_length .. past_length+S-1 from the `past_length` input.
+    Returns the last position's logits as [rows, 1, V], then the presents."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
@@ -132,7 +133,8 @@ class DecoderGraph(nn.Module):
         logits = self.decoder(
             inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False, logits_to_keep=1, shared_kv=shared_kv
         ).logits
-        return logits[:, -1], *shared_kv.present
+        # [rows, 1, V] (logits_to_keep=1) as it is: selecting the position in the graph copies [rows, V] every step
+        return logits, *shared_kv.present
 
 
 class CacheShape(NamedTuple):
@@ -255,7 +257,7 @@ def export_encoder(model: CaptionModel, path: Path, *, opset: int = DEFAULT_OPSE
 
 def export_decoder(decoder: nn.Module, path: Path, shape: CacheShape, *, opset: int = DEFAULT_OPSET) -> None:
     """decoder.onnx: (inputs_embeds [rows, S, hidden], past_length [] int64, past.{layer}.key/value
-    [rows, kv_heads, L, head_dim]) -> (logits [rows, V] of the last position, present.{layer}.key/value);
+    [rows, kv_heads, L, head_dim]) -> (logits [rows, 1, V] of the last position, present.{layer}.key/value);
     see `DecoderGraph` and the manifest's usage."""
     from torch.export import Dim
 
@@ -408,7 +410,8 @@ def build_manifest(
             f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",
             "decoder": f"inputs_embeds [rows, length, {hidden}] float32, past_length [] int64 (positions already in "
             f"the cache; 0 for the prefill) and, for each layer i < {shape.layers}, past.i.key and past.i.value [rows, "
-            f"kv_heads={shape.kv_heads}, L, head_dim={shape.head_dim}] -> logits [rows, vocab] of the last position and, "
+            f"kv_heads={shape.kv_heads}, L, head_dim={shape.head_dim}] -> logits [rows, 1, vocab] of the last position "
+            "and, "
             "for each layer, present.i.key and present.i.value. Attention is com.microsoft GroupQueryAttention. Shared "
             "buffers (fastest): bind each past.i.* and present.i.* to the same buffer of any length L >= past_length + "
             "length; the step reads its first past_length positions and writes the new ones after them, in place. "
