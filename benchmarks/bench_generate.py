@@ -43,11 +43,11 @@ from PIL import Image
 
 from prefixcap import engine
 from prefixcap.captioner import Captioner
-from prefixcap.generation import GenerationOptions
-from prefixcap.hardware import cpu_support, quantize_int8
-from prefixcap.loader import chunked
-from prefixcap.modeling import CaptionModel
-from prefixcap.onnx_backend import OnnxCaptionModel, is_onnx_export
+from prefixcap.engine.backends import GenerationOptions
+from prefixcap.inputs.loader import chunked
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
+from prefixcap.system.hardware import cpu_support, quantize_int8
 from prefixcap.testing import build_full_size_model
 
 NEW_TOKENS = 20
@@ -337,7 +337,7 @@ def cpu_variants(model_dir: Path, names: str) -> dict[str, CaptionModel]:
 def onnx_exports(model_dir: Path, names: str) -> dict[str, OnnxCaptionModel]:
     """(o, p): the model exported with `prefixcap export onnx` ("fp32", "int8": --quantize int8) beside
     `model_dir`, reused when already there, loaded for ONNX Runtime."""
-    from prefixcap.onnx_export import export_onnx
+    from prefixcap.onnx.export import export_onnx
 
     exports = {}
     for name in [name.strip() for name in names.split(",") if name.strip()]:

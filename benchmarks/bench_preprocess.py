@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from prefixcap.images import load_image
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.images import load_image
+from prefixcap.inputs.preprocess import ImagePreprocessor
 
 
 def write_jpegs(directory: Path, count: int, width: int, height: int) -> list[Path]:

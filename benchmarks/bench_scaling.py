@@ -57,9 +57,9 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 def preprocessing_rate(model: Path, images: Path) -> float:
     """Images/s that one core decodes (JPEG) and preprocesses (resize, crop; normalising happens
     later, batched on the model's device) in one thread."""
-    from prefixcap.encoders import load_image_processor
-    from prefixcap.loader import ImageLoader
-    from prefixcap.preprocess import ImagePreprocessor
+    from prefixcap.inputs.loader import ImageLoader
+    from prefixcap.inputs.preprocess import ImagePreprocessor
+    from prefixcap.model.encoders import load_image_processor
 
     torch.set_num_threads(1)
     loader = ImageLoader(ImagePreprocessor(load_image_processor(model / "image_processor")))

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import transformers
 
-from prefixcap.modeling import CaptionModel
+from prefixcap.model.caption_model import CaptionModel
 from prefixcap.testing import build_full_size_model
 from prefixcap.training import TrainConfig
 from prefixcap.training.data import CaptionTargets

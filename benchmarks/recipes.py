@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from prefixcap.config import CaptionConfig
-from prefixcap.lora import add_lora
-from prefixcap.mapping import PrefixMapper
+from prefixcap.model.config import CaptionConfig
+from prefixcap.model.lora import add_lora
+from prefixcap.model.mappers import PrefixMapper
 from prefixcap.training.objective import CaptionLoss
 
 BATCH = 64

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from prefixcap.engine import generate_from_prefix
-from prefixcap.generation import GenerationOptions
+from prefixcap.engine.backends import GenerationOptions
 
 PREFIX = 5  # prefix positions
 PAD = 1

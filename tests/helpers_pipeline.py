@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefixcap.data import CaptionRecord
-from prefixcap.features import FeatureStore
+from prefixcap.pipeline.features import FeatureStore
 
 
 def subprocess_env() -> dict[str, str]:
@@ -82,7 +82,7 @@ def synthetic_store(root: Path, vision_encoder: Path, num_images: int) -> Path:
     """root/features: a feature store of `num_images` 16-pixel synthetic images (80% train, 10% val,
     10% test) encoded by `vision_encoder`."""
     from prefixcap.data.synth import make_synthetic_dataset
-    from prefixcap.prepare import prepare_features
+    from prefixcap.pipeline.prepare import prepare_features
 
     captions = make_synthetic_dataset(root / "data", num_images=num_images, image_size=16)
     prepare_features(captions, root / "features", vision_encoder=vision_encoder, num_workers=0)

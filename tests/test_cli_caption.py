@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from prefixcap.data.shards import expand_inputs
+from prefixcap.inputs.expand import expand_inputs
 
 
 def run_cli(*args, cwd=None):

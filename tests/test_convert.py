@@ -94,7 +94,7 @@ def test_greedy_captions_match_clipcap_loop(converted, example_images):
 def test_non_clipcap_files_are_refused(tmp_path, tiny_components):
     torch.save({"something.else": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="other.pt: not a ClipCap MLP checkpoint"):
-        from prefixcap.convert import convert_clipcap
+        from prefixcap.model.clipcap import convert_clipcap
 
         convert_clipcap(
             tmp_path / "other.pt",
@@ -115,7 +115,7 @@ def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, 
     """`clipcap-coco` resolves through hf_hub_download + convert-clipcap, once; later loads hit the cache."""
     import huggingface_hub
 
-    from prefixcap import registry
+    from prefixcap.model import registry
 
     clip_dir, gpt2_dir = tiny_components
     make_clipcap_checkpoint(gpt2_dir, tmp_path / "coco_weights.pt")

@@ -18,7 +18,7 @@ import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from prefixcap.extras import EXTRAS
+from prefixcap.system.extras import EXTRAS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-from prefixcap import Captioner, hardware
+from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.errors import UserError
+from prefixcap.system import hardware
 from tests.helpers_pipeline import exact_matches, train_synthetic_model
 
 
@@ -64,7 +65,7 @@ def test_int8_quantizes_the_blocks_and_decodes_with_the_engine(tiny_model_dir: P
     # The engine's int8 path gives HF generate's tokens on the same quantized modules.
     for beams in (1, 3):
         engine = captioner(example_images[:2], num_beams=beams, max_new_tokens=8)
-        with mock.patch("prefixcap.generation.engine.supports", return_value=False):
+        with mock.patch("prefixcap.engine.backends.engine.supports", return_value=False):
             reference = captioner(example_images[:2], num_beams=beams, max_new_tokens=8)
         assert engine == reference
 
@@ -107,7 +108,7 @@ def test_bf16_and_int8_say_what_fp32_says(tmp_path: Path, one_thread) -> None:
 
 def _onnx_export(model_dir: Path, root: Path, quantize: str | None):
     """A loader of the captioner of `model_dir`'s ONNX export (`prefixcap export onnx`)."""
-    from prefixcap.onnx_export import export_onnx
+    from prefixcap.onnx.export import export_onnx
 
     def load() -> Captioner:
         export_onnx(model_dir, root / f"onnx-{quantize or 'fp32'}", quantize=quantize)

@@ -12,9 +12,9 @@ from PIL import Image
 from transformers import AutoModel, CLIPModel, Siglip2Config, SiglipModel
 
 from prefixcap import CaptionModel
-from prefixcap.encoders import ImageEncoder, load_image_encoder, load_image_processor
 from prefixcap.errors import ModelLoadError
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.model.encoders import ImageEncoder, load_image_encoder, load_image_processor
 from prefixcap.testing import build_clip, build_dinov2, build_siglip
 
 BUILDERS = {

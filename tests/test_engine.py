@@ -16,11 +16,11 @@ from transformers.generation.logits_process import (
 )
 
 from prefixcap.engine import generate_from_prefix, supports
+from prefixcap.engine.backends import GenerationOptions
 from prefixcap.engine.gpt2 import GPT2Forward
 from prefixcap.engine.processors import keep_top_k, keep_top_p
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
-from prefixcap.generation import GenerationOptions
 from tests.helpers_engine import PAD, PREFIX, engine, full_recompute_greedy, hf_generate, prefixes, stop_ids_seen_in
 
 VOCAB, WIDTH = 300, 64

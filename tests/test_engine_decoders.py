@@ -16,9 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
-from prefixcap import CaptionModel, engine, generation
-from prefixcap.generation import GenerationOptions
-from prefixcap.hardware import quantize_int8
+from prefixcap import CaptionModel, engine
+from prefixcap.engine import backends
+from prefixcap.engine.backends import GenerationOptions
+from prefixcap.system.hardware import quantize_int8
 from prefixcap.testing import build_decoder
 from tests.helpers_engine import (
     PAD,
@@ -84,7 +85,7 @@ def test_generation_logs_the_path_once_per_decoder(decoders, caplog):
     options = GenerationOptions(max_new_tokens=4)
     with caplog.at_level(logging.INFO, logger="prefixcap"):
         for _ in range(2):
-            generation.generate_from_prefix(decoder, prefix, options, eos_token_ids=[0], pad_token_id=PAD)
+            backends.generate_from_prefix(decoder, prefix, options, eos_token_ids=[0], pad_token_id=PAD)
     assert [record.getMessage() for record in caplog.records] == ["generating with prefixcap engine (qwen3)"]
 
 
@@ -98,7 +99,7 @@ def test_decodes_past_a_sliding_window_go_to_hf_generate(decoders):
     with pytest.raises(ValueError, match="exceeds the 64-position sliding window of MistralForCausalLM"):
         run_engine(mistral, prefix, [mistral.config.vocab_size], max_new_tokens=70)
     never = [mistral.config.vocab_size]
-    tokens = generation.generate_from_prefix(
+    tokens = backends.generate_from_prefix(
         mistral, prefix, GenerationOptions(max_new_tokens=70), eos_token_ids=never, pad_token_id=PAD
     )
     assert torch.equal(tokens, hf_generate(mistral, prefix, never, max_new_tokens=70))

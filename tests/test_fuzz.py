@@ -20,7 +20,7 @@ from PIL import Image
 
 from prefixcap.data.formats import load_records
 from prefixcap.errors import UserError
-from prefixcap.images import load_image
+from prefixcap.inputs.images import load_image
 
 SEED = 1234
 CASES_PER_TARGET = 120

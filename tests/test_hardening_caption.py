@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from prefixcap.captioner import model_fingerprint
 from prefixcap.cli import main
 from prefixcap.data import load_records, read_image_bytes
-from prefixcap.data.shards import LocalPath, RemoteShard, expand_inputs
-from prefixcap.distributed.outputs import RecordWriter
-from prefixcap.distributed.plan import plan_parts
+from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.sources import LocalPath, RemoteShard
+from prefixcap.jobs.plan import plan_parts
+from prefixcap.jobs.writers import RecordWriter
 
 PWNED_JPG = "pipe:touch PWNED;cat ok.jpg;.jpg"  # the review's repro: a shell command as a file name
 PWNED_TAR = "pipe:touch PWNED;cat ok.tar;.tar"

@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from prefixcap import CaptionModel
 from prefixcap.cli import main
-from prefixcap.config import CaptionConfig
-from prefixcap.convert import convert_clipcap
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.mapping import PrefixMapper
+from prefixcap.model.clipcap import convert_clipcap
+from prefixcap.model.config import CaptionConfig
+from prefixcap.model.mappers import PrefixMapper
 from tests.reference import make_clipcap_checkpoint
 
 

@@ -29,7 +29,7 @@ from prefixcap import Captioner
 from prefixcap.cli import build_parser
 from prefixcap.cli.serve import uvicorn_config
 from prefixcap.errors import ImageTooLargeError, UserError
-from prefixcap.images import decode_bytes, load_image, open_image
+from prefixcap.inputs.images import decode_bytes, load_image, open_image
 from prefixcap.serving import ServerConfig, create_app
 from prefixcap.serving.decoding import ImageDecoder, MemoryBudget
 from prefixcap.serving.launcher import serve_in_subprocess
@@ -445,7 +445,7 @@ MODES = {  # (mode, format, save options) of images whose decode peaks decode_by
 }  # fmt: skip
 _MEASURE = """
 import sys
-from prefixcap.images import load_image
+from prefixcap.inputs.images import load_image
 
 def status(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))

@@ -18,8 +18,8 @@ from prefixcap.data import load_records
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import UserError
 from prefixcap.evaluation import coco_metrics
-from prefixcap.features import MANIFEST, FeatureStore, shard_path
-from prefixcap.prepare import prepare_features
+from prefixcap.pipeline.features import MANIFEST, FeatureStore, shard_path
+from prefixcap.pipeline.prepare import prepare_features
 from prefixcap.training import TrainConfig, resolve_config
 from prefixcap.training.config import BOUNDS, FIELDS, field_kind
 from prefixcap.training.data import CaptionTargets

@@ -12,10 +12,11 @@ import pytest
 from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes
-from prefixcap.data.shards import StoredImage, expand_inputs
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.features import FeatureStore
+from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.sources import StoredImage
+from prefixcap.pipeline.features import FeatureStore
 
 datasets = pytest.importorskip("datasets")
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the folder names HF uses
@@ -244,7 +245,7 @@ def test_caption_refuses_to_overwrite_its_parquet_input(synth, tiny_model_dir: P
 
 
 def test_prepare_features_takes_a_dataset_dict(synth, tiny_components, tmp_path: Path, monkeypatch) -> None:
-    from prefixcap.prepare import prepare_features
+    from prefixcap.pipeline.prepare import prepare_features
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     columns = {"image": [r.image for r in synth], "caption": [r.captions[0] for r in synth]}

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.images import load_image
+from prefixcap.inputs.images import load_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from prefixcap.data.shards import LocalPath, RemoteShard
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.loader import ImageLoader, chunked, group, in_order, read_image
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.loader import ImageLoader, chunked, group, in_order, read_image
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.inputs.sources import LocalPath, RemoteShard
 
 PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the decoder (`train --freeze lora`, prefixcap.lora): which parameters train,
+"""LoRA fine-tuning of the decoder (`train --freeze lora`, prefixcap.model.lora): which parameters train,
 the adapter-only model directory and its merged reload, exact resume, the decoding engine on an
 unmerged adapter, and the missing-PEFT message; plus `--freeze first:N` on a Llama decoder."""
 
@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prefixcap import CaptionModel
-from prefixcap.config import CONFIG_NAME, CaptionConfig
 from prefixcap.errors import UserError
-from prefixcap.extras import MissingExtraError
-from prefixcap.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, default_targets, has_adapter
+from prefixcap.model.config import CONFIG_NAME, CaptionConfig
+from prefixcap.model.lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, default_targets, has_adapter
+from prefixcap.system.extras import MissingExtraError
 from prefixcap.testing import build_decoder, build_tokenizer
 from prefixcap.training import TrainConfig
 from prefixcap.training import trainer as trainer_module

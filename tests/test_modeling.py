@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixcap import CaptionModel, registry
+from prefixcap import CaptionModel
 from prefixcap.errors import ModelLoadError
+from prefixcap.model import registry
 from tests.reference import naive_greedy, strip_padding
 
 PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -52,7 +53,7 @@ def test_greedy_generation_matches_a_full_recompute_loop(tiny_model_dir):
     free_run = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids=[])
     stop_ids = [model.tokenizer.eos_token_id, free_run[0][2]]
     expected = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids)
-    from prefixcap.generation import GenerationOptions, generate_from_prefix
+    from prefixcap.engine.backends import GenerationOptions, generate_from_prefix
 
     ids = generate_from_prefix(
         model.decoder, model.prefix_embeds(embeds), GenerationOptions(max_new_tokens=12),

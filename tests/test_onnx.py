@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from prefixcap import Captioner, CaptionModel
-from prefixcap import onnx_export as export_module
 from prefixcap.cli import main
 from prefixcap.errors import UserError
-from prefixcap.onnx_backend import MANIFEST_NAME, OnnxCaptionModel, is_onnx_export
-from prefixcap.onnx_export import ExportCheckError, check_export, export_onnx
+from prefixcap.onnx import export as export_module
+from prefixcap.onnx.export import ExportCheckError, check_export, export_onnx
+from prefixcap.onnx.runtime import MANIFEST_NAME, OnnxCaptionModel, is_onnx_export
 
 onnx = pytest.importorskip("onnx")  # the onnx extra: onnx, onnxruntime, onnxscript
 pytest.importorskip("onnxruntime")
@@ -233,8 +233,8 @@ def test_the_exported_attention_computes_the_decoders_own_step(tmp_path: Path, f
     decoder's attention) gives the HF forward's logits, keys and values: a prefill, then a cached step."""
     from transformers import AutoModelForCausalLM
 
-    from prefixcap.onnx_attention import attention_of
-    from prefixcap.onnx_export import DecoderGraph, DecoderStep, cache_shape
+    from prefixcap.onnx.attention import attention_of
+    from prefixcap.onnx.export import DecoderGraph, DecoderStep, cache_shape
     from prefixcap.testing import build_decoder
 
     decoder = AutoModelForCausalLM.from_pretrained(build_decoder(tmp_path, family)).eval()

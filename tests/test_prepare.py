@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from prefixcap.cli import main
-from prefixcap.config import CaptionConfig
 from prefixcap.data import load_records
 from prefixcap.data.synth import make_synthetic_dataset
-from prefixcap.encoders import load_image_processor
 from prefixcap.errors import UserError
-from prefixcap.features import BAD_IMAGES, MANIFEST, FeatureStore, shard_path
-from prefixcap.images import load_image
-from prefixcap.prepare import prepare_features
+from prefixcap.inputs.images import load_image
+from prefixcap.model.config import CaptionConfig
+from prefixcap.model.encoders import load_image_processor
+from prefixcap.pipeline.features import BAD_IMAGES, MANIFEST, FeatureStore, shard_path
+from prefixcap.pipeline.prepare import prepare_features
 from tests.helpers_data import DATASET, WRITERS, write_images
 from tests.helpers_pipeline import kill_when, run_prefixcap, store_contents
 

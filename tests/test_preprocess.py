@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
 
-from prefixcap.images import load_image
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.images import load_image
+from prefixcap.inputs.preprocess import ImagePreprocessor
 
 SHAPES = [(480, 640), (640, 480), (224, 224), (301, 517), (1, 300), (10, 10), (225, 223)]
 PROCESSORS = {

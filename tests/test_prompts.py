@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
-from prefixcap.config import CONFIG_NAME, CaptionConfig
 from prefixcap.data import CaptionRecord, load_records
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.features import FeatureStore
+from prefixcap.model.config import CONFIG_NAME, CaptionConfig
 from prefixcap.options import TextOptions
-from prefixcap.prepare import prepare_features
+from prefixcap.pipeline.features import FeatureStore
+from prefixcap.pipeline.prepare import prepare_features
 from prefixcap.serving import ServerConfig, create_app
 from prefixcap.serving.app import CAPTION_PATH
 from prefixcap.training import TrainConfig
@@ -57,7 +57,7 @@ def test_a_prompted_caption_is_the_greedy_continuation_of_prefix_and_prompt(
 ) -> None:
     model = captioner.model
     if not engine:  # decoders the engine does not support go through HF generate
-        monkeypatch.setattr("prefixcap.generation.engine.supports", lambda decoder: False)
+        monkeypatch.setattr("prefixcap.engine.backends.engine.supports", lambda decoder: False)
     expected = reference_continuation(model, pixels, PROMPT, 8)
     ids = model.generate(pixels=pixels, prompt=PROMPT, max_new_tokens=8)
     assert strip_padding(ids, model.stop_token_ids()) == expected

@@ -11,12 +11,12 @@ import torch
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
-from prefixcap.config import SIZE_LIMITS, CaptionConfig
 from prefixcap.data import load_records
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import ModelLoadError
-from prefixcap.features import FeatureStore
-from prefixcap.mapping import PrefixMapper, ResamplerMapper
+from prefixcap.model.config import SIZE_LIMITS, CaptionConfig
+from prefixcap.model.mappers import PrefixMapper, ResamplerMapper
+from prefixcap.pipeline.features import FeatureStore
 
 NUM_IMAGES = 20
 

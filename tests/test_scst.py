@@ -15,7 +15,7 @@ from prefixcap import CaptionModel
 from prefixcap.errors import UserError
 from prefixcap.evaluation.cider import CiderD
 from prefixcap.evaluation.clipscore import CLIPScorer, clip_s
-from prefixcap.features import FeatureStore
+from prefixcap.pipeline.features import FeatureStore
 from prefixcap.training import TrainConfig
 from prefixcap.training.scst import SCSTLoss, SelfCritical, clip_reward, sampling_seed
 from prefixcap.training.state import STATE_DIR, load_training_state

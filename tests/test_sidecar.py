@@ -13,7 +13,7 @@ from PIL import Image
 
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
-from prefixcap.distributed.sidecar import SEPARATOR, plan_sidecars
+from prefixcap.jobs.sidecar import SEPARATOR, plan_sidecars
 from tests.helpers_pipeline import kill_when, run_prefixcap
 
 SETTINGS = ["--max-new-tokens", "3", "--batch-size", "2", "--workers", "0", "--dtype", "float32"]  # no dtype notice

@@ -12,16 +12,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CaptionConfig": "prefixcap.config",
-    "CaptionModel": "prefixcap.modeling",
+    "CaptionConfig": "prefixcap.model.config",
+    "CaptionModel": "prefixcap.model.caption_model",
     "Captioner": "prefixcap.captioner",
     "GenerationOptions": "prefixcap.options",
     "ImageLoadError": "prefixcap.errors",
     "ModelLoadError": "prefixcap.errors",
     "TextOptions": "prefixcap.options",
     "UserError": "prefixcap.errors",
-    "load_image": "prefixcap.images",
-    "load_model": "prefixcap.registry",
+    "load_image": "prefixcap.inputs.images",
+    "load_model": "prefixcap.model.registry",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,17 +13,13 @@ import torch
 from prefixcap.data.hf import dataset_images
 from prefixcap.engine import describe as describe_decoding
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.hardware import QUANTIZE_CHOICES, auto_dtype, quantize_int8
-from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource
-from prefixcap.loader import ImageLoader, group, in_order
-from prefixcap.modeling import CaptionModel
-from prefixcap.onnx_backend import OnnxCaptionModel, is_onnx_export
+from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource
+from prefixcap.inputs.loader import ImageLoader, group, in_order
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.registry import resolve_model_dir
+from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import TextOptions
-from prefixcap.registry import resolve_model_dir
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from prefixcap.system.hardware import QUANTIZE_CHOICES, auto_dtype, default_device, quantize_int8
 
 
 class Reranker(Protocol):
@@ -38,7 +34,7 @@ class Reranker(Protocol):
 class RankedCaptions(list[str]):
     """An image's captions sorted best first by a `Reranker`, with their `scores` in the same order.
     A plain list of captions everywhere else, so reranking changes no caller's types; outputs
-    (`distributed.outputs`) write the scores when they are there."""
+    (`jobs.writers`) write the scores when they are there."""
 
     def __init__(self, captions: Iterable[str], scores: Iterable[float]):
         super().__init__(captions)
@@ -92,9 +88,9 @@ class Captioner:
     ) -> Captioner:
         """Load a model; by default on CUDA when available, else on CPU. `dtype="auto"` (or None)
         picks bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32
-        (`prefixcap.hardware.auto_dtype`); `precision` says which and why. `quantize="int8"` makes
+        (`prefixcap.system.hardware.auto_dtype`); `precision` says which and why. `quantize="int8"` makes
         the decoder's linear layers dynamic int8 (CPU only; `hardware.quantize_int8`). A folder
-        written by `prefixcap export onnx` runs on ONNX Runtime, on CPU (`onnx_backend`)."""
+        written by `prefixcap export onnx` runs on ONNX Runtime, on CPU (`onnx.runtime`)."""
         if is_onnx_export(name_or_dir):  # device, dtype and quantization were fixed at export
             fingerprint = model_fingerprint(name_or_dir)
             onnx_model = OnnxCaptionModel.from_pretrained(name_or_dir, device=device, dtype=dtype, quantize=quantize)

@@ -22,9 +22,10 @@ from prefixcap.cli.common import (
 )
 from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
 from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
-from prefixcap.data.shards import RemoteShard, Source, expand_inputs, is_shard
-from prefixcap.distributed.outputs import FORMATS, require_format
 from prefixcap.errors import UserError
+from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.sources import RemoteShard, Source, is_shard
+from prefixcap.jobs.writers import FORMATS, require_format
 
 EPILOG = """\
 output:
@@ -95,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.distributed.processes import process_state
+    from prefixcap.system.processes import process_state
 
     kwargs = generation_kwargs(args)
     if args.rerank_clip and not args.rerank:
@@ -150,8 +151,8 @@ def _writes_folder(output: str | None, num_processes: int) -> bool:
 
 
 def _check_output(output: str | None, to_folder: bool, fmt: str, sources: list[Source]) -> None:
-    from prefixcap.distributed.job import prepare_directory
-    from prefixcap.distributed.outputs import check_output
+    from prefixcap.jobs.output import prepare_directory
+    from prefixcap.jobs.writers import check_output
 
     if to_folder:
         prepare_directory(output, fmt, sources)
@@ -163,8 +164,8 @@ def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace,
     """Caption into --output or stdout; a file appears only once complete. Returns the number of failures."""
     from tqdm import tqdm
 
-    from prefixcap.distributed.job import caption_to_file
-    from prefixcap.distributed.outputs import open_output
+    from prefixcap.jobs.output import caption_to_file
+    from prefixcap.jobs.writers import open_output
 
     total = None if any(map(is_shard, sources)) else len(sources)
     show_progress = sys.stderr.isatty() and (total is None or total > args.batch_size)
@@ -195,8 +196,8 @@ def _caption_to_folder(
     kwargs: dict,
     state,
 ) -> int:
-    from prefixcap.config import normalize_model_id
-    from prefixcap.distributed.job import caption_to_directory
+    from prefixcap.jobs.output import caption_to_directory
+    from prefixcap.model.config import normalize_model_id
 
     # local folders by absolute path, so that a rerun from another directory recognises its parts
     model = normalize_model_id(args.model)

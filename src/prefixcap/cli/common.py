@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
-from prefixcap.hardware import QUANTIZE_CHOICES
+from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import GenerationOptions, TextOptions
-from prefixcap.registry import DEFAULT_MODEL, REGISTRY
+from prefixcap.system.hardware import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from prefixcap.evaluation import Evaluation, ScoreConfig

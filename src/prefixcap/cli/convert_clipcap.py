@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefixcap.config import CaptionConfig
+from prefixcap.model.config import CaptionConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.convert import convert_clipcap
+    from prefixcap.model.clipcap import convert_clipcap
 
     model = convert_clipcap(
         args.checkpoint,

@@ -19,7 +19,7 @@ from prefixcap.cli.common import (
     score_config,
 )
 from prefixcap.errors import UserError
-from prefixcap.extras import require
+from prefixcap.system.extras import require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from prefixcap.cli.common import bounded
-from prefixcap.hardware import QUANTIZE_CHOICES
-from prefixcap.registry import REGISTRY
+from prefixcap.model.registry import REGISTRY
+from prefixcap.system.hardware import QUANTIZE_CHOICES
 
 EPILOG = """\
 the export folder:
@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.onnx_export import export_onnx
-    from prefixcap.registry import resolve_model_dir
+    from prefixcap.model.registry import resolve_model_dir
+    from prefixcap.onnx.export import export_onnx
 
     start = time.perf_counter()
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from prefixcap.cli.common import add_column_arguments, bounded
-from prefixcap.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS
 from prefixcap.data import FORMATS
+from prefixcap.model.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,8 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.features import BAD_IMAGES, MANIFEST
-    from prefixcap.prepare import prepare_features
+    from prefixcap.pipeline.features import BAD_IMAGES, MANIFEST
+    from prefixcap.pipeline.prepare import prepare_features
 
     manifest = prepare_features(
         args.data, args.out, images_root=args.images_root, format=args.format, image_column=args.image_column,

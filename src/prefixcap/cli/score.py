@@ -12,7 +12,7 @@ from prefixcap.cli.common import (
     print_evaluation,
     score_config,
 )
-from prefixcap.extras import require
+from prefixcap.system.extras import require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -149,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefixcap.extras import require
+    from prefixcap.system.extras import require
 
     require("serve", feature="prefixcap serve")
     import uvicorn

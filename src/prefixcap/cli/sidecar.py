@@ -1,5 +1,5 @@
 """`prefixcap caption --sidecar / --sidecar-dir`: the options, and the run that writes one caption
-file per image (the work itself is `prefixcap.distributed.sidecar`)."""
+file per image (the work itself is `prefixcap.jobs.sidecar`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ sidecar captions (training sets for image generators):
 
 
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefixcap.distributed.sidecar import EXISTING, SEPARATOR
+    from prefixcap.jobs.sidecar import EXISTING, SEPARATOR
 
     group = parser.add_argument_group("sidecar captions (one IMAGE.txt per image, for training sets)")
     where = group.add_mutually_exclusive_group()
@@ -68,8 +68,8 @@ def run_sidecars(args: argparse.Namespace, kwargs: dict[str, Any], state: Any, l
     write, and print the summary. Exit status 1 if any image or input failed."""
     from tqdm import tqdm
 
-    from prefixcap.distributed.outputs import printable
-    from prefixcap.distributed.sidecar import SidecarSummary, caption_sidecars, plan_sidecars
+    from prefixcap.jobs.sidecar import SidecarSummary, caption_sidecars, plan_sidecars
+    from prefixcap.jobs.writers import printable
 
     if state.num_processes > 1:
         raise UserError("--sidecar runs in one process; start one job per folder to use several GPUs")

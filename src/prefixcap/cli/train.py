@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from prefixcap.cli.common import bounded
-from prefixcap.config import MAPPER_KINDS
-from prefixcap.extras import require
+from prefixcap.model.config import MAPPER_KINDS
+from prefixcap.system.extras import require
 from prefixcap.training.config import (
     BEST_METRICS,
     BOUNDS,

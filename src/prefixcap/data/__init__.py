@@ -2,6 +2,6 @@
 
 from prefixcap.data.formats import FORMATS, load_records
 from prefixcap.data.records import SPLITS, CaptionRecord, split_records
-from prefixcap.data.shards import read_image_bytes
+from prefixcap.inputs.sources import read_image_bytes
 
 __all__ = ["FORMATS", "SPLITS", "CaptionRecord", "load_records", "read_image_bytes", "split_records"]

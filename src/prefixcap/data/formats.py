@@ -39,15 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prefixcap.data.hf import (
-    dataset_kind,
-    export_dataset,
-    is_dataset_object,
-    is_hub_dataset,
-    read_imagefolder,
-    read_parquet,
-    resolve_hub_dataset,
-)
+from prefixcap.data.hf import export_dataset, is_dataset_object, read_imagefolder, read_parquet
 from prefixcap.data.records import (
     CaptionRecord,
     RecordMerger,
@@ -57,7 +49,10 @@ from prefixcap.data.records import (
     parse_split,
     split_name,
 )
-from prefixcap.data.shards import (
+from prefixcap.errors import UserError
+from prefixcap.inputs.hf_datasets import dataset_kind, is_hub_dataset, resolve_hub_dataset
+from prefixcap.inputs.images import IMAGE_EXTENSIONS
+from prefixcap.inputs.sources import (
     expand_shards,
     image_key,
     is_shard_spec,
@@ -66,9 +61,7 @@ from prefixcap.data.shards import (
     shard_files,
     tar_index,
 )
-from prefixcap.errors import UserError
-from prefixcap.extras import require
-from prefixcap.images import IMAGE_EXTENSIONS
+from prefixcap.system.extras import require
 
 logger = logging.getLogger(__name__)
 

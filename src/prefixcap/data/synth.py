@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from prefixcap.atomic import write_atomic
+from prefixcap.system.atomic import write_atomic
 
 # Object and background palettes are disjoint, so each caption names an unambiguous pixel pair.
 OBJECT_COLORS = {

@@ -1,7 +1,7 @@
 """Fast batched decoding from prefix embeddings for GPT-2 and Llama-family decoders.
 
 `generate_from_prefix` is a drop-in for HF `generate(inputs_embeds=...)` on the decoders that
-`supports` accepts (GPT-2; Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3, Mistral: see `forward.family`):
+`supports` accepts (GPT-2; Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3, Mistral: see `families.family`):
 it prefills the prefix once per input, keeps the KV cache in preallocated tensors, and runs
 greedy, sampling and beam search batched, with finished rows masked. Steps never read values back
 to the host; the loop only asks every few steps whether all rows have finished, to stop early. On
@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from prefixcap.engine.forward import DecoderForward, decoder_forward, family, supports, unsupported_reason, window
+from prefixcap.engine.families import DecoderForward, decoder_forward, family, supports, unsupported_reason, window
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
 from prefixcap.options import GenerationOptions
@@ -107,7 +107,7 @@ def decode(
     pad_token_id: int,
 ) -> torch.Tensor:
     """New token ids, as `generate_from_prefix`, on any forward object (`engine.forward`): a torch
-    decoder's, or an ONNX Runtime session's (`prefixcap.onnx_backend.OrtDecoder`); eager steps."""
+    decoder's, or an ONNX Runtime session's (`prefixcap.onnx.runtime.OrtDecoder`); eager steps."""
     spec, seed = _spec_and_seed(options, eos_token_ids, pad_token_id)
     batch, prefix_length, _ = prefix_embeds.shape
     return DecodeRunner(forward, spec, batch, prefix_length).run(prefix_embeds.to(forward.dtype), seed)

@@ -55,7 +55,7 @@ BLOCK_PARAMETERS = (
 class Block(NamedTuple):
     """One transformer block's parameters. Linear weights are HF Conv1D weights, [in, out]; a
     projection that is another module (an int8 `quantize_dynamic` Linear, see
-    `prefixcap.hardware.quantize_int8`) is kept as that module, with bias None: it adds its own."""
+    `prefixcap.system.hardware.quantize_int8`) is kept as that module, with bias None: it adds its own."""
 
     ln_1_weight: torch.Tensor
     ln_1_bias: torch.Tensor

@@ -20,7 +20,7 @@ continues from K:
   `prefixcap.engine.fits` sends longer decodes to HF `generate`.
 
 Parameters are used in place (no copies). A projection that is not a plain `nn.Linear` (an int8
-`quantize_dynamic` Linear, see `prefixcap.hardware.quantize_int8`) is called as a module.
+`quantize_dynamic` Linear, see `prefixcap.system.hardware.quantize_int8`) is called as a module.
 """
 
 from __future__ import annotations

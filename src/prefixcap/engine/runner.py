@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixcap.engine.forward import DecoderForward
+from prefixcap.engine.families import DecoderForward
 from prefixcap.engine.search import BeamSearch, GreedySearch
 from prefixcap.engine.spec import DecodeSpec
 

@@ -15,7 +15,7 @@ import torch
 
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
-from prefixcap.extras import require
+from prefixcap.system.extras import require
 
 
 @dataclass

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
-from prefixcap.loader import ImageLoader, chunked
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.loader import ImageLoader, chunked
+from prefixcap.inputs.preprocess import ImagePreprocessor
 
 PROMPT = "A photo depicts "
 W = 2.5
@@ -79,8 +79,8 @@ class CLIPScorer:
         """Load a full CLIP; failing that, a UserError that names the model and `flag`, the option choosing it."""
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
-        from prefixcap.captioner import default_device
-        from prefixcap.encoders import load_image_processor
+        from prefixcap.model.encoders import load_image_processor
+        from prefixcap.system.hardware import default_device
 
         try:
             config = AutoConfig.from_pretrained(name_or_dir)

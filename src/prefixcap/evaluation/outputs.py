@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prefixcap.atomic import write_atomic
 from prefixcap.evaluation.references import References, Sample
 from prefixcap.evaluation.report import render_report
 from prefixcap.evaluation.scoring import Evaluation, ScoreConfig, score_samples
+from prefixcap.system.atomic import write_atomic
 
 
 def score_and_write(

@@ -12,7 +12,7 @@ import torch
 from prefixcap.data import CaptionRecord, load_records, split_records
 from prefixcap.errors import UserError
 from prefixcap.evaluation.notices import notice
-from prefixcap.features import MANIFEST, FeatureStore
+from prefixcap.pipeline.features import MANIFEST, FeatureStore
 
 
 @dataclass(frozen=True)

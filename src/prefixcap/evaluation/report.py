@@ -18,7 +18,7 @@ from prefixcap.errors import ImageLoadError
 from prefixcap.evaluation.coco_metrics import simple_tokenize
 from prefixcap.evaluation.references import Sample
 from prefixcap.evaluation.scoring import SIMPLE_SUFFIX, Evaluation
-from prefixcap.loader import read_image
+from prefixcap.inputs.loader import read_image
 
 # Published figures on the COCO Karpathy test split: the two ClipCap rows from the ClipCap paper (Mokady et al.,
 # 2021, arXiv:2111.09734), the re-run from issue #38 of rmokady/CLIP_prefix_caption; the BERTScore row from the

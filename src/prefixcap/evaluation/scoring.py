@@ -19,7 +19,7 @@ from prefixcap.evaluation.coco_metrics import COCO_METRICS, coco_scores
 from prefixcap.evaluation.corpus_stats import corpus_stats
 from prefixcap.evaluation.notices import notice
 from prefixcap.evaluation.references import Sample
-from prefixcap.loader import read_image
+from prefixcap.inputs.loader import read_image
 
 ALL_METRICS = (*COCO_METRICS, "bertscore", "clipscore", "stats")
 SIMPLE_SUFFIX = " (simple tokenization)"  # on the names of metrics computed without PTB tokenisation

@@ -1,6 +1,6 @@
 """`prefixcap serve`: an HTTP API, a web page and Prometheus metrics over a Captioner."""
 
-from prefixcap.extras import require
+from prefixcap.system.extras import require
 
 require("serve", feature="prefixcap.serving")
 

@@ -2,7 +2,7 @@
 
 A 60 KB PNG can declare 8000 x 8000 pixels, and decoding it takes about 300 MB for a moment: a
 few dozen such requests at once would take the machine's memory. So before an image is decoded,
-its header tells what the decode will hold at its peak (`prefixcap.images.decode_bytes`), and it
+its header tells what the decode will hold at its peak (`prefixcap.inputs.images.decode_bytes`), and it
 waits until that fits in what the decodes already running leave of the budget. Small images still
 decode side by side on every core; large ones take turns.
 """
@@ -22,7 +22,7 @@ import torch
 
 from prefixcap.captioner import Captioner
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.images import decode_bytes, open_image
+from prefixcap.inputs.images import decode_bytes, open_image
 from prefixcap.serving.errors import APIError
 
 # JPEGs larger than this are decoded at reduced scale (PIL's draft mode, still at least the

@@ -23,7 +23,7 @@ from prefixcap.serving.errors import APIError
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, RequestOptions
 
 if TYPE_CHECKING:
-    from prefixcap.modeling import CaptionModel
+    from prefixcap.model.caption_model import CaptionModel
 
 NamedImage = tuple[str, bytes]  # (how error messages name it, the file's bytes)
 

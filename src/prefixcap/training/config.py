@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from prefixcap.config import MAPPER_KINDS, CaptionConfig
 from prefixcap.errors import UserError
+from prefixcap.model.config import MAPPER_KINDS, CaptionConfig
 from prefixcap.options import MAX_TEXT_CHARS
 
 _FREEZE = re.compile(r"^(frozen|none|lora|first:(\d+))$")
@@ -78,7 +78,7 @@ class TrainConfig:
     max_new_tokens: int | None = None  # scst: longest sampled caption in tokens (None: max_caption_tokens)
     reward_clip: str | None = None  # scst: full CLIP for CLIP-S (None: the model's own encoder's CLIP)
     reward_weights: str = "1,1"  # scst cider+clipscore: weights of CIDEr-D and CLIP-S, "W_CIDER,W_CLIP"
-    # LoRA (`freeze="lora"`, prefixcap.lora): the mapper trains fully, the decoder only through low-rank
+    # LoRA (`freeze="lora"`, prefixcap.model.lora): the mapper trains fully, the decoder only through low-rank
     # adapters on `lora_targets`; a model directory then holds the adapter, not a decoder copy.
     lora_rank: int = 16  # r, the rank of each adapter
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank (None: 2 x rank, a scale of 2)

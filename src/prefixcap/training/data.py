@@ -22,8 +22,8 @@ import torch
 
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
-from prefixcap.features import MappedRows
 from prefixcap.options import clean_prompt
+from prefixcap.pipeline.features import MappedRows
 
 COVERAGE_PERCENTILE = 99  # the default max_tokens fits this share of the training captions
 

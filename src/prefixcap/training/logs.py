@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixcap.atomic import atomic_path, write_atomic
+from prefixcap.system.atomic import atomic_path, write_atomic
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from prefixcap.modeling import CaptionModel
+from prefixcap.model.caption_model import CaptionModel
 
 
 class CaptionLoss(nn.Module):

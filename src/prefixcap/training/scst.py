@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
-from prefixcap.modeling import CaptionModel
+from prefixcap.model.caption_model import CaptionModel
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.objective import CaptionLoss
 

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefixcap.atomic import atomic_path, write_atomic
 from prefixcap.errors import UserError
+from prefixcap.system.atomic import atomic_path, write_atomic
 
 STATE_DIR = "training_state"
 TENSORS_FILE = "state.safetensors"

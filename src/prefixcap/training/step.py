@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from prefixcap.errors import UserError
-from prefixcap.lora import add_lora, has_adapter
-from prefixcap.modeling import CaptionModel
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.lora import add_lora, has_adapter
 from prefixcap.training.config import TrainConfig
 
 

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prefixcap.atomic import check_output_dir, replace_dir
 from prefixcap.errors import UserError
-from prefixcap.extras import require
-from prefixcap.features import FeatureStore, holds_only
-from prefixcap.modeling import CaptionModel
-from prefixcap.registry import resolve_model_dir
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.registry import resolve_model_dir
+from prefixcap.pipeline.features import FeatureStore, holds_only
+from prefixcap.system.atomic import check_output_dir, replace_dir
+from prefixcap.system.extras import require
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches, record_prompts, trained_prompt
 from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prefixcap.atomic import check_output_dir
-from prefixcap.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS, normalize_model_id
 from prefixcap.data import CaptionRecord, load_records
 from prefixcap.data.hf import export_dataset, is_dataset_object
-from prefixcap.distributed.processes import process_state
-from prefixcap.encoders import EncoderSpec, load_encoder_config, load_image_encoder, load_image_processor
 from prefixcap.errors import UserError
-from prefixcap.features import (
+from prefixcap.inputs.images import DEFAULT_MAX_PIXELS
+from prefixcap.inputs.loader import Batch, ImageLoader, chunked
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.model.caption_model import embed_pixels
+from prefixcap.model.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS, normalize_model_id
+from prefixcap.model.encoders import EncoderSpec, load_encoder_config, load_image_encoder, load_image_processor
+from prefixcap.pipeline.features import (
     MANIFEST,
     StoreManifest,
     finish_store,
@@ -34,10 +36,8 @@ from prefixcap.features import (
     shard_fingerprint,
     write_shard,
 )
-from prefixcap.images import DEFAULT_MAX_PIXELS
-from prefixcap.loader import Batch, ImageLoader, chunked
-from prefixcap.modeling import embed_pixels
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.system.atomic import check_output_dir
+from prefixcap.system.processes import process_state
 
 
 def prepare_features(

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefixcap.config import CONFIG_NAME
 from prefixcap.errors import ModelLoadError
+from prefixcap.model.config import CONFIG_NAME
 
 if TYPE_CHECKING:
     import torch
 
-    from prefixcap.modeling import CaptionModel
+    from prefixcap.model.caption_model import CaptionModel
 
 DEFAULT_MODEL = "clipcap-coco"
 
@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
 def resolve(name: str) -> Path:
     """Download and convert a registered checkpoint the first time; afterwards read the cache."""
-    from prefixcap.convert import convert_clipcap
+    from prefixcap.model.clipcap import convert_clipcap
 
     spec = REGISTRY[name]
     target = cache_dir() / name
@@ -78,7 +78,7 @@ def load_model(
     name_or_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> CaptionModel:
     """A registered name (`clipcap-coco`), a model directory or a hub repo id, loaded."""
-    from prefixcap.modeling import CaptionModel
+    from prefixcap.model.caption_model import CaptionModel
 
     return CaptionModel.from_pretrained(resolve_model_dir(name_or_dir), device=device, dtype=dtype)
 

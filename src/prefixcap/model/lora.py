@@ -13,7 +13,7 @@ so `peft.PeftModel.from_pretrained(base, "decoder_adapter")` reads it too. Loadi
 merges the adapter into the base weights (`merge_and_unload`): the decoder is a plain HF model
 again, and runs at full speed. Loading to continue training keeps the adapter separate.
 
-PEFT is imported only after `prefixcap.extras.require("lora", ...)`.
+PEFT is imported only after `prefixcap.system.extras.require("lora", ...)`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.extras import require
+from prefixcap.system.extras import require
 
 ADAPTER_DIR = "decoder_adapter"  # in a model directory
 ADAPTER_CONFIG = "adapter_config.json"

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from prefixcap.captioner import default_device
-from prefixcap.extras import require
+from prefixcap.system.extras import require
+from prefixcap.system.hardware import default_device
 
 
 @dataclass

@@ -18,6 +18,11 @@ from torch import nn
 QUANTIZE_CHOICES = ("int8",)
 
 
+def default_device() -> torch.device:
+    """CUDA when PyTorch sees a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from Linux /proc/cpuinfo (empty elsewhere, or when unreadable)."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefixcap.typecheck import check_types
+from prefixcap.options.fields import check_types
 
 # Below this, sampling is greedy decoding in all but name, and logits / temperature overflow to inf
 # (at 1e-45 every token becomes NaN and captions come out empty).

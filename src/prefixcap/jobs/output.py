@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from prefixcap.atomic import atomic_file
-from prefixcap.data.shards import as_source
-from prefixcap.distributed.outputs import (
+from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.inputs.sources import as_source
+from prefixcap.jobs.plan import Part, plan_parts
+from prefixcap.jobs.writers import (
     SUFFIXES,
     RecordWriter,
     Result,
@@ -34,9 +35,8 @@ from prefixcap.distributed.outputs import (
     write_errors,
     write_part,
 )
-from prefixcap.distributed.plan import Part, plan_parts
-from prefixcap.distributed.processes import broadcast
-from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.system.atomic import atomic_file
+from prefixcap.system.processes import broadcast
 
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
@@ -111,7 +111,7 @@ def caption_to_directory(
 ) -> Summary | None:
     """Caption `sources` (image files and WebDataset shard specs) into `out_dir`.
 
-    Call it in every process, with `state` from `distributed.processes.process_state()`. Returns the summary on
+    Call it in every process, with `state` from `system.processes.process_state()`. Returns the summary on
     the main process and None on the others. `settings` (model, decoding options) and the
     captioner's `model_fingerprint` name the parts (see `plan_parts`), so that a model retrained
     at the same path is not mistaken for the old one; `input_failures` are (input, reason) pairs

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prefixcap.config import CaptionConfig
 from prefixcap.errors import ModelLoadError
+from prefixcap.model.config import CaptionConfig
 
 # 4 GiB in float32, 30x ClipCap's MLP mapper (K=10 on GPT-2): sizes that ask for more come from a
 # damaged or mistaken config.json, and would exhaust memory instead of failing.

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefixcap.data.shards import Source, as_source, is_shard
-from prefixcap.loader import group
+from prefixcap.inputs.loader import group
+from prefixcap.inputs.sources import Source, as_source, is_shard
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from prefixcap.atomic import atomic_path, write_atomic
-from prefixcap.config import FEATURE_KINDS, CaptionConfig, normalize_model_id
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.model.config import FEATURE_KINDS, CaptionConfig, normalize_model_id
+from prefixcap.system.atomic import atomic_path, write_atomic
 
 MANIFEST = "store.json"
 BAD_IMAGES = "bad_images.jsonl"
@@ -347,7 +347,7 @@ def is_feature_store(path: Path) -> bool:
 
 def holds_only(path: Path, names: Collection[str]) -> bool:
     """Whether every entry of folder `path` is one of `names`, or a leftover staging copy of one
-    (".NAME.*", as `prefixcap.atomic` and `save_pretrained` name them)."""
+    (".NAME.*", as `prefixcap.system.atomic` and `save_pretrained` name them)."""
     return all(
         entry.name in names or any(entry.name.startswith(f".{name}.") for name in names) for entry in path.iterdir()
     )

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 # Resized images above this size (only images ~600 times longer than wide, at CLIP's 224 pixels)
 # are resized in their cropped part alone, so that no input can make a worker allocate gigabytes.

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefixcap.errors import ModelLoadError
 from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
-from prefixcap.typecheck import check_types
+from prefixcap.options.fields import check_types
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32

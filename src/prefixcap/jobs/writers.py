@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from prefixcap.atomic import atomic_file, atomic_path
-from prefixcap.data.hf import reference_file
-from prefixcap.data.shards import file_identity, read_image_bytes
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.extras import require
+from prefixcap.inputs.hf_datasets import reference_file
+from prefixcap.inputs.sources import file_identity, read_image_bytes
+from prefixcap.system.atomic import atomic_file, atomic_path
+from prefixcap.system.extras import require
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}

@@ -8,7 +8,7 @@ A model directory is self-contained:
     vision_encoder/          the image encoder's vision tower (absent when stored as a reference)
     decoder/                 the causal LM (absent when a frozen decoder is stored as a reference)
     decoder_adapter/         a LoRA-trained decoder's adapter, in PEFT's format (then there is no
-                             decoder/: `config.decoder` names the base decoder; see prefixcap.lora)
+                             decoder/: `config.decoder` names the base decoder; see prefixcap.model.lora)
     tokenizer/               the decoder's tokenizer
     image_processor/         the encoder's image processor
 
@@ -30,16 +30,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from prefixcap.atomic import atomic_dir, check_output_dir
-from prefixcap.checkpoints import check_finite, first_names, hf_call, load_checked
-from prefixcap.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
-from prefixcap.encoders import ImageEncoder, load_image_encoder, load_image_processor
+from prefixcap.engine.backends import generate_from_prefix
 from prefixcap.errors import ModelLoadError
-from prefixcap.generation import generate_from_prefix
-from prefixcap.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, has_adapter, load_adapter, save_adapter
-from prefixcap.mapping import PrefixMapper
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.model.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
+from prefixcap.model.encoders import ImageEncoder, load_image_encoder, load_image_processor
+from prefixcap.model.hf_loading import check_finite, first_names, hf_call, load_checked
+from prefixcap.model.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, has_adapter, load_adapter, save_adapter
+from prefixcap.model.mappers import PrefixMapper
 from prefixcap.options import GenerationOptions, clean_prompt
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.system.atomic import atomic_dir, check_output_dir
 
 MAPPER_WEIGHTS = "mapper.safetensors"
 MODEL_DIRECTORY = "prefixcap model directory"

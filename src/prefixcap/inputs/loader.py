@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prefixcap.data.shards import LocalPath, RemoteShard, is_member_reference, is_shard, read_image_bytes, read_shard
 from prefixcap.errors import ImageLoadError
-from prefixcap.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_label
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_label
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.inputs.sources import LocalPath, RemoteShard, is_member_reference, is_shard, read_image_bytes, read_shard
 
 T = TypeVar("T")
 _LOOKAHEAD = 2  # batches that worker threads decode ahead of the one being consumed

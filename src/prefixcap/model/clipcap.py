@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from prefixcap.atomic import check_output_dir
-from prefixcap.config import SIZE_LIMITS, CaptionConfig
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.modeling import MODEL_DIRECTORY, CaptionModel, is_model_dir, load_weights
+from prefixcap.model.caption_model import MODEL_DIRECTORY, CaptionModel, is_model_dir, load_weights
+from prefixcap.model.config import SIZE_LIMITS, CaptionConfig
+from prefixcap.system.atomic import check_output_dir
 
 # Old transformers versions saved GPT-2's causal-mask buffers; they are not weights.
 _LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")

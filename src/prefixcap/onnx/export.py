@@ -1,10 +1,10 @@
 """Export a model directory to ONNX: an encoder graph, a one-step KV-cache decoder graph, the token
-embeddings, the tokenizer, the image processor and a manifest (layout: `onnx_backend`).
+embeddings, the tokenizer, the image processor and a manifest (layout: `onnx.runtime`).
 
 The decoder graph is the Hugging Face decoder's own forward, run without a transformers cache and
-with `onnx_attention`'s attention implementation, which makes each layer's attention one
+with `onnx.attention`'s attention implementation, which makes each layer's attention one
 GroupQueryAttention node over that layer's `past.*` buffers (appended to in place when the caller
-shares them with the `present.*` outputs, as `onnx_backend.OrtDecoder` does). Any causal LM whose
+shares them with the `present.*` outputs, as `onnx.runtime.OrtDecoder` does). Any causal LM whose
 forward takes `inputs_embeds`, `position_ids` and `logits_to_keep` and whose attention modules call
 transformers' attention interface exports the same way (GPT-2 and the Llama family are tested; the
 numerical check below decides for others). Graphs come from `torch.onnx.export`'s maintained
@@ -29,13 +29,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from prefixcap.atomic import atomic_dir, check_output_dir
 from prefixcap.errors import UserError
-from prefixcap.extras import require
-from prefixcap.hardware import QUANTIZE_CHOICES
-from prefixcap.modeling import CaptionModel
-from prefixcap.onnx_attention import TRANSLATION, SharedKV, attention_of
-from prefixcap.onnx_backend import (
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.onnx.attention import TRANSLATION, SharedKV, attention_of
+from prefixcap.onnx.runtime import (
     DECODER_FILE,
     EMBEDDINGS_FILE,
     ENCODER_FILE,
@@ -49,6 +46,9 @@ from prefixcap.onnx_backend import (
     present_names,
     session,
 )
+from prefixcap.system.atomic import atomic_dir, check_output_dir
+from prefixcap.system.extras import require
+from prefixcap.system.hardware import QUANTIZE_CHOICES
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and onnxruntime-web run it
 MIN_OPSET = 18  # the exporter's own ops are written for 18 and up
@@ -117,7 +117,7 @@ class DecoderStep(nn.Module):
 
 class DecoderGraph(nn.Module):
     """The module exported as decoder.onnx: the same step as `DecoderStep`, run inside
-    `onnx_attention.attention_of(decoder)` (GroupQueryAttention over the `past` buffers, see the
+    `onnx.attention.attention_of(decoder)` (GroupQueryAttention over the `past` buffers, see the
     manifest's usage) and positions past_length .. past_length+S-1 from the `past_length` input.
     Returns the last position's logits as [rows, 1, V], then the presents."""
 
@@ -387,7 +387,7 @@ def build_manifest(
     checked: dict[str, CheckResult],
     source: Any,
 ) -> dict[str, Any]:
-    """What another runtime needs to drive the graphs (`onnx_backend` reads the same)."""
+    """What another runtime needs to drive the graphs (`onnx.runtime` reads the same)."""
     import onnx
     import onnxruntime
     import transformers

@@ -4,7 +4,7 @@ whose KV cache can be one buffer that the step appends to in place.
 The Hugging Face attention concatenates each layer's past and new keys/values at every step: a
 copy of the whole cache per step, which grows with the caption. GroupQueryAttention instead writes
 the new positions into the `past_key`/`past_value` buffer when that buffer is also bound as the
-`present` output (ONNX Runtime calls this sharing the past/present buffer); `onnx_backend.OrtDecoder`
+`present` output (ONNX Runtime calls this sharing the past/present buffer); `onnx.runtime.OrtDecoder`
 binds the decoding engine's own cache there, so nothing is copied and beam search reorders the
 cache as for any forward. Unshared, the op returns past + new as usual, which is how other
 runtimes can run it (see the manifest's usage).

@@ -5,7 +5,7 @@ A job is planned before any model loads (`plan_sidecars`): the images are found,
 its caption file (beside it, or at the same relative path under a separate folder for read-only
 image trees), and, under the default `skip` policy, images whose caption file exists drop out. A rerun
 of a finished folder therefore costs a folder walk, and a rerun after a crash continues where it
-stopped. Each caption file is written atomically (`prefixcap.atomic`): a killed run leaves complete
+stopped. Each caption file is written atomically (`prefixcap.system.atomic`): a killed run leaves complete
 files or none, and the next run removes the temporaries it left.
 """
 
@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefixcap.atomic import write_atomic
-from prefixcap.data.shards import LocalPath, RemoteShard, as_source, expand_inputs, file_identity, is_shard
-from prefixcap.distributed.outputs import printable, write_errors
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.sources import LocalPath, RemoteShard, as_source, file_identity, is_shard
+from prefixcap.jobs.writers import printable, write_errors
+from prefixcap.system.atomic import write_atomic
 
 CAPTION_SUFFIX = ".txt"
 # What to do with an image whose caption file exists: leave it (and do not caption the image), replace

@@ -1,6 +1,6 @@
 """Captioning with an ONNX export (`prefixcap export onnx`) on ONNX Runtime's CPU execution provider.
 
-An export directory holds two graphs and what is needed to drive them (see `onnx_export`, which
+An export directory holds two graphs and what is needed to drive them (see `onnx.export`, which
 writes it, and `MANIFEST_NAME`, which describes it for other runtimes):
 
     encoder.onnx            pixel_values [B, 3, H, W] -> prefix_embeds [B, K, hidden]
@@ -10,7 +10,7 @@ writes it, and `MANIFEST_NAME`, which describes it for other runtimes):
     embeddings.safetensors  the token embedding matrix ("weight", [V, hidden]), no positions
     tokenizer/, image_processor/, prefixcap_onnx.json (the manifest)
 
-The decoder's attention is ONNX Runtime's GroupQueryAttention (`onnx_attention`). Bound to the same
+The decoder's attention is ONNX Runtime's GroupQueryAttention (`onnx.attention`). Bound to the same
 buffer as its `present`, each `past` is a cache of any length L >= past_length + S that the step
 appends to in place; unshared, `past` holds exactly past_length positions and `present` returns
 them followed by the new ones.
@@ -22,10 +22,10 @@ and sampling are the engine's own, token for token. `OnnxCaptionModel` offers th
 
 Speed: `OrtDecoder` binds the engine's own cache as each layer's shared past/present buffer, so a
 step copies no keys or values at all: the graph writes the new positions where the engine reads
-them (measured in `onnx_attention`'s docstring).
+them (measured in `onnx.attention`'s docstring).
 
 onnxruntime is an optional dependency (`pip install "prefixcap[onnx]"`): it is imported only after
-`prefixcap.extras.require`, inside the functions that need it.
+`prefixcap.system.extras.require`, inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from prefixcap import engine
-from prefixcap.config import CaptionConfig
-from prefixcap.encoders import load_image_processor
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.extras import require
-from prefixcap.modeling import CaptionModel, read_safetensors
+from prefixcap.inputs.preprocess import ImagePreprocessor
+from prefixcap.model.caption_model import CaptionModel, read_safetensors
+from prefixcap.model.config import CaptionConfig
+from prefixcap.model.encoders import load_image_processor
 from prefixcap.options import GenerationOptions
-from prefixcap.preprocess import ImagePreprocessor
+from prefixcap.system.extras import require
 
 MANIFEST_NAME = "prefixcap_onnx.json"
 FORMAT = "prefixcap-onnx"

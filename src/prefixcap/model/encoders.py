@@ -32,8 +32,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from prefixcap.checkpoints import hf_call, load_checked
 from prefixcap.errors import ModelLoadError
+from prefixcap.model.hf_loading import hf_call, load_checked
 
 FAMILIES = ("clip", "siglip", "dinov2")
 # The vision towers' model_type (a full two-tower checkpoint is read as its vision tower) -> family.
