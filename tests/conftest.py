@@ -60,3 +60,12 @@ def tiny_model_dir(tiny_components: tuple[Path, Path], tmp_path_factory: pytest.
 @pytest.fixture(scope="session")
 def example_images() -> list[Path]:
     return EXAMPLE_IMAGES
+
+
+@pytest.fixture(scope="session")
+def image_dependent_model_dir(tiny_components: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model taught to caption each plain colour with its own sentence, so that its
+    captions depend on the image (`prefixcap.testing.build_image_dependent_model`)."""
+    from prefixcap.testing import build_image_dependent_model
+
+    return build_image_dependent_model(tmp_path_factory.mktemp("model") / "colours", components=tiny_components)

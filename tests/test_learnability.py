@@ -78,3 +78,15 @@ def test_clip_mlp_qwen2_learns(tmp_path: Path, one_thread) -> None:
     exact, total = held_out_exact(data, run / "best")
     print(f"CLIP + MLP + Qwen2: {exact}/{total} exact on held-out images")
     assert exact >= 0.9 * total, f"{exact}/{total} exact"
+
+
+def test_the_image_dependent_test_model_tells_images_apart(image_dependent_model_dir: Path, example_images) -> None:
+    """The suite's model for comparing captions across paths: each colour it was taught gets its own
+    caption, and the example photos get different captions from each other."""
+    from prefixcap.testing import COLOURS, colour_captions, colour_image
+
+    captioner = Captioner.from_pretrained(image_dependent_model_dir, device="cpu", dtype="float32")
+    taught = [captions[0] for captions in captioner([colour_image(name) for name in COLOURS])]
+    assert sum(got == want for got, want in zip(taught, colour_captions().values())) >= 6, taught
+    photos = [captions[0] for captions in captioner([str(path) for path in example_images])]
+    assert len(set(photos)) == len(photos), photos

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from prefixcap.config import CONFIG_NAME
+from prefixcap.model.config import CONFIG_NAME
 
 # Words the tiny tokenizer learns; chosen to cover the synthetic captions and test sentences.
 _CORPUS = [
@@ -107,7 +107,7 @@ def build_full_size_model(workdir: str | Path, decoder: str = "gpt2", *, decoder
     `decoder` picks another `build_decoder` family at full size (`decoder_layers`: fewer layers).
     Those models are saved with a frozen decoder kept as a reference to its component folder,
     so that a 1B-parameter decoder is on disk once."""
-    from prefixcap.modeling import CaptionModel
+    from prefixcap.model.caption_model import CaptionModel
 
     if decoder == "gpt2" and decoder_layers is not None:
         raise ValueError("decoder_layers applies to Llama-family decoders, not gpt2")
@@ -282,3 +282,58 @@ def build_decoder(
     config = getattr(transformers, config_name)(**{**shape, **config_overrides}, bos_token_id=eos, eos_token_id=eos)
     getattr(transformers, model_name)(config).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# ---------------------------------------------------------------------- a model whose captions depend on the image
+# Plain colours and the caption each one is taught: a different colour word and background per image.
+COLOURS = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "white": (255, 255, 255), "black": (0, 0, 0), "orange": (255, 128, 0), "purple": (128, 0, 128),
+}  # fmt: skip
+
+
+def colour_captions() -> dict[str, str]:
+    """The caption `build_image_dependent_model` teaches for each colour of `COLOURS`."""
+    names = list(COLOURS)
+    return {name: f"a {name} shape on a {names[(i + 3) % len(names)]} background." for i, name in enumerate(names)}
+
+
+def colour_image(name: str, size: int = 32) -> Any:
+    """A `size` x `size` RGB numpy image of one colour of `COLOURS`."""
+    import numpy as np
+
+    return np.full((size, size, 3), COLOURS[name], dtype=np.uint8)
+
+
+def build_image_dependent_model(out_dir: str | Path, *, components: tuple[Path, Path] | None = None) -> Path:
+    """A tiny saved CaptionModel (MLP mapper, K=4) whose captions depend on the image: it is taught,
+    in about a second on a CPU, to caption each plain colour of `COLOURS` with its own sentence
+    (`colour_captions`), so photos too get captions that follow their colours. Untrained tiny models
+    say the same thing about every image, which would hide captions going to the wrong image.
+    `components` are (clip_dir, gpt2_dir) from `build_components` (built under `out_dir` if None)."""
+    from prefixcap.model.caption_model import CaptionModel
+
+    out_dir = Path(out_dir)
+    clip_dir, gpt2_dir = components or build_components(out_dir.parent / f"{out_dir.name}-components")
+    torch.manual_seed(0)
+    model = CaptionModel.from_components(clip_dir, gpt2_dir, mapper="mlp", prefix_length=4)
+    captions = colour_captions()
+    pixels = torch.stack([torch.from_numpy(colour_image(name)).permute(2, 0, 1) for name in captions])
+    tokenizer = model.tokenizer
+    token_ids = [tokenizer.encode(text) + [tokenizer.eos_token_id] for text in captions.values()]
+    width = max(map(len, token_ids))
+    input_ids = torch.full((len(token_ids), width), tokenizer.pad_token_id)
+    labels = torch.full((len(token_ids), width), -100)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = labels[row, : len(ids)] = torch.tensor(ids)
+    image_embeds = model.encode_pixels(pixels)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels,
+                     image_embeds=image_embeds).loss  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(out_dir)
+    return out_dir
