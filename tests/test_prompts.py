@@ -4,6 +4,7 @@ synthetic task is learnable end to end."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -134,6 +135,32 @@ def test_the_server_takes_prompt_prefix_and_suffix(captioner: Captioner, example
         assert answer.json() == [[{"generated_text": f"sks, {expected}!"}]]
         too_long = client.post(CAPTION_PATH, files=[("images", ("a.jpg", data))], data={"suffix": "x" * 1001})
         assert too_long.status_code == 422 and "suffix must be at most 1000 characters" in too_long.text
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "suffix"])
+def test_text_that_is_not_unicode_is_refused_before_any_work(
+    name: str, tiny_model_dir: Path, captioner: Captioner, example_images: list[Path], tmp_path: Path, capsys
+) -> None:
+    """A lone surrogate (a non-UTF-8 byte of a command-line argument, or a JSON \\ud800 escape)
+    cannot be written to any output: refused up front, in one line or a 422, not after captioning."""
+    with pytest.raises(ValueError, match=f"{name} is not valid Unicode text"):
+        TextOptions(**{name: "tag\udcff"})
+    image = tmp_path / "a.jpg"
+    image.write_bytes(example_images[0].read_bytes())
+    args = ["caption", str(image), "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--workers", "0"]
+    for output in (["--sidecar"], ["--output", str(tmp_path / "out.csv"), "--format", "csv"]):
+        assert main([*args, *output, f"--{name}", "tag\udcff"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and f"{name} is not valid Unicode text" in error
+        assert error.count("\n") == 1 and "Traceback" not in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg"]
+    app = create_app(captioner, ServerConfig(model_name="tiny", max_batch_size=8))
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    body = f'{{"images": ["{encoded}"], "{name}": "a\\ud800"}}'  # json.dumps would escape the backslash
+    with TestClient(app) as client:
+        answer = client.post(CAPTION_PATH, content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["kind"] == "invalid_options" and "not valid Unicode text" in answer.text
 
 
 def test_text_options_split_from_decoding_options() -> None:

@@ -117,6 +117,16 @@ def _check_names(kwargs: Mapping[str, Any]) -> None:
 MAX_TEXT_CHARS = 1000
 
 
+def is_unicode(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: no lone surrogates, which Python uses for the
+    undecodable bytes of command-line arguments and which JSON's \\ud800 escapes produce."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def clean_prompt(prompt: str) -> str:
     """A prompt with its whitespace normalised, as captions are: training and inference must agree on
     its tokens, and a trailing space would make GPT-2 continue mid-word."""
@@ -144,6 +154,11 @@ class TextOptions:
             value = getattr(self, name)
             if value is not None and len(value) > MAX_TEXT_CHARS:
                 raise ValueError(f"{name} must be at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+            if value is not None and not is_unicode(value):
+                raise ValueError(
+                    f"{name} is not valid Unicode text (a lone surrogate, e.g. a byte that is not UTF-8): "
+                    "no output could hold it"
+                )
 
     @staticmethod
     def split(kwargs: Mapping[str, Any]) -> tuple[TextOptions, dict[str, Any]]:
