@@ -81,3 +81,32 @@ def test_captions_longer_than_the_decoder_are_refused_up_front(tiny_model_dir, i
         result.stderr.strip()
         == "error: max_new_tokens must be <= 92: the decoder has 96 positions and the prefix takes 4"
     )
+
+
+def test_control_characters_in_names_are_escaped_on_a_terminal(
+    tiny_model_dir, example_images, tmp_path, monkeypatch, capsys
+):
+    """File names are data: escape sequences in them (clear screen, a window title) are escaped in
+    error lines always, and in text records when those go to a terminal; a file or pipe gets the
+    name as it is (with the text format's own escapes)."""
+    from prefixcap.cli import main
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    evil = "\x1b[2J\x1b]0;owned\x07"
+    shutil.copy(example_images[0], folder / f"{evil}.jpg")
+    (folder / f"{evil} broken.jpg").write_bytes(b"not an image")
+    args = ["caption", str(folder), "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--workers", "0"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "\x1b" not in err and "\\x1b[2J\\x1b]0;owned\\x07 broken.jpg" in err
+    assert out.startswith(str(folder / f"{evil}.jpg") + "\t")  # not a terminal: the record as it is
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert main(args) == 1
+    shown = sys.stdout.getvalue()
+    assert "\x1b" not in shown and "\x07" not in shown and shown.startswith(f"{folder}/\\x1b[2J")

@@ -26,6 +26,7 @@ from prefixcap.errors import UserError
 from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.sources import RemoteShard, Source, is_shard
 from prefixcap.jobs.writers import FORMATS, require_format
+from prefixcap.system.terminal import for_terminal
 
 EPILOG = """\
 output:
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{remote}: --embed-images reads images again when writing, which a remote shard cannot do")
     if state.is_main_process:
         for path, reason in missing:
-            print(f"error: {path}: {reason}", file=sys.stderr)
+            print(for_terminal(f"error: {path}: {reason}"), file=sys.stderr)
     if not sources:
         raise UserError("no images found in the given paths")
     _check_output(args.output, to_folder, fmt, sources)  # before the model loads
@@ -180,7 +181,7 @@ def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 progress=bar,
-                on_failure=lambda failure: tqdm.write(f"error: {failure}", file=sys.stderr),
+                on_failure=lambda failure: tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr),
                 embed_images=args.embed_images,
                 **kwargs,
             )

@@ -37,6 +37,7 @@ from prefixcap.jobs.writers import (
 )
 from prefixcap.system.atomic import atomic_file
 from prefixcap.system.processes import broadcast
+from prefixcap.system.terminal import for_terminal
 
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
@@ -151,7 +152,7 @@ def caption_to_directory(
             done += len(outcomes)
             for _, outcome in outcomes:
                 if isinstance(outcome, ImageLoadError):
-                    tqdm.write(f"error: {outcome}", file=sys.stderr)
+                    tqdm.write(for_terminal(f"error: {outcome}"), file=sys.stderr)
     seconds = time.perf_counter() - start
     print(f"rank {rank}: {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
 

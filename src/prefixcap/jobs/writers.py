@@ -31,6 +31,7 @@ from prefixcap.inputs.hf_datasets import reference_file
 from prefixcap.inputs.sources import file_identity, read_image_bytes
 from prefixcap.system.atomic import atomic_file, atomic_path
 from prefixcap.system.extras import require
+from prefixcap.system.terminal import for_terminal, is_terminal
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
 SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -97,6 +98,8 @@ class RecordWriter:
             raise ValueError("only parquet output can embed images")
         require_format(fmt)
         self.out, self.fmt, self.name, self.embed_images = out, fmt, name, embed_images
+        # text records shown on a terminal have their control characters escaped (`for_terminal`)
+        self.field = for_terminal if fmt == "text" and is_terminal(out) else printable
         self.csv = csv.writer(out) if fmt == "csv" else None
         self.header_written = False
         self.rows: list[dict] = []  # Parquet rows not yet written
@@ -119,7 +122,7 @@ class RecordWriter:
         if self.fmt == "jsonl":
             self.out.write(Result.of(path, captions).to_json() + "\n")
         elif self.fmt == "text":
-            self.out.write("\t".join(printable(field.translate(_TEXT_ESCAPES)) for field in [path, *captions]) + "\n")
+            self.out.write("\t".join(self.field(field.translate(_TEXT_ESCAPES)) for field in [path, *captions]) + "\n")
         elif self.fmt == "csv":
             if not self.header_written:
                 self.csv.writerow(["path", "caption", *[f"caption_{i + 2}" for i in range(len(captions) - 1)]])
