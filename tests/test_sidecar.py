@@ -5,6 +5,7 @@ after a killed run."""
 from __future__ import annotations
 
 import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -129,7 +130,10 @@ def test_dry_run_prints_and_changes_nothing(caption, captioner, tmp_path, capsys
     assert lines[0] == f"skip  {caption_file(images['plain.jpg'])} (exists)"
     alpha = images["alpha.png"]
     assert f"write {caption_file(alpha)}: {expected(captioner, alpha)}" in lines and len(lines) == 4
-    assert err.splitlines()[-1] == "dry run, no file changed: 3 written, 1 skipped (caption file exists), 0 failed"
+    assert (
+        err.splitlines()[-1]
+        == "dry run, no file changed: 3 would be written, 1 skipped (caption file exists), 0 failed"
+    )
     assert caption(tmp_path / "set", "--sidecar-dir", tmp_path / "out", "--dry-run") == 0
     assert snapshot(tmp_path) == before  # not even OUT's folders
 
@@ -243,3 +247,114 @@ def test_several_captions_are_written_one_per_line(caption, captioner, tmp_path)
     assert caption(image, "--sidecar", "--num-captions", "2", "--num-beams", "2") == 0
     (captions,) = captioner([image], max_new_tokens=3, num_return_sequences=2, num_beams=2)
     assert caption_file(image).read_text(encoding="utf-8") == "\n".join(captions) + "\n"
+
+
+# ------------------------------------------------------------------------ the tree the user named
+def test_folder_links_out_of_the_tree_are_not_followed_and_nothing_is_written_there(caption, tmp_path, capsys):
+    """A link to a folder outside the input tree (`extra -> ../home`, `a/up2 -> ../..`) would make
+    --sidecar write caption files into folders the user never named: such links are not followed
+    in sidecar mode, and each is reported."""
+    home, data = tmp_path / "home", tmp_path / "ds"
+    (home / "docs").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(home / "docs" / "report.png")
+    (home / "docs" / "report.txt").write_text("notes\n")
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(data / "img.png")
+    (data / "inside").symlink_to(data / "a")  # a link within the tree is followed
+    Image.new("RGB", (20, 20), (10, 10, 200)).save(data / "a" / "deep.png")
+    (data / "extra").symlink_to("../home")
+    (data / "a" / "up2").symlink_to("../..")
+    before = snapshot(home)
+    assert caption(data, "--sidecar", "--existing", "overwrite") == 1
+    assert snapshot(home) == before  # report.txt still "notes", nothing new
+    assert not list(tmp_path.glob("*.txt"))
+    assert sorted(str(path.relative_to(data)) for path in data.rglob("*.txt")) == ["a/deep.txt", "img.txt"]
+    err = capsys.readouterr().err.splitlines()
+    assert f"error: {data / 'extra'}: a link to a folder outside {data}; not followed in sidecar mode" in err
+    assert f"error: {data / 'a' / 'up2'}: a link to a folder outside {data}; not followed in sidecar mode" in err
+    assert err[-1] == "2 written, 0 skipped (caption file exists), 0 failed"
+
+
+def test_sidecar_dir_never_writes_outside_out(caption, tmp_path, capsys):
+    data, out = tmp_path / "ds", tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(tmp_path / "elsewhere" / "far.png")
+    data.mkdir()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(data / "near.png")
+    (data / "link").symlink_to(tmp_path / "elsewhere")
+    assert caption(data, "--sidecar-dir", out) == 1
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.txt")) == ["out/near.txt"]
+
+
+# ------------------------------------------------------------------------ existing caption files read with care
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["append", "prepend"])
+@pytest.mark.parametrize("kind", ["device", "fifo", "link out", "huge"])
+def test_existing_caption_files_are_read_only_when_regular_and_small(caption, tmp_path, capsys, policy, kind):
+    """--existing append|prepend read the old text: only a regular file inside the tree, up to a size
+    cap. A link (`a.txt -> /dev/zero`, or to a secret elsewhere), a FIFO (it would hang, even in a dry
+    run) or a huge file fails that image, and the run goes on."""
+    images = save_images(tmp_path / "set")
+    target = caption_file(images["plain.jpg"])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-CONTENT")
+    if kind == "device":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link out":
+        target.symlink_to(secret)
+    else:
+        with open(target, "wb") as file:
+            file.truncate(2**31)  # sparse: 2 GiB that take no disk
+    for dry_run in (["--dry-run"], []):  # "3 would be written" in the dry run
+        assert caption(tmp_path / "set", "--sidecar", "--existing", policy, *dry_run) == 1
+        out, err = capsys.readouterr()
+        (line,) = [line for line in err.splitlines() if line.startswith(f"error: {images['plain.jpg']}: ")]
+        assert str(target) in line
+        assert err.splitlines()[-1].endswith("3 written, 0 skipped (caption file exists), 1 failed") or dry_run
+        assert "SECRET-CONTENT" not in out
+    assert "SECRET-CONTENT" not in "".join(
+        path.read_text() for path in (tmp_path / "set").glob("*.txt") if path != target
+    )
+    assert secret.read_text() == "SECRET-CONTENT"
+
+
+@pytest.mark.parametrize("policy", ["skip", "overwrite", "append"])
+def test_a_folder_named_like_a_caption_file_fails_that_image_only(caption, tmp_path, capsys, policy):
+    images = save_images(tmp_path / "set")
+    caption_file(images["plain.jpg"]).mkdir()
+    assert caption(tmp_path / "set", "--sidecar", "--existing", policy) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert f"error: {images['plain.jpg']}: {caption_file(images['plain.jpg'])} is not a regular file" in err
+    assert err[-1] == "3 written, 0 skipped (caption file exists), 1 failed"
+    assert caption_file(images["plain.jpg"]).is_dir()
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "append"])
+def test_a_read_only_caption_file_is_left_alone(caption, tmp_path, capsys, policy):
+    images = save_images(tmp_path / "set")
+    kept = caption_file(images["plain.jpg"])
+    kept.write_text("hand-written\n")
+    kept.chmod(0o444)
+    shared = caption_file(images["alpha.png"])
+    shared.write_text("old\n")
+    shared.chmod(0o640)
+    assert caption(tmp_path / "set", "--sidecar", "--existing", policy) == 1
+    assert kept.read_text() == "hand-written\n" and kept.stat().st_mode & 0o777 == 0o444
+    assert shared.read_text() != "old\n" and shared.stat().st_mode & 0o777 == 0o640  # replaced, mode kept
+    err = capsys.readouterr().err.splitlines()
+    assert f"error: {images['plain.jpg']}: {kept} is read-only; not replaced" in err
+
+
+def test_control_characters_in_names_never_reach_the_terminal(caption, tmp_path, capsys):
+    """A file named with escape sequences (clear screen, a window title) is printed escaped in
+    error lines, dry-run lines and summaries."""
+    folder = tmp_path / "set"
+    save_images(folder)
+    evil = folder / "\x1b[2J\x1b]0;owned\x07.png"
+    evil.write_bytes(b"not an image")
+    assert caption(folder, "--sidecar", "--dry-run") == 1
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "\\x1b[2J\\x1b]0;owned\\x07.png" in err

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.system.terminal import for_terminal
 
 EPILOG = """\
 sidecar captions (training sets for image generators):
@@ -69,27 +70,28 @@ def run_sidecars(args: argparse.Namespace, kwargs: dict[str, Any], state: Any, l
     from tqdm import tqdm
 
     from prefixcap.jobs.sidecar import SidecarSummary, caption_sidecars, plan_sidecars
-    from prefixcap.jobs.writers import printable
 
     if state.num_processes > 1:
         raise UserError("--sidecar runs in one process; start one job per folder to use several GPUs")
     existing = args.existing or "skip"
     plan = plan_sidecars(args.paths, out_dir=args.sidecar_dir, existing=existing)
     for path, reason in plan.missing:
-        print(f"error: {path}: {reason}", file=sys.stderr)
-    if not plan.todo and not plan.skipped:
+        print(for_terminal(f"error: {path}: {reason}"), file=sys.stderr)
+    for _, failure in plan.refused:
+        print(for_terminal(f"error: {failure}"), file=sys.stderr)
+    if not plan.todo and not plan.skipped and not plan.refused:
         raise UserError("no images found in the given paths")
     if args.dry_run:
         for sidecar in plan.skipped:
-            print(f"skip  {printable(str(sidecar.path))} (exists)")
+            print(for_terminal(f"skip  {sidecar.path} (exists)"))
 
     def report(sidecar, outcome: str | ImageLoadError) -> None:
         if isinstance(outcome, ImageLoadError):
-            tqdm.write(f"error: {outcome}", file=sys.stderr)
+            tqdm.write(for_terminal(f"error: {outcome}"), file=sys.stderr)
         elif args.dry_run:
-            tqdm.write(f"write {printable(str(sidecar.path))}: {outcome.replace(chr(10), chr(92) + 'n')}")
+            tqdm.write(for_terminal(f"write {sidecar.path}: {outcome.replace(chr(10), chr(92) + 'n')}"))
 
-    summary = SidecarSummary()
+    summary = SidecarSummary(dry_run=args.dry_run)
     if plan.todo:
         captioner = load()
         show_progress = sys.stderr.isatty() and len(plan.todo) > args.batch_size
@@ -99,5 +101,6 @@ def run_sidecars(args: argparse.Namespace, kwargs: dict[str, Any], state: Any, l
                 num_workers=args.workers, progress=bar, on_result=report, **kwargs,
             )  # fmt: skip
     summary.skipped = len(plan.skipped)
-    print(f"{'dry run, no file changed: ' if args.dry_run else ''}{summary}", file=sys.stderr)
+    summary.failed += len(plan.refused)
+    print(summary, file=sys.stderr)
     return 1 if summary.failed or plan.missing else 0

@@ -27,7 +27,7 @@ from prefixcap.inputs.sources import (
 
 
 def expand_inputs(
-    patterns: list[str], *, image_column: str | None = None
+    patterns: list[str], *, image_column: str | None = None, within_tree: bool = False
 ) -> tuple[list[Source], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for image extensions, globs expanded, and
     WebDataset shards: tar files, URLs and `pipe:` commands, with brace patterns
@@ -38,10 +38,12 @@ def expand_inputs(
 
     Only a pattern itself (or a name its braces expand to) can be a URL or `pipe:` command, and
     only when no file or folder has that name: every name found on disk is a `LocalPath`.
-    Returns (inputs in a stable order, each file once however it was reached, and
+    `within_tree`: folder walks follow a symlinked folder only when it leads to a folder inside the
+    one being walked (a command that writes beside the images must not reach other trees); the
+    links not followed are listed with the problems. Returns (inputs in a stable order, each file once however it was reached, and
     [(pattern or folder, reason)] for patterns that matched nothing and folders that could not
     be read)."""
-    finder = _Finder()
+    finder = _Finder(within_tree=within_tree)
     sources: dict[object, Source] = {}
     for pattern in patterns:
         problems = len(finder.problems)
@@ -93,10 +95,12 @@ def _nothing_found(pattern: str) -> str:
 class _Finder:
     """Finds files on disk; every name it returns is a `LocalPath`. Symlinked folders are
     followed, but each walk reads a real folder once, so that symlink loops neither hang nor
-    repeat images; a folder that cannot be read goes into `problems`, not skipped in silence."""
+    repeat images; a folder that cannot be read goes into `problems`, not skipped in silence.
+    With `within_tree`, a walk follows only the folder links that stay inside its top folder."""
 
-    def __init__(self) -> None:
-        self.problems: dict[str, str] = {}  # folder -> why it could not be read
+    def __init__(self, *, within_tree: bool = False) -> None:
+        self.within_tree = within_tree
+        self.problems: dict[str, str] = {}  # folder -> why it could not be read (or was not followed)
 
     def images(self, top: str) -> list[LocalPath]:
         """The image files in folder `top` and all its subfolders, sorted."""
@@ -143,6 +147,7 @@ class _Finder:
         """(folder, its entries) for `top` and every readable folder below it, symlinked or not,
         each real folder once. `hidden`: also enter folders whose names start with "."."""
         seen: set[tuple[int, int]] = set()
+        root = os.path.realpath(top or os.curdir)
         stack = [top]
         while stack:
             folder = stack.pop()
@@ -153,7 +158,17 @@ class _Finder:
                 seen.add(identity)
             yield folder, entries
             subfolders = [e for e in entries if (hidden or not e.name.startswith(".")) and _is(e.is_dir)]
+            if self.within_tree:
+                subfolders = [entry for entry in subfolders if self._inside(entry, root, top or os.curdir)]
             stack.extend(os.path.join(folder, entry.name) for entry in reversed(subfolders))  # sorted, depth first
+
+    def _inside(self, entry: os.DirEntry, root: str, top: str) -> bool:
+        """Whether a subfolder leads inside `root` (the real path of the walk's `top`); a link
+        that leaves it is noted as a problem."""
+        if not entry.is_symlink() or is_within(os.path.realpath(entry.path), root):
+            return True
+        self.problems[entry.path] = f"a link to a folder outside {top}; not followed in sidecar mode"
+        return False
 
     def _entries(self, folder: str) -> list[os.DirEntry] | None:
         """The entries of `folder` ("" for the working folder) sorted by name, or None (and a
@@ -164,6 +179,11 @@ class _Finder:
         except OSError as error:
             self.problems[folder or os.curdir] = f"cannot read this folder ({error.strerror or error})"
             return None
+
+
+def is_within(path: str, root: str) -> bool:
+    """Whether `path` is `root` or below it (both real paths: links resolved)."""
+    return os.path.commonpath([path, root]) == root
 
 
 def _is(test: Callable[[], bool]) -> bool:

@@ -7,12 +7,19 @@ image trees), and, under the default `skip` policy, images whose caption file ex
 of a finished folder therefore costs a folder walk, and a rerun after a crash continues where it
 stopped. Each caption file is written atomically (`prefixcap.system.atomic`): a killed run leaves complete
 files or none, and the next run removes the temporaries it left.
+
+Caption files stay in the tree the user named: folder walks follow only the links that stay inside
+it, and every file is checked against its tree again when written. An existing caption file is
+replaced only when it is a regular file we may write (its mode is kept) or a link (replaced, never
+written through); its text is joined (`append`, `prepend`) only from a regular file of at most
+`MAX_CAPTION_FILE_BYTES`. Anything else fails that image, and the run goes on.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.expand import expand_inputs, is_within
 from prefixcap.inputs.sources import LocalPath, RemoteShard, as_source, file_identity, is_shard
 from prefixcap.jobs.writers import printable, write_errors
 from prefixcap.system.atomic import write_atomic
@@ -30,6 +37,9 @@ CAPTION_SUFFIX = ".txt"
 # the file, or join the new caption after or before the text already there with SEPARATOR.
 EXISTING = ("skip", "overwrite", "append", "prepend")
 SEPARATOR = ", "  # tag-style captions ("sks person, a man on a beach") are comma-separated
+# The largest existing caption file whose text is joined: far above any caption, and a bound on
+# what a mistaken file (a dataset, a disk image) can cost.
+MAX_CAPTION_FILE_BYTES = 1 << 20
 # The temporary names `atomic_path` gives: ".NAME.<8 random characters>.tmp".
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
@@ -38,24 +48,31 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 class Sidecar:
     image: LocalPath
     path: Path  # its caption file
+    tree: str  # the real folder the caption file must stay in: the input folder, or --sidecar-dir OUT
 
 
 @dataclass
 class SidecarPlan:
     todo: list[Sidecar]  # images to caption, in input order
     skipped: list[Sidecar]  # images left alone: their caption file exists (policy `skip`)
-    # (input, reason) for inputs that matched nothing and folders that could not be read
+    # (input, reason) for inputs that matched nothing, folders that could not be read, links not followed
     missing: list[tuple[str, str]] = field(default_factory=list)
+    # images not captioned because their caption file cannot be written, with the reason
+    refused: list[tuple[Sidecar, ImageLoadError]] = field(default_factory=list)
 
 
 @dataclass
 class SidecarSummary:
     written: int = 0  # caption files written (or, in a dry run, that would be)
     skipped: int = 0
-    failed: int = 0  # unreadable images, and existing caption files that could not be joined
+    failed: int = 0  # unreadable images, and caption files that could not be written or joined
+    dry_run: bool = False
 
     def __str__(self) -> str:
-        return f"{self.written} written, {self.skipped} skipped (caption file exists), {self.failed} failed"
+        written = (
+            f"dry run, no file changed: {self.written} would be written" if self.dry_run else f"{self.written} written"
+        )
+        return f"{written}, {self.skipped} skipped (caption file exists), {self.failed} failed"
 
 
 def plan_sidecars(inputs: Sequence[str], *, out_dir: str | Path | None = None, existing: str = "skip") -> SidecarPlan:
@@ -71,8 +88,11 @@ def plan_sidecars(inputs: Sequence[str], *, out_dir: str | Path | None = None, e
     _check_unique(sidecars)
     plan = SidecarPlan([], [], missing)
     for sidecar in sidecars:
-        exists = sidecar.path.exists()
-        (plan.skipped if exists and existing == "skip" else plan.todo).append(sidecar)
+        exists, problem = _existing_file(sidecar, existing)
+        if problem is not None:
+            plan.refused.append((sidecar, ImageLoadError(sidecar.image, problem)))
+        else:
+            (plan.skipped if exists and existing == "skip" else plan.todo).append(sidecar)
     _check_writable(plan.todo)
     return plan
 
@@ -94,7 +114,7 @@ def caption_sidecars(
     captioner's output (one caption per line with several captions), joined to the existing text
     for `append`/`prepend`. `on_result` gets each image's final text (written, or in a `dry_run`
     only computed) or its failure, in input order. Returns the counts, without skipped images."""
-    summary = SidecarSummary()
+    summary = SidecarSummary(dry_run=dry_run)
     if not dry_run:
         _remove_temporaries(sidecars)
     results = captioner.stream(
@@ -103,12 +123,11 @@ def caption_sidecars(
     )  # fmt: skip
     for sidecar, (_, captions) in zip(sidecars, results, strict=True):
         outcome = captions if isinstance(captions, ImageLoadError) else _final_text(sidecar, captions, existing)
+        if not isinstance(outcome, ImageLoadError) and not dry_run:
+            outcome = _write(sidecar, outcome + "\n")
         if isinstance(outcome, ImageLoadError):
             summary.failed += 1
         else:
-            if not dry_run:
-                with write_errors(sidecar.path):
-                    write_atomic(sidecar.path, outcome + "\n")
             summary.written += 1
         if on_result is not None:
             on_result(sidecar, outcome)
@@ -126,7 +145,7 @@ def _pair(inputs: Sequence[str], out_dir: Path | None) -> tuple[list[Sidecar], l
             raise UserError(
                 f"{pattern}: is not a folder; --sidecar-dir mirrors input folders (use --sidecar for files and globs)"
             )
-        images, problems = expand_inputs([pattern])
+        images, problems = expand_inputs([pattern], within_tree=True)
         missing += problems
         for image in images:
             if not isinstance(image, LocalPath) or is_shard(image):  # a shard, a dataset file's rows
@@ -135,9 +154,12 @@ def _pair(inputs: Sequence[str], out_dir: Path | None) -> tuple[list[Sidecar], l
                 )
             if out_dir is None:
                 target = Path(image).with_suffix(CAPTION_SUFFIX)
+                tree = pattern if os.path.isdir(pattern) else os.path.dirname(image)
             else:
                 target = (out_dir / os.path.relpath(image, pattern)).with_suffix(CAPTION_SUFFIX)
-            sidecars.setdefault(file_identity(image) or image, Sidecar(image, target))
+                tree = str(out_dir)
+            sidecar = Sidecar(image, target, os.path.realpath(tree or os.curdir))
+            sidecars.setdefault(file_identity(image) or image, sidecar)
     return list(sidecars.values()), missing
 
 
@@ -179,14 +201,38 @@ def _existing_ancestor(folder: Path) -> Path:
     return folder
 
 
+def _existing_file(sidecar: Sidecar, existing: str) -> tuple[bool, str | None]:
+    """(whether the caption file exists, why it cannot be used under the `existing` policy or None)."""
+    try:
+        status = os.lstat(sidecar.path)
+    except FileNotFoundError:
+        return False, None
+    except OSError as error:
+        return False, f"cannot examine {sidecar.path} ({error.strerror or error})"
+    if stat.S_ISLNK(status.st_mode):  # replaced, never written through; its target's text is not ours to read
+        joins = existing in ("append", "prepend")
+        return (
+            True,
+            f"cannot {existing} to {sidecar.path} (a link; only a regular file's text is joined)" if joins else None,
+        )
+    if not stat.S_ISREG(status.st_mode):
+        return True, f"{sidecar.path} is not a regular file"
+    if existing != "skip" and not status.st_mode & stat.S_IWUSR:
+        return True, f"{sidecar.path} is read-only; not replaced"
+    if existing in ("append", "prepend") and status.st_size > MAX_CAPTION_FILE_BYTES:
+        return True, f"cannot {existing} to {sidecar.path} (over {MAX_CAPTION_FILE_BYTES:,} bytes: not a caption file?)"
+    return True, None
+
+
 def _final_text(sidecar: Sidecar, captions: list[str], existing: str) -> str | ImageLoadError:
     """The caption file's new text, or why it cannot be made (an existing file that is not text)."""
     text = "\n".join(captions)
     if existing not in ("append", "prepend"):
         return text
     try:
+        data = read_regular_file(sidecar.path, MAX_CAPTION_FILE_BYTES)
         # utf-8-sig: files saved by Windows editors start with a byte-order mark that is not text
-        old = sidecar.path.read_text(encoding="utf-8-sig").strip()
+        old = data.decode("utf-8-sig").strip()
     except FileNotFoundError:
         return text
     except (OSError, UnicodeDecodeError) as error:
@@ -195,6 +241,37 @@ def _final_text(sidecar: Sidecar, captions: list[str], existing: str) -> str | I
     if not old:
         return text
     return f"{old}{SEPARATOR}{text}" if existing == "append" else f"{text}{SEPARATOR}{old}"
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path` if it is a regular file (not a link, a FIFO or a device) of at most
+    `limit` bytes; OSError otherwise. Opened without following links and without blocking, so
+    that a FIFO swapped in after planning cannot hang the run."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(0, "not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(0, f"over {limit:,} bytes: not a caption file?")
+    return data
+
+
+def _write(sidecar: Sidecar, text: str) -> None | ImageLoadError:
+    """Write the caption file atomically, keeping an existing file's mode; refused (as the image's
+    failure) when its folder is not inside the sidecar's tree, e.g. after a folder was swapped for a link."""
+    folder = os.path.realpath(sidecar.path.parent)
+    if not is_within(folder, sidecar.tree):
+        return ImageLoadError(sidecar.image, f"{sidecar.path} would be written outside {sidecar.tree}; not written")
+    try:
+        status = os.lstat(sidecar.path)
+        mode = stat.S_IMODE(status.st_mode) if stat.S_ISREG(status.st_mode) else None
+    except FileNotFoundError:
+        mode = None
+    with write_errors(sidecar.path):
+        write_atomic(sidecar.path, text, mode=mode)
+    return None
 
 
 def _remove_temporaries(sidecars: Sequence[Sidecar]) -> None:

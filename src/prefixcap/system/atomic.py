@@ -15,16 +15,17 @@ from prefixcap.errors import UserError
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, mode: int | None = None) -> Iterator[Path]:
     """A temporary path beside `path` (same file system, so the final rename is atomic) that
-    replaces `path` once the block ends without an error."""
+    replaces `path` once the block ends without an error, with permissions `mode` (default: the
+    umask's, as a new file gets)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         yield Path(staging)
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp files are private; results should not be
+        os.chmod(staging, 0o666 & ~_umask() if mode is None else mode)  # mkstemp files are private
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
@@ -32,15 +33,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | Path, *, binary: bool = False) -> Iterator[IO]:
-    """An open file that replaces `path` only once written completely."""
-    with atomic_path(path) as staging:
+def atomic_file(path: str | Path, *, binary: bool = False, mode: int | None = None) -> Iterator[IO]:
+    """An open file that replaces `path` only once written completely (`mode`: see `atomic_path`)."""
+    with atomic_path(path, mode=mode) as staging:
         with open(staging, "wb") if binary else open(staging, "w", newline="", encoding="utf-8") as file:
             yield file
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    with atomic_file(path) as file:
+def write_atomic(path: str | Path, text: str, *, mode: int | None = None) -> None:
+    with atomic_file(path, mode=mode) as file:
         file.write(text)
 
 
