@@ -14,17 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from prefixcap.captioner import model_fingerprint
+from prefixcap import CaptionModel
 from prefixcap.cli import main
 from prefixcap.data import load_records, read_image_bytes
 from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.sources import LocalPath, RemoteShard
 from prefixcap.jobs.plan import plan_parts
 from prefixcap.jobs.writers import RecordWriter
+from prefixcap.model.fingerprint import model_fingerprint
 
 PWNED_JPG = "pipe:touch PWNED;cat ok.jpg;.jpg"  # the review's repro: a shell command as a file name
 PWNED_TAR = "pipe:touch PWNED;cat ok.tar;.tar"
@@ -229,6 +231,38 @@ def test_model_fingerprint_follows_the_files(tiny_model_dir, tmp_path):
     config = model / "config.json"
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1))
     assert model_fingerprint(model) != first
+
+
+def test_model_fingerprint_covers_the_folders_a_model_refers_to(caption, tiny_components, example_images, tmp_path):
+    """A model saved with references (a frozen encoder and decoder kept in their own folders, as a
+    LoRA model keeps its base decoder) reads those folders too: a rerun after one of them changed
+    redoes the work instead of reusing parts made with the old weights."""
+    clip, gpt2 = (tmp_path / "clip", tmp_path / "gpt2")
+    shutil.copytree(tiny_components[0], clip)
+    shutil.copytree(tiny_components[1], gpt2)
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    CaptionModel.from_components(clip, gpt2, prefix_length=4, freeze_decoder=True).save_pretrained(
+        model, save_frozen=False
+    )
+    assert not (model / "decoder").exists() and not (model / "vision_encoder").exists()
+    first = model_fingerprint(model)
+    for folder in (gpt2, clip):
+        weights = folder / "model.safetensors"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+        assert model_fingerprint(model) != first
+        first = model_fingerprint(model)
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in example_images[:2]:
+        shutil.copy(path, photos)
+    args = [photos, "--model", model, "--output", f"{tmp_path / 'out'}/", "--max-new-tokens", "4", "--workers", "0"]
+    assert caption(*args) == 0
+    state = {name: tensor * 3 for name, tensor in load_file(gpt2 / "model.safetensors").items()}
+    save_file(state, gpt2 / "model.safetensors", metadata={"format": "pt"})  # the base decoder is retrained
+    assert caption(*args) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["parts_reused"] == 0
 
 
 # ---------------------------------------------------------------------- 15. outputs that cannot be written

@@ -4,10 +4,12 @@ SIGKILL, and two processes writing the same store as one."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from prefixcap.cli import main
 from prefixcap.data import load_records
@@ -122,6 +124,29 @@ def test_rerun_keeps_finished_shards_and_redoes_changed_ones(tmp_path: Path, tin
     rewritten = {i: shard_path(tmp_path / "features", i, ".safetensors").stat().st_mtime_ns for i in range(3)}
     assert [rewritten[i] == written[i] for i in range(3)] == [True, False, True]
     assert "thing" in FeatureStore(tmp_path / "features").records()[10].captions[0]
+
+
+def test_rerun_redoes_shards_when_the_encoder_folder_changes(tmp_path: Path, tiny_components) -> None:
+    """The store's shards name the encoder folder's files too: weights saved again at the same path
+    are not mistaken for the ones the shards were encoded with (the old store is then replaced
+    only with --overwrite, as any store of other data)."""
+    captions = make_synthetic_dataset(tmp_path / "synth", num_images=10, image_size=16)
+    encoder = tmp_path / "clip"
+    shutil.copytree(tiny_components[0], encoder)
+    prepare_features(captions, tmp_path / "features", vision_encoder=encoder, num_workers=0)
+    before = FeatureStore(tmp_path / "features").embeddings("train")
+    weights = load_file(encoder / "model.safetensors")
+    save_file(
+        {name: -tensor for name, tensor in weights.items()}, encoder / "model.safetensors", metadata={"format": "pt"}
+    )
+    with pytest.raises(UserError, match="pass --overwrite"):  # none of its shards is this encoder's
+        prepare_features(captions, tmp_path / "features", vision_encoder=encoder, num_workers=0)
+    prepare_features(captions, tmp_path / "features", vision_encoder=encoder, num_workers=0, overwrite=True)
+    after = FeatureStore(tmp_path / "features").embeddings("train")
+    assert not torch.allclose(before, after)
+    fresh = tmp_path / "fresh"
+    prepare_features(captions, fresh, vision_encoder=encoder, num_workers=0)
+    assert torch.equal(after, FeatureStore(fresh).embeddings("train"))
 
 
 def test_feature_store_checks_the_model_encoder(tmp_path: Path, tiny_components) -> None:

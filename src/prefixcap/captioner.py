@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +14,7 @@ from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.inputs.loader import ImageLoader, group, in_order
 from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.fingerprint import model_fingerprint
 from prefixcap.model.registry import resolve_model_dir
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import TextOptions
@@ -227,21 +226,3 @@ class Captioner:
             # 2. Hand over the unit once its last batch is done.
             if batch.last:
                 yield batch.unit, pending.pop(batch.unit)
-
-
-def model_fingerprint(directory: str | Path) -> str:
-    """A digest of the names, sizes and modification times of every file in a model directory.
-    It changes when a model is saved again at the same path (a checkpoint of ongoing training), so
-    that results made with the old model are not reused, and it reads no weights."""
-    digest = hashlib.sha256()
-    for folder, subfolders, files in os.walk(directory):
-        subfolders.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            try:
-                status = os.stat(path)  # through links: hub snapshots link to their blobs
-            except OSError:
-                continue  # a broken link: loading the model reports it
-            entry = f"{os.path.relpath(path, directory)}\0{status.st_size}\0{status.st_mtime_ns}\0"
-            digest.update(entry.encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()[:16]

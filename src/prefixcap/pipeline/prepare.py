@@ -26,6 +26,7 @@ from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.caption_model import embed_pixels
 from prefixcap.model.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS, normalize_model_id
 from prefixcap.model.encoders import EncoderSpec, load_encoder_config, load_image_encoder, load_image_processor
+from prefixcap.model.fingerprint import source_fingerprint
 from prefixcap.pipeline.features import (
     MANIFEST,
     StoreManifest,
@@ -75,6 +76,8 @@ def prepare_features(
     preprocessor = ImagePreprocessor(image_processor)
     spec, _ = load_encoder_config(vision_encoder)
     settings = {"encoder": normalize_model_id(vision_encoder), "preprocessing": preprocessing_of(image_processor)}
+    if (encoder_files := source_fingerprint(vision_encoder)) is not None:  # weights saved again at the same path
+        settings["encoder_files"] = encoder_files
     row_shape: tuple[int, ...] = (spec.embed_dim,)
     if features == "patches":  # (pooled stores keep the fingerprints they had before patch stores existed)
         settings["features"] = features
