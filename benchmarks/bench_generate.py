@@ -43,10 +43,12 @@ from PIL import Image
 
 from prefixcap import engine
 from prefixcap.captioner import Captioner
-from prefixcap.engine.backends import GenerationOptions
+from prefixcap.engine import DecodeSpec
+from prefixcap.engine.backends import choose_backend
 from prefixcap.inputs.loader import chunked
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
+from prefixcap.options import GenerationOptions
 from prefixcap.system.hardware import cpu_support, quantize_int8
 from prefixcap.testing import build_full_size_model
 
@@ -124,10 +126,10 @@ def prefixcap_generate(
     """(c) prefixcap's decoding engine, batched."""
     options = GenerationOptions(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams)
     eos = model.tokenizer.eos_token_id
-    return engine.generate_from_prefix(
-        model.decoder, model.prefix_embeds(image_embeds), options, eos_token_ids=[eos], pad_token_id=eos,
-        cuda_graphs=cuda_graphs, compile_blocks=compile_blocks,
-    )  # fmt: skip
+    spec = DecodeSpec.of(options, eos_token_ids=[eos], pad_token_id=eos)
+    return engine.generate(
+        model.decoder, model.prefix_embeds(image_embeds), spec, cuda_graphs=cuda_graphs, compile_blocks=compile_blocks
+    )
 
 
 @torch.no_grad()
@@ -448,7 +450,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_full_size_model(args.workdir or tmp, args.decoder, decoder_layers=args.decoder_layers)
         model = CaptionModel.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        results["decoding_path"] = engine.describe(model.decoder)
+        results["decoding_path"] = choose_backend(model.decoder).description
         print(f"decoding path: {results['decoding_path']}", flush=True)
         variants = {} if cuda else cpu_variants(model_dir, args.cpu_variants)
         exports = {} if cuda else onnx_exports(model_dir, args.onnx)

@@ -8,8 +8,10 @@ import dataclasses
 
 import torch
 
-from prefixcap.engine import generate_from_prefix
-from prefixcap.engine.backends import GenerationOptions
+from prefixcap import engine as decoding_engine
+from prefixcap.engine import DecodeSpec
+from prefixcap.engine.backends import HFGenerateBackend
+from prefixcap.options import GenerationOptions
 
 PREFIX = 5  # prefix positions
 PAD = 1
@@ -23,9 +25,24 @@ def prefixes(
     return torch.randn(batch, PREFIX, width, generator=generator).to(device, dtype)
 
 
-def engine(model, prefix, stop_ids, **options) -> torch.Tensor:
+def engine(
+    model, prefix, stop_ids, *, cuda_graphs: bool = True, compile_blocks: bool = False, **options
+) -> torch.Tensor:
     """The engine's tokens for `GenerationOptions(**options)`."""
-    return generate_from_prefix(model, prefix, GenerationOptions(**options), eos_token_ids=stop_ids, pad_token_id=PAD)
+    spec = DecodeSpec.of(GenerationOptions(**options), eos_token_ids=stop_ids, pad_token_id=PAD)
+    return decoding_engine.generate(model, prefix, spec, cuda_graphs=cuda_graphs, compile_blocks=compile_blocks)
+
+
+def hf_generate_only(decoder, positions=None) -> HFGenerateBackend:
+    """A `choose_backend` that sends every decoder to HF generate: patched in by tests that compare
+    the engine's tokens with HF generate's on the same model."""
+    return HFGenerateBackend(decoder, "HF generate (the test's choice)")
+
+
+def supported(decoder) -> bool:
+    """Whether the engine decodes `decoder` (its family is known and its config reproduced)."""
+    family, reason = decoding_engine.engine_support(decoder)
+    return family is not None and reason is None
 
 
 @torch.no_grad()

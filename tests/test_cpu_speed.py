@@ -15,6 +15,7 @@ from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.errors import UserError
 from prefixcap.system import hardware
+from tests.helpers_engine import hf_generate_only
 from tests.helpers_pipeline import exact_matches, train_synthetic_model
 
 
@@ -65,7 +66,7 @@ def test_int8_quantizes_the_blocks_and_decodes_with_the_engine(tiny_model_dir: P
     # The engine's int8 path gives HF generate's tokens on the same quantized modules.
     for beams in (1, 3):
         engine = captioner(example_images[:2], num_beams=beams, max_new_tokens=8)
-        with mock.patch("prefixcap.engine.backends.engine.supports", return_value=False):
+        with mock.patch("prefixcap.engine.backends.choose_backend", hf_generate_only):
             reference = captioner(example_images[:2], num_beams=beams, max_new_tokens=8)
         assert engine == reference
 

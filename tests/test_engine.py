@@ -15,13 +15,21 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from prefixcap.engine import generate_from_prefix, supports
-from prefixcap.engine.backends import GenerationOptions
 from prefixcap.engine.gpt2 import GPT2Forward
 from prefixcap.engine.processors import keep_top_k, keep_top_p
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.engine.spec import DecodeSpec
-from tests.helpers_engine import PAD, PREFIX, engine, full_recompute_greedy, hf_generate, prefixes, stop_ids_seen_in
+from prefixcap.options import GenerationOptions
+from tests.helpers_engine import (
+    PAD,
+    PREFIX,
+    engine,
+    full_recompute_greedy,
+    hf_generate,
+    prefixes,
+    stop_ids_seen_in,
+    supported,
+)
 
 VOCAB, WIDTH = 300, 64
 
@@ -41,9 +49,9 @@ def model() -> GPT2LMHeadModel:
 
 
 def test_supports_plain_gpt2_only(model):
-    assert supports(model)
+    assert supported(model)
     variant = tiny_gpt2(scale_attn_by_inverse_layer_idx=True)
-    assert not supports(variant)
+    assert not supported(variant)
     with pytest.raises(ValueError, match="cannot run GPT2LMHeadModel: scale_attn_by_inverse_layer_idx=True"):
         engine(variant, prefixes(1), [0])
 
@@ -102,7 +110,7 @@ def test_banning_rules_on_bf16_logits_equal_float32_scores(rule, monkeypatch):
 def test_a_reused_runner_does_not_overwrite_earlier_results(model):
     """Graphed runners are cached and reused: results must not be views of their buffers."""
     options = GenerationOptions(max_new_tokens=8, num_beams=3)
-    spec = DecodeSpec.from_options(options, eos_token_ids=[0], pad_token_id=PAD)
+    spec = DecodeSpec.of(options, eos_token_ids=[0], pad_token_id=PAD)
     runner = DecodeRunner(GPT2Forward(model), spec, batch=1, prefix_length=PREFIX)
     first = runner.run(prefixes(1, seed=17))
     kept = first.clone()
@@ -204,11 +212,8 @@ def test_prefix_plus_new_tokens_must_fit_the_positions(model):
 def test_cuda_graphs_equal_eager_in_bf16(options):
     model = tiny_gpt2("cuda", torch.bfloat16)
     prefix = prefixes(6, seed=11, device="cuda", dtype=torch.bfloat16)
-    kwargs = dict(eos_token_ids=[3, 5], pad_token_id=PAD)
-    eager = generate_from_prefix(
-        model, prefix, GenerationOptions(max_new_tokens=16, **options), cuda_graphs=False, **kwargs
-    )
-    graphed = generate_from_prefix(model, prefix, GenerationOptions(max_new_tokens=16, **options), **kwargs)
+    eager = engine(model, prefix, [3, 5], cuda_graphs=False, max_new_tokens=16, **options)
+    graphed = engine(model, prefix, [3, 5], max_new_tokens=16, **options)
     assert torch.equal(graphed, eager)
 
 
@@ -231,10 +236,7 @@ def test_cuda_graphed_runner_serves_smaller_batches():
     prefix = prefixes(4, seed=13, device="cuda")
     stop_ids = stop_ids_seen_in(model, prefix, [(0, 2), (2, 5)])
     for batch in (4, 3, 1):
-        eager = generate_from_prefix(
-            model, prefix[:batch], GenerationOptions(max_new_tokens=12), eos_token_ids=stop_ids, pad_token_id=PAD,
-            cuda_graphs=False,
-        )  # fmt: skip
+        eager = engine(model, prefix[:batch], stop_ids, cuda_graphs=False, max_new_tokens=12)
         assert torch.equal(engine(model, prefix[:batch], stop_ids, max_new_tokens=12), eager)
 
 
@@ -253,8 +255,5 @@ def test_cuda_compiled_blocks_equal_full_recompute():
     model = tiny_gpt2("cuda")
     prefix = prefixes(4, seed=15, device="cuda")
     stop_ids = stop_ids_seen_in(model, prefix, [(0, 2)])
-    compiled = generate_from_prefix(
-        model, prefix, GenerationOptions(max_new_tokens=12), eos_token_ids=stop_ids, pad_token_id=PAD,
-        compile_blocks=True,
-    )  # fmt: skip
+    compiled = engine(model, prefix, stop_ids, compile_blocks=True, max_new_tokens=12)
     assert torch.equal(compiled, full_recompute_greedy(model, prefix, 12, stop_ids))

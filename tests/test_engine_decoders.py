@@ -16,21 +16,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
-from prefixcap import CaptionModel, engine
-from prefixcap.engine import backends
-from prefixcap.engine.backends import GenerationOptions
+from prefixcap import CaptionModel
+from prefixcap.engine import DecodeSpec, backends
+from prefixcap.engine.backends import EngineBackend, HFGenerateBackend, choose_backend
+from prefixcap.options import GenerationOptions
 from prefixcap.system.hardware import quantize_int8
 from prefixcap.testing import build_decoder
-from tests.helpers_engine import (
-    PAD,
-    full_recompute_greedy,
-    hf_generate,
-    prefixes,
-    stop_ids_seen_in,
-)
-from tests.helpers_engine import (
-    engine as run_engine,
-)
+from tests.helpers_engine import PAD, full_recompute_greedy, hf_generate, prefixes, stop_ids_seen_in, supported
+from tests.helpers_engine import engine as run_engine
 from tests.reference import naive_greedy, strip_padding
 
 FAMILIES = ["llama", "smollm2", "qwen2", "qwen3", "mistral"]
@@ -61,8 +54,8 @@ def tiny_llama(**overrides) -> LlamaForCausalLM:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_engine_runs_every_family(decoders, family):
     decoder = decoders[family]
-    assert engine.supports(decoder)
-    assert engine.describe(decoder) == f"prefixcap engine ({'llama' if family == 'smollm2' else family})"
+    assert supported(decoder)
+    assert choose_backend(decoder).description == f"prefixcap engine ({'llama' if family == 'smollm2' else family})"
 
 
 def test_other_decoders_are_described_and_refused():
@@ -70,12 +63,12 @@ def test_other_decoders_are_described_and_refused():
     phi = PhiForCausalLM(
         PhiConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     )
-    assert not engine.supports(phi)
-    assert engine.describe(phi) == "HF generate (PhiForCausalLM: not supported by the engine)"
+    assert not supported(phi)
+    assert choose_backend(phi).description == "HF generate (PhiForCausalLM: not supported by the engine)"
     with pytest.raises(ValueError, match="cannot run PhiForCausalLM: not supported by the engine"):
         run_engine(phi, prefixes(1, width=32), [0])
     dynamic = tiny_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    assert engine.describe(dynamic) == (
+    assert choose_backend(dynamic).description == (
         "HF generate (LlamaForCausalLM: rope_type 'dynamic' recomputes its frequencies from the sequence length)"
     )
 
@@ -85,23 +78,23 @@ def test_generation_logs_the_path_once_per_decoder(decoders, caplog):
     options = GenerationOptions(max_new_tokens=4)
     with caplog.at_level(logging.INFO, logger="prefixcap"):
         for _ in range(2):
-            backends.generate_from_prefix(decoder, prefix, options, eos_token_ids=[0], pad_token_id=PAD)
+            backends.generate(decoder, prefix, DecodeSpec.of(options, eos_token_ids=[0], pad_token_id=PAD))
     assert [record.getMessage() for record in caplog.records] == ["generating with prefixcap engine (qwen3)"]
 
 
 def test_decodes_past_a_sliding_window_go_to_hf_generate(decoders):
     """The tiny Mistral attends 64 positions back: prefix 5 + 60 new tokens fit, 5 + 70 do not."""
     mistral, prefix = decoders["mistral"], prefixes(2, seed=2)
-    assert engine.fits(mistral, 64) and not engine.fits(mistral, 74)
-    assert engine.describe(mistral, 74) == (
+    assert isinstance(choose_backend(mistral, 64), EngineBackend)
+    assert isinstance(choose_backend(mistral, 74), HFGenerateBackend)
+    assert choose_backend(mistral, 74).description == (
         "HF generate (MistralForCausalLM: 74 positions exceed its 64-position sliding window)"
     )
     with pytest.raises(ValueError, match="exceeds the 64-position sliding window of MistralForCausalLM"):
         run_engine(mistral, prefix, [mistral.config.vocab_size], max_new_tokens=70)
     never = [mistral.config.vocab_size]
-    tokens = backends.generate_from_prefix(
-        mistral, prefix, GenerationOptions(max_new_tokens=70), eos_token_ids=never, pad_token_id=PAD
-    )
+    spec = DecodeSpec.of(GenerationOptions(max_new_tokens=70), eos_token_ids=never, pad_token_id=PAD)
+    tokens = backends.generate(mistral, prefix, spec)
     assert torch.equal(tokens, hf_generate(mistral, prefix, never, max_new_tokens=70))
     assert torch.equal(run_engine(mistral, prefix, never, max_new_tokens=60), tokens[:, :60])
 
@@ -191,7 +184,7 @@ def test_sampling_is_reproducible_with_a_seed(decoders, family):
 def test_int8_llama_runs_on_the_engine(decoder_dirs):
     decoder = quantize_int8(AutoModelForCausalLM.from_pretrained(decoder_dirs["llama"]).eval())
     assert isinstance(decoder.model.layers[0].mlp.up_proj, torch.ao.nn.quantized.dynamic.Linear)
-    assert engine.describe(decoder) == "prefixcap engine (llama)"
+    assert choose_backend(decoder).description == "prefixcap engine (llama)"
     prefix = prefixes(4, seed=8)
     stop_ids = stop_ids_seen_in(decoder, prefix, [(0, 2), (3, 5)])
     for options in (dict(max_new_tokens=10), dict(max_new_tokens=10, num_beams=3)):
@@ -229,10 +222,8 @@ def test_a_caption_model_with_a_llama_family_decoder_captions(tiny_components, d
 def test_cuda_graphs_equal_eager_in_bf16(decoder_dirs, family, options):
     decoder = AutoModelForCausalLM.from_pretrained(decoder_dirs[family]).eval().to("cuda", torch.bfloat16)
     prefix = prefixes(6, seed=9, device="cuda", dtype=torch.bfloat16)
-    kwargs = dict(eos_token_ids=[3, 5], pad_token_id=PAD)
-    options = GenerationOptions(max_new_tokens=16, **options)
-    eager = engine.generate_from_prefix(decoder, prefix, options, cuda_graphs=False, **kwargs)
-    assert torch.equal(engine.generate_from_prefix(decoder, prefix, options, **kwargs), eager)
+    eager = run_engine(decoder, prefix, [3, 5], cuda_graphs=False, max_new_tokens=16, **options)
+    assert torch.equal(run_engine(decoder, prefix, [3, 5], max_new_tokens=16, **options), eager)
 
 
 @pytest.mark.cuda
@@ -243,8 +234,5 @@ def test_cuda_greedy_equals_hf_and_compiled_blocks_equal_eager(decoder_dirs, fam
     stop_ids = stop_ids_seen_in(decoder, prefix, [(0, 2), (3, 6)])
     ours = run_engine(decoder, prefix, stop_ids, max_new_tokens=14)
     assert torch.equal(ours, hf_generate(decoder, prefix, stop_ids, max_new_tokens=14))
-    compiled = engine.generate_from_prefix(
-        decoder, prefix, GenerationOptions(max_new_tokens=14), eos_token_ids=stop_ids, pad_token_id=PAD,
-        compile_blocks=True,
-    )  # fmt: skip
+    compiled = run_engine(decoder, prefix, stop_ids, compile_blocks=True, max_new_tokens=14)
     assert torch.equal(compiled, ours)

@@ -23,6 +23,7 @@ from prefixcap.training import trainer as trainer_module
 from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.step import apply_freeze_policy
 from prefixcap.training.trainer import Trainer
+from tests.helpers_engine import hf_generate_only, supported
 from tests.helpers_pipeline import synthetic_store
 
 pytest.importorskip("peft")
@@ -202,13 +203,11 @@ def test_engine_decodes_an_unmerged_adapter_as_hf_generate_does(
 ) -> None:
     """Validation during a LoRA run captions with the unmerged decoder: the engine calls each
     adapted projection as a module (base + adapter), so its tokens are HF generate's."""
-    from prefixcap import engine
-
     model = lora_model(tiny_components[0], tiny_components[1] if family == "gpt2" else llama_dir)
     embeds = torch.randn(3, model.config.embed_dim)
-    assert engine.supports(model.decoder)
+    assert supported(model.decoder)
     fast = model.generate(image_embeds=embeds, max_new_tokens=8)
-    monkeypatch.setattr(engine, "supports", lambda decoder: False)  # HF generate
+    monkeypatch.setattr("prefixcap.engine.backends.choose_backend", hf_generate_only)
     assert torch.equal(fast, model.generate(image_embeds=embeds, max_new_tokens=8))
 
 

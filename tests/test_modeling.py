@@ -53,12 +53,13 @@ def test_greedy_generation_matches_a_full_recompute_loop(tiny_model_dir):
     free_run = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids=[])
     stop_ids = [model.tokenizer.eos_token_id, free_run[0][2]]
     expected = naive_greedy(model.decoder, model.prefix_embeds(embeds), 12, stop_ids)
-    from prefixcap.engine.backends import GenerationOptions, generate_from_prefix
+    from prefixcap.engine import DecodeSpec, backends
+    from prefixcap.options import GenerationOptions
 
-    ids = generate_from_prefix(
-        model.decoder, model.prefix_embeds(embeds), GenerationOptions(max_new_tokens=12),
-        eos_token_ids=stop_ids, pad_token_id=model.tokenizer.pad_token_id,
-    )  # fmt: skip
+    spec = DecodeSpec.of(
+        GenerationOptions(max_new_tokens=12), eos_token_ids=stop_ids, pad_token_id=model.tokenizer.pad_token_id
+    )
+    ids = backends.generate(model.decoder, model.prefix_embeds(embeds), spec)
     assert strip_padding(ids, stop_ids) == expected
     assert torch.equal(
         model.generate(image_embeds=embeds, max_new_tokens=12), model.generate(PIXELS, max_new_tokens=12)

@@ -131,11 +131,15 @@ def test_the_server_schema_is_the_generation_options(schema) -> None:
     assert schema.model_config["extra"] == "forbid"
 
 
-def test_decode_spec_inherits_the_options_unchanged() -> None:
-    assert issubclass(DecodeSpec, GenerationOptions)
-    inherited = {option.name: option for option in dataclasses.fields(DecodeSpec)}
-    for name, option in FIELDS.items():
-        assert inherited[name] is option, f"DecodeSpec re-declares {name}"
+def test_decode_spec_holds_the_options_and_keys_graphs_without_the_seed() -> None:
+    """The engine's spec holds the caller's GenerationOptions (checked once, where they were made)
+    instead of re-declaring or re-checking them; CUDA graphs are keyed on everything but the seed."""
+    options = GenerationOptions(num_beams=3, seed=1)
+    spec = DecodeSpec.of(options, eos_token_ids=[5, 2, 5], pad_token_id=0)
+    assert spec.options is options and spec.stop_token_ids == (2, 5)
+    assert not {option.name for option in dataclasses.fields(DecodeSpec)} & set(FIELDS)
+    assert spec == DecodeSpec.of(GenerationOptions(num_beams=3, seed=2), eos_token_ids=[2, 5], pad_token_id=0)
+    assert spec != DecodeSpec.of(GenerationOptions(num_beams=4, seed=1), eos_token_ids=[2, 5], pad_token_id=0)
 
 
 # ------------------------------------------------------------------------ types and the beams rule

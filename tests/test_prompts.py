@@ -27,6 +27,7 @@ from prefixcap.training import TrainConfig
 from prefixcap.training.data import CaptionTargets, trained_prompt
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.trainer import Trainer
+from tests.helpers_engine import hf_generate_only
 from tests.helpers_pipeline import build_learnable_components
 from tests.reference import naive_greedy, strip_padding
 
@@ -58,7 +59,7 @@ def test_a_prompted_caption_is_the_greedy_continuation_of_prefix_and_prompt(
 ) -> None:
     model = captioner.model
     if not engine:  # decoders the engine does not support go through HF generate
-        monkeypatch.setattr("prefixcap.engine.backends.engine.supports", lambda decoder: False)
+        monkeypatch.setattr("prefixcap.engine.backends.choose_backend", hf_generate_only)
     expected = reference_continuation(model, pixels, PROMPT, 8)
     ids = model.generate(pixels=pixels, prompt=PROMPT, max_new_tokens=8)
     assert strip_padding(ids, model.stop_token_ids()) == expected

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from prefixcap.data.hf import dataset_images
-from prefixcap.engine import describe as describe_decoding
+from prefixcap.engine.backends import choose_backend
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource
 from prefixcap.inputs.loader import ImageLoader, group, in_order
@@ -128,9 +128,7 @@ class Captioner:
     def decoding_path(self) -> str:
         """Which decoder runs, e.g. "prefixcap engine (llama)", "HF generate (PhiForCausalLM: not
         supported by the engine)" or "ONNX Runtime"."""
-        if isinstance(self.model, OnnxCaptionModel):
-            return self.model.decoding_path
-        return describe_decoding(self.model.decoder)
+        return choose_backend(self.model.decoder).description
 
     def preprocess(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Decode, resize and crop one image to [3, H, W] uint8 pixels (normalised later, on the

@@ -1,5 +1,11 @@
-"""Generation from prefix embeddings. The decoding options live in `prefixcap.options`;
-`GenerationOptions` is re-exported here, where callers have always imported it from."""
+"""Who decodes: the one decision between the decoding engine and Hugging Face `generate`.
+
+`choose_backend` looks a decoder up once: a family the engine reproduces exactly (and a decode
+that fits its attention window) runs on the engine; any other causal LM on HF `generate`; a
+forward on another runtime (ONNX Runtime's `OrtDecoder`) on the engine's runner and searches.
+Each backend says what it is in a few words, for logs and benchmarks, and generates from prefix
+embeddings. `generate` chooses, logs the path once per decoder, and runs it.
+"""
 
 from __future__ import annotations
 
@@ -7,68 +13,97 @@ import dataclasses
 import logging
 import threading
 import weakref
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 from prefixcap import engine
-from prefixcap.options import GenerationOptions
-
-__all__ = ["GenerationOptions", "generate_from_prefix"]
+from prefixcap.engine.runner import DecoderForward
+from prefixcap.engine.spec import DecodeSpec
 
 logger = logging.getLogger("prefixcap")
 
-# The path last logged per decoder: each decoder's path is logged once, and again if it changes
-# (a decode longer than a sliding window moves to HF generate).
-_logged_paths: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+class Backend(Protocol):
+    description: str  # e.g. "prefixcap engine (llama)", "HF generate (PhiForCausalLM: not supported by the engine)"
+
+    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+        """New token ids [B * rows_per_input, T] continuing `prefix_embeds` [B, K, E], padded after the stop."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineBackend:
+    decoder: nn.Module | DecoderForward
+    description: str
+
+    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+        return engine.generate(self.decoder, prefix_embeds, spec)
+
+
+@dataclass(frozen=True)
+class HFGenerateBackend:
+    decoder: nn.Module
+    description: str
+
+    @torch.no_grad()
+    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+        options = spec.options
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        kwargs: dict[str, Any] = dataclasses.asdict(options)
+        kwargs.pop("seed")
+        # HF warns about options the chosen mode ignores: drop them
+        if not options.do_sample:
+            for name in ("temperature", "top_k", "top_p"):
+                kwargs.pop(name)
+        if options.num_beams == 1:
+            for name in ("length_penalty", "early_stopping"):
+                kwargs.pop(name)
+        attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+        return self.decoder.generate(
+            inputs_embeds=prefix_embeds, attention_mask=attention_mask, eos_token_id=list(spec.stop_token_ids),
+            pad_token_id=spec.pad_token_id, **kwargs,
+        )  # fmt: skip
+
+
+def choose_backend(decoder: nn.Module | DecoderForward, positions: int | None = None) -> Backend:
+    """The backend that decodes with `decoder` over `positions` positions (prefix + max_new_tokens
+    - 1; None: any decode): the engine when it reproduces the decoder exactly and the decode stays
+    within its sliding window, if it has one; HF `generate` otherwise. A forward on another runtime
+    (not an nn.Module) always runs on the engine and names itself (its `description`)."""
+    if not isinstance(decoder, nn.Module):
+        return EngineBackend(decoder, decoder.description)
+    name = type(decoder).__name__
+    family, reason = engine.engine_support(decoder)
+    if family is None or reason is not None:
+        return HFGenerateBackend(decoder, f"HF generate ({name}: {reason})")
+    window = family.window(decoder)
+    if positions is not None and window is not None and positions > window:
+        return HFGenerateBackend(decoder, f"HF generate ({name}: {positions} positions exceed its {window}-position sliding window)")  # fmt: skip
+    return EngineBackend(decoder, f"prefixcap engine ({family.name})")
+
+
+def generate(decoder: nn.Module | DecoderForward, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+    """New token ids [B * rows_per_input, T] continuing `prefix_embeds` [B, K, E] on the backend
+    `choose_backend` picks; rows are padded with the pad token after their stop token, which is
+    kept. The path taken is logged at INFO once per decoder (and again if it changes: a decode
+    longer than a sliding window moves to HF generate)."""
+    backend = choose_backend(decoder, prefix_embeds.shape[1] + spec.options.max_new_tokens - 1)
+    _log_path(decoder, backend.description)
+    return backend.generate(prefix_embeds, spec)
+
+
+# The path last logged per decoder.
+_logged_paths: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _logged_lock = threading.Lock()
 
 
-def _log_path(decoder: torch.nn.Module, path: str) -> None:
+def _log_path(decoder: nn.Module | DecoderForward, path: str) -> None:
     with _logged_lock:
         if _logged_paths.get(decoder) == path:
             return
         _logged_paths[decoder] = path
     logger.info("generating with %s", path)
-
-
-def generate_from_prefix(
-    decoder: PreTrainedModel,
-    prefix_embeds: torch.Tensor,
-    options: GenerationOptions,
-    *,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-) -> torch.Tensor:
-    """New token ids [B * num_return_sequences, T] continuing `prefix_embeds` [B, K, E]; rows are
-    padded with `pad_token_id` after their stop token, which is kept.
-
-    GPT-2 and Llama-family decoders run on prefixcap's decoding engine (`prefixcap.engine`: the
-    same tokens as HF `generate` for greedy and beam search, faster, most of all on CUDA); other
-    decoders, and decodes longer than a decoder's sliding window, use HF `generate`. The path
-    taken (`engine.describe`) is logged at INFO once per decoder."""
-    length = prefix_embeds.shape[1] + options.max_new_tokens - 1
-    _log_path(decoder, engine.describe(decoder, length))
-    if engine.supports(decoder) and engine.fits(decoder, length):
-        return engine.generate_from_prefix(
-            decoder, prefix_embeds, options, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id
-        )
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
-    attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
-    kwargs = dataclasses.asdict(options)
-    kwargs.pop("seed")
-    # HF warns about options the chosen mode ignores: drop them
-    if not options.do_sample:
-        for name in ("temperature", "top_k", "top_p"):
-            kwargs.pop(name)
-    if options.num_beams == 1:
-        for name in ("length_penalty", "early_stopping"):
-            kwargs.pop(name)
-    return decoder.generate(
-        inputs_embeds=prefix_embeds,
-        attention_mask=attention_mask,
-        eos_token_id=eos_token_ids,
-        pad_token_id=pad_token_id,
-        **kwargs,
-    )

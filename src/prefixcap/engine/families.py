@@ -1,96 +1,97 @@
-"""What `DecodeRunner` needs from a decoder, written down once, and which forward serves a decoder.
-
-A forward wraps one decoder's weights (in place) and runs it against a static KV cache that it
-allocates itself; the runner owns the cache tensors, the search and the step loop. The GPT-2 and
-Llama-family forwards (`gpt2.GPT2Forward`, `llama.LlamaForward`) implement it; so can a forward
-on another runtime, since the runner only calls what `DecoderForward` lists.
+"""The decoder families the engine runs: one table entry per architecture, holding everything
+prefixcap knows about it (its engine forward, the configs that forward reproduces, its attention
+window, the linear layers LoRA adapts, where its blocks live). A new Llama-shaped family is one
+entry: its transformers class.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from prefixcap.engine import gpt2, llama
+from prefixcap.engine.runner import DecoderForward
 
 
-class DecoderForward(Protocol):
-    """A decoder's forward pass against a static KV cache, for `DecodeRunner`.
-
-    The cache is whatever `new_cache` returns, one tensor whose dim 2 is the row and dim 4 the
-    position (the runner copies prefix rows and reorders beams along those): for the torch
-    forwards, [layers, 2 (key, value), rows, kv_heads, length, head_dim].
-    """
-
-    max_positions: int  # the most positions (prefix + generated) a decode may take
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def hidden_size(self) -> int: ...
-
-    def new_cache(self, rows: int, length: int) -> torch.Tensor:
-        """A zeroed cache for `rows` sequences of up to `length` positions."""
-        ...
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [rows, 1, E] of `tokens` [rows], to feed a decode step."""
-        ...
-
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
-        """Run `embeds` [rows, S, E] at positions start..start+S-1 (the prefill: start 0, causal;
-        a decode step: S = 1), writing their keys and values into `cache`; return the final
-        (normed) hidden state of the last position, [rows, E]."""
-        ...
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [rows, V] (a view is fine) from `__call__`'s hidden state."""
-        ...
-
-    def refresh(self) -> None:
-        """Called at the start of every decode: bring any copy of the weights up to date."""
-        ...
+@dataclass(frozen=True)
+class DecoderFamily:
+    name: str  # as logs and benchmarks say it ("prefixcap engine (qwen2)")
+    model_class: str  # the transformers class whose forward the engine reproduces (exactly that class)
+    model_type: str  # its config's model_type (LoRA targets and blocks apply to subclasses too)
+    forward: Callable[..., DecoderForward]  # the engine forward over the model's own weights
+    unsupported_reason: Callable[[nn.Module], str | None]  # what of a config that forward does not reproduce
+    window: Callable[[nn.Module], int | None]  # the sliding attention window (None: full attention)
+    lora_targets: tuple[str, ...]  # every linear layer of its blocks: what LoRA adapts by default
+    blocks: str  # where its list of blocks lives, for `--freeze first:N`
 
 
-def family(decoder: nn.Module) -> str | None:
-    """The engine's name for the decoder's architecture ("gpt2", "llama", "qwen2", "qwen3",
-    "mistral"), or None when the engine has no forward for its class."""
-    from transformers import GPT2LMHeadModel
-
-    if type(decoder) is GPT2LMHeadModel:
-        return "gpt2"
-    return llama.family(decoder)
+def _full_attention(decoder: nn.Module) -> None:
+    return None
 
 
-def unsupported_reason(decoder: nn.Module) -> str | None:
-    """None when the engine reproduces `decoder` exactly, else a short reason."""
-    name = family(decoder)
-    if name is None:
-        return "not supported by the engine"
-    return gpt2.unsupported_reason(decoder) if name == "gpt2" else llama.unsupported_reason(decoder)
+def _llama_shaped(name: str, model_class: str) -> DecoderFamily:
+    """A family with the Llama block (RMSNorm, RoPE, grouped-query attention, SwiGLU): `llama.LlamaForward`."""
+    return DecoderFamily(
+        name,
+        model_class,
+        name,
+        llama.LlamaForward,
+        llama.unsupported_reason,
+        llama.window,
+        llama.LINEARS,
+        "model.layers",
+    )
 
 
-def supports(decoder: nn.Module) -> bool:
-    """Whether the engine decodes `decoder` (for a Mistral-like sliding window, see `fits`)."""
-    return unsupported_reason(decoder) is None
+FAMILIES: dict[str, DecoderFamily] = {
+    family.name: family
+    for family in (
+        DecoderFamily(
+            "gpt2",
+            "GPT2LMHeadModel",
+            "gpt2",
+            gpt2.GPT2Forward,
+            gpt2.unsupported_reason,
+            _full_attention,
+            gpt2.LINEARS,
+            "transformer.h",
+        ),  # fmt: skip
+        _llama_shaped("llama", "LlamaForCausalLM"),  # Llama 3.x, SmolLM2
+        _llama_shaped("qwen2", "Qwen2ForCausalLM"),  # Qwen2/2.5: q/k/v biases
+        _llama_shaped("qwen3", "Qwen3ForCausalLM"),  # per-head q/k RMSNorm
+        _llama_shaped("mistral", "MistralForCausalLM"),  # a sliding window
+    )
+}
 
 
-def window(decoder: nn.Module) -> int | None:
-    """The decoder's sliding attention window, or None when it attends to every position."""
-    return llama.window(decoder) if family(decoder) not in (None, "gpt2") else None
+def family_of(decoder: nn.Module, *, exact: bool = True) -> DecoderFamily | None:
+    """The family of `decoder`: with `exact`, only for exactly its transformers class (a subclass
+    may change the forward); otherwise by its config's model_type."""
+    if not exact:
+        model_type = getattr(getattr(decoder, "config", None), "model_type", None)
+        return next((family for family in FAMILIES.values() if family.model_type == model_type), None)
+    family = _by_class().get(type(decoder).__name__)
+    return family if family is not None and type(decoder) is _transformers_class(family.model_class) else None
 
 
-def decoder_forward(decoder: nn.Module, *, compile_blocks: bool = False) -> DecoderForward:
-    """The forward that runs `decoder` (which `supports` must accept), over its weights in place."""
-    reason = unsupported_reason(decoder)
-    if reason is not None:
-        raise ValueError(f"the decoding engine cannot run {type(decoder).__name__}: {reason}")
-    if family(decoder) == "gpt2":
-        return gpt2.GPT2Forward(decoder, compile_blocks=compile_blocks)
-    return llama.LlamaForward(decoder, compile_blocks=compile_blocks)
+def engine_support(decoder: nn.Module) -> tuple[DecoderFamily | None, str | None]:
+    """(the decoder's family, None) when the engine reproduces it exactly, else (its family or
+    None, why not)."""
+    family = family_of(decoder)
+    if family is None:
+        return None, "not supported by the engine"
+    return family, family.unsupported_reason(decoder)
+
+
+@functools.cache
+def _by_class() -> dict[str, DecoderFamily]:
+    return {family.model_class: family for family in FAMILIES.values()}
+
+
+def _transformers_class(name: str) -> type | None:
+    import transformers
+
+    return getattr(transformers, name, None)

@@ -25,12 +25,13 @@ from prefixcap.engine.head import LMHead
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def unsupported_reason(decoder: nn.Module) -> str | None:
-    """None if `decoder` is a plain GPT-2 that this forward reproduces exactly, else why not."""
-    from transformers import GPT2LMHeadModel
+# The linear layers of a GPT-2 block (HF Conv1D modules): what LoRA adapts by default.
+LINEARS = ("c_attn", "c_proj", "c_fc")
 
-    if type(decoder) is not GPT2LMHeadModel:
-        return "not a GPT2LMHeadModel"
+
+def unsupported_reason(decoder: nn.Module) -> str | None:
+    """None if the config of `decoder`, a `GPT2LMHeadModel`, is one this forward reproduces exactly,
+    else why not."""
     config = decoder.config
     if config.activation_function not in _TANH_GELU:
         return f"activation_function {config.activation_function!r} is not the tanh GELU"

@@ -17,7 +17,7 @@ continues from K:
   heads into query rows (HF's `pack_gqa`), the prefill uses SDPA's `enable_gqa`;
 - sliding-window attention (Mistral, Qwen with `use_sliding_window`) equals full attention only
   while the whole sequence fits the window: `max_positions` is capped at the window, and
-  `prefixcap.engine.fits` sends longer decodes to HF `generate`.
+  `prefixcap.engine.backends.choose_backend` sends longer decodes to HF `generate`.
 
 Parameters are used in place (no copies). A projection that is not a plain `nn.Linear` (an int8
 `quantize_dynamic` Linear, see `prefixcap.system.hardware.quantize_int8`) is called as a module.
@@ -34,13 +34,8 @@ from torch import nn
 from prefixcap.engine.cached import CachedForward
 from prefixcap.engine.head import LMHead
 
-# `*ForCausalLM` class name -> family name shown in `prefixcap.engine.describe`.
-FAMILIES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "MistralForCausalLM": "mistral",
-}
+# The linear layers of a Llama-family block: what LoRA adapts by default.
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # RoPE types whose frequencies and scaling are fixed at init (the others change with the length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
@@ -49,21 +44,9 @@ _SILU = ("silu", "swish")
 Weight = torch.Tensor | nn.Module  # a Linear weight [out, in], or a projection module
 
 
-def family(decoder: nn.Module) -> str | None:
-    """The family name ("llama", "qwen2", "qwen3", "mistral") when `decoder` is exactly that
-    transformers class (a subclass may change the forward), else None."""
-    import transformers
-
-    name = type(decoder).__name__
-    if name in FAMILIES and type(decoder) is getattr(transformers, name, None):
-        return FAMILIES[name]
-    return None
-
-
 def unsupported_reason(decoder: nn.Module) -> str | None:
-    """None if this forward reproduces `decoder` exactly (within `window`), else why not."""
-    if family(decoder) is None:
-        return f"not one of {', '.join(FAMILIES)}"
+    """None if this forward reproduces `decoder`, a Llama-family class (`families.FAMILIES`),
+    exactly (within `window`), else why not."""
     config = decoder.config
     if config.hidden_act not in _SILU:
         return f"hidden_act {config.hidden_act!r} is not SiLU"

@@ -9,30 +9,30 @@ from __future__ import annotations
 
 import torch
 
-from prefixcap.engine.spec import DecodeSpec
+from prefixcap.options import GenerationOptions
 
 
 def process_logits(
-    scores: torch.Tensor, history: torch.Tensor, step: int, spec: DecodeSpec, stop_ids: torch.Tensor
+    scores: torch.Tensor, history: torch.Tensor, step: int, options: GenerationOptions, stop_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Apply the spec's rules to float `scores` [rows, V] (modified in place and returned).
+    """Apply the options' rules to float `scores` [rows, V] (modified in place and returned).
 
     `history` [rows, step] holds each row's tokens so far. Greedy and sampling pass raw logits,
     beam search passes log-probs, exactly as HF does.
     """
-    if spec.repetition_penalty != 1.0 and step > 0:
-        penalise_repeats(scores, history, spec.repetition_penalty)
-    if spec.no_repeat_ngram_size > 0 and step >= spec.no_repeat_ngram_size:
-        ban_repeated_ngrams(scores, history, spec.no_repeat_ngram_size)
-    if step < spec.min_new_tokens:
+    if options.repetition_penalty != 1.0 and step > 0:
+        penalise_repeats(scores, history, options.repetition_penalty)
+    if options.no_repeat_ngram_size > 0 and step >= options.no_repeat_ngram_size:
+        ban_repeated_ngrams(scores, history, options.no_repeat_ngram_size)
+    if step < options.min_new_tokens:
         scores.index_fill_(1, stop_ids, -float("inf"))
-    if spec.do_sample:
-        if spec.temperature != 1.0:
-            scores.div_(spec.temperature)
-        if spec.top_k > 0:
-            keep_top_k(scores, spec.top_k)
-        if spec.top_p < 1.0:
-            keep_top_p(scores, spec.top_p)
+    if options.do_sample:
+        if options.temperature != 1.0:
+            scores.div_(options.temperature)
+        if options.top_k > 0:
+            keep_top_k(scores, options.top_k)
+        if options.top_p < 1.0:
+            keep_top_p(scores, options.top_p)
     return scores
 
 

@@ -1,5 +1,11 @@
 """One decode, end to end: static buffers, the prefill, the step loop, and its CUDA graphs.
 
+What the runner needs from a decoder is written down once, as `DecoderForward`: a forward wraps
+one decoder's weights (in place) and runs it against a static KV cache that it allocates itself;
+the runner owns the cache tensors, the search and the step loop. The GPT-2 and Llama-family
+forwards (`gpt2.GPT2Forward`, `llama.LlamaForward`) implement it, and so can a forward on another
+runtime (`prefixcap.onnx.runtime.OrtDecoder`), since the runner only calls what it lists.
+
 A `DecodeRunner` is built for one shape (batch, prefix length, spec). Step 0 prefills the prefix
 once per input and picks the first token; step t > 0 feeds token t-1 and picks token t. Each step
 is a plain function of the runner's buffers with shapes fixed by t alone, so the same code runs
@@ -9,11 +15,55 @@ per step lets attention read exactly the filled part of the cache instead of mas
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from prefixcap.engine.families import DecoderForward
 from prefixcap.engine.search import BeamSearch, GreedySearch
 from prefixcap.engine.spec import DecodeSpec
+
+
+class DecoderForward(Protocol):
+    """A decoder's forward pass against a static KV cache, for `DecodeRunner`.
+
+    The cache is whatever `new_cache` returns, one tensor whose dim 2 is the row and dim 4 the
+    position (the runner copies prefix rows and reorders beams along those): for the torch
+    forwards, [layers, 2 (key, value), rows, kv_heads, length, head_dim].
+    """
+
+    max_positions: int  # the most positions (prefix + generated) a decode may take
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def new_cache(self, rows: int, length: int) -> torch.Tensor:
+        """A zeroed cache for `rows` sequences of up to `length` positions."""
+        ...
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [rows, 1, E] of `tokens` [rows], to feed a decode step."""
+        ...
+
+    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+        """Run `embeds` [rows, S, E] at positions start..start+S-1 (the prefill: start 0, causal;
+        a decode step: S = 1), writing their keys and values into `cache`; return the final
+        (normed) hidden state of the last position, [rows, E]."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [rows, V] (a view is fine) from `__call__`'s hidden state."""
+        ...
+
+    def refresh(self) -> None:
+        """Called at the start of every decode: bring any copy of the weights up to date."""
+        ...
+
 
 # Steps between checks of "have all rows finished?": the only host syncs of the loop.
 FINISH_CHECK_INTERVAL = 4
@@ -21,10 +71,10 @@ FINISH_CHECK_INTERVAL = 4
 
 class DecodeRunner:
     def __init__(self, model: DecoderForward, spec: DecodeSpec, batch: int, prefix_length: int):
-        total = prefix_length + spec.max_new_tokens - 1  # the last token is never fed back
+        total = prefix_length + spec.options.max_new_tokens - 1  # the last token is never fed back
         if total > model.max_positions:
             raise ValueError(
-                f"prefix ({prefix_length}) + max_new_tokens ({spec.max_new_tokens}) exceeds the "
+                f"prefix ({prefix_length}) + max_new_tokens ({spec.options.max_new_tokens}) exceeds the "
                 f"decoder's {model.max_positions} positions"
             )
         self.model, self.spec = model, spec
@@ -36,12 +86,12 @@ class DecodeRunner:
         # Beam search keeps two caches and alternates: step t reads and writes caches[t % 2], then
         # gathers the generated part of its beams' parents straight into the other one (a single
         # pass, where an in-place reorder needs a gather plus a copy back).
-        self.caches = [model.new_cache(rows, total) for _ in range(2 if spec.num_beams > 1 else 1)]
+        self.caches = [model.new_cache(rows, total) for _ in range(2 if spec.options.num_beams > 1 else 1)]
         # rows sharing an input share its prefix: prefill it once, then copy it to each row
         self.prefix_cache = model.new_cache(batch, prefix_length) if self.rows_per_input > 1 else self.caches[0]
         self.input_of_row = torch.arange(batch, device=device).repeat_interleave(self.rows_per_input)
-        self.generator = torch.Generator(device) if spec.do_sample else None
-        if spec.num_beams > 1:
+        self.generator = torch.Generator(device) if spec.options.do_sample else None
+        if spec.options.num_beams > 1:
             self.search: GreedySearch | BeamSearch = BeamSearch(spec, batch, device)
         else:
             self.search = GreedySearch(spec, rows, device, self.generator)
@@ -64,7 +114,7 @@ class DecodeRunner:
         cache = self.caches[step % len(self.caches)]
         hidden = self.model(self.model.embed(self.search.next_input(step - 1)), position, cache)
         self.search.select(step, self.model.logits(hidden))
-        if isinstance(self.search, BeamSearch) and step < self.spec.max_new_tokens - 1:
+        if isinstance(self.search, BeamSearch) and step < self.spec.options.max_new_tokens - 1:
             # beams continue other beams: the next step's cache holds the generated part of each
             # beam's parent (the prefix part is identical for all beams of an input)
             generated = slice(self.prefix_length, position + 1)
@@ -85,12 +135,12 @@ class DecodeRunner:
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for step in range(min(2, self.spec.max_new_tokens)):
+            for step in range(min(2, self.spec.options.max_new_tokens)):
                 self._step(step)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         self.graphs = []
-        for step in range(self.spec.max_new_tokens):
+        for step in range(self.spec.options.max_new_tokens):
             graph = torch.cuda.CUDAGraph()
             if self.generator is not None:
                 graph.register_generator_state(self.generator)
@@ -108,12 +158,12 @@ class DecodeRunner:
         self.search.reset(inputs)
         if self.generator is not None:
             self.generator.manual_seed(seed)
-        for step in range(self.spec.max_new_tokens):
+        for step in range(self.spec.options.max_new_tokens):
             if self.graphs is not None:
                 self.graphs[step].replay()
             else:
                 self._step(step)
-            checkpoint = (step + 1) % FINISH_CHECK_INTERVAL == 0 and step + 1 >= self.spec.min_new_tokens
+            checkpoint = (step + 1) % FINISH_CHECK_INTERVAL == 0 and step + 1 >= self.spec.options.min_new_tokens
             if checkpoint and bool(self.search.all_finished()):
                 break
         return self.search.result()

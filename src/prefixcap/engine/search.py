@@ -20,17 +20,17 @@ def is_stop(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
 
 
 class GreedySearch:
-    """One token per row per step: the argmax, or a sample when `spec.do_sample`.
+    """One token per row per step: the argmax, or a sample when the options ask for sampling.
 
     Sampling draws with the exponential race (argmax of p / Exp(1) noise), which picks token i with
     probability p_i like `torch.multinomial`, but without a host sync, from `generator`.
     """
 
     def __init__(self, spec: DecodeSpec, rows: int, device: torch.device, generator: torch.Generator | None = None):
-        self.spec = spec
+        self.spec, self.options = spec, spec.options
         self.generator = generator
         self.stop_ids = torch.tensor(spec.stop_token_ids, device=device)
-        self.tokens = torch.empty((rows, spec.max_new_tokens), dtype=torch.long, device=device)
+        self.tokens = torch.empty((rows, self.options.max_new_tokens), dtype=torch.long, device=device)
         self.finished = torch.empty(rows, dtype=torch.bool, device=device)
         self.lengths = torch.empty(rows, dtype=torch.long, device=device)  # tokens kept per row
         self.reset(rows // spec.rows_per_input)
@@ -50,8 +50,8 @@ class GreedySearch:
             # same result on the model's dtype, whose cast to float32 is exact and order-preserving:
             # only rescaling rules pay for a float32 copy of the [rows, V] logits at every step.
             scores = logits.float() if self.spec.rescales_logits else logits
-            logits = process_logits(scores, self.tokens[:, :step], step, self.spec, self.stop_ids)
-        if self.spec.do_sample:
+            logits = process_logits(scores, self.tokens[:, :step], step, self.options, self.stop_ids)
+        if self.options.do_sample:
             probs = logits.softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_(generator=self.generator)
             chosen = (probs / noise).argmax(dim=-1)
@@ -91,9 +91,9 @@ class BeamSearch:
     """
 
     def __init__(self, spec: DecodeSpec, batch: int, device: torch.device):
-        self.spec = spec
+        self.spec, self.options = spec, spec.options
         self.batch = batch
-        beams, steps = spec.num_beams, spec.max_new_tokens
+        beams, steps = self.options.num_beams, self.options.max_new_tokens
         self.candidates = max(2, 1 + len(spec.stop_token_ids)) * beams
         self.stop_ids = torch.tensor(spec.stop_token_ids, device=device)
         self.in_top_beams = torch.arange(self.candidates, device=device) < beams  # candidate ranks
@@ -127,25 +127,25 @@ class BeamSearch:
     def select(self, step: int, logits: torch.Tensor) -> None:
         """Advance every beam by token `step`, given next-token `logits` [batch * beams, V]. Sets
         `parents`: the cache row each new beam continues."""
-        spec, beams, vocab = self.spec, self.spec.num_beams, logits.shape[-1]
-        history = self.tokens.view(-1, spec.max_new_tokens)[:, :step]
-        log_probs = process_logits(logits.float().log_softmax(dim=-1), history, step, spec, self.stop_ids)
+        options, beams, vocab = self.options, self.options.num_beams, logits.shape[-1]
+        history = self.tokens.view(-1, options.max_new_tokens)[:, :step]
+        log_probs = process_logits(logits.float().log_softmax(dim=-1), history, step, options, self.stop_ids)
         totals = (log_probs.view(self.batch, beams, vocab) + self.scores.unsqueeze(-1)).view(self.batch, -1)
 
         # 1. the top continuations of all beams of each input
         cand_scores, flat = totals.topk(self.candidates, dim=-1)
         cand_beams, cand_tokens = flat // vocab, flat % vocab
-        cand_seqs = self.tokens.gather(1, cand_beams.unsqueeze(-1).expand(-1, -1, spec.max_new_tokens))
+        cand_seqs = self.tokens.gather(1, cand_beams.unsqueeze(-1).expand(-1, -1, options.max_new_tokens))
         cand_seqs[:, :, step] = cand_tokens
         ends = is_stop(cand_tokens, self.stop_ids)
-        if step == spec.max_new_tokens - 1:
+        if step == options.max_new_tokens - 1:
             ends.fill_(True)
 
         # 2. finished candidates join the hypotheses if they rank among the best `beams`
         full = self.done_valid.all(dim=-1)
-        accepting = self.open & ~(full & spec.early_stopping)
+        accepting = self.open & ~(full & options.early_stopping)
         joins = ends & self.in_top_beams & accepting.unsqueeze(1)
-        final = torch.where(joins, cand_scores / (step + 1) ** spec.length_penalty, -float("inf"))
+        final = torch.where(joins, cand_scores / (step + 1) ** options.length_penalty, -float("inf"))
         merged_scores, keep = torch.cat((self.done_scores, final), dim=1).topk(beams, dim=-1)
         merged_tokens = torch.cat((self.done_tokens, cand_seqs), dim=1)
         merged_lengths = torch.cat((self.done_lengths, torch.full_like(cand_beams, step + 1)), dim=1)
@@ -162,7 +162,7 @@ class BeamSearch:
         self.parents.copy_((cand_beams.gather(1, pick) + self.row_offsets).view(-1))
 
         # 4. can the best running beam still beat the worst hypothesis? (HF's heuristic)
-        best_running = self.scores[:, 0] / (step + 1) ** spec.length_penalty
+        best_running = self.scores[:, 0] / (step + 1) ** options.length_penalty
         worst_done = self.done_scores.min(dim=-1).values
         self.open &= ~self.done_valid.all(dim=-1) | (best_running > worst_done)
 
@@ -172,11 +172,11 @@ class BeamSearch:
 
     def all_finished(self) -> torch.Tensor:
         full = self.done_valid.all(dim=-1)
-        return (~self.open | (full & self.spec.early_stopping)).all()
+        return (~self.open | (full & self.options.early_stopping)).all()
 
     def result(self) -> torch.Tensor:
         """The best `num_return_sequences` hypotheses per input, [batch * n, T], best first."""
-        n = self.spec.num_return_sequences
+        n = self.options.num_return_sequences
         length = int(self.done_lengths[: self.inputs, :n].max())
         return self.done_tokens[: self.inputs, :n, :length].reshape(self.inputs * n, length).clone()
 

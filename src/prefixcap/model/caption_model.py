@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from prefixcap.engine.backends import generate_from_prefix
+from prefixcap.engine import DecodeSpec, backends
 from prefixcap.errors import ModelLoadError
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
@@ -305,13 +305,8 @@ class CaptionModel(nn.Module):
             embedding = self.decoder.get_input_embeddings()
             prompt_embeds = embedding(torch.tensor(prompt_ids, device=embedding.weight.device)).to(prefix)
             prefix = torch.cat([prefix, prompt_embeds.expand(prefix.shape[0], -1, -1)], dim=1)
-        return generate_from_prefix(
-            self.decoder,
-            prefix,
-            options,
-            eos_token_ids=self.stop_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        spec = DecodeSpec.of(options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
+        return backends.generate(self.decoder, prefix, spec)
 
     def generation_options(self, *, prompt: str | None = None, **generation_kwargs: Any) -> GenerationOptions:
         """`generation_kwargs` over this model's generation defaults (`GenerationOptions.resolve`),

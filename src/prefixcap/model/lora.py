@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from prefixcap.engine.families import FAMILIES, family_of
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.system.extras import require
 
@@ -34,13 +35,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors of its wrapped model
 _NAME = "default"  # PEFT's adapter name; prefixcap uses one adapter per decoder
-
-_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Every linear layer of the blocks, per decoder family (`config.model_type`); SmolLM2 is a Llama.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA_STYLE),
-}
 
 
 def require_peft(feature: str) -> None:
@@ -54,15 +48,17 @@ def has_adapter(decoder: nn.Module) -> bool:
 
 
 def default_targets(decoder: PreTrainedModel) -> tuple[str, ...]:
-    """The module names LoRA adapts by default in `decoder`'s family: every linear layer of its blocks."""
-    model_type = getattr(decoder.config, "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        known = ", ".join(sorted(DEFAULT_TARGETS))
+    """The module names LoRA adapts by default in `decoder`'s family: every linear layer of its
+    blocks (`prefixcap.engine.families`)."""
+    family = family_of(decoder, exact=False)
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        model_type = getattr(decoder.config, "model_type", None)
         raise UserError(
             f"--freeze lora: no default LoRA targets for a {model_type!r} decoder (known: {known}); "
             "give --lora-targets, the comma-separated names of its linear layers (e.g. q_proj,v_proj)"
         )
-    return DEFAULT_TARGETS[model_type]
+    return family.lora_targets
 
 
 def add_lora(decoder: PreTrainedModel, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:

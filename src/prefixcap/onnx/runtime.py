@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefixcap import engine
+from prefixcap.engine import DecodeSpec, backends
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.caption_model import CaptionModel, read_safetensors
@@ -134,6 +134,7 @@ class OrtDecoder:
 
     dtype = torch.float32  # ONNX Runtime's CPU kernels run float32 activations (int8 weights too)
     device = torch.device("cpu")
+    description = "ONNX Runtime"  # the decoding path, as `engine.backends` reports it
 
     @property
     def hidden_size(self) -> int:
@@ -244,7 +245,6 @@ class OnnxCaptionModel:
 
     # ------------------------------------------------------------------ what Captioner reads
     device = torch.device("cpu")
-    decoding_path = "ONNX Runtime"
 
     @property
     def precision(self) -> str:
@@ -310,7 +310,6 @@ class OnnxCaptionModel:
 
     def generate_from_prefix(self, prefix: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         """New token ids [B * n, T] continuing `prefix` [B, K', E], on the decoding engine's
-        runner and searches (as `engine.generate_from_prefix` does for PyTorch decoders)."""
-        return engine.decode(
-            self.decoder, prefix, options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id
-        )
+        runner and searches (`engine.backends`)."""
+        spec = DecodeSpec.of(options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
+        return backends.generate(self.decoder, prefix, spec)

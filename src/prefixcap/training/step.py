@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from prefixcap.engine.families import family_of
 from prefixcap.errors import UserError
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.model.lora import add_lora, has_adapter
@@ -48,13 +49,19 @@ def apply_freeze_policy(model: CaptionModel, config: TrainConfig) -> None:
 
 def freeze_first_blocks(decoder: nn.Module, count: int) -> None:
     """Freeze the decoder's input embeddings (and GPT-2's learned positions) and its first `count`
-    blocks (GPT-2's `h`, Llama-style `layers`), as the seed project did with 10 of GPT-2's 12.
-    A tied output layer (GPT-2, SmolLM2, Qwen2.5-0.5B) is the input embedding, so it stays frozen
-    too; an untied one (Llama 3 8B, Mistral) is the top of the model and trains."""
+    blocks (where its family keeps them, `prefixcap.engine.families`; for other decoders, the base
+    model's `h` or `layers`), as the seed project did with 10 of GPT-2's 12. A tied output layer
+    (GPT-2, SmolLM2, Qwen2.5-0.5B) is the input embedding, so it stays frozen too; an untied one
+    (Llama 3 8B, Mistral) is the top of the model and trains."""
     base = decoder.base_model
-    blocks = next(
-        (getattr(base, name) for name in ("h", "layers") if isinstance(getattr(base, name, None), nn.ModuleList)), None
-    )
+    family = family_of(decoder, exact=False)
+    if family is not None:
+        blocks = decoder.get_submodule(family.blocks)
+    else:
+        blocks = next(
+            (getattr(base, name) for name in ("h", "layers") if isinstance(getattr(base, name, None), nn.ModuleList)),
+            None,
+        )
     if blocks is None:
         raise UserError(f"--freeze first:N: cannot find the blocks of a {type(decoder).__name__}")
     if count > len(blocks):
