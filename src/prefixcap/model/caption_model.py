@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from prefixcap.engine import DecodeSpec, backends
 from prefixcap.errors import ModelLoadError
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
 from prefixcap.model.encoders import ImageEncoder, load_image_encoder, load_image_processor
+from prefixcap.model.generation import CaptionGeneration
 from prefixcap.model.hf_loading import check_finite, first_names, hf_call, load_checked
 from prefixcap.model.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, has_adapter, load_adapter, save_adapter
 from prefixcap.model.mappers import PrefixMapper
-from prefixcap.options import GenerationOptions, clean_prompt
 from prefixcap.system.atomic import atomic_dir, check_output_dir
 
 MAPPER_WEIGHTS = "mapper.safetensors"
@@ -51,7 +50,7 @@ def is_model_dir(path: str | Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / MAPPER_WEIGHTS).is_file()
 
 
-class CaptionModel(nn.Module):
+class CaptionModel(nn.Module, CaptionGeneration):
     def __init__(
         self,
         config: CaptionConfig,
@@ -281,138 +280,21 @@ class CaptionModel(nn.Module):
             inputs_embeds=embeds, attention_mask=torch.cat([prefix_mask, attention_mask], dim=1), labels=labels
         )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        pixels: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-        prompt: str | None = None,
-        **generation_kwargs: Any,
+    # ------------------------------------------------------------------ what generation needs (CaptionGeneration)
+    def image_prefix(
+        self, pixel_values: torch.Tensor | None, pixels: torch.Tensor | None, image_embeds: torch.Tensor | None
     ) -> torch.Tensor:
-        """Caption token ids [B * num_return_sequences, T], padded with the pad token after the
-        stop, from float `pixel_values` (the image processor's output), uint8 `pixels`
-        (`preprocessor.pixels`, normalised on the model's device) or `image_embeds` (projected
-        encoder embeddings, which skip the image encoder).
+        return self.prefix_embeds(self._image_embeds(pixels, pixel_values, image_embeds))
 
-        With a `prompt` (None: the model's trained prompt, `config.prompt`; "": none) the decoder
-        continues [prefix; prompt tokens], as it was trained to, and the ids are what follows it."""
-        options = self.generation_options(prompt=prompt, **generation_kwargs)
-        prefix = self.prefix_embeds(self._image_embeds(pixels, pixel_values, image_embeds))
-        prompt_ids = self.prompt_ids(prompt)
-        if prompt_ids:  # the engine and HF generate both take any prefix length: the prompt joins it
-            embedding = self.decoder.get_input_embeddings()
-            prompt_embeds = embedding(torch.tensor(prompt_ids, device=embedding.weight.device)).to(prefix)
-            prefix = torch.cat([prefix, prompt_embeds.expand(prefix.shape[0], -1, -1)], dim=1)
-        spec = DecodeSpec.of(options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
-        return backends.generate(self.decoder, prefix, spec)
-
-    def generation_options(self, *, prompt: str | None = None, **generation_kwargs: Any) -> GenerationOptions:
-        """`generation_kwargs` over this model's generation defaults (`GenerationOptions.resolve`),
-        validated, also against the positions `prompt` (see `generate`) leaves: raises ValueError
-        with a readable reason, before any work starts."""
-        options = GenerationOptions.resolve(self.config.generation, generation_kwargs)
-        limit = self.max_new_tokens_limit
-        prompt_length = len(self.prompt_ids(prompt))
-        if limit is not None and prompt_length >= limit:
-            raise ValueError(
-                f"the prompt is {prompt_length} tokens, but the decoder has {limit + self.config.prefix_length} "
-                f"positions and the prefix takes {self.config.prefix_length}: at most {limit - 1} prompt tokens fit"
-            )
-        if limit is not None and options.max_new_tokens > limit - prompt_length:
-            taken = f"the prefix takes {self.config.prefix_length}"
-            taken += f" and the prompt {prompt_length}" if prompt_length else ""
-            raise ValueError(
-                f"max_new_tokens must be <= {limit - prompt_length}: the decoder has "
-                f"{limit + self.config.prefix_length} positions and {taken}"
-            )
-        return options
-
-    def prompt_ids(self, prompt: str | None = None) -> list[int]:
-        """The token ids of `prompt` (None: the model's trained prompt; "": none), whitespace
-        normalised as in training (`clean_prompt`)."""
-        text = self.config.prompt if prompt is None else clean_prompt(prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def token_embeddings(self, token_ids: list[int], like: torch.Tensor) -> torch.Tensor:
+        embedding = self.decoder.get_input_embeddings()
+        return embedding(torch.tensor(token_ids, device=embedding.weight.device)).to(like)
 
     @property
     def max_new_tokens_limit(self) -> int | None:
         """The longest caption that fits in the decoder's positions after the prefix."""
         positions = getattr(self.decoder.config, "max_position_embeddings", None)
         return None if positions is None else positions - self.config.prefix_length
-
-    def stop_token_ids(self) -> list[int]:
-        """EOS, plus the configured stop token (ClipCap models were trained to end at ".")."""
-        ids = [self.tokenizer.eos_token_id]
-        if self.config.stop_token:
-            stop = self.tokenizer.encode(self.config.stop_token, add_special_tokens=False)
-            if len(stop) != 1:
-                raise ModelLoadError(f"stop_token {self.config.stop_token!r} is not a single token of the tokenizer")
-            ids.append(stop[0])
-        return ids
-
-    def _check_defaults(self) -> None:
-        """Refuse a stop token or generation defaults that cannot work with this tokenizer and
-        decoder when the model is built, so that commands and the server fail at start-up rather
-        than on every request."""
-        self.stop_token_ids()
-        try:
-            self.generation_options()
-        except ValueError as error:
-            raise ModelLoadError(f"generation defaults: {error}") from None
-
-    @torch.no_grad()
-    def caption(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        pixels: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-        prompt: str | Sequence[str | None] | None = None,
-        keep_prompt: bool = False,
-        **generation_kwargs: Any,
-    ) -> list[list[str]]:
-        """Captions grouped per image (`num_return_sequences` each, best first), decoded and
-        whitespace-normalised; the inputs are those of `generate`. `prompt` may also be one per
-        image (a dataset's records'): the images are then captioned in groups sharing a prompt.
-        `keep_prompt`: each caption starts with the prompt (decoded with what follows it, so the
-        spacing is the tokens')."""
-        if prompt is not None and not isinstance(prompt, str):
-            return self._caption_per_prompt(
-                list(prompt), keep_prompt, pixel_values=pixel_values, pixels=pixels, image_embeds=image_embeds,
-                **generation_kwargs,
-            )  # fmt: skip
-        ids = self.generate(pixel_values, pixels=pixels, image_embeds=image_embeds, prompt=prompt, **generation_kwargs)
-        prompt_ids = self.prompt_ids(prompt) if keep_prompt else []
-        if prompt_ids:
-            ids = torch.cat([ids.new_tensor(prompt_ids).expand(ids.shape[0], -1), ids], dim=1)
-        texts = self.decode(ids)
-        images = next(given for given in (pixel_values, pixels, image_embeds) if given is not None).shape[0]
-        per_image = len(texts) // images
-        return [texts[start : start + per_image] for start in range(0, len(texts), per_image)]
-
-    def _caption_per_prompt(
-        self, prompts: list[str | None], keep_prompt: bool, **inputs_and_options: Any
-    ) -> list[list[str]]:
-        """`caption` with one prompt per image: one batch per distinct prompt, results in input order."""
-        names = ("pixel_values", "pixels", "image_embeds")
-        inputs = {name: inputs_and_options.pop(name) for name in names if inputs_and_options.get(name) is not None}
-        (name, tensor), *others = inputs.items()
-        if others or len(prompts) != tensor.shape[0]:
-            raise ValueError(f"pass exactly one of {', '.join(names)}, and one prompt per image")
-        results: list[list[str]] = [[] for _ in prompts]
-        for prompt in dict.fromkeys(prompts):  # distinct, in first-seen order
-            rows = [row for row, other in enumerate(prompts) if other == prompt]
-            captions = self.caption(
-                **{name: tensor[rows]}, prompt=prompt, keep_prompt=keep_prompt, **inputs_and_options
-            )
-            for row, per_image in zip(rows, captions):
-                results[row] = per_image
-        return results
-
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]
 
 
 # ---------------------------------------------------------------------- the encode step

@@ -38,13 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefixcap.engine import DecodeSpec, backends
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
-from prefixcap.model.caption_model import CaptionModel, read_safetensors
+from prefixcap.model.caption_model import read_safetensors
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import load_image_processor
-from prefixcap.options import GenerationOptions
+from prefixcap.model.generation import CaptionGeneration
 from prefixcap.system.extras import require
 
 MANIFEST_NAME = "prefixcap_onnx.json"
@@ -176,15 +175,12 @@ class OrtDecoder:
         """Nothing to do: the weights live in the graph and never change."""
 
 
-class OnnxCaptionModel:
-    """An ONNX export, captioning with ONNX Runtime on CPU through the `CaptionModel` surface that
-    `Captioner` and the server use: `preprocessor`, `caption`, `generate`, `generation_options`,
-    `prompt_ids`, `stop_token_ids`, `max_new_tokens_limit`, `decode`, `device`, `config`.
-
-    The text side (options over the model's defaults, prompts, stop tokens, decoding the ids,
-    per-image prompts) is `CaptionModel`'s own code, shared rather than copied: those methods read
-    only `config`, `tokenizer`, `max_new_tokens_limit` and `generate`, which this class provides.
-    """
+class OnnxCaptionModel(CaptionGeneration):
+    """An ONNX export, captioning with ONNX Runtime on CPU through the surface of `CaptionModel` that
+    `Captioner` and the server use: `preprocessor`, `device`, `config` and the text side
+    (`CaptionGeneration`: requests, prompts, stop tokens, `generate`, `caption`), which both share.
+    This class provides what that needs: the encoder graph for the image prefix, the embedding
+    matrix for prompt tokens, and the decoder graph as the engine's forward."""
 
     def __init__(self, directory: str | Path, manifest: dict[str, Any], *, threads: int | None = None):
         from transformers import AutoTokenizer
@@ -264,35 +260,17 @@ class OnnxCaptionModel:
     def max_new_tokens_limit(self) -> int:
         return self.decoder.max_positions - self.config.prefix_length
 
-    # CaptionModel's text side, shared (see the class docstring)
-    caption = CaptionModel.caption
-    _caption_per_prompt = CaptionModel._caption_per_prompt
-    decode = CaptionModel.decode
-    generation_options = CaptionModel.generation_options
-    prompt_ids = CaptionModel.prompt_ids
-    stop_token_ids = CaptionModel.stop_token_ids
-    _check_defaults = CaptionModel._check_defaults
-
     # ------------------------------------------------------------------ inference
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder graph: normalised pixel values [B, 3, H, W] -> prefix embeddings [B, K, E]."""
         (prefix,) = self.encoder.run(None, {"pixel_values": pixel_values.float().contiguous().numpy()})
         return torch.from_numpy(prefix)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        pixels: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-        prompt: str | None = None,
-        **generation_kwargs: Any,
+    def image_prefix(
+        self, pixel_values: torch.Tensor | None, pixels: torch.Tensor | None, image_embeds: torch.Tensor | None
     ) -> torch.Tensor:
-        """Caption token ids [B * num_return_sequences, T], as `CaptionModel.generate`, from uint8
-        `pixels` or float `pixel_values`. The export starts from pixels: `image_embeds` (a feature
-        store's) need the PyTorch model."""
-        options = self.generation_options(prompt=prompt, **generation_kwargs)
+        """The encoder graph's prefix from uint8 `pixels` or float `pixel_values`. The export starts
+        from pixels: `image_embeds` (a feature store's) need the PyTorch model."""
         if image_embeds is not None:
             raise UserError(
                 "an ONNX export captions images from their pixels; stored image embeddings need the PyTorch model"
@@ -301,15 +279,7 @@ class OnnxCaptionModel:
             raise ValueError("pass exactly one of pixels or pixel_values")
         if pixels is not None:
             pixel_values = self.preprocessor.normalize(pixels.cpu())
-        prefix = self.encode(pixel_values.cpu())
-        prompt_ids = self.prompt_ids(prompt)
-        if prompt_ids:  # the prompt joins the prefix, as in CaptionModel.generate
-            prompt_embeds = F.embedding(torch.tensor(prompt_ids), self.decoder.embeddings)
-            prefix = torch.cat([prefix, prompt_embeds.expand(prefix.shape[0], -1, -1)], dim=1)
-        return self.generate_from_prefix(prefix, options)
+        return self.encode(pixel_values.cpu())
 
-    def generate_from_prefix(self, prefix: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
-        """New token ids [B * n, T] continuing `prefix` [B, K', E], on the decoding engine's
-        runner and searches (`engine.backends`)."""
-        spec = DecodeSpec.of(options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
-        return backends.generate(self.decoder, prefix, spec)
+    def token_embeddings(self, token_ids: list[int], like: torch.Tensor) -> torch.Tensor:
+        return F.embedding(torch.tensor(token_ids), self.decoder.embeddings).to(like)

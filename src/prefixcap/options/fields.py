@@ -1,8 +1,6 @@
-"""Type checks of loose values (parsed from JSON, given by a caller) against a dataclass's annotations.
-
-A module of its own, importing nothing of prefixcap, so that `config` and `options` both use it
-without importing each other's dependencies.
-"""
+"""The fields of the option schemas (and of the model and training configs): a help text in each
+field's metadata, and type checks of loose values (parsed from JSON, given by a caller) against a
+dataclass's annotations. It imports nothing of prefixcap, so every layer may use it."""
 
 from __future__ import annotations
 
@@ -10,6 +8,7 @@ import functools
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import field
 from typing import Any
 
 _TYPE_NAMES = {
@@ -50,3 +49,8 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A dataclass field with its help text, and `flag="--name"` where the command line's flag differs."""
+    return field(default=default, metadata={"help": help, **cli})
