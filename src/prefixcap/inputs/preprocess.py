@@ -1,9 +1,9 @@
 """An image processor's pipeline, split where each half is cheapest.
 
 The CPU half (`pixels`) resizes and centre-crops in PIL's C code, which releases the GIL, and
-returns uint8 pixels: a worker skips the processor's per-image Python and float NumPy work (1.2 to
-1.4x its rate on one core, `benchmarks/bench_preprocess.py`), and a batch crosses to the GPU in a
-quarter of the bytes. The device half (`normalize`) rescales and normalises a whole batch with
+returns uint8 pixels: a worker skips the processor's per-image Python and float NumPy work
+(`benchmarks/bench_preprocess.py` measures the rates), and a batch crosses to the GPU in a quarter
+of the bytes. The device half (`normalize`) rescales and normalises a whole batch with
 one table lookup. Together they equal the Hugging Face processor's output bit for bit (a test
 checks it; only ~600:1 banners differ, see MAX_RESIZED_PIXELS): the table holds, for each channel
 and 8-bit level, exactly the float32 value that the processor's float64 rescale and float32

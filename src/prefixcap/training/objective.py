@@ -8,8 +8,7 @@ is what Accelerate wraps for data parallelism, so its forward is the whole train
 
 It also swaps GPT-2's `gelu_new` for PyTorch's tanh GELU: the same function, but eager `gelu_new`
 is eight elementwise kernels forward and more backward over the largest activation, where the
-swap is one each way (on CPU, 4.6x faster for GPT-2's MLP width; on a GPU, where elementwise
-passes rather than matmuls bound a small model, a larger share of the step).
+swap is one each way (measured: benchmarks/results/cpu-2026-11-29/notes.md).
 """
 
 from __future__ import annotations
