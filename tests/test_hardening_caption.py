@@ -65,7 +65,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("prefixcap.cli.caption.load_captioner", refuse)
+    monkeypatch.setattr("prefixcap.cli.caption.load_captioner_and_request", refuse)
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -17,9 +17,10 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.inputs.loader import ImageLoader, chunked, group, in_order, read_image
+from prefixcap.inputs.loader import ImageLoader, chunked, read_image
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.inputs.sources import LocalPath, RemoteShard
+from prefixcap.pipeline.loop import group, in_order
 
 PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 

@@ -12,10 +12,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from prefixcap import Captioner
-from prefixcap.captioner import RankedCaptions
 from prefixcap.cli import main
 from prefixcap.evaluation.clipscore import CLIPScorer
 from prefixcap.jobs.writers import RecordWriter, Result, read_part, write_part
+from prefixcap.pipeline.loop import RankedCaptions
 from prefixcap.serving import ServerConfig, create_app
 from tests.helpers_serve import multipart
 

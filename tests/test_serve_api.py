@@ -209,7 +209,7 @@ def test_a_model_failure_is_a_500_and_the_server_carries_on(captioner, photos, m
     app = create_app(captioner, ServerConfig(model_name="tiny"))
     with TestClient(app, raise_server_exceptions=False) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(captioner, "caption_pixels", lambda *a, **k: 1 / 0)
+            patch.setattr("prefixcap.pipeline.loop.caption_batch", lambda *a, **k: 1 / 0)
             answer = client.post("/v1/caption", files=multipart(photos[0]))
         assert answer.status_code == 500
         assert answer.json() == {"error": {"kind": "internal", "message": "internal server error; see the server log"}}

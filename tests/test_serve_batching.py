@@ -25,7 +25,12 @@ class FakeModel:
             self.gate.wait(timeout=10)
         if self.fail_on in items:
             raise RuntimeError("model failed")
-        return [f"{item}:{options.get('beams', 1)}" for item in items]
+        return [f"{item}:{dict(options).get('beams', 1)}" for item in items]
+
+
+def shared(**values) -> tuple:
+    """What a batch's items share, hashable as the batcher keys it (the server passes a frozen request)."""
+    return tuple(sorted(values.items()))
 
 
 def run(coroutine_fn, model: FakeModel, **batcher_kwargs):
@@ -46,7 +51,7 @@ def test_concurrent_requests_share_batches_bounded_by_size():
     model = FakeModel()
 
     async def scenario(batcher):
-        return await asyncio.gather(*(batcher.submit([i], {}) for i in range(6)))
+        return await asyncio.gather(*(batcher.submit([i], shared()) for i in range(6)))
 
     results = run(scenario, model)
     assert results == [[f"{i}:1"] for i in range(6)]
@@ -57,20 +62,20 @@ def test_a_latecomer_within_the_window_joins_the_batch():
     model = FakeModel()
 
     async def scenario(batcher):
-        early = asyncio.create_task(batcher.submit(["early"], {}))
+        early = asyncio.create_task(batcher.submit(["early"], shared()))
         await asyncio.sleep(0.05)
-        late = batcher.submit(["late"], {})  # fills the batch, which then runs at once
+        late = batcher.submit(["late"], shared())  # fills the batch, which then runs at once
         return await asyncio.gather(early, late)
 
     assert run(scenario, model, max_batch_size=2, max_wait_ms=5000) == [["early:1"], ["late:1"]]
     assert [items for items, _ in model.batches] == [["early", "late"]]
 
 
-def test_batches_never_mix_generation_options():
+def test_batches_never_mix_generation_shared():
     model = FakeModel()
 
     async def scenario(batcher):
-        return await asyncio.gather(*(batcher.submit([i], {"beams": 1 + i % 2}) for i in range(6)))
+        return await asyncio.gather(*(batcher.submit([i], shared(beams=1 + i % 2)) for i in range(6)))
 
     results = run(scenario, model)
     assert results == [[f"{i}:{1 + i % 2}"] for i in range(6)]
@@ -81,7 +86,7 @@ def test_batches_never_mix_generation_options():
 
 def test_a_large_request_is_split_and_comes_back_in_order():
     model = FakeModel()
-    results = run(lambda batcher: batcher.submit(list(range(10)), {}), model, max_batch_size=3)
+    results = run(lambda batcher: batcher.submit(list(range(10)), shared()), model, max_batch_size=3)
     assert results == [f"{i}:1" for i in range(10)]
     assert [len(items) for items, _ in model.batches] == [3, 3, 3, 1]
 
@@ -91,10 +96,10 @@ def test_a_cancelled_request_is_dropped_and_the_rest_are_answered():
     model = FakeModel(gate)
 
     async def scenario(batcher):
-        running = asyncio.create_task(batcher.submit(["a"], {}))
+        running = asyncio.create_task(batcher.submit(["a"], shared()))
         await asyncio.to_thread(model.started.wait, 10)  # batch ["a"] is on the model thread
-        gone = asyncio.create_task(batcher.submit(["gone"], {}))
-        kept = asyncio.create_task(batcher.submit(["kept"], {}))
+        gone = asyncio.create_task(batcher.submit(["gone"], shared()))
+        kept = asyncio.create_task(batcher.submit(["kept"], shared()))
         await asyncio.sleep(0.01)
         gone.cancel()  # its client went away while it was queued
         gate.set()
@@ -109,12 +114,12 @@ def test_cancelling_inside_a_running_batch_leaves_the_others_alone():
     model = FakeModel(gate)
 
     async def scenario(batcher):
-        leaving = asyncio.create_task(batcher.submit(["leaving"], {}))
-        staying = asyncio.create_task(batcher.submit(["staying"], {}))
+        leaving = asyncio.create_task(batcher.submit(["leaving"], shared()))
+        staying = asyncio.create_task(batcher.submit(["staying"], shared()))
         await asyncio.to_thread(model.started.wait, 10)
         leaving.cancel()
         gate.set()
-        later = await batcher.submit(["later"], {})
+        later = await batcher.submit(["later"], shared())
         return await staying, later, leaving.cancelled()
 
     assert run(scenario, model) == (["staying:1"], ["later:1"], True)
@@ -126,9 +131,9 @@ def test_a_failed_batch_fails_its_requests_and_batching_goes_on():
 
     async def scenario(batcher):
         outcomes = await asyncio.gather(
-            batcher.submit(["bad", "x"], {}), batcher.submit(["y"], {}), return_exceptions=True
+            batcher.submit(["bad", "x"], shared()), batcher.submit(["y"], shared()), return_exceptions=True
         )
-        return outcomes, await batcher.submit(["z"], {})
+        return outcomes, await batcher.submit(["z"], shared())
 
     (first, second), after = run(scenario, model)
     assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
@@ -142,8 +147,8 @@ def test_stop_fails_waiting_requests_instead_of_leaving_them_hanging():
     async def main():
         batcher = DynamicBatcher(model, max_batch_size=1, max_wait_ms=0)
         await batcher.start()
-        first = asyncio.create_task(batcher.submit(["first"], {}))
-        waiting = asyncio.create_task(batcher.submit(["waiting"], {}))
+        first = asyncio.create_task(batcher.submit(["first"], shared()))
+        waiting = asyncio.create_task(batcher.submit(["waiting"], shared()))
         await asyncio.to_thread(model.started.wait, 10)
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.01)
@@ -151,7 +156,7 @@ def test_stop_fails_waiting_requests_instead_of_leaving_them_hanging():
         await stopping
         outcomes = await asyncio.gather(first, waiting, return_exceptions=True)
         with pytest.raises(RuntimeError, match="not running"):
-            await batcher.submit(["late"], {})
+            await batcher.submit(["late"], shared())
         return outcomes
 
     outcomes = asyncio.run(main())

@@ -18,11 +18,12 @@ from PIL import Image, ImageDraw
 
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
-from prefixcap.inputs.loader import ImageLoader, in_order
+from prefixcap.inputs.loader import ImageLoader
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.inputs.sources import read_shard
 from prefixcap.jobs.plan import plan_parts
 from prefixcap.jobs.writers import Result
+from prefixcap.pipeline.loop import in_order
 from tests.helpers_pipeline import prefixcap_command, subprocess_env
 
 CAPTION = ["caption", "--max-new-tokens", "5", "--batch-size", "2"]

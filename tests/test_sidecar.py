@@ -72,7 +72,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded although no image needed a caption")
 
-    monkeypatch.setattr("prefixcap.cli.caption.load_captioner", refuse)
+    monkeypatch.setattr("prefixcap.cli.caption.load_captioner_and_request", refuse)
 
 
 def test_every_image_in_nested_folders_gets_its_caption_file(caption, captioner, tmp_path, capsys):
@@ -160,7 +160,7 @@ def test_sidecar_dir_mirrors_a_read_only_image_tree(caption, captioner, tmp_path
 
     real = tempfile.TemporaryFile
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
-    monkeypatch.setattr("prefixcap.cli.caption.load_captioner", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("prefixcap.cli.caption.load_captioner_and_request", lambda *a, **k: pytest.fail("model loaded"))
     assert caption(tmp_path / "set", "--sidecar") == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'set'}: cannot create caption files here (Read-only file system); "

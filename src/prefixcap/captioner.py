@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -12,40 +12,14 @@ from prefixcap.data.hf import dataset_images
 from prefixcap.engine.backends import choose_backend
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS, ImageSource
-from prefixcap.inputs.loader import ImageLoader, group, in_order
+from prefixcap.inputs.loader import ImageLoader
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.model.fingerprint import model_fingerprint
 from prefixcap.model.registry import resolve_model_dir
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
-from prefixcap.options import TextOptions
+from prefixcap.options import CaptionRequest
+from prefixcap.pipeline import loop as caption_loop
 from prefixcap.system.hardware import QUANTIZE_CHOICES, auto_dtype, default_device, quantize_int8
-
-
-class Reranker(Protocol):
-    """Scores candidate captions (higher is better), e.g. `prefixcap.evaluation.clipscore.CLIPScorer`.
-    The captioner only needs this much, so that the scorer, a layer above, is built by the caller."""
-
-    def __call__(self, pixels: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
-        """One score per caption of each image of the batch; `pixels` are `Captioner.preprocess`'s uint8."""
-        ...
-
-
-class RankedCaptions(list[str]):
-    """An image's captions sorted best first by a `Reranker`, with their `scores` in the same order.
-    A plain list of captions everywhere else, so reranking changes no caller's types; outputs
-    (`jobs.writers`) write the scores when they are there."""
-
-    def __init__(self, captions: Iterable[str], scores: Iterable[float]):
-        super().__init__(captions)
-        self.scores = list(scores)
-
-    @classmethod
-    def ranked(cls, captions: Sequence[str], scores: Sequence[float]) -> RankedCaptions:
-        """`captions` sorted by descending score; ties keep the decoder's order (`sorted` is stable)."""
-        if len(captions) != len(scores):
-            raise ValueError(f"the reranker gave {len(scores)} score(s) for {len(captions)} caption(s)")
-        order = sorted(range(len(captions)), key=lambda index: -scores[index])
-        return cls((captions[index] for index in order), (float(scores[index]) for index in order))
 
 
 class Captioner:
@@ -135,37 +109,36 @@ class Captioner:
         model's device); raises ImageLoadError (`ImageLoader.load`)."""
         return self.loader.load(source, name)
 
-    def caption_pixels(self, pixels: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
+    def request(self, request: CaptionRequest | None = None, **kwargs: Any) -> CaptionRequest:
+        """The request the keyword arguments describe (decoding options by their `generate` names,
+        the caption text options and `rerank`), checked once against the model; or `request` as given."""
+        if request is not None:
+            if kwargs:
+                raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(kwargs))})")
+            return request
+        return self.model.request(**kwargs)
+
+    def caption_pixels(self, pixels: torch.Tensor, **kwargs: Any) -> list[list[str]]:
         """Captions for a batch of `preprocess` (uint8) pixels, grouped per image. Besides the
-        decoding options, `generation_kwargs` may hold the `TextOptions` (prompt, keep_prompt,
-        prefix, suffix), as every captioning method of this class takes them, and `rerank`."""
-        rerank: Reranker | None = generation_kwargs.pop("rerank", None)
-        captions = self._caption(generation_kwargs, pixels=pixels)
-        if rerank is None:
-            return captions
-        scores = rerank(pixels, captions)
-        return [RankedCaptions.ranked(texts, scored) for texts, scored in zip(captions, scores, strict=True)]
+        decoding options, `kwargs` may hold the `TextOptions` (prompt, keep_prompt, prefix,
+        suffix), as every captioning method of this class takes them, and `rerank`; or a checked
+        `request` (`Captioner.request`)."""
+        return caption_loop.caption_batch(self.model, self.request(**kwargs), pixels=pixels)
 
-    def caption_embeds(self, image_embeds: torch.Tensor, **generation_kwargs: Any) -> list[list[str]]:
+    def caption_embeds(self, image_embeds: torch.Tensor, **kwargs: Any) -> list[list[str]]:
         """Captions for a batch of image embeddings (a feature store's), as `caption_pixels`."""
-        if generation_kwargs.pop("rerank", None) is not None:
+        request = self.request(**kwargs)
+        if request.rerank is not None:
             raise UserError("reranking scores the images themselves; stored image embeddings cannot be reranked")
-        return self._caption(generation_kwargs, image_embeds=image_embeds)
+        return caption_loop.caption_batch(self.model, request, image_embeds=image_embeds)
 
-    def _caption(self, kwargs: dict[str, Any], **inputs: torch.Tensor) -> list[list[str]]:
-        """The model's captions, between the prefix and suffix: text formatting after decoding.
-        The reranker scores the captions as written, prefix and suffix included."""
-        text, generation = TextOptions.split(kwargs)
-        captions = self.model.caption(**inputs, prompt=text.prompt, keep_prompt=text.keep_prompt, **generation)
-        return [[text.wrap(caption) for caption in per_image] for per_image in captions]
-
-    def __call__(self, images: ImageSource | Sequence[ImageSource], **generation_kwargs: Any) -> list[list[str]]:
+    def __call__(self, images: ImageSource | Sequence[ImageSource], **kwargs: Any) -> list[list[str]]:
         """Captions per image. Raises ImageLoadError on the first image that cannot be read.
         `images` may also be a `datasets.Dataset` or its image column, read one image at a time."""
         if not isinstance(images, (list, tuple)):
             images = dataset_images(images) or [images]
         results = []
-        for _, captions in self.stream(images, **generation_kwargs):
+        for _, captions in self.stream(images, **kwargs):
             if isinstance(captions, ImageLoadError):
                 raise captions
             results.append(captions)
@@ -179,21 +152,16 @@ class Captioner:
         workers: int = 4,
         processes: bool = False,
         progress: Any = None,
-        **generation_kwargs: Any,
+        **kwargs: Any,
     ) -> Iterator[tuple[Any, list[str] | ImageLoadError]]:
         """Yield (source, captions) in input order, for arbitrarily long inputs. Unreadable images
         yield their ImageLoadError instead of stopping the stream. Worker threads (or, with
         `processes`, DataLoader worker processes) decode the next batches while the model captions
         the current one. A shard typed as `LocalPath`/`RemoteShard` yields ("shard#member", ...)
         for each of its images."""
-        batch_size = batch_size or self.batch_size
-        units = group(sources, batch_size)
-        yield from in_order(
-            self.caption_units(
-                units, batch_size=batch_size, workers=workers, processes=processes, progress=progress,
-                **generation_kwargs,
-            )
-        )  # fmt: skip
+        loop = self.loop(self.request(**kwargs), batch_size=batch_size, workers=workers, processes=processes,
+                         progress=progress)  # fmt: skip
+        yield from loop.stream(sources)
 
     def caption_units(
         self,
@@ -203,24 +171,20 @@ class Captioner:
         workers: int = 4,
         processes: bool = True,
         progress: Any = None,
-        **generation_kwargs: Any,
+        **kwargs: Any,
     ) -> Iterator[tuple[int, list[tuple[Any, list[str] | ImageLoadError]]]]:
         """Caption `units` (see `ImageLoader.batches`), yielding each (unit index, its (source,
         captions or failure) in input order) once complete; with processes, units complete in about
         (not exactly) their order. `progress` is a tqdm bar or anything else with `update(n)`."""
-        batches = self.loader.batches(
-            units, batch_size=batch_size or self.batch_size, workers=workers, processes=processes,
-            pin_memory=processes and self.model.device.type == "cuda",
-        )  # fmt: skip
-        pending: dict[int, list[tuple[Any, list[str] | ImageLoadError]]] = {}  # unit -> its results so far
-        for batch in batches:
-            # 1. Caption the readable images; the failed ones keep their place with their error.
-            captions = iter(self.caption_pixels(batch.pixels, **generation_kwargs) if batch.pixels is not None else [])
-            results = pending.setdefault(batch.unit, [])
-            for position, key in enumerate(batch.keys):
-                results.append((key, batch.failures[position] if position in batch.failures else next(captions)))
-            if progress is not None:
-                progress.update(len(batch.keys))
-            # 2. Hand over the unit once its last batch is done.
-            if batch.last:
-                yield batch.unit, pending.pop(batch.unit)
+        loop = self.loop(self.request(**kwargs), batch_size=batch_size, workers=workers, processes=processes,
+                         progress=progress)  # fmt: skip
+        yield from loop.run(units)
+
+    def loop(
+        self, request: CaptionRequest, *, batch_size: int | None = None, **settings: Any
+    ) -> caption_loop.CaptionLoop:
+        """The caption loop over this captioner's model and loader for `request` (see `CaptionLoop`
+        for the `settings`: workers, processes, progress, on_failure)."""
+        return caption_loop.CaptionLoop(
+            self.model, self.loader, request, batch_size=batch_size or self.batch_size, **settings
+        )

@@ -16,13 +16,11 @@ from prefixcap.cli.common import (
     add_model_arguments,
     add_rerank_arguments,
     bounded,
-    generation_kwargs,
-    load_captioner,
-    load_rerank,
+    load_captioner_and_request,
 )
 from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
 from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
-from prefixcap.errors import UserError
+from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.sources import RemoteShard, Source, is_shard
 from prefixcap.jobs.writers import FORMATS, require_format
@@ -99,13 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prefixcap.system.processes import process_state
 
-    kwargs = generation_kwargs(args)
     if args.rerank_clip and not args.rerank:
         raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")
-    caption_kwargs = dict(kwargs)  # the decoding options, and `rerank` once the model has loaded
     state = process_state()
     if sidecar_requested(args):
-        return run_sidecars(args, caption_kwargs, state, load=lambda: _load_captioner(args, kwargs, caption_kwargs))
+        return run_sidecars(args, state, load=lambda: load_captioner_and_request(args, jpeg_draft=args.jpeg_draft))
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
     if fmt == "parquet" and not args.output:
@@ -124,19 +120,11 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.output, to_folder, fmt, sources)  # before the model loads
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # each process on its own GPU
-    captioner = _load_captioner(args, kwargs, caption_kwargs)
+    captioner, request = load_captioner_and_request(args, jpeg_draft=args.jpeg_draft)
     if to_folder:
-        return _caption_to_folder(captioner, sources, missing, args, fmt, caption_kwargs, state)
-    failed = _caption_to_file(captioner, sources, args, fmt, caption_kwargs)
+        return _caption_to_folder(captioner, request, sources, missing, args, fmt, state)
+    failed = _caption_to_file(captioner, request, sources, args, fmt)
     return 1 if failed or missing else 0
-
-
-def _load_captioner(args: argparse.Namespace, kwargs: dict, caption_kwargs: dict):
-    """The model, with the decoding options checked against its defaults before any work; adds
-    the --rerank scorer, which needs the model (its CLIP, its device), to `caption_kwargs`."""
-    captioner = load_captioner(args, generation=kwargs, jpeg_draft=args.jpeg_draft)
-    caption_kwargs.update(load_rerank(args, captioner))
-    return captioner
 
 
 def _writes_folder(output: str | None, num_processes: int) -> bool:
@@ -152,7 +140,7 @@ def _writes_folder(output: str | None, num_processes: int) -> bool:
 
 
 def _check_output(output: str | None, to_folder: bool, fmt: str, sources: list[Source]) -> None:
-    from prefixcap.jobs.output import prepare_directory
+    from prefixcap.jobs.to_folder import prepare_directory
     from prefixcap.jobs.writers import check_output
 
     if to_folder:
@@ -161,11 +149,11 @@ def _check_output(output: str | None, to_folder: bool, fmt: str, sources: list[S
         check_output([Path(output)], sources)
 
 
-def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace, fmt: str, kwargs: dict) -> int:
+def _caption_to_file(captioner, request, sources: list[Source], args: argparse.Namespace, fmt: str) -> int:
     """Caption into --output or stdout; a file appears only once complete. Returns the number of failures."""
     from tqdm import tqdm
 
-    from prefixcap.jobs.output import caption_to_file
+    from prefixcap.jobs.to_file import caption_to_file
     from prefixcap.jobs.writers import open_output
 
     total = None if any(map(is_shard, sources)) else len(sources)
@@ -173,43 +161,22 @@ def _caption_to_file(captioner, sources: list[Source], args: argparse.Namespace,
     with open_output(args.output, fmt) if args.output else nullcontext(sys.stdout) as out:
         with tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr) as bar:
             failures = caption_to_file(
-                captioner,
-                sources,
-                out,
-                fmt,
-                name=args.output or "<stdout>",
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                progress=bar,
-                on_failure=lambda failure: tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr),
-                embed_images=args.embed_images,
-                **kwargs,
-            )
+                captioner, sources, out, fmt, request, name=args.output or "<stdout>", batch_size=args.batch_size,
+                num_workers=args.workers, progress=bar, on_failure=_report_failure, embed_images=args.embed_images,
+            )  # fmt: skip
     return len(failures)
 
 
 def _caption_to_folder(
-    captioner,
-    sources: list[Source],
-    missing: list[tuple[str, str]],
-    args: argparse.Namespace,
-    fmt: str,
-    kwargs: dict,
+    captioner, request, sources: list[Source], missing: list[tuple[str, str]], args: argparse.Namespace, fmt: str,
     state,
-) -> int:
-    from prefixcap.jobs.output import caption_to_directory
-    from prefixcap.model.config import normalize_model_id
+) -> int:  # fmt: skip
+    from prefixcap.jobs.to_folder import caption_to_folder
 
-    # local folders by absolute path, so that a rerun from another directory recognises its parts
-    model = normalize_model_id(args.model)
-    generation = {name: value for name, value in kwargs.items() if name != "rerank"}
-    settings = {"model": model, "dtype": str(captioner.model.decoder.dtype), "generation": generation}
-    if args.rerank:  # reranked parts differ from plain ones (order, scores): a rerun must not mix them
-        settings["rerank"] = {"score": args.rerank, "clip": args.rerank_clip}
-    summary = caption_to_directory(
-        captioner, sources, args.output, state=state, fmt=fmt, part_size=args.part_size,
-        batch_size=args.batch_size, num_workers=args.workers, settings=settings, input_failures=missing,
-        embed_images=args.embed_images, **kwargs,
+    summary = caption_to_folder(
+        captioner, sources, args.output, request, model=args.model, state=state, fmt=fmt, part_size=args.part_size,
+        batch_size=args.batch_size, num_workers=args.workers, input_failures=missing, embed_images=args.embed_images,
+        on_failure=_report_failure,
     )  # fmt: skip
     if summary is not None:  # the main process
         print(
@@ -219,3 +186,10 @@ def _caption_to_folder(
             file=sys.stderr,
         )
     return 0  # a non-zero status would make accelerate/torchrun report a crashed job
+
+
+def _report_failure(failure: ImageLoadError) -> None:
+    """One `error:` line per unreadable image, above the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
-from prefixcap.options import GenerationOptions, TextOptions
+from prefixcap.options import CaptionRequest, GenerationOptions, TextOptions
 from prefixcap.system.hardware import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
@@ -97,37 +97,47 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding and caption-text options the user set, by field name (no rules applied here:
-    see GenerationOptions.resolve); Captioner takes both kinds."""
+    the model's `request` applies them); Captioner takes both kinds."""
     names = [option.name for _, schema in OPTION_GROUPS for option in dataclasses.fields(schema)]
     values = {name: getattr(args, name) for name in names}
     return {name: value for name, value in values.items() if value is not None}
 
 
-def check_generation(model, kwargs: dict[str, Any]) -> None:
-    """Reject bad decoding and text options before any work starts, with the model's defaults applied."""
-    try:
-        text, generation = TextOptions.split(kwargs)
-        model.generation_options(prompt=text.prompt, **generation)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+def load_captioner(args: argparse.Namespace, **kwargs: Any):
+    """The captioner the model arguments describe, and what it loaded on stderr."""
+    return _load_captioner(args, None, **kwargs)[0]
 
 
-def load_captioner(args: argparse.Namespace, *, generation: dict[str, Any] | None = None, **kwargs: Any):
-    """The captioner the model arguments describe; `generation` (decoding and text options) is
-    checked against the model's defaults (`check_generation`) before it says what it loaded."""
+def load_captioner_and_request(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, CaptionRequest]:
+    """The captioner, and the request the command line's decoding, text and --rerank options make,
+    checked once against the model (one line for a bad option) before it says what it loaded;
+    the reranker, which needs the model (its CLIP, its device), loads last."""
+    captioner, request = _load_captioner(args, generation_kwargs(args), **kwargs)
+    if getattr(args, "rerank", None) is not None:
+        from prefixcap.evaluation.clipscore import load_reranker
+
+        request = dataclasses.replace(request, rerank=load_reranker(captioner, args.rerank_clip))
+    return captioner, request
+
+
+def _load_captioner(args: argparse.Namespace, options: dict[str, Any] | None, **kwargs: Any) -> tuple[Any, Any]:
     from prefixcap.captioner import Captioner
 
     captioner = Captioner.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, batch_size=args.batch_size,
         **kwargs,
     )  # fmt: skip
-    if generation is not None:
-        check_generation(captioner.model, generation)
+    request = None
+    if options is not None:
+        try:
+            request = captioner.request(**options)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if args.dtype == "auto":
         print(f"dtype: {captioner.precision}", file=sys.stderr)
     if args.quantize:
         print(f"quantize: {args.quantize} decoder linear layers, decoded by {captioner.decoding_path}", file=sys.stderr)
-    return captioner
+    return captioner, request
 
 
 def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
@@ -144,15 +154,6 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False
         help="the full CLIP (both towers; hub id or folder) that scores captions for reranking "
         "(default: the model's own image encoder, if saved with its text tower)",
     )  # fmt: skip
-
-
-def load_rerank(args: argparse.Namespace, captioner: Any) -> dict[str, Any]:
-    """The `rerank=` keyword for the Captioner that --rerank asks for, or nothing."""
-    if args.rerank is None:
-        return {}
-    from prefixcap.evaluation.clipscore import load_reranker
-
-    return {"rerank": load_reranker(captioner, args.rerank_clip)}
 
 
 def bounded(

@@ -14,7 +14,7 @@ from prefixcap.cli.common import (
     add_scoring_arguments,
     bounded,
     generation_kwargs,
-    load_captioner,
+    load_captioner_and_request,
     print_evaluation,
     score_config,
 )
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     if kwargs.get("num_return_sequences", 1) > 1:
         raise UserError("evaluate scores one caption per image; drop --num-captions")
-    captioner = load_captioner(args, generation=kwargs)
+    captioner, request = load_captioner_and_request(args)
     model = captioner.model
     # CLIPScore's default CLIP: the model's own encoder when it is a CLIP (a SigLIP or DINOv2 one is not)
     own_clip = model.config.vision_encoder if model.vision_encoder.family == "clip" else None
@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. Caption it, and keep the results in COCO format before scoring.
     captions, failures = caption_records(
-        captioner, references.records, embeddings=embeddings, batch_size=args.batch_size, workers=args.workers, **kwargs
-    )
+        captioner, references.records, embeddings=embeddings, batch_size=args.batch_size, workers=args.workers,
+        request=request,
+    )  # fmt: skip
     if failures:
         notice(f"{len(failures)} unreadable image(s) not captioned or scored, e.g. {failures[0]}")
     if not captions:

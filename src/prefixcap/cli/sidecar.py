@@ -64,9 +64,10 @@ def sidecar_requested(args: argparse.Namespace) -> bool:
     return True
 
 
-def run_sidecars(args: argparse.Namespace, kwargs: dict[str, Any], state: Any, load: Callable[[], Any]) -> int:
-    """Plan (before the model loads, which `load` does only if an image needs a caption), caption,
-    write, and print the summary. Exit status 1 if any image or input failed."""
+def run_sidecars(args: argparse.Namespace, state: Any, load: Callable[[], tuple[Any, Any]]) -> int:
+    """Plan (before the model loads, which `load` does only if an image needs a caption: it gives
+    the captioner and the checked request), caption, write, and print the summary. Exit status 1
+    if any image or input failed."""
     from tqdm import tqdm
 
     from prefixcap.jobs.sidecar import SidecarSummary, caption_sidecars, plan_sidecars
@@ -93,12 +94,12 @@ def run_sidecars(args: argparse.Namespace, kwargs: dict[str, Any], state: Any, l
 
     summary = SidecarSummary(dry_run=args.dry_run)
     if plan.todo:
-        captioner = load()
+        captioner, request = load()
         show_progress = sys.stderr.isatty() and len(plan.todo) > args.batch_size
         with tqdm(total=len(plan.todo), unit="img", disable=not show_progress, file=sys.stderr) as bar:
             summary = caption_sidecars(
-                captioner, plan.todo, existing=existing, dry_run=args.dry_run, batch_size=args.batch_size,
-                num_workers=args.workers, progress=bar, on_result=report, **kwargs,
+                captioner, plan.todo, request, existing=existing, dry_run=args.dry_run, batch_size=args.batch_size,
+                num_workers=args.workers, progress=bar, on_result=report,
             )  # fmt: skip
     summary.skipped = len(plan.skipped)
     summary.failed += len(plan.refused)

@@ -150,36 +150,11 @@ class _UnitImages(IterableDataset):
                 yield _collate(index, outcomes, last)
 
 
-def group(sources: Iterable[ImageSource], size: int) -> Iterator[list[ImageSource]]:
-    """Units of at most `size` consecutive images; each shard is a unit of its own (it is read as
-    one stream)."""
-    unit: list[ImageSource] = []
-    for source in sources:
-        if unit and (len(unit) == size or _is_shard(source) or _is_shard(unit[-1])):
-            yield unit
-            unit = []
-        unit.append(source)
-    if unit:
-        yield unit
-
-
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Plain consecutive chunks of `size` (the last may be shorter): unit i starts at item i * size."""
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
-
-
-def in_order(completed: Iterable[tuple[int, list[T]]]) -> Iterator[T]:
-    """The items of units 0, 1, 2, ... in that order, from (unit index, its items) pairs that come
-    in about that order; the few units that complete early wait here for their predecessors."""
-    waiting: dict[int, list[T]] = {}
-    next_index = 0
-    for index, items in completed:
-        waiting[index] = items
-        while next_index in waiting:
-            yield from waiting.pop(next_index)
-            next_index += 1
 
 
 def read_image(source: ImageSource) -> Image.Image:
@@ -200,7 +175,7 @@ def _readable(source: ImageSource, name: str | None) -> tuple[ImageSource, str |
     return source, name
 
 
-def _is_shard(source: ImageSource) -> bool:
+def is_whole_shard(source: ImageSource) -> bool:
     """Whether `source` is a whole shard: only names typed as LocalPath or RemoteShard can be."""
     return isinstance(source, (LocalPath, RemoteShard)) and is_shard(source)
 
@@ -208,7 +183,7 @@ def _is_shard(source: ImageSource) -> bool:
 def _images(unit: Sequence[ImageSource]) -> Iterator[tuple[Any, ImageSource | ImageLoadError]]:
     """(key, the image to load or why there is none) for every image of `unit`, in order."""
     for source in unit:
-        if not _is_shard(source):
+        if not is_whole_shard(source):
             yield source, source
             continue
         try:

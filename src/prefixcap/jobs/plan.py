@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefixcap.inputs.loader import group
 from prefixcap.inputs.sources import Source, as_source, is_shard
+from prefixcap.pipeline.loop import group
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.expand import expand_inputs, is_within
 from prefixcap.inputs.sources import LocalPath, RemoteShard, as_source, file_identity, is_shard
 from prefixcap.jobs.writers import printable, write_errors
+from prefixcap.options import CaptionRequest
 from prefixcap.system.atomic import write_atomic
 
 CAPTION_SUFFIX = ".txt"
@@ -100,6 +101,7 @@ def plan_sidecars(inputs: Sequence[str], *, out_dir: str | Path | None = None, e
 def caption_sidecars(
     captioner: Any,
     sidecars: Sequence[Sidecar],
+    request: CaptionRequest,
     *,
     existing: str = "skip",
     dry_run: bool = False,
@@ -107,20 +109,18 @@ def caption_sidecars(
     num_workers: int = 4,
     progress: Any = None,
     on_result: Callable[[Sidecar, str | ImageLoadError], None] | None = None,
-    **caption_kwargs: Any,
 ) -> SidecarSummary:
-    """Caption the images of `sidecars` (`SidecarPlan.todo`) and write each caption file as soon as
-    its image is done, so that a crash loses only the batch in flight. The text written is the
-    captioner's output (one caption per line with several captions), joined to the existing text
-    for `append`/`prepend`. `on_result` gets each image's final text (written, or in a `dry_run`
-    only computed) or its failure, in input order. Returns the counts, without skipped images."""
+    """Caption the images of `sidecars` (`SidecarPlan.todo`) with `request` and write each caption
+    file as soon as its image is done, so that a crash loses only the batch in flight. The text
+    written is the captioner's output (one caption per line with several captions), joined to the
+    existing text for `append`/`prepend`. `on_result` gets each image's final text (written, or in
+    a `dry_run` only computed) or its failure, in input order. Returns the counts, without skipped
+    images."""
     summary = SidecarSummary(dry_run=dry_run)
     if not dry_run:
         _remove_temporaries(sidecars)
-    results = captioner.stream(
-        [sidecar.image for sidecar in sidecars], batch_size=batch_size, workers=num_workers, processes=True,
-        progress=progress, **caption_kwargs,
-    )  # fmt: skip
+    loop = captioner.loop(request, batch_size=batch_size, workers=num_workers, processes=True, progress=progress)
+    results = loop.stream([sidecar.image for sidecar in sidecars])
     for sidecar, (_, captions) in zip(sidecars, results, strict=True):
         outcome = captions if isinstance(captions, ImageLoadError) else _final_text(sidecar, captions, existing)
         if not isinstance(outcome, ImageLoadError) and not dry_run:

@@ -64,7 +64,7 @@ class Result:
 
     @classmethod
     def of(cls, path: str, outcome: list[str] | ImageLoadError) -> Result:
-        """The record of one image that `Captioner.caption_units` gave captions or a failure;
+        """The record of one image that the caption loop gave captions or a failure;
         reranked captions (`RankedCaptions`) bring their scores."""
         if isinstance(outcome, ImageLoadError):
             return cls(path, error=outcome.reason)
@@ -73,7 +73,7 @@ class Result:
     @property
     def ranked(self) -> list[str]:
         """The captions as a captioner gave them: with their scores (`RankedCaptions`) when reranked."""
-        from prefixcap.captioner import RankedCaptions  # not at import: the CLI's --help loads no torch
+        from prefixcap.pipeline.loop import RankedCaptions  # not at import: the CLI's --help loads no torch
 
         return self.captions if self.scores is None else RankedCaptions(self.captions, self.scores)
 

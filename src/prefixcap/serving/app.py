@@ -10,6 +10,7 @@ GET  /             the web page (static/index.html)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -27,12 +28,15 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 
 from prefixcap import __version__
-from prefixcap.captioner import Captioner, Reranker
+from prefixcap.captioner import Captioner
 from prefixcap.errors import UserError
+from prefixcap.options import CaptionRequest
+from prefixcap.options.request import Reranker
+from prefixcap.pipeline import loop as caption_loop
 from prefixcap.serving.batching import DynamicBatcher
 from prefixcap.serving.decoding import ImageDecoder, default_workers
 from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
-from prefixcap.serving.inputs import NamedImage, check_limits, generation_kwargs, read_caption_request
+from prefixcap.serving.inputs import NamedImage, caption_request, check_limits, read_caption_request
 from prefixcap.serving.limits import RequestBodyLimits
 from prefixcap.serving.metrics import RequestMetricsMiddleware, ServerMetrics
 from prefixcap.serving.schemas import (
@@ -138,10 +142,8 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         if not batcher.running:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
-        kwargs = generation_kwargs(options, captioner.model, limits)
-        if options.rerank is not None:
-            kwargs["rerank"] = options.rerank  # a name, so that batches group by it; the model thread loads it
-        captions = await _unless_disconnected(request, _caption(decoder, batcher, images, kwargs))
+        checked = caption_request(options, captioner.model, limits)  # batches group by it
+        captions = await _unless_disconnected(request, _caption(decoder, batcher, images, checked))
         metrics.images.inc(len(images))
         return [
             [{"generated_text": text, "score": score} for text, score in zip(texts, _scores(texts), strict=True)]
@@ -219,7 +221,7 @@ def _public_name(model_name: str) -> str:
 
 
 async def _caption(
-    decoder: ImageDecoder, batcher: DynamicBatcher, images: list[NamedImage], kwargs: Mapping[str, Any]
+    decoder: ImageDecoder, batcher: DynamicBatcher, images: list[NamedImage], request: CaptionRequest
 ) -> list[list[str]]:
     """Decode the images in worker threads, then caption them in shared batches. The first image
     that fails fails the request, and the others are not decoded."""
@@ -230,21 +232,22 @@ async def _caption(
         for decode in decodes:
             decode.cancel()
         raise
-    return await batcher.submit(pixels, kwargs)
+    return await batcher.submit(pixels, request)
 
 
 def _caption_batch(
     captioner: Captioner,
     metrics: ServerMetrics,
     pixels: list[torch.Tensor],
-    options: Mapping[str, Any],
+    request: CaptionRequest,
     reranker: Callable[[], Reranker],
 ) -> list[list[str]]:
-    """Runs on the model thread, which also loads the reranker when a batch first needs it."""
+    """Runs on the model thread, which also loads the reranker when a batch first needs it: one
+    step of the caption loop."""
     metrics.batch_size.observe(len(pixels))
-    if options.get("rerank") is not None:
-        options = {**options, "rerank": reranker()}
-    return captioner.caption_pixels(torch.stack(pixels), **options)
+    if request.rerank is not None:
+        request = dataclasses.replace(request, rerank=reranker())
+    return caption_loop.caption_batch(captioner.model, request, pixels=torch.stack(pixels))
 
 
 def _load_reranker(captioner: Captioner, config: ServerConfig) -> Reranker:

@@ -2,7 +2,7 @@
 
 A model captions 16 images in far less than 16 times the time of one, so a server that runs
 every request alone wastes most of its throughput. Each image becomes a job with its own future;
-jobs wait in one queue per set of generation options (a batch runs with one set), and a single
+jobs wait in one queue per request's options (a batch runs with one caption request), and a single
 worker thread runs the model so the event loop keeps accepting and answering requests meanwhile.
 
 Once the model is free, the next batch starts when it is full, or when `max_wait_ms` has passed
@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-# run_batch(items, options) -> one result per item; called in the worker thread.
-BatchFunction = Callable[[list[Any], Mapping[str, Any]], list[Any]]
+# run_batch(items, options) -> one result per item; called in the worker thread. `options` is what
+# the items of a batch share, e.g. a frozen `CaptionRequest`.
+BatchFunction = Callable[[list[Any], Hashable], list[Any]]
 
 
 @dataclass
@@ -75,13 +76,13 @@ class DynamicBatcher:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._task = self._executor = None
 
-    async def submit(self, items: Sequence[Any], options: Mapping[str, Any]) -> list[Any]:
+    async def submit(self, items: Sequence[Any], options: Hashable) -> list[Any]:
         """Results for `items`, in order, each computed in a batch of items sharing `options`."""
         if not self.running:
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        queue = self._queues.setdefault(tuple(sorted(options.items())), deque())
+        queue = self._queues.setdefault(options, deque())
         queue.extend(_Job(item, future, loop.time()) for item, future in zip(items, futures))
         self._arrived.set()
         # Cancelling this call cancels the futures; return_exceptions keeps a failed batch from
@@ -111,7 +112,7 @@ class DynamicBatcher:
             # 4. run it on the model thread and hand each job its result
             jobs = self._take(key, queue)
             if jobs:
-                await self._run(jobs, dict(key))
+                await self._run(jobs, key)
 
     def _linger(self, free_since: float, queue: deque[_Job]) -> float:
         """Seconds left to wait for more images: max_wait after the model got free or after the
@@ -129,7 +130,7 @@ class DynamicBatcher:
             del self._queues[key]
         return jobs
 
-    async def _run(self, jobs: list[_Job], options: dict[str, Any]) -> None:
+    async def _run(self, jobs: list[_Job], options: Hashable) -> None:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self.run_batch, [job.item for job in jobs], options)

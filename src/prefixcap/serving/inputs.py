@@ -7,7 +7,6 @@ as a path or fetched as a URL, so a request cannot make the server read its own 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 from collections.abc import Mapping
 from contextlib import aclosing
@@ -18,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from prefixcap.options import GenerationOptions, TextOptions
+from prefixcap.options import CaptionRequest, GenerationOptions
 from prefixcap.serving.errors import APIError
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, RequestOptions
 
@@ -133,18 +132,17 @@ def _decode_base64(name: str, text: str) -> bytes:
         ) from None
 
 
-def generation_kwargs(options: CaptionOptions, model: CaptionModel, limits: Mapping[str, int]) -> dict[str, Any]:
-    """All decoding options for `generate`: the request's over the model's defaults, resolved and
-    checked by the model, then against the server's `limits` (upper bounds by option name); and
-    the request's caption text options (`TextOptions`), which the Captioner takes alongside."""
+def caption_request(options: RequestOptions, model: CaptionModel, limits: Mapping[str, int]) -> CaptionRequest:
+    """The caption request of an HTTP request, built and checked once: its options over the
+    model's defaults, checked by the model, then against the server's `limits` (upper bounds by
+    option name). A reranker stays a name here: the model thread loads the one it names."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)
     try:
-        text, generation = TextOptions.split(requested)
-        resolved = model.generation_options(prompt=text.prompt, **generation)
+        request = model.request(rerank=options.rerank, **requested)
     except ValueError as error:
         raise APIError(422, "invalid_options", str(error)) from None
-    check_limits(resolved, limits, generation)
-    return dataclasses.asdict(resolved) | dataclasses.asdict(text)
+    check_limits(request.generation, limits, requested)
+    return request
 
 
 def check_limits(options: GenerationOptions, limits: Mapping[str, int], requested: Mapping[str, Any]) -> None:

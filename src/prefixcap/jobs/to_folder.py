@@ -1,6 +1,6 @@
-"""Captioning jobs. Into one file: this process captions everything and writes records in input order
-(`caption_to_file`). Sharded: every process of an `accelerate launch` (or torchrun) job captions its
-share of the parts into part files; the main process then merges them into one results file.
+"""Caption into a folder, split over every process of an `accelerate launch` (or torchrun) job: each
+process captions its share of the parts into part files; the main process then merges them into
+one results file.
 
     OUT_DIR/
       parts/part-000007-3f2a9c81d0e4.jsonl   one per part, written atomically by whichever process
@@ -8,8 +8,8 @@ share of the parts into part files; the main process then merges them into one r
       summary.json                            counts, failures with reasons, images/s
 
 A rerun with the same inputs, settings and model files skips the parts that exist, so a killed job
-loses at most the part each process was working on. The split is recomputed on every run from the parts still to
-do, so a resumed job is balanced over however many processes it now has.
+loses at most the part each process was working on. The split is recomputed on every run from the
+parts still to do, so a resumed job is balanced over however many processes it now has.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
-from prefixcap.inputs.sources import as_source
 from prefixcap.jobs.plan import Part, plan_parts
 from prefixcap.jobs.writers import (
     SUFFIXES,
@@ -35,9 +34,10 @@ from prefixcap.jobs.writers import (
     write_errors,
     write_part,
 )
+from prefixcap.model.config import normalize_model_id
+from prefixcap.options import CaptionRequest
 from prefixcap.system.atomic import atomic_file
 from prefixcap.system.processes import broadcast
-from prefixcap.system.terminal import for_terminal
 
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
@@ -58,74 +58,38 @@ class Summary:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-def caption_to_file(
-    captioner: Any,
-    sources: Sequence[str],
-    out: IO,
-    fmt: str,
-    *,
-    name: str,
-    batch_size: int,
-    num_workers: int,
-    progress: Any = None,
-    on_failure: Callable[[ImageLoadError], None] | None = None,
-    embed_images: bool = False,
-    **generation_kwargs: Any,
-) -> list[ImageLoadError]:
-    """Caption in this process, writing records to `out` (which `name` names in errors) in input order
-    as they come (plain strings are read with `as_source`). Returns the failures, each also passed to
-    `on_failure` at once, so that a long run reports them while it goes. The caller opens and closes `out`.
-    `embed_images`: Parquet output with the image bytes too (see `RecordWriter`)."""
-    writer = RecordWriter(out, fmt, name, embed_images=embed_images)
-    # Worker processes, with units of one batch each: every worker decodes a batch while the model
-    # captions another.
-    results = captioner.stream(
-        map(as_source, sources), batch_size=batch_size, workers=num_workers, processes=True, progress=progress,
-        **generation_kwargs,
-    )  # fmt: skip
-    failures = []
-    for path, captions in results:
-        if isinstance(captions, ImageLoadError):
-            failures.append(captions)
-            if on_failure is not None:
-                on_failure(captions)
-        else:
-            writer.write(path, captions)
-    writer.close()
-    return failures
-
-
-def caption_to_directory(
+def caption_to_folder(
     captioner: Any,
     sources: Sequence[str],
     out_dir: str | Path,
+    request: CaptionRequest,
     *,
+    model: str | Path,
     state: Any,
     fmt: str = "jsonl",
     part_size: int = 1000,
     batch_size: int = 32,
     num_workers: int = 4,
-    settings: dict[str, Any] | None = None,
     input_failures: Sequence[tuple[str, str]] = (),
     embed_images: bool = False,
-    **generation_kwargs: Any,
+    on_failure: Callable[[ImageLoadError], None] | None = None,
 ) -> Summary | None:
-    """Caption `sources` (image files and WebDataset shard specs) into `out_dir`.
+    """Caption `sources` (image files and WebDataset shard specs) into `out_dir` with `request`.
 
-    Call it in every process, with `state` from `system.processes.process_state()`. Returns the summary on
-    the main process and None on the others. `settings` (model, decoding options) and the
-    captioner's `model_fingerprint` name the parts (see `plan_parts`), so that a model retrained
-    at the same path is not mistaken for the old one; `input_failures` are (input, reason) pairs
-    for inputs that matched nothing or could not be read, listed in the summary with the
-    unreadable images. `embed_images` (Parquet) reads each image again from its source while the
-    parts are merged, so that part files stay small and a resumed job need not redo any part.
+    Call it in every process, with `state` from `system.processes.process_state()`. Returns the
+    summary on the main process and None on the others. The parts are named by the settings that
+    make their results (`part_settings`: the model named `model`, its files, precision and the
+    request), so that a rerun with other settings, or a model retrained at the same path, redoes
+    them; `input_failures` are (input, reason) pairs for inputs that matched nothing or could not
+    be read, listed in the summary with the unreadable images, which `on_failure` also sees as they
+    are found. `embed_images` (Parquet) reads each image again from its source while the parts are
+    merged, so that part files stay small and a resumed job need not redo any part.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    settings = {**(settings or {}), "model_files": captioner.model_fingerprint}
-    parts = plan_parts(sources, part_size=part_size, settings=settings)
+    parts = plan_parts(sources, part_size=part_size, settings=part_settings(captioner, request, model))
 
     # 1. The main process decides what is left to do, so that every process splits the same list
     #    even on a file system whose views differ a little between machines. The broadcast is
@@ -144,15 +108,12 @@ def caption_to_directory(
     rank, done = state.process_index, 0
     known_total = None if any(part.is_shard for part in mine) else sum(len(part.sources) for part in mine)
     with tqdm(total=known_total, desc=f"rank {rank}", unit="img", position=rank, disable=None) as bar:
-        for index, outcomes in captioner.caption_units(
-            [part.sources for part in mine], batch_size=batch_size, workers=num_workers, progress=bar,
-            **generation_kwargs,
-        ):  # fmt: skip
+        loop = captioner.loop(
+            request, batch_size=batch_size, workers=num_workers, processes=True, progress=bar, on_failure=on_failure
+        )
+        for index, outcomes in loop.run([part.sources for part in mine]):
             write_part(_part_path(out_dir, mine[index]), [Result.of(path, outcome) for path, outcome in outcomes])
             done += len(outcomes)
-            for _, outcome in outcomes:
-                if isinstance(outcome, ImageLoadError):
-                    tqdm.write(for_terminal(f"error: {outcome}"), file=sys.stderr)
     seconds = time.perf_counter() - start
     print(f"rank {rank}: {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
 
@@ -173,6 +134,22 @@ def caption_to_directory(
     with write_errors(out_dir / SUMMARY), atomic_file(out_dir / SUMMARY) as out:
         json.dump(asdict(summary), out, indent=2)
     return summary
+
+
+def part_settings(captioner: Any, request: CaptionRequest, model: str | Path) -> dict[str, Any]:
+    """What a part's results depend on besides its images: the model (by the name given, a folder
+    by its absolute path so that a rerun from another folder recognises its parts), its files
+    (`model_fingerprint`), its precision, and the request's options and reranker."""
+    settings: dict[str, Any] = {
+        "model": normalize_model_id(model),
+        "model_files": captioner.model_fingerprint,
+        "dtype": str(captioner.model.decoder.dtype),
+        "generation": {**asdict(request.generation), **asdict(request.text)},
+    }
+    if request.rerank is not None:  # reranked parts differ from plain ones (order, scores): never mix them
+        scorer = getattr(request.rerank, "model", None)
+        settings["rerank"] = [type(request.rerank).__qualname__, str(getattr(scorer, "name_or_path", ""))]
+    return settings
 
 
 def prepare_directory(out_dir: str | Path, fmt: str, inputs: Sequence[str]) -> None:
