@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,18 @@ def test_datastore_names_its_missing_extra(caption_file, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "prefixcap[retrieval]"' in err
     assert not (tmp_path / "ds").exists()
+
+
+def test_retrieval_benchmark_runs(tmp_path, monkeypatch) -> None:
+    import runpy
+    import sys
+
+    out = tmp_path / "retrieval.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_retrieval.py"
+    monkeypatch.setattr(sys, "argv", [script.name, "--captions", "3000", "--dim", "32", "--queries", "64",
+                                      "--batch", "16", "--threads", "1", "--json", str(out)])  # fmt: skip
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(out.read_text())
+    assert set(results["kinds"]) == {"flat", "ivf", "hnsw"}
+    assert all(measured["ms_per_image_batched"] > 0 for measured in results["kinds"].values())
+    assert 0 < results["kinds"]["ivf"]["recall_at_k_random_vectors"] <= 1
