@@ -79,11 +79,20 @@ class MisbehavingEndpoint:
     text, which `--prompt {name}` makes the image's name) by its script, then "caption of NAME".
 
     Scripts: a list of misbehaviours for the first requests of an image: "429" (Retry-After: 0),
-    "500", "slow" (answers after `slow_seconds`, past the client's timeout), "drop" (closes the
-    connection without an answer); "always-500" for an image that never gets an answer."""
+    "500", "401", "slow" (answers after `slow_seconds`, past the client's timeout), "drop" (closes
+    the connection without an answer); ["always", "500"] for an image that never gets an answer.
+    GET /v1/models lists one model, `model`."""
 
-    def __init__(self, scripts: dict[str, list[str]], *, slow_seconds: float = 3.0):
-        self.scripts = scripts
+    def __init__(
+        self,
+        scripts: dict[str, list[str]],
+        *,
+        slow_seconds: float = 3.0,
+        answer_seconds: float = 0.0,
+        model: str = "tiny-vlm",
+    ):
+        self.scripts, self.model = scripts, model
+        self.answer_seconds = answer_seconds  # how long every answer takes
         self.slow_seconds = slow_seconds
         self.requests: Counter[str] = Counter()  # image -> requests received
         self.keys: list[str | None] = []  # the Authorization header of every request
@@ -117,6 +126,10 @@ class MisbehavingEndpoint:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def do_GET(self) -> None:
+                endpoint.keys.append(self.headers.get("Authorization"))
+                _answer(self, 200, {"object": "list", "data": [{"id": endpoint.model, "object": "model"}]})
+
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 name = body["messages"][0]["content"][0]["text"]
@@ -129,9 +142,10 @@ class MisbehavingEndpoint:
                     endpoint.most_in_flight = max(endpoint.most_in_flight, endpoint.in_flight)
                 try:
                     script = endpoint.scripts.get(name, [])
-                    action = (
-                        "500" if script == ["always-500"] else (script[attempt - 1] if attempt <= len(script) else "ok")
-                    )
+                    if script[:1] == ["always"]:
+                        action = script[1]
+                    else:
+                        action = script[attempt - 1] if attempt <= len(script) else "ok"
                     endpoint.act(self, action, name)
                 finally:
                     with endpoint.lock:
@@ -144,12 +158,13 @@ class MisbehavingEndpoint:
             handler.close_connection = True
             handler.connection.close()
             return
-        if action == "slow":
-            time.sleep(self.slow_seconds)
+        time.sleep(self.slow_seconds if action == "slow" else self.answer_seconds)
         if action == "429":
             _answer(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
         elif action == "500":
-            _answer(handler, 500, {"error": {"message": "the model crashed"}})
+            _answer(handler, 500, {"error": {"message": f"the model crashed on {name}"}})
+        elif action == "401":  # as careless servers do, it says which key it refused
+            _answer(handler, 401, {"error": {"message": f"invalid key: {handler.headers.get('Authorization')}"}})
         else:
             _answer(
                 handler,
