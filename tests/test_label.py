@@ -50,25 +50,29 @@ def test_a_local_vlm_labels_a_folder_a_rerun_skips_labelled_images_and_the_datas
     images = tmp_path / "images"
     save_images(images, NAMES[:3])
     save_images(images / "more", NAMES[3:])
+    # existing captions of different lengths make prompts of different lengths, padded in a batch
+    (images / "ant.txt").write_text("a red shape on a blue background")
+    (images / "more" / "dog.txt").write_text("photo of a dog")
     labels = tmp_path / "labels.jsonl"
-    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", labels, "--batch-size", "2") == 0
+    prompt = ["--prompt", "describe: {existing}"]
+    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", labels, "--batch-size", "3", *prompt) == 0
     batched = captions_by_name(labels)
     assert sorted(batched) == NAMES and all(captions[0] for captions in batched.values())
     assert len(set(batched.values())) > 1  # precondition: the teacher tells these images apart
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
     assert {row["teacher"] for row in rows} == {f"hf:{tiny_vlm}"}
-    assert {row["instruction"] for row in rows} == {PromptTemplate.parse(None).text}
+    assert {row["instruction"] for row in rows} >= {"describe: a red shape on a blue background", "describe:"}
 
-    # each label is the one the teacher gives that image alone: batching pairs captions and images right
+    # each label is the one the teacher gives that image alone: batching pads and pairs captions right
     alone = tmp_path / "alone.jsonl"
-    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", alone, "--batch-size", "1") == 0
+    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", alone, "--batch-size", "1", *prompt) == 0
     assert captions_by_name(alone) == batched
 
     # a rerun labels only the new image and leaves the labelled ones as they were
     before = labels.read_bytes()
     save_images(images, ["fox"], colour=lambda _: (10, 200, 30))
     capsys.readouterr()
-    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", labels) == 0
+    assert hf_label(images, "--teacher", f"hf:{tiny_vlm}", "--out", labels, *prompt) == 0
     assert "1 labelled, 5 skipped" in capsys.readouterr().err
     assert labels.read_bytes().startswith(before)
     assert sorted(captions_by_name(labels)) == sorted([*NAMES, "fox"])
