@@ -76,6 +76,9 @@ def test_a_local_vlm_labels_a_folder_a_rerun_skips_labelled_images_and_the_datas
     assert "1 labelled, 5 skipped" in capsys.readouterr().err
     assert labels.read_bytes().startswith(before)
     assert sorted(captions_by_name(labels)) == sorted([*NAMES, "fox"])
+    # a rerun of a finished dataset loads no model (this one does not exist)
+    assert hf_label(images, "--teacher", f"hf:{tmp_path / 'no-model'}", "--out", labels) == 0
+    assert "0 labelled, 6 skipped (labelled before)" in capsys.readouterr().err
 
     # `prepare` and `train` take the labels as they are
     clip, gpt2 = tiny_components

@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     from prefixcap.inputs.expand import expand_inputs
     from prefixcap.labeling import LabelPlan, PromptTemplate, TeacherOptions, load_teacher, open_dataset, run_label_job
+    from prefixcap.labeling.outputs import write_failures
     from prefixcap.labeling.teachers import parse_spec
 
     kind, _ = parse_spec(args.teacher)
@@ -160,6 +161,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no images found in the given paths")
     dataset = open_dataset(fmt, args.out, split=args.split, paths=args.paths, sources=sources)
     plan = LabelPlan(sources, dataset.done, template, limit=args.limit)
+    if plan.total == 0 and not args.dry_run:  # a finished dataset: no model loads, no endpoint is asked
+        for _ in plan.items():
+            pass  # counts the images labelled before
+        write_failures(dataset.failures_path, [])
+        print(
+            f"0 labelled, {plan.skipped} skipped (labelled before): {args.out or 'every caption file'} is complete",
+            file=sys.stderr,
+        )
+        return 1 if missing else 0
     options = TeacherOptions(
         **{name: value for name in TeacherOptions.__dataclass_fields__ if (value := getattr(args, name)) is not None}
     )
