@@ -19,11 +19,11 @@ import email.utils
 import io
 import json
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -132,19 +132,38 @@ class OpenAITeacher:
     # ------------------------------------------------------------------ labelling
 
     def label(self, items: Iterable[LabelItem]) -> Iterator[tuple[LabelItem, Outcome]]:
-        """Items in flight are at most twice the concurrency, so a long input is read as it goes."""
-        pool = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="prefixcap-label")
-        pending: dict[Future, LabelItem] = {}
+        """`concurrency` threads send the requests; at most twice as many items are taken from
+        `items` ahead of the answers, so a long input is read as it goes. The threads are daemons:
+        an interrupted run exits at once, dropping the requests in flight."""
+        tasks: queue.Queue[LabelItem | None] = queue.Queue()
+        answers: queue.Queue[tuple[LabelItem, Outcome | BaseException]] = queue.Queue()
+
+        def work() -> None:
+            while (item := tasks.get()) is not None:
+                try:
+                    answers.put((item, self._label_one(item)))
+                except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
+                    answers.put((item, error))
+
+        workers = [
+            threading.Thread(target=work, name="prefixcap-label", daemon=True) for _ in range(self.options.concurrency)
+        ]
+        for worker in workers:
+            worker.start()
+        pending = 0
         try:
             for item in items:
-                while len(pending) >= 2 * self.options.concurrency:
-                    yield from _completed(pending)
-                pending[pool.submit(self._label_one, item)] = item
-            while pending:
-                yield from _completed(pending)
+                if pending >= 2 * self.options.concurrency:
+                    yield _answer(answers)
+                    pending -= 1
+                tasks.put(item)
+                pending += 1
+            for _ in range(pending):
+                yield _answer(answers)
         finally:
             self._stopping.set()  # retries waiting in other threads give up at once
-            pool.shutdown(wait=False, cancel_futures=True)
+            for _ in workers:
+                tasks.put(None)
 
     def close(self) -> None:
         self._stopping.set()
@@ -235,10 +254,11 @@ class OpenAITeacher:
         return str(names[0])
 
 
-def _completed(pending: dict[Future, LabelItem]) -> Iterator[tuple[LabelItem, Outcome]]:
-    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-    for future in done:
-        yield pending.pop(future), future.result()
+def _answer(answers: queue.Queue) -> tuple[LabelItem, Outcome]:
+    item, outcome = answers.get()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return item, outcome
 
 
 class _RateLimit:
