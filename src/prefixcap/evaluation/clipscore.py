@@ -27,6 +27,7 @@ from prefixcap.inputs.preprocess import ImagePreprocessor
 
 PROMPT = "A photo depicts "
 W = 2.5
+REFERENCES_CLIPSCORE = "CLIPScore (references)"
 
 
 def clip_s(image_embeds: torch.Tensor, text_embeds: torch.Tensor, w: float = W) -> torch.Tensor:
@@ -53,12 +54,17 @@ def ref_clip_s(
 class CLIPScoreResult:
     clip_s: torch.Tensor  # [N] CLIP-S per image; NaN where the image could not be read
     ref_clip_s: torch.Tensor | None  # [N] RefCLIP-S per image, None without references
+    # [N] the mean CLIP-S of each image's references: how well the references themselves fit the
+    # images, the bar for the captions (e.g. a teacher's captions, which a student learned from)
+    references_clip_s: torch.Tensor | None = None
 
     def summary(self) -> dict[str, float]:
         """Corpus means over the readable images, named as in metrics.json."""
         out = {"CLIPScore": float(self.clip_s.nanmean())}
         if self.ref_clip_s is not None:
             out["RefCLIPScore"] = float(self.ref_clip_s.nanmean())
+        if self.references_clip_s is not None:
+            out[REFERENCES_CLIPSCORE] = float(self.references_clip_s.nanmean())
         return out
 
 
@@ -167,8 +173,12 @@ class CLIPScorer:
         if references is None:
             return CLIPScoreResult(scores, None)
         flat = [ref for refs in references for ref in refs]
-        reference_embeds = self.embed_texts(flat).split([len(refs) for refs in references])
-        return CLIPScoreResult(scores, ref_clip_s(scores, caption_embeds, reference_embeds))
+        counts = [len(refs) for refs in references]
+        flat_embeds = self.embed_texts(flat)
+        reference_embeds = flat_embeds.split(counts)
+        per_reference = clip_s(image_embeds.repeat_interleave(torch.tensor(counts), dim=0), flat_embeds)
+        references_clip_s = torch.stack([scores.mean() for scores in per_reference.split(counts)])
+        return CLIPScoreResult(scores, ref_clip_s(scores, caption_embeds, reference_embeds), references_clip_s)
 
 
 def load_reranker(captioner: Any, clip_model: str | None = None, *, flag: str = "--rerank-clip") -> CLIPScorer:

@@ -44,6 +44,7 @@ METRIC_ROWS = [
     ("BERTScore-F1 (rescaled)", "{:.4f}"),
     ("CLIPScore", "{:.4f}"),
     ("RefCLIPScore", "{:.4f}"),
+    ("CLIPScore (references)", "{:.4f}"),
 ]
 STAT_ROWS = [
     ("num_captions", "captions", "{:,}"),

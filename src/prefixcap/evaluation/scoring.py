@@ -14,7 +14,7 @@ from typing import Any
 
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.evaluation.bertscore import BERTScoreConfig, bertscore
-from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer, W
+from prefixcap.evaluation.clipscore import PROMPT, REFERENCES_CLIPSCORE, CLIPScorer, W
 from prefixcap.evaluation.coco_metrics import COCO_METRICS, coco_scores
 from prefixcap.evaluation.corpus_stats import corpus_stats
 from prefixcap.evaluation.notices import notice
@@ -127,6 +127,7 @@ def _clipscore(evaluation: Evaluation, config: ScoreConfig) -> None:
     evaluation.metrics |= result.summary()
     evaluation.add_per_image("CLIPScore", result.clip_s.tolist())
     evaluation.add_per_image("RefCLIPScore", result.ref_clip_s.tolist())
+    evaluation.add_per_image(REFERENCES_CLIPSCORE, result.references_clip_s.tolist())
     evaluation.settings["clipscore"] = {"model": config.clip_model, "w": W, "prompt": PROMPT}
 
 

@@ -124,7 +124,7 @@ def caption_sidecars(
     for sidecar, (_, captions) in zip(sidecars, results, strict=True):
         outcome = captions if isinstance(captions, ImageLoadError) else _final_text(sidecar, captions, existing)
         if not isinstance(outcome, ImageLoadError) and not dry_run:
-            outcome = _write(sidecar, outcome + "\n")
+            outcome = write_sidecar(sidecar, outcome + "\n")
         if isinstance(outcome, ImageLoadError):
             summary.failed += 1
         else:
@@ -258,7 +258,7 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     return data
 
 
-def _write(sidecar: Sidecar, text: str) -> None | ImageLoadError:
+def write_sidecar(sidecar: Sidecar, text: str) -> None | ImageLoadError:
     """Write the caption file atomically, keeping an existing file's mode; refused (as the image's
     failure) when its folder is not inside the sidecar's tree, e.g. after a folder was swapped for a link."""
     folder = os.path.realpath(sidecar.path.parent)

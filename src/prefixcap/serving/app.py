@@ -3,6 +3,7 @@
 POST /v1/caption   images in (multipart files or base64 JSON), [[{"generated_text": ...}], ...] out
 GET  /health       model, device, ready
 GET  /metrics      Prometheus text
+POST /v1/chat/completions, GET /v1/models   the OpenAI API (serving/openai.py)
 GET  /docs         OpenAPI page
 GET  /             the web page (static/index.html)
 """
@@ -39,6 +40,7 @@ from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
 from prefixcap.serving.inputs import NamedImage, caption_request, check_limits, read_caption_request
 from prefixcap.serving.limits import RequestBodyLimits
 from prefixcap.serving.metrics import RequestMetricsMiddleware, ServerMetrics
+from prefixcap.serving.openai import openai_router
 from prefixcap.serving.schemas import (
     GeneratedText,
     Health,
@@ -142,13 +144,26 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         if not batcher.running:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
-        checked = caption_request(options, captioner.model, limits)  # batches group by it
+        checked = caption_request(options, captioner.model, limits, rerank=options.rerank)  # batches group by it
         captions = await _unless_disconnected(request, _caption(decoder, batcher, images, checked))
         metrics.images.inc(len(images))
         return [
             [{"generated_text": text, "score": score} for text, score in zip(texts, _scores(texts), strict=True)]
             for texts in captions
         ]
+
+    app.include_router(  # the OpenAI API: captions through the same decoder, batcher and limits
+        openai_router(
+            captioner,
+            limits,
+            model_name=public_model_name,
+            metrics=metrics,
+            ready=lambda: batcher.running,
+            caption=lambda request, images, checked: _unless_disconnected(
+                request, _caption(decoder, batcher, images, checked)
+            ),
+        )  # fmt: skip
+    )
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health(request: Request) -> JSONResponse:

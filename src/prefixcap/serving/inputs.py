@@ -132,13 +132,15 @@ def _decode_base64(name: str, text: str) -> bytes:
         ) from None
 
 
-def caption_request(options: RequestOptions, model: CaptionModel, limits: Mapping[str, int]) -> CaptionRequest:
+def caption_request(
+    options: CaptionOptions, model: CaptionModel, limits: Mapping[str, int], *, rerank: str | None = None
+) -> CaptionRequest:
     """The caption request of an HTTP request, built and checked once: its options over the
     model's defaults, checked by the model, then against the server's `limits` (upper bounds by
     option name). A reranker stays a name here: the model thread loads the one it names."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)
     try:
-        request = model.request(rerank=options.rerank, **requested)
+        request = model.request(rerank=rerank, **requested)
     except ValueError as error:
         raise APIError(422, "invalid_options", str(error)) from None
     check_limits(request.generation, limits, requested)

@@ -32,6 +32,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "lora": {"peft": "peft"},  # also in pyproject's train extra; only --freeze lora and LoRA models need it
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"},
     "retrieval": {"faiss": "faiss-cpu"},
+    "label": {"httpx": "httpx"},
 }
 
 
