@@ -203,6 +203,30 @@ def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
         Captioner.from_pretrained(damaged)
 
 
+def test_an_export_whose_tokenizer_asks_for_custom_code_is_refused(
+    onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29 F12: the export's tokenizer loads with trust_remote_code=False, and an auto_map is
+    refused before transformers could ask on stdin to run the folder's Python."""
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    marker = tmp_path / "ran"
+    config = export / "tokenizer" / "tokenizer_config.json"
+    custom = {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    config.write_text(json.dumps({**json.loads(config.read_text()), **custom}))
+    (export / "tokenizer" / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(UserError, match="auto_map"):
+        Captioner.from_pretrained(export)
+    assert not asked and not marker.exists()
+
+
 def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCaptionModel) -> None:
     """Run plainly (exact-length past in, past + new out, as another runtime would from the
     manifest), the graph gives the logits, keys and values that OrtDecoder's shared cache holds."""

@@ -1,9 +1,14 @@
 """Loading Hugging Face checkpoints with one-line errors: the image encoders' and the decoder's
 loaders share these, so that a missing file, a damaged tensor or a wrong shape reads the same
-whichever component it is in."""
+whichever component it is in.
+
+No model's own code ever runs: every loader gets `trust_remote_code=False`, and a folder whose
+configs ask for custom code (`auto_map`) is refused before any loader reads it, since transformers
+would otherwise ask on stdin whether to run the folder's Python."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,12 +17,16 @@ import torch
 
 from prefixcap.errors import ModelLoadError
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config file larger than this is not one
+
 
 def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
-    """Run a transformers loader; turn its errors into one clear line. Missing files and bad ids
-    raise OSError or ValueError, damaged files anything from SafetensorError to AttributeError."""
+    """Run a transformers loader, never trusting remote code; turn its errors into one clear line.
+    Missing files and bad ids raise OSError or ValueError, damaged files anything from
+    SafetensorError to AttributeError."""
+    refuse_remote_code(source)
     try:
-        return loader(str(source), **kwargs)
+        return loader(str(source), trust_remote_code=False, **kwargs)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None
@@ -53,3 +62,26 @@ def first_names(names: Iterable[str]) -> str:
     """The first of some tensor names, and how many more there are."""
     names = sorted(names)
     return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def refuse_remote_code(source: str | Path) -> None:
+    """Refuse a local folder whose config files (`*config.json`) ask for custom code (an `auto_map`
+    entry): prefixcap runs no model's code. A hub id is left to `trust_remote_code=False`."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*config*.json")):
+        if not path.is_file():  # a FIFO or device would block or never end; the loader says what is wrong
+            continue
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+        try:
+            config = json.loads(data)
+        except (ValueError, RecursionError):
+            continue  # damaged: the loader reports it
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelLoadError(
+                f"{path}: asks to run the folder's own Python code (auto_map); prefixcap never runs a model's code"
+            )

@@ -44,6 +44,7 @@ from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.caption_model import CaptionModel, read_safetensors
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import load_image_processor
+from prefixcap.model.hf_loading import hf_call
 from prefixcap.options import GenerationOptions
 from prefixcap.system.extras import require
 
@@ -202,10 +203,7 @@ class OnnxCaptionModel:
             num_layers=int(manifest["num_layers"]), num_kv_heads=int(manifest["num_kv_heads"]),
             head_dim=int(manifest["head_dim"]), max_positions=int(manifest["max_positions"]),
         )  # fmt: skip
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(directory / files["tokenizer"]))
-        except Exception as error:
-            raise ModelLoadError(f"{directory / files['tokenizer']}: cannot load the tokenizer ({error})") from None
+        self.tokenizer = hf_call(AutoTokenizer.from_pretrained, directory / files["tokenizer"], "tokenizer")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.preprocessor = ImagePreprocessor(load_image_processor(directory / files["image_processor"]))
