@@ -53,9 +53,14 @@ def load_checked(loader: Callable[..., Any], source: str | Path, what: str, **kw
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
     """Refuse NaN or infinite weights: they make every caption empty, silently."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+    name = first_non_finite(state)
+    if name is not None:
+        raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding a NaN or an infinity, or None."""
+    return next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def first_names(names: Iterable[str]) -> str:
@@ -71,17 +76,26 @@ def refuse_remote_code(source: str | Path) -> None:
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*config*.json")):
-        if not path.is_file():  # a FIFO or device would block or never end; the loader says what is wrong
-            continue
-        with path.open("rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
         try:
-            config = json.loads(data)
-        except (ValueError, RecursionError):
-            continue  # damaged: the loader reports it
+            config = read_json(path)
+        except ModelLoadError:
+            continue  # damaged, or not a regular file: the loader reports it (trust_remote_code=False still holds)
         if isinstance(config, dict) and "auto_map" in config:
             raise ModelLoadError(
                 f"{path}: asks to run the folder's own Python code (auto_map); prefixcap never runs a model's code"
             )
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of the regular file `path` (at most MAX_CONFIG_BYTES: a FIFO or device would
+    block or never end); ModelLoadError names the file and the problem."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing, or not a regular file")
+    with path.open("rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
