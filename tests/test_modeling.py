@@ -257,3 +257,31 @@ def test_no_command_reads_stdin_or_runs_a_models_code(tiny_model_dir, tmp_path, 
     assert "custom code" not in done.stdout and "[y/N]" not in done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "auto_map" in errors[0], done.stderr
+
+
+# ---------------------------------------------------------------------- foreign entries (issue 29 F11)
+def test_save_pretrained_refuses_or_keeps_what_it_did_not_write(tiny_model_dir, tmp_path):
+    """A model folder is replaced only when it holds nothing but a model directory's entries;
+    `keep_foreign=True` (training's best/) replaces the model and keeps the rest."""
+    from prefixcap.errors import UserError
+
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    target = tmp_path / "best"
+    model.save_pretrained(target)
+    (target / "eval").mkdir()
+    (target / "eval" / "results.json").write_text("[]")
+    (target / "NOTES.md").write_text("notes")
+    with pytest.raises(
+        UserError, match=r"holds NOTES.md, eval, which a prefixcap model directory does not; refusing"
+    ) as info:
+        model.save_pretrained(target)
+    assert "\n" not in str(info.value)
+    assert (target / "eval" / "results.json").read_text() == "[]" and (target / "NOTES.md").read_text() == "notes"
+
+    with torch.no_grad():
+        next(model.mapper.parameters()).add_(1.0)
+    model.save_pretrained(target, keep_foreign=True)
+    assert (target / "eval" / "results.json").read_text() == "[]" and (target / "NOTES.md").read_text() == "notes"
+    saved = load_file(target / "mapper.safetensors")
+    assert all(torch.equal(saved[name], value) for name, value in model.mapper.state_dict().items())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]  # no staging or old copy left

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -45,17 +45,18 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, ours: Collection[str] | None = None) -> Iterator[Path]:
     """A new, empty folder beside `path` that replaces `path` (a folder or nothing) once the
     block ends without an error. Callers check first that `path` may be replaced
-    (`check_output_dir`): the old folder is deleted."""
+    (`check_output_dir`): the old folder is deleted, except, given the names of the entries
+    the folder's writer makes (`ours`), every other entry, which the new folder keeps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield staging
         share_tree(staging)
-        replace_dir(staging, path)
+        replace_dir(staging, path, ours=ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -73,16 +74,50 @@ def share_tree(folder: str | Path) -> None:
                 os.chmod(file, 0o666 & ~umask)
 
 
-def replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path, *, ours: Collection[str] | None = None) -> None:
     """Swap a fully written `staging` folder into `target`'s place. Readers see the old folder or
-    the new one; only a crash between the two renames leaves neither."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
+    the new one; only a crash between the two renames leaves neither (the old one is then
+    `.NAME.old-PID` beside it).
+
+    Given `ours`, the names of the entries that the folder's writer makes, the old folder's other
+    entries (a user's notes, an `evaluate --out` folder inside a checkpoint) move into the new one
+    once it is in place; they are never inside a folder that is deleted. One that cannot move
+    (the new folder has an entry of that name) stays in `.NAME.old-PID`, with nothing deleted."""
+    if not target.exists():
         staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    staging.rename(target)
+    if ours is not None:
+        for name in foreign_entries(old, ours):
+            if not os.path.lexists(target / name):
+                (old / name).rename(target / name)
+        if foreign_entries(old, ours):  # some could not move: delete only the writer's own entries
+            for name in ours:
+                entry = old / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            return
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def holds_only(path: Path, names: Collection[str]) -> bool:
+    """Whether every entry of folder `path` is one of `names`, or a leftover staging copy of one
+    (".NAME.*", as `atomic_path` and `atomic_dir` name them)."""
+    return not foreign_entries(path, names)
+
+
+def foreign_entries(path: Path, names: Collection[str]) -> list[str]:
+    """The entries of folder `path`, sorted, that are neither one of `names` nor a leftover staging
+    copy of one (".NAME.*"): what a writer of `names` did not make."""
+    return sorted(
+        entry.name
+        for entry in path.iterdir()
+        if entry.name not in names and not any(entry.name.startswith(f".{name}.") for name in names)
+    )
 
 
 def check_output_dir(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool) -> None:
