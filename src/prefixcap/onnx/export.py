@@ -32,20 +32,23 @@ from torch import nn
 from prefixcap.errors import UserError
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.onnx.attention import TRANSLATION, SharedKV, attention_of
-from prefixcap.onnx.runtime import (
+from prefixcap.onnx.manifest import (
     DECODER_FILE,
     EMBEDDINGS_FILE,
     ENCODER_FILE,
     EXPORT_DIRECTORY,
+    FILES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    OrtDecoder,
+    check_graphs,
     is_onnx_export,
     past_names,
     present_names,
-    session,
+    read_embeddings,
+    read_manifest,
 )
+from prefixcap.onnx.runtime import OrtDecoder, session
 from prefixcap.system.atomic import atomic_dir, check_output_dir
 from prefixcap.system.extras import require
 from prefixcap.system.hardware import QUANTIZE_CHOICES
@@ -207,6 +210,10 @@ def export_onnx(
             checked["int8"] = check_export(model, staging, quantized=True)
         manifest = build_manifest(model, shape, quantize=quantize, opset=opset, checked=checked, source=model_dir)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        say("reading the export back as prefixcap reads it")
+        written = read_manifest(staging)  # what runtime checks, so no export is written that it would refuse
+        check_graphs(written, session(written.files["encoder"]), session(written.files["decoder"]))
+        read_embeddings(written)
     return manifest
 
 
@@ -398,13 +405,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "files": {
-            "encoder": ENCODER_FILE,
-            "decoder": DECODER_FILE,
-            "embeddings": EMBEDDINGS_FILE,
-            "tokenizer": "tokenizer",
-            "image_processor": "image_processor",
-        },
+        "files": FILES,
         "usage": {
             "encoder": f"pixel_values [batch, 3, {height}, {width}] float32, the image processor's normalised "
             f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",
