@@ -331,6 +331,20 @@ def test_embeddings_of_the_wrong_shape_or_not_finite_are_refused(
     assert str(export / "embeddings.safetensors") in str(info.value) and "\n" not in str(info.value)
 
 
+def test_export_overwrite_never_deletes_what_the_user_keeps_in_an_export(
+    tiny_model_dir: Path, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An export folder is recognised by its exact contents, as model folders are (issue 29 F11)."""
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    (export / "NOTES.md").write_text("notes")
+    assert main(["export", "onnx", str(tiny_model_dir), str(export), "--overwrite"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NOTES.md" in errors[0], errors
+    assert (export / "NOTES.md").read_text() == "notes" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "export"
+    ]
+
+
 def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCaptionModel) -> None:
     """Run plainly (exact-length past in, past + new out, as another runtime would from the
     manifest), the graph gives the logits, keys and values that OrtDecoder's shared cache holds."""

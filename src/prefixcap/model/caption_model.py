@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.engine.backends import generate_from_prefix
-from prefixcap.errors import ModelLoadError, UserError
+from prefixcap.errors import ModelLoadError
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.config import CONFIG_NAME, PATCH_MAPPERS, CaptionConfig, normalize_model_id
 from prefixcap.model.encoders import ImageEncoder, load_image_encoder, load_image_processor
@@ -39,7 +39,7 @@ from prefixcap.model.hf_loading import check_finite, first_names, hf_call, load_
 from prefixcap.model.lora import ADAPTER_DIR, ADAPTER_WEIGHTS, has_adapter, load_adapter, save_adapter
 from prefixcap.model.mappers import PrefixMapper
 from prefixcap.options import GenerationOptions, clean_prompt
-from prefixcap.system.atomic import atomic_dir, check_output_dir, foreign_entries
+from prefixcap.system.atomic import atomic_dir, check_output_dir
 
 MAPPER_WEIGHTS = "mapper.safetensors"
 MODEL_DIRECTORY = "prefixcap model directory"
@@ -48,28 +48,15 @@ MODEL_DIRECTORY = "prefixcap model directory"
 MODEL_ENTRIES = (CONFIG_NAME, MAPPER_WEIGHTS, "vision_encoder", "decoder", ADAPTER_DIR, "tokenizer", "image_processor")
 
 
-def is_model_dir(path: str | Path) -> bool:
-    """Whether `path` holds a model directory that prefixcap wrote, and nothing else (so that it
-    may be replaced whole: a NOTES.md or an export kept inside it would be deleted)."""
-    path = Path(path)
-    return _has_model_files(path) and not foreign_entries(path, MODEL_ENTRIES)
-
-
 def check_model_output(directory: str | Path, *, overwrite: bool, keep_foreign: bool = False) -> None:
     """Refuse to write a model directory where it would delete, or mix into, what prefixcap did
-    not write: a missing or empty folder is fine, a model directory is replaced only with
-    `overwrite`. One that also holds other entries is refused, or with `keep_foreign` replaced
-    with those entries kept (training's best/, where `evaluate --out RUN/best/eval` may run)."""
-    directory = Path(directory)
-    if _has_model_files(directory) and not keep_foreign:
-        foreign = foreign_entries(directory, MODEL_ENTRIES)
-        if foreign:
-            listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise UserError(
-                f"{directory}: holds {listed}, which a {MODEL_DIRECTORY} does not; refusing to replace the folder "
-                f"(move {'it' if len(foreign) == 1 else 'them'} elsewhere, or choose another folder)"
-            )
-    check_output_dir(directory, what=MODEL_DIRECTORY, is_ours=_has_model_files, overwrite=overwrite)
+    not write (`check_output_dir`): a model folder is recognised by its exact contents, and one
+    that also holds other entries is refused, or with `keep_foreign` replaced with those entries
+    kept (training's best/, where `evaluate --out RUN/best/eval` may be running)."""
+    check_output_dir(
+        directory, what=MODEL_DIRECTORY, is_ours=_has_model_files, overwrite=overwrite, entries=MODEL_ENTRIES,
+        keep_foreign=keep_foreign,
+    )  # fmt: skip
 
 
 def _has_model_files(path: Path) -> bool:

@@ -37,6 +37,7 @@ from prefixcap.onnx.manifest import (
     EMBEDDINGS_FILE,
     ENCODER_FILE,
     EXPORT_DIRECTORY,
+    EXPORT_ENTRIES,
     FILES,
     FORMAT,
     FORMAT_VERSION,
@@ -180,18 +181,20 @@ def export_onnx(
     the manifest written there. `quantize="int8"` gives the decoder int8 weights (dynamic
     quantization of its MatMuls). The folder appears only once both graphs passed their check
     (`ExportCheckError` otherwise); an earlier export there is replaced only with `overwrite`,
-    and a folder holding anything else is refused. `progress` is told each step's name."""
+    and a folder holding anything else (an export included) is refused. `progress` is told each step's name."""
     require("onnx", feature="prefixcap export onnx")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
-    check_output_dir(out_dir, what=EXPORT_DIRECTORY, is_ours=is_onnx_export, overwrite=overwrite)
+    check_output_dir(
+        out_dir, what=EXPORT_DIRECTORY, is_ours=is_onnx_export, overwrite=overwrite, entries=EXPORT_ENTRIES
+    )
     say = progress or (lambda step: None)
     say("loading the model")
     model = CaptionModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32).eval()
     shape = cache_shape(model.decoder)
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, ours=EXPORT_ENTRIES) as staging:
         say("exporting the encoder")
         export_encoder(model, staging / ENCODER_FILE, opset=opset)
         say("exporting the decoder")

@@ -37,6 +37,9 @@ ENCODER_FILE, DECODER_FILE, EMBEDDINGS_FILE = "encoder.onnx", "decoder.onnx", "e
 FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "embeddings": EMBEDDINGS_FILE,
          "tokenizer": "tokenizer", "image_processor": "image_processor"}  # fmt: skip
 FOLDERS = ("tokenizer", "image_processor")  # the `files` entries that are folders
+# Every entry an export may hold (graphs over 2 GiB keep their weights beside them, in NAME.data):
+# anything else in an export folder is the user's, and is never deleted.
+EXPORT_ENTRIES = (MANIFEST_NAME, *FILES.values(), f"{ENCODER_FILE}.data", f"{DECODER_FILE}.data")
 EXPORT_DIRECTORY = "prefixcap ONNX export"
 MAX_POSITIONS = 2**20  # a bound for decoders without a position table (rotary positions)
 

@@ -120,10 +120,21 @@ def foreign_entries(path: Path, names: Collection[str]) -> list[str]:
     )
 
 
-def check_output_dir(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool) -> None:
+def check_output_dir(
+    path: str | Path,
+    *,
+    what: str,
+    is_ours: Callable[[Path], bool],
+    overwrite: bool,
+    entries: Collection[str] | None = None,
+    keep_foreign: bool = False,
+) -> None:
     """Refuse to write a `what` (e.g. "prefixcap model directory") into a folder that holds
     anything else: no command may delete or mix into files it did not create. A missing or empty
-    folder is fine; one that `is_ours` recognises is replaced only with `overwrite`."""
+    folder is fine; one that `is_ours` recognises is replaced only with `overwrite`. Given the
+    names a `what` consists of (`entries`), one that `is_ours` recognises but that also holds other
+    entries is refused, naming them, or with `keep_foreign` accepted (`replace_dir(ours=entries)`
+    then keeps them)."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -134,6 +145,13 @@ def check_output_dir(path: str | Path, *, what: str, is_ours: Callable[[Path], b
     if not is_ours(path):
         raise UserError(
             f"{path}: is not empty and is not a {what}; refusing to write into it (choose a new or empty folder)"
+        )
+    foreign = foreign_entries(path, entries) if entries is not None and not keep_foreign else []
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"{path}: holds {listed}, which a {what} does not; refusing to replace the folder "
+            f"(move {'it' if len(foreign) == 1 else 'them'} elsewhere, or choose another folder)"
         )
     if not overwrite:
         raise UserError(f"{path}: already holds a {what}; pass --overwrite to replace it")
