@@ -138,3 +138,27 @@ def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, 
     assert (tmp_path / "cache" / "clipcap-coco" / "config.json").is_file()
     pixels = torch.randn(2, 3, 32, 32)
     assert torch.equal(first.generate(pixels), second.generate(pixels))
+
+
+def test_overwrite_never_deletes_what_the_user_keeps_in_a_model_directory(tiny_components, tmp_path, capsys):
+    """Issue 29 F11: `convert-clipcap --overwrite` deleted a NOTES.md and an ONNX export kept
+    inside the model folder. A model folder is recognised by its exact contents: one holding
+    anything else is refused in one line, and nothing in it changes."""
+    from prefixcap.cli import main
+
+    clip_dir, gpt2_dir = tiny_components
+    make_clipcap_checkpoint(gpt2_dir, tmp_path / "ckpt.pt")
+    out = tmp_path / "model"
+    argv = ["convert-clipcap", str(tmp_path / "ckpt.pt"), str(out), "--vision-encoder", str(clip_dir),
+            "--decoder", str(gpt2_dir), "--overwrite"]  # fmt: skip
+    assert main(argv) == 0
+    (out / "NOTES.md").write_text("how this model was made")
+    (out / "onnx").mkdir()
+    (out / "onnx" / "prefixcap_onnx.json").write_text("{}")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds NOTES.md, onnx, which a prefixcap model directory does not" in errors[0]
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt.pt", "model"]  # no staging left

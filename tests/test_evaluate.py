@@ -81,6 +81,48 @@ def test_evaluate_refuses_bad_options(
     assert "no 'dev' split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("metrics", "java", "message"),
+    [
+        ("bleu,spice", "/usr/bin/java", "SPICE cannot run: offline"),  # no CoreNLP, and no download when offline
+        ("cider,meteor", None, "METEOR cannot run: needs Java, which is not on PATH"),
+    ],
+)
+def test_a_named_metric_that_cannot_run_is_a_one_line_error(
+    tiny_model_dir: Path,
+    synthetic: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    metrics: str,
+    java: str | None,
+    message: str,
+) -> None:
+    """Issue 29 "Evaluate": a metric named in --metrics that cannot run here is an error (exit 2,
+    one line), not a note with exit 0; the captions (results.json) are written first."""
+    from pycocoevalcap.spice import get_stanford_models, spice
+
+    from prefixcap.evaluation import coco_metrics
+
+    if Path(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB, f"{get_stanford_models.JAR}.jar").exists():
+        pytest.skip("CoreNLP is installed, so SPICE can run")
+    monkeypatch.setattr(coco_metrics.shutil, "which", lambda name: java)
+    monkeypatch.setattr(spice, "get_stanford_models", lambda: pytest.fail("downloaded CoreNLP while offline"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "eval"
+    command = ["evaluate", "--model", str(tiny_model_dir), "--data", str(synthetic), "--workers", "0",
+               "--max-new-tokens", "5", "--metrics", metrics, "--out", str(out)]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line or "note" in line] == [
+        line for line in err.splitlines() if line.startswith(f"error: {message}")
+    ], err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    test_ids = {record.image_id for record in load_records(synthetic) if record.split == "test"}
+    assert {str(row["image_id"]) for row in read_json(out / "results.json")} == test_ids
+    assert not (out / "metrics.json").exists()
+
+
 def test_load_split_reads_a_feature_store_like_its_dataset(synthetic: Path, features: Path) -> None:
     """A feature store's split has its dataset's images, train captions and one stored embedding per image."""
     from prefixcap.errors import UserError

@@ -298,11 +298,14 @@ def test_score_offline_never_downloads_corenlp(
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": r.image_id, "caption": r.captions[0]} for r in test]))
 
-    assert main(["score", "--results", str(results), "--references", str(dataset), "--metrics", "bleu,spice"]) == 0
+    score = ["score", "--results", str(results), "--references", str(dataset)]
+    assert main(score) == 0  # SPICE not named: skipped with a note
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["skipped"]["SPICE"].startswith("offline") and "BLEU-4" in summary["metrics"]
     notes = [line for line in capsys.readouterr().err.splitlines() if "SPICE" in line]
     assert len(notes) == 1 and notes[0].startswith("note: SPICE skipped: offline")
+    assert main([*score, "--metrics", "bleu,spice"]) == 2  # named: an error (issue 29, "Evaluate")
+    assert one_error(capsys).startswith("error: SPICE cannot run: offline")
 
 
 # ---------------------------------------------------------------------- 16. numeric options

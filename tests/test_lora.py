@@ -264,6 +264,87 @@ def test_damaged_adapters_are_one_line_errors(lora_model_dir: Path, tmp_path: Pa
         CaptionModel.from_pretrained(broken)
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a number > 0 and at most 65536, got nan"),
+        ({"lora_alpha": 1e39}, "lora_alpha must be a number > 0 and at most 65536, got 1e[+]39"),
+        ({"lora_alpha": 0}, "lora_alpha must be a number > 0"),
+        ({"lora_alpha": True}, "lora_alpha must be a number > 0"),
+        ({"lora_alpha": "8"}, "lora_alpha must be a number > 0"),
+        ({"r": 50_000_000}, r"r must be an integer between 1 and 32 \(the decoder's width\), got 50000000"),
+        ({"r": 0}, "r must be an integer between 1 and 32"),
+        ({"r": 4.0}, "r must be an integer between 1 and 32"),
+        ({"modules_to_save": ["wte"]}, "modules_to_save is set"),
+        ({"use_dora": True}, "use_dora is set"),
+        ({"rank_pattern": {"c_fc": 64}}, "rank_pattern is set"),
+        ({"megatron_core": "os"}, "megatron_core is set"),
+        ({"peft_type": "ADALORA"}, "peft_type is set"),
+        ({"target_modules": "c_.*"}, "target_modules must be a list of module names"),
+        ({"target_modules": []}, "target_modules must be a list of module names"),
+        ({"fan_in_fan_out": "yes"}, "fan_in_fan_out must be true or false"),
+        ({"an_option_from_the_future": 1}, "an_option_from_the_future is set"),
+    ],
+)
+def test_adapter_configs_prefixcap_does_not_write_are_refused_before_anything_is_allocated(
+    lora_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, reason: str
+) -> None:
+    """Issue 29 F6: NaN or huge alpha gave empty captions with exit 0, r: 50000000 allocated 19 GB,
+    modules_to_save a KeyError traceback. Refused in one line naming the file, before PEFT injects
+    (allocates) a single layer."""
+    import json
+    import shutil
+
+    import peft
+
+    from prefixcap.errors import ModelLoadError
+
+    broken = Path(shutil.copytree(lora_model_dir, tmp_path / "model"))
+    path = broken / ADAPTER_DIR / ADAPTER_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("the adapter's layers were allocated")
+
+    monkeypatch.setattr(peft.LoraModel, "__init__", allocate)
+    with pytest.raises(ModelLoadError, match=reason) as info:
+        CaptionModel.from_pretrained(broken)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_an_adapter_whose_merged_weights_are_not_finite_is_refused(lora_model_dir: Path, tmp_path: Path) -> None:
+    """Issue 29 F6: finite adapter tensors and an alpha in range can still overflow float32 once
+    merged (B A x alpha / r); such a decoder gives empty captions, so it is refused."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from prefixcap.errors import ModelLoadError
+
+    broken = Path(shutil.copytree(lora_model_dir, tmp_path / "model"))
+    weights = load_file(broken / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    huge = {name: torch.full_like(tensor, 1e20) for name, tensor in weights.items()}  # B A: 1e40 x r, past 3.4e38
+    save_file(huge, broken / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert all(torch.isfinite(tensor).all() for tensor in load_file(broken / ADAPTER_DIR / ADAPTER_WEIGHTS).values())
+    with pytest.raises(ModelLoadError, match="merging the adapter gives non-finite weights") as info:
+        CaptionModel.from_pretrained(broken)
+    assert str(broken / ADAPTER_DIR) in str(info.value) and "\n" not in str(info.value)
+    CaptionModel.from_pretrained(broken, merge_adapter=False)  # unmerged, to train on: nothing overflowed yet
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"lora_rank": 33}, r"--lora-rank must be an integer between 1 and 32 \(the decoder's width\), got 33"),
+        ({"lora_alpha": 1e6}, "--lora-alpha must be a number > 0 and at most 65536, got 1000000.0"),
+    ],
+)
+def test_training_refuses_the_adapter_sizes_loading_would_refuse(tiny_components, options: dict, reason: str) -> None:
+    model = CaptionModel.from_components(*tiny_components, prefix_length=4)
+    with pytest.raises(UserError, match=reason):
+        apply_freeze_policy(model, TrainConfig(freeze="lora", **options))
+
+
 # ---------------------------------------------------------------------- runs
 def test_lora_run_saves_megabytes_and_reloads_to_the_same_captions(
     tmp_path: Path, lora_features: Path, base_gpt2: Path, one_thread

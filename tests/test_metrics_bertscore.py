@@ -92,3 +92,31 @@ def test_unknown_model_needs_a_layer_and_missing_model_is_a_user_error(tmp_path:
         bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(tmp_path)))
     with pytest.raises(UserError, match="cannot load BERTScore model"):
         bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(tmp_path / "missing"), num_layers=1))
+
+
+def test_a_model_asking_for_custom_code_is_refused_and_never_run(
+    roberta_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29 F12: bert-score loads --bertscore-model itself, without trust_remote_code; a local
+    folder whose config has auto_map is refused before it could ask on stdin to run its Python."""
+    import json
+    import shutil
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    from prefixcap.errors import UserError
+
+    model = Path(shutil.copytree(roberta_dir, tmp_path / "model"))
+    marker = tmp_path / "ran"
+    config = json.loads((model / "config.json").read_text())
+    custom = {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.Evil"}}
+    (model / "config.json").write_text(json.dumps({**config, **custom}))
+    (model / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(UserError, match="auto_map"):
+        bertscore(CANDIDATES, REFERENCES, BERTScoreConfig(model_type=str(model), num_layers=2, device="cpu"))
+    assert not asked and not marker.exists()

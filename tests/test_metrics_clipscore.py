@@ -104,3 +104,29 @@ def test_a_vision_only_model_is_refused(tmp_path: Path) -> None:
     ).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="not a full CLIP with a text tower"):
         CLIPScorer.from_pretrained(str(tmp_path), device="cpu")
+
+
+def test_a_clip_asking_for_custom_code_is_refused_and_never_run(
+    clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29 F12: --clip-model and --reward-clip load with trust_remote_code=False, and a config
+    with auto_map is refused before transformers could ask on stdin to run the folder's Python."""
+    import json
+    import shutil
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    clip = Path(shutil.copytree(clip_dir, tmp_path / "clip"))
+    marker = tmp_path / "ran"
+    config = json.loads((clip / "config.json").read_text())
+    custom = {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.Evil"}}
+    (clip / "config.json").write_text(json.dumps({**config, **custom}))
+    (clip / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(UserError, match="auto_map"):
+        CLIPScorer.from_pretrained(str(clip), device="cpu")
+    assert not asked and not marker.exists()

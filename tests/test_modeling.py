@@ -189,3 +189,100 @@ def test_any_causal_lm_can_be_the_decoder(tiny_components, tmp_path):
     expected = naive_greedy(model.decoder, model.prefix_embeds(model.encode_images(PIXELS)), 8, stop_ids)
     assert strip_padding(model.generate(PIXELS, max_new_tokens=8), stop_ids) == expected
     assert model.generate(PIXELS, num_beams=3, num_return_sequences=2, max_new_tokens=5).shape[0] == 6
+
+
+# ---------------------------------------------------------------------- no remote code (issue 29 F12)
+# A component's config file -> what makes transformers offer to run the folder's own evil.py: an
+# auto_map naming its classes, and a type transformers does not know (else it uses its own class).
+CUSTOM_CODE = {
+    "decoder/config.json": {
+        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}
+    },
+    "vision_encoder/config.json": {
+        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.Evil"}
+    },
+    "tokenizer/tokenizer_config.json": {
+        "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    },
+    "image_processor/preprocessor_config.json": {
+        "image_processor_type": "EvilProcessor", "auto_map": {"AutoImageProcessor": "evil.EvilProcessor"}
+    },
+}  # fmt: skip
+
+
+def with_custom_code(model_dir, out, config_file: str, marker) -> None:
+    """A copy of `model_dir` whose `config_file` asks for custom code: an evil.py beside it that
+    writes `marker` when imported."""
+    shutil.copytree(model_dir, out)
+    path = out / config_file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **CUSTOM_CODE[config_file]}))
+    (path.parent / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+
+
+@pytest.mark.parametrize("config_file", sorted(CUSTOM_CODE))
+def test_a_component_asking_for_custom_code_is_refused_before_any_loader_runs(
+    tiny_model_dir, tmp_path, monkeypatch, config_file
+):
+    """Answering transformers' "run the custom code? [y/N]" prompt with y ran the folder's Python:
+    the config is refused in one line, and nothing asks (here `input` would answer y)."""
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    marker = tmp_path / "ran"
+    with_custom_code(tiny_model_dir, tmp_path / "model", config_file, marker)
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # should code get copied
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(ModelLoadError, match="auto_map") as info:
+        CaptionModel.from_pretrained(tmp_path / "model")
+    assert str(tmp_path / "model" / config_file) in str(info.value) and "\n" not in str(info.value)
+    assert not asked and not marker.exists()
+
+
+def test_no_command_reads_stdin_or_runs_a_models_code(tiny_model_dir, tmp_path, example_images):
+    """The CLI, as a user runs it: stdin holds "y" (what a user would answer) and then ends."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    with_custom_code(tiny_model_dir, tmp_path / "model", "decoder/config.json", marker)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefixcap", "caption", str(example_images[0]), "--model", str(tmp_path / "model")],
+        input="y\n", capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and not marker.exists(), done.stderr
+    assert "custom code" not in done.stdout and "[y/N]" not in done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "auto_map" in errors[0], done.stderr
+
+
+# ---------------------------------------------------------------------- foreign entries (issue 29 F11)
+def test_save_pretrained_refuses_or_keeps_what_it_did_not_write(tiny_model_dir, tmp_path):
+    """A model folder is replaced only when it holds nothing but a model directory's entries;
+    `keep_foreign=True` (training's best/) replaces the model and keeps the rest."""
+    from prefixcap.errors import UserError
+
+    model = CaptionModel.from_pretrained(tiny_model_dir)
+    target = tmp_path / "best"
+    model.save_pretrained(target)
+    (target / "eval").mkdir()
+    (target / "eval" / "results.json").write_text("[]")
+    (target / "NOTES.md").write_text("notes")
+    with pytest.raises(
+        UserError, match=r"holds NOTES.md, eval, which a prefixcap model directory does not; refusing"
+    ) as info:
+        model.save_pretrained(target)
+    assert "\n" not in str(info.value)
+    assert (target / "eval" / "results.json").read_text() == "[]" and (target / "NOTES.md").read_text() == "notes"
+
+    with torch.no_grad():
+        next(model.mapper.parameters()).add_(1.0)
+    model.save_pretrained(target, keep_foreign=True)
+    assert (target / "eval" / "results.json").read_text() == "[]" and (target / "NOTES.md").read_text() == "notes"
+    saved = load_file(target / "mapper.safetensors")
+    assert all(torch.equal(saved[name], value) for name, value in model.mapper.state_dict().items())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]  # no staging or old copy left

@@ -14,10 +14,11 @@ import torch
 
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
-from prefixcap.errors import UserError
+from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.onnx import export as export_module
 from prefixcap.onnx.export import ExportCheckError, check_export, export_onnx
-from prefixcap.onnx.runtime import MANIFEST_NAME, OnnxCaptionModel, is_onnx_export
+from prefixcap.onnx.manifest import MANIFEST_NAME
+from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 
 onnx = pytest.importorskip("onnx")  # the onnx extra: onnx, onnxruntime, onnxscript
 pytest.importorskip("onnxruntime")
@@ -201,6 +202,147 @@ def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
     (damaged / MANIFEST_NAME).write_text('{"format": "prefixcap-onnx", "format_version": 1}')
     with pytest.raises(UserError, match="format_version 1 was written by an older prefixcap; export the model again"):
         Captioner.from_pretrained(damaged)
+
+
+def test_an_export_whose_tokenizer_asks_for_custom_code_is_refused(
+    onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29 F12: the export's tokenizer loads with trust_remote_code=False, and an auto_map is
+    refused before transformers could ask on stdin to run the folder's Python."""
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    marker = tmp_path / "ran"
+    config = export / "tokenizer" / "tokenizer_config.json"
+    custom = {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    config.write_text(json.dumps({**json.loads(config.read_text()), **custom}))
+    (export / "tokenizer" / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(UserError, match="auto_map"):
+        Captioner.from_pretrained(export)
+    assert not asked and not marker.exists()
+
+
+# ---------------------------------------------------------------------- the manifest is checked (issue 29 F7)
+def edited_export(onnx_dir: Path, out: Path, **changes) -> Path:
+    """A copy of the export whose manifest has `changes` (objects are merged into the manifest's own)."""
+    shutil.copytree(onnx_dir, out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for key, value in changes.items():
+        manifest[key] = {**manifest[key], **value} if isinstance(value, dict) else value
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("absolute", "files.encoder: .* lies outside the export folder"),
+        ("parent", "files.tokenizer: .* lies outside the export folder"),
+        ("link", "files.decoder: .* lies outside the export folder"),
+    ],
+)
+def test_manifest_paths_outside_the_export_are_refused(onnx_dir: Path, tmp_path: Path, where: str, reason: str) -> None:
+    """`files.*` naming another folder's graph or tokenizer (absolute, `../`, or through a link
+    inside the folder) was loaded; a manifest is checked, never trusted."""
+    other = Path(shutil.copytree(onnx_dir, tmp_path / "other"))
+    files = {
+        "absolute": {"encoder": str(other / "encoder.onnx")},
+        "parent": {"tokenizer": "../other/tokenizer"},
+        "link": {"decoder": "linked.onnx"},
+    }[where]
+    export = edited_export(onnx_dir, tmp_path / "export", files=files)
+    (export / "linked.onnx").symlink_to(other / "decoder.onnx")
+    with pytest.raises(ModelLoadError, match=reason) as info:
+        OnnxCaptionModel.from_pretrained(export)
+    assert str(export / MANIFEST_NAME) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"num_layers": 1e8}, "num_layers must be a whole number"),
+        ({"num_layers": 1}, "num_layers 1 differs from the decoder graph's 2 layers"),
+        ({"num_layers": 3}, "num_layers 3 differs from the decoder graph's 2 layers"),
+        ({"num_kv_heads": 10**6}, "num_kv_heads 1000000 differs from the decoder graph's 4"),
+        ({"head_dim": 10**6}, "head_dim 1000000 differs from the decoder graph's 8"),
+        ({"hidden_size": 64}, "hidden_size 64 differs from the decoder graph's 32"),
+        ({"vocab_size": 10}, "vocab_size 10 differs from the decoder graph's 373"),
+        ({"prefix_length": 5}, "prefix_length 5 differs from caption_config's 4"),
+        (
+            {"prefix_length": 5, "caption_config": {"prefix_length": 5}},
+            "prefix_length 5 differs from the encoder graph's 4",
+        ),
+        ({"max_positions": 100_000}, "max_positions 100000 is more than the decoder graph's 96 positions"),
+        ({"max_positions": True}, "max_positions must be a whole number"),
+        ({"max_positions": 4}, "max_positions 4 leaves no room after the prefix"),
+    ],
+    ids=[
+        "layers_1e8",
+        "layers_1",
+        "layers_3",
+        "kv_heads",
+        "head_dim",
+        "hidden",
+        "vocab",
+        "prefix",
+        "prefix_both",
+        "positions",
+        "positions_bool",
+        "positions_4",
+    ],  # fmt: skip
+)
+def test_manifest_numbers_are_checked_against_the_graphs(
+    onnx_dir: Path, tmp_path: Path, changes: dict, reason: str
+) -> None:
+    """The manifest's sizes drive the cache and the bindings: 1e8 layers, huge heads or positions
+    beyond the graph's table gave tracebacks, excess memory or a server 500. The graphs' own input
+    and output shapes decide."""
+    export = edited_export(onnx_dir, tmp_path / "export", **changes)
+    with pytest.raises(ModelLoadError, match=reason) as info:
+        OnnxCaptionModel.from_pretrained(export)
+    assert str(export / MANIFEST_NAME) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        ({"weight": torch.zeros(373, 31)}, r"tensor 'weight' has shape \(373, 31\), but the graphs need \(373, 32\)"),
+        ({"weight": torch.full((373, 32), float("nan"))}, "non-finite values"),
+        ({"weight": torch.zeros(373, 32, dtype=torch.int32)}, "tensor 'weight' is int32, not floating point"),
+        ({"weights": torch.zeros(373, 32)}, "holds weights, not the one tensor 'weight'"),
+    ],
+    ids=["shape", "nan", "int", "name"],
+)
+def test_embeddings_of_the_wrong_shape_or_not_finite_are_refused(
+    onnx_dir: Path, tmp_path: Path, tensors: dict, reason: str
+) -> None:
+    from safetensors.torch import save_file
+
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    save_file(tensors, export / "embeddings.safetensors")
+    with pytest.raises(ModelLoadError, match=reason) as info:
+        OnnxCaptionModel.from_pretrained(export)
+    assert str(export / "embeddings.safetensors") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_export_overwrite_never_deletes_what_the_user_keeps_in_an_export(
+    tiny_model_dir: Path, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An export folder is recognised by its exact contents, as model folders are (issue 29 F11)."""
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    (export / "NOTES.md").write_text("notes")
+    assert main(["export", "onnx", str(tiny_model_dir), str(export), "--overwrite"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NOTES.md" in errors[0], errors
+    assert (export / "NOTES.md").read_text() == "notes" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "export"
+    ]
 
 
 def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCaptionModel) -> None:

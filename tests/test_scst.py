@@ -5,6 +5,7 @@ the synthetic `wordings` task."""
 from __future__ import annotations
 
 import csv
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ import pytest
 import torch
 
 from prefixcap import CaptionModel
+from prefixcap.cli import main
 from prefixcap.errors import UserError
 from prefixcap.evaluation.cider import CiderD
 from prefixcap.evaluation.clipscore import CLIPScorer, clip_s
 from prefixcap.pipeline.features import FeatureStore
 from prefixcap.training import TrainConfig
+from prefixcap.training.config import MAX_SAMPLES_PER_IMAGE
 from prefixcap.training.scst import SCSTLoss, SelfCritical, clip_reward, sampling_seed
 from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.trainer import Trainer
@@ -149,6 +152,65 @@ def test_scst_options_are_checked() -> None:
     with pytest.raises(UserError, match="reward_weights must be two numbers"):
         TrainConfig(reward_weights="1,-2")
     assert TrainConfig(reward_weights="1,2.5").reward_weight_pair == (1.0, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("samples_per_image", str(MAX_SAMPLES_PER_IMAGE + 1), f"between 1 and {MAX_SAMPLES_PER_IMAGE}"),
+        ("samples_per_image", "100000", f"between 1 and {MAX_SAMPLES_PER_IMAGE}"),
+        ("reward_weights", "0,0", "reward_weights must not both be 0"),
+        ("reward_weights", "0,-0.0", "reward_weights must not both be 0"),
+    ],
+)
+def test_scst_bounds_are_refused(flag: str, value: str, message: str, tmp_path: Path, capsys) -> None:
+    """Issue 29 F14: an unbounded sample count, and a reward that is zero whatever the captions."""
+    typed = int(value) if flag == "samples_per_image" else value
+    with pytest.raises(UserError, match=message):
+        TrainConfig(objective="scst", init="model", reward="cider+clipscore", **{flag: typed})
+    command = ["train", "features", "--out", str(tmp_path / "run"), "--init", "model", "--objective", "scst",
+               "--reward", "cider+clipscore", f"--{flag.replace('_', '-')}", value]  # fmt: skip
+    try:
+        status = main(command)
+    except SystemExit as exit:  # argparse's own range check
+        status = exit.code
+    assert status == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_mean_baseline_grows_with_b_times_k_not_k_squared(model: CaptionModel) -> None:
+    """Issue 29 F14: the mean of the other samples is (sum - own) / (k - 1), never a B x k x k
+    array. tracemalloc (NumPy reports its buffers to it) measures the peak between the rewards'
+    return and the loss inputs' start: a [B, k, k] float64 array alone is B * k * k * 8 bytes."""
+    images, k = 4, MAX_SAMPLES_PER_IMAGE
+    embeds = torch.randn(images, model.config.embed_dim, generator=torch.Generator().manual_seed(0))
+    rewards = np.random.default_rng(0).random(images * k)
+    result = rewards.copy()
+    peaks = []
+
+    def reward(captions, indices):
+        tracemalloc.reset_peak()
+        peaks.append(-tracemalloc.get_traced_memory()[0])
+        return result
+
+    class Measured(SelfCritical):
+        def _inputs(self, *args):
+            peaks[0] += tracemalloc.get_traced_memory()[1]
+            return super()._inputs(*args)
+
+    scst = Measured(model, reward, embeds, [""] * images, samples_per_image=k, max_new_tokens=2)
+    tracemalloc.start()
+    try:
+        batch = scst.batch(np.arange(images), seed=[0, 0, 0])
+    finally:
+        tracemalloc.stop()
+    grid = rewards.reshape(images, k)
+    expected = grid - (grid.sum(1, keepdims=True) - grid) / (k - 1)
+    torch.testing.assert_close(batch["advantages"], torch.from_numpy(expected.reshape(-1)).float())
+    assert peaks[0] < images * k * k * 8 / 10, peaks
 
 
 # ---------------------------------------------------------------------- runs

@@ -261,6 +261,36 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
     assert Trainer(TrainConfig(out=str(run)), resume=True).fit().step == 20  # options from the run; nothing left
 
 
+def test_checkpoints_keep_what_the_user_put_in_best_and_last(
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+) -> None:
+    """Issue 29 F11: re-saving RUN/best deleted an `evaluate --out RUN/best/eval` folder mid-run.
+    Checkpoints replace the model's own entries and keep everything else."""
+    run = tmp_path / "run"
+    trainer = Trainer(small_run(synth_features, run, tiny_components[1]))
+    checkpoint, saves = trainer._checkpoint, []
+
+    def checkpoint_and_add_files(*, best: bool) -> None:
+        checkpoint(best=True)  # every epoch re-saves best/, as an improving run does
+        if not saves:  # after the first checkpoint, as a user evaluating it would
+            (run / "best" / "eval").mkdir()
+            (run / "best" / "eval" / "results.json").write_text("[]")
+            (run / "last" / "NOTES.md").write_text("notes")
+        saves.append(trainer.progress.epoch)
+
+    trainer._checkpoint = checkpoint_and_add_files
+    trainer.fit()
+    assert saves == [1, 2]
+    assert (run / "best" / "eval" / "results.json").read_text() == "[]" and (run / "last" / "NOTES.md").is_file()
+    best, last = model_weights(run / "best"), model_weights(run / "last")  # both written by the last checkpoint
+    assert best.keys() == last.keys() and all(torch.equal(best[name], last[name]) for name in best)
+    assert load_training_state(run / "last" / STATE_DIR).progress.epoch == 2
+    assert not list(run.glob(".*"))  # no staging or old copies left
+    with pytest.raises(UserError, match="best: holds eval, which the run did not write; --overwrite would delete"):
+        Trainer(small_run(synth_features, run, tiny_components[1]), overwrite=True)
+    assert (run / "best" / "eval" / "results.json").is_file() and (run / "last" / "NOTES.md").is_file()
+
+
 @pytest.mark.slow
 def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) -> None:
     """Tiny real models learn the synthetic captions: greedy captions of held-out images match."""

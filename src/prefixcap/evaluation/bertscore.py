@@ -56,6 +56,10 @@ def bertscore(
     from bert_score import BERTScorer
     from bert_score.utils import model2layers
 
+    from prefixcap.model.hf_loading import refuse_remote_code
+
+    refuse_remote_code(config.model_type)  # bert-score's loaders take no trust_remote_code
+
     num_layers = config.num_layers if config.num_layers is not None else model2layers.get(config.model_type)
     if num_layers is None:
         raise UserError(f"bert-score has no default layer for {config.model_type!r}; pass --bertscore-layers")

@@ -86,16 +86,20 @@ class CLIPScorer:
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         from prefixcap.model.encoders import load_image_processor
+        from prefixcap.model.hf_loading import refuse_remote_code
         from prefixcap.system.hardware import default_device
 
+        refuse_remote_code(name_or_dir)
         try:
-            config = AutoConfig.from_pretrained(name_or_dir)
+            config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
             if config.model_type != "clip":
                 raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
-            model, info = CLIPModel.from_pretrained(name_or_dir, use_safetensors=True, output_loading_info=True)
+            model, info = CLIPModel.from_pretrained(
+                name_or_dir, use_safetensors=True, output_loading_info=True, trust_remote_code=False
+            )
             if info["missing_keys"]:
                 raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
-            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise UserError(

@@ -79,11 +79,13 @@ def coco_scores(
     *,
     java: bool | None = None,
     metrics: Iterable[str] = COCO_METRICS,
+    strict: bool = False,
 ) -> CocoScores:
     """Score one caption per image against its references with pycocoevalcap's scorers.
 
     `java=None` uses Java when it is on PATH; `java=False` forces the simple-tokenisation path
-    (no METEOR/SPICE). `metrics` is a subset of `COCO_METRICS`.
+    (no METEOR/SPICE). `metrics` is a subset of `COCO_METRICS`. A metric that cannot run here is
+    skipped with a one-line reason, or, when `strict` (the user named it), a UserError saying why.
     """
     wanted = list(dict.fromkeys(metrics))
     unknown = sorted(set(wanted) - set(COCO_METRICS))
@@ -95,19 +97,19 @@ def coco_scores(
     has_java = shutil.which("java") is not None
     if java and not has_java:
         raise UserError("java is not on PATH; install Java 8+ or score without it (java=False)")
-    if java is None:
-        java = has_java
-        if not java:
+    auto = java is None  # use Java when it is on PATH, and say so when it is not
+    java = has_java if auto else java
+    result = CocoScores(tokenization="ptb" if java else "simple")
+    if not java:
+        for name in sorted(JAVA_METRICS.intersection(wanted)):  # raises when strict
+            reason = "needs Java, which is not on PATH" if not has_java else "Java disabled"
+            _cannot_run(result.skipped, name.upper(), reason, strict=strict)
+        wanted = [name for name in wanted if name not in JAVA_METRICS]
+        if auto:
             notice(
                 "Java not found on PATH: METEOR and SPICE skipped; BLEU, ROUGE-L and CIDEr-D use simple tokenization "
                 "(close to, not comparable with, published numbers). Install Java for the standard pipeline."
             )
-
-    result = CocoScores(tokenization="ptb" if java else "simple")
-    if not java:
-        for name in JAVA_METRICS.intersection(wanted):
-            result.skipped[name.upper()] = "needs Java, which is not on PATH" if not has_java else "Java disabled"
-        wanted = [name for name in wanted if name not in JAVA_METRICS]
 
     # Tokenise references and predictions together (one JVM start), keyed apart.
     ids = list(predictions)
@@ -121,7 +123,7 @@ def coco_scores(
 
     result.per_image = {i: {} for i in ids}
     for name in wanted:
-        for metric, corpus, per_image in _run_scorer(name, gts, res, result.skipped):
+        for metric, corpus, per_image in _run_scorer(name, gts, res, result.skipped, strict):
             result.corpus[metric] = 100 * float(corpus)
             for image_id, value in zip(ids, per_image):
                 result.per_image[image_id][metric] = 100 * float(value)
@@ -129,7 +131,7 @@ def coco_scores(
 
 
 def _run_scorer(
-    name: str, gts: dict[str, list[str]], res: dict[str, list[str]], skipped: dict[str, str]
+    name: str, gts: dict[str, list[str]], res: dict[str, list[str]], skipped: dict[str, str], strict: bool
 ) -> list[tuple[str, float, Sequence[float]]]:
     """(metric, corpus score, per-image scores in `gts` order) for one pycocoevalcap scorer."""
     if name == "bleu":
@@ -152,13 +154,14 @@ def _run_scorer(
         from pycocoevalcap.cider.cider import Cider
 
         return [("CIDEr", *Cider().compute_score(gts, res))]
-    return _run_spice(gts, res, skipped)
+    return _run_spice(gts, res, skipped, strict)
 
 
 def _run_spice(
-    gts: dict[str, list[str]], res: dict[str, list[str]], skipped: dict[str, str]
+    gts: dict[str, list[str]], res: dict[str, list[str]], skipped: dict[str, str], strict: bool
 ) -> list[tuple[str, float, Sequence[float]]]:
-    """SPICE, or nothing with a one-line reason: it needs a CoreNLP download and a Java 8/11 JVM."""
+    """SPICE, or nothing with a one-line reason (`_cannot_run`): it needs a CoreNLP download and a
+    Java 8/11 JVM."""
     from pycocoevalcap.spice import get_stanford_models
     from pycocoevalcap.spice.spice import Spice
 
@@ -190,9 +193,16 @@ def _run_spice(
             # Spice returns its per-image scores in sorted id order, unlike every other scorer.
             by_id = dict(zip(sorted(gts), per_image))
             return [("SPICE", corpus, [by_id[i]["All"]["f"] for i in gts])]
+    _cannot_run(skipped, "SPICE", reason, strict=strict)
     notice(f"SPICE skipped: {reason}; the other metrics are reported.")
-    skipped["SPICE"] = reason
     return []
+
+
+def _cannot_run(skipped: dict[str, str], name: str, reason: str, *, strict: bool) -> None:
+    """Record why metric `name` is skipped; a UserError instead when `strict` (the user named it)."""
+    if strict:
+        raise UserError(f"{name} cannot run: {reason}")
+    skipped[name] = reason
 
 
 def offline() -> bool:

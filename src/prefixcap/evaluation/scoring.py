@@ -94,7 +94,7 @@ def _coco(evaluation: Evaluation, metrics: list[str], config: ScoreConfig) -> No
     """BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE in one pass (they share the tokenisation)."""
     predictions = {s.image_id: s.caption for s in evaluation.samples}
     references = {s.image_id: s.references for s in evaluation.samples}
-    result = coco_scores(predictions, references, java=config.java, metrics=metrics)
+    result = coco_scores(predictions, references, java=config.java, metrics=metrics, strict=config.metrics is not None)
     # Simple-tokenisation numbers get other names, so nobody compares them with papers by mistake.
     suffix = "" if result.tokenization == "ptb" else SIMPLE_SUFFIX
     evaluation.metrics |= {name + suffix: value for name, value in result.corpus.items()}

@@ -42,11 +42,23 @@ from prefixcap.system.atomic import atomic_dir, check_output_dir
 
 MAPPER_WEIGHTS = "mapper.safetensors"
 MODEL_DIRECTORY = "prefixcap model directory"
+# Every entry save_pretrained may write (see the module docstring); anything else in a model
+# folder is the user's, and is never deleted.
+MODEL_ENTRIES = (CONFIG_NAME, MAPPER_WEIGHTS, "vision_encoder", "decoder", ADAPTER_DIR, "tokenizer", "image_processor")
 
 
-def is_model_dir(path: str | Path) -> bool:
-    """Whether `path` holds a model directory that prefixcap wrote (and so may replace)."""
-    path = Path(path)
+def check_model_output(directory: str | Path, *, overwrite: bool, keep_foreign: bool = False) -> None:
+    """Refuse to write a model directory where it would delete, or mix into, what prefixcap did
+    not write (`check_output_dir`): a model folder is recognised by its exact contents, and one
+    that also holds other entries is refused, or with `keep_foreign` replaced with those entries
+    kept (training's best/, where `evaluate --out RUN/best/eval` may be running)."""
+    check_output_dir(
+        directory, what=MODEL_DIRECTORY, is_ours=_has_model_files, overwrite=overwrite, entries=MODEL_ENTRIES,
+        keep_foreign=keep_foreign,
+    )  # fmt: skip
+
+
+def _has_model_files(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / MAPPER_WEIGHTS).is_file()
 
 
@@ -146,13 +158,14 @@ class CaptionModel(nn.Module, CaptionGeneration):
         load_weights(model.mapper, read_safetensors(mapper_path), mapper_path)
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, directory: str | Path, *, save_frozen: bool = True) -> None:
+    def save_pretrained(self, directory: str | Path, *, save_frozen: bool = True, keep_foreign: bool = False) -> None:
         """Write a model directory atomically. `save_frozen=False` stores frozen parts (the image
         encoder, and a frozen decoder) as references to their hub ids instead of copying them.
         An existing model directory is replaced (as Hugging Face's `save_pretrained` does); any
-        other non-empty folder is refused, never deleted."""
-        check_output_dir(directory, what=MODEL_DIRECTORY, is_ours=is_model_dir, overwrite=True)
-        with atomic_dir(directory) as staging:
+        other non-empty folder is refused, never deleted. A model directory that also holds
+        other entries is refused too, or, with `keep_foreign`, replaced with them kept."""
+        check_model_output(directory, overwrite=True, keep_foreign=keep_foreign)
+        with atomic_dir(directory, ours=MODEL_ENTRIES) as staging:
             adapter = has_adapter(self.decoder)
             if adapter and self.decoder_source is None:
                 raise ValueError(

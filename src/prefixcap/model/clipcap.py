@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.model.caption_model import MODEL_DIRECTORY, CaptionModel, is_model_dir, load_weights
+from prefixcap.model.caption_model import CaptionModel, check_model_output, load_weights
 from prefixcap.model.config import SIZE_LIMITS, CaptionConfig
-from prefixcap.system.atomic import check_output_dir
 
 # Old transformers versions saved GPT-2's causal-mask buffers; they are not weights.
 _LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -58,7 +57,7 @@ def convert_clipcap(
         raise UserError(
             f"{checkpoint}: lies inside {out_dir}, which the model would replace; choose another output folder"
         )
-    check_output_dir(out_dir, what=MODEL_DIRECTORY, is_ours=is_model_dir, overwrite=overwrite)
+    check_model_output(out_dir, overwrite=overwrite)
     mapper_state, gpt_state = load_clipcap_state(checkpoint)
     embed_dim = mapper_state["model.0.weight"].shape[1]
     prefix_width = mapper_state["model.2.weight"].shape[0]

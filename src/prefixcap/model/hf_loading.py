@@ -1,9 +1,14 @@
 """Loading Hugging Face checkpoints with one-line errors: the image encoders' and the decoder's
 loaders share these, so that a missing file, a damaged tensor or a wrong shape reads the same
-whichever component it is in."""
+whichever component it is in.
+
+No model's own code ever runs: every loader gets `trust_remote_code=False`, and a folder whose
+configs ask for custom code (`auto_map`) is refused before any loader reads it, since transformers
+would otherwise ask on stdin whether to run the folder's Python."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,12 +17,16 @@ import torch
 
 from prefixcap.errors import ModelLoadError
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config file larger than this is not one
+
 
 def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
-    """Run a transformers loader; turn its errors into one clear line. Missing files and bad ids
-    raise OSError or ValueError, damaged files anything from SafetensorError to AttributeError."""
+    """Run a transformers loader, never trusting remote code; turn its errors into one clear line.
+    Missing files and bad ids raise OSError or ValueError, damaged files anything from
+    SafetensorError to AttributeError."""
+    refuse_remote_code(source)
     try:
-        return loader(str(source), **kwargs)
+        return loader(str(source), trust_remote_code=False, **kwargs)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None
@@ -44,12 +53,49 @@ def load_checked(loader: Callable[..., Any], source: str | Path, what: str, **kw
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
     """Refuse NaN or infinite weights: they make every caption empty, silently."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+    name = first_non_finite(state)
+    if name is not None:
+        raise ModelLoadError(f"{source}: tensor {prefix}{name} has non-finite values (NaN or inf)")
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding a NaN or an infinity, or None."""
+    return next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def first_names(names: Iterable[str]) -> str:
     """The first of some tensor names, and how many more there are."""
     names = sorted(names)
     return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def refuse_remote_code(source: str | Path) -> None:
+    """Refuse a local folder whose config files (`*config.json`) ask for custom code (an `auto_map`
+    entry): prefixcap runs no model's code. A hub id is left to `trust_remote_code=False`."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*config*.json")):
+        try:
+            config = read_json(path)
+        except ModelLoadError:
+            continue  # damaged, or not a regular file: the loader reports it (trust_remote_code=False still holds)
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelLoadError(
+                f"{path}: asks to run the folder's own Python code (auto_map); prefixcap never runs a model's code"
+            )
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of the regular file `path` (at most MAX_CONFIG_BYTES: a FIFO or device would
+    block or never end); ModelLoadError names the file and the problem."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing, or not a regular file")
+    with path.open("rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None

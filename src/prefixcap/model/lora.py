@@ -18,8 +18,11 @@ PEFT is imported only after `prefixcap.system.extras.require("lora", ...)`.
 
 from __future__ import annotations
 
+import json
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +31,7 @@ from transformers import PreTrainedModel
 
 from prefixcap.engine.families import FAMILIES, family_of
 from prefixcap.errors import ModelLoadError, UserError
+from prefixcap.model.hf_loading import first_non_finite, read_json
 from prefixcap.system.extras import require
 
 ADAPTER_DIR = "decoder_adapter"  # in a model directory
@@ -35,6 +39,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors of its wrapped model
 _NAME = "default"  # PEFT's adapter name; prefixcap uses one adapter per decoder
+MAX_ALPHA = 65536  # LoRA's alpha (its scale is alpha / r); training's default is 2 r, and r <= 4096
+# The fields of adapter_config.json that prefixcap sets; loading reads these, and every other field
+# of PEFT's LoraConfig must keep its default (modules_to_save, use_dora, rank_pattern, megatron_core,
+# ... would change what loads, or import a module by name). inference_mode is set on loading.
+_WRITTEN = ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "task_type", "base_model_name_or_path")
+_INFORMATIVE = ("inference_mode", "peft_version")
 
 
 def require_peft(feature: str) -> None:
@@ -69,6 +79,9 @@ def add_lora(decoder: PreTrainedModel, rank: int, alpha: float, targets: Sequenc
     from peft import LoraConfig, inject_adapter_in_model
     from transformers.pytorch_utils import Conv1D
 
+    problem = size_problem(rank, alpha, decoder, names=("--lora-rank", "--lora-alpha"))
+    if problem:
+        raise UserError(problem)
     targets = tuple(targets) if targets else default_targets(decoder)
     matched = {name.rpartition(".")[2]: module for name, module in decoder.named_modules()}
     unknown = [target for target in targets if target not in matched]
@@ -111,13 +124,9 @@ def load_adapter(
     safetensors file) applied: merged into the base weights (a plain HF model), or kept as separate
     trainable layers (`merge=False`, to continue training it)."""
     require_peft(f"{directory.parent}: a LoRA model directory")
-    from peft import LoraConfig, LoraModel, set_peft_model_state_dict
+    from peft import LoraModel, set_peft_model_state_dict
 
-    try:
-        config = LoraConfig.from_pretrained(str(directory))
-    except Exception as error:  # a missing file, bad JSON, an unknown field: PEFT raises all kinds
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelLoadError(f"{directory / ADAPTER_CONFIG}: not a usable LoRA config ({reason})") from None
+    config = read_adapter_config(directory / ADAPTER_CONFIG, decoder)
     config.inference_mode = merge  # False: the injected layers train
     source = directory / ADAPTER_WEIGHTS
     try:
@@ -130,7 +139,67 @@ def load_adapter(
     if result.unexpected_keys or missing:
         what = f"unexpected tensor {result.unexpected_keys[0]}" if result.unexpected_keys else f"lacks {missing[0]}"
         raise ModelLoadError(f"{source}: {what} (an adapter for another decoder?)")
-    return tuner.merge_and_unload() if merge else decoder
+    if not merge:
+        return decoder
+    merged = tuner.merge_and_unload()
+    overflow = first_non_finite(merged.state_dict())  # B A x alpha / r can overflow float32, and NaN captions are empty
+    if overflow is not None:
+        raise ModelLoadError(f"{directory}: merging the adapter gives non-finite weights ({overflow})")
+    return merged
+
+
+def read_adapter_config(path: Path, decoder: PreTrainedModel) -> Any:
+    """The peft.LoraConfig of an adapter_config.json that prefixcap wrote for `decoder`, checked:
+    only the `_WRITTEN` fields may differ from LoraConfig's defaults, and r and lora_alpha must be
+    in range (`size_problem`), so that nothing is allocated for a config PEFT would misread."""
+    from peft import LoraConfig
+
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    defaults = json.loads(json.dumps(LoraConfig().to_dict()))  # as save_pretrained writes them
+    for key, value in values.items():
+        if key in _WRITTEN or key in _INFORMATIVE:
+            continue
+        if key in defaults:
+            if value == defaults[key]:
+                continue
+            reason = f"prefixcap's adapters leave it {json.dumps(defaults[key])}"
+        elif value in (None, False, [], {}):  # a newer PEFT's field, unset
+            continue
+        else:
+            reason = "not a LoRA field prefixcap writes"
+        raise ModelLoadError(f"{path}: {key} is set ({reprlib.repr(value)}); {reason}")
+    rank, alpha = values.get("r", defaults["r"]), values.get("lora_alpha", defaults["lora_alpha"])
+    targets, fan_in_fan_out = values.get("target_modules"), values.get("fan_in_fan_out", False)
+    task, base = values.get("task_type"), values.get("base_model_name_or_path")
+    problem = size_problem(rank, alpha, decoder)
+    if problem is None and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t.isidentifier() for t in targets)
+    ):
+        problem = f"target_modules must be a list of module names, got {reprlib.repr(targets)}"
+    if problem is None and not isinstance(fan_in_fan_out, bool):
+        problem = f"fan_in_fan_out must be true or false, got {reprlib.repr(fan_in_fan_out)}"
+    if problem is None and task not in (None, "CAUSAL_LM"):
+        problem = f"task_type is set ({reprlib.repr(task)}); prefixcap's adapters are CAUSAL_LM"
+    if problem is None and not isinstance(base, str | None):
+        problem = f"base_model_name_or_path must be a string, got {reprlib.repr(base)}"
+    if problem:
+        raise ModelLoadError(f"{path}: {problem}")
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), fan_in_fan_out=fan_in_fan_out,
+                      task_type=task, base_model_name_or_path=base)  # fmt: skip
+
+
+def size_problem(rank: Any, alpha: Any, decoder: nn.Module, names: tuple[str, str] = ("r", "lora_alpha")) -> str | None:
+    """Why `rank` and `alpha` (named `names`) cannot be those of an adapter on `decoder`, or None:
+    r is an integer up to the decoder's width (more adds nothing, and allocates r x width per
+    adapted layer), alpha a number in (0, MAX_ALPHA] (NaN or a huge scale empties every caption)."""
+    width = decoder.get_input_embeddings().embedding_dim
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= width:
+        return f"{names[0]} must be an integer between 1 and {width} (the decoder's width), got {reprlib.repr(rank)}"
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= MAX_ALPHA:
+        return f"{names[1]} must be a number > 0 and at most {MAX_ALPHA}, got {reprlib.repr(alpha)}"
+    return None
 
 
 def _leaf_names(module: nn.Module) -> set[str]:

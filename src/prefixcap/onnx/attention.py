@@ -9,13 +9,8 @@ binds the decoding engine's own cache there, so nothing is copied and beam searc
 cache as for any forward. Unshared, the op returns past + new as usual, which is how other
 runtimes can run it (see the manifest's usage).
 
-Measured on the 2-core AMD EPYC (AVX512-VNNI), full-size GPT-2 int8, 64 rows, 10 prefix + 19
-cached steps, in one process on the same inputs: the HF attention graph with its present fed back
-took 0.947 s (median of 6), this graph on a shared cache 0.886 s (1.07x; 1.04x in a second run).
-The profiler shows why: a cached step went from 40 ms at 10 positions to 60 ms at 28 with the
-Concat (10.5 % of kernel time), and stays at ~40 ms with it gone. GroupQueryAttention is now 19-23 %
-of kernel time, the int8 matrix multiplies 65-69 %: on CPU the op runs two small GEMMs per row and
-head, so at 64 rows x 12 heads its cost is mostly per-call overhead.
+The step time then no longer grows with the caption (measurements:
+benchmarks/results/cpu-2026-11-29/notes.md).
 
 The graph gets the op through three official extension points, so any decoder whose attention
 module calls `ALL_ATTENTION_FUNCTIONS` (GPT-2, the Llama family) exports the same way:

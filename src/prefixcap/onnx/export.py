@@ -32,20 +32,24 @@ from torch import nn
 from prefixcap.errors import UserError
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.onnx.attention import TRANSLATION, SharedKV, attention_of
-from prefixcap.onnx.runtime import (
+from prefixcap.onnx.manifest import (
     DECODER_FILE,
     EMBEDDINGS_FILE,
     ENCODER_FILE,
     EXPORT_DIRECTORY,
+    EXPORT_ENTRIES,
+    FILES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    OrtDecoder,
+    check_graphs,
     is_onnx_export,
     past_names,
     present_names,
-    session,
+    read_embeddings,
+    read_manifest,
 )
+from prefixcap.onnx.runtime import OrtDecoder, session
 from prefixcap.system.atomic import atomic_dir, check_output_dir
 from prefixcap.system.extras import require
 from prefixcap.system.hardware import QUANTIZE_CHOICES
@@ -177,18 +181,20 @@ def export_onnx(
     the manifest written there. `quantize="int8"` gives the decoder int8 weights (dynamic
     quantization of its MatMuls). The folder appears only once both graphs passed their check
     (`ExportCheckError` otherwise); an earlier export there is replaced only with `overwrite`,
-    and a folder holding anything else is refused. `progress` is told each step's name."""
+    and a folder holding anything else (an export included) is refused. `progress` is told each step's name."""
     require("onnx", feature="prefixcap export onnx")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
-    check_output_dir(out_dir, what=EXPORT_DIRECTORY, is_ours=is_onnx_export, overwrite=overwrite)
+    check_output_dir(
+        out_dir, what=EXPORT_DIRECTORY, is_ours=is_onnx_export, overwrite=overwrite, entries=EXPORT_ENTRIES
+    )
     say = progress or (lambda step: None)
     say("loading the model")
     model = CaptionModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32).eval()
     shape = cache_shape(model.decoder)
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, ours=EXPORT_ENTRIES) as staging:
         say("exporting the encoder")
         export_encoder(model, staging / ENCODER_FILE, opset=opset)
         say("exporting the decoder")
@@ -207,6 +213,10 @@ def export_onnx(
             checked["int8"] = check_export(model, staging, quantized=True)
         manifest = build_manifest(model, shape, quantize=quantize, opset=opset, checked=checked, source=model_dir)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        say("reading the export back as prefixcap reads it")
+        written = read_manifest(staging)  # what runtime checks, so no export is written that it would refuse
+        check_graphs(written, session(written.files["encoder"]), session(written.files["decoder"]))
+        read_embeddings(written)
     return manifest
 
 
@@ -398,13 +408,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "files": {
-            "encoder": ENCODER_FILE,
-            "decoder": DECODER_FILE,
-            "embeddings": EMBEDDINGS_FILE,
-            "tokenizer": "tokenizer",
-            "image_processor": "image_processor",
-        },
+        "files": FILES,
         "usage": {
             "encoder": f"pixel_values [batch, 3, {height}, {width}] float32, the image processor's normalised "
             f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",

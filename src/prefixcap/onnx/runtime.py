@@ -1,7 +1,8 @@
 """Captioning with an ONNX export (`prefixcap export onnx`) on ONNX Runtime's CPU execution provider.
 
 An export directory holds two graphs and what is needed to drive them (see `onnx.export`, which
-writes it, and `MANIFEST_NAME`, which describes it for other runtimes):
+writes it, and its manifest, which describes it for other runtimes and which `onnx.manifest`
+checks before any graph runs):
 
     encoder.onnx            pixel_values [B, 3, H, W] -> prefix_embeds [B, K, hidden]
     decoder.onnx            (inputs_embeds [rows, S, hidden], past_length [] int64,
@@ -22,7 +23,7 @@ and sampling are the engine's own, token for token. `OnnxCaptionModel` offers th
 
 Speed: `OrtDecoder` binds the engine's own cache as each layer's shared past/present buffer, so a
 step copies no keys or values at all: the graph writes the new positions where the engine reads
-them (measured in `onnx.attention`'s docstring).
+them (benchmarks/results/cpu-2026-11-29/notes.md has the measurements behind these choices).
 
 onnxruntime is an optional dependency (`pip install "prefixcap[onnx]"`): it is imported only after
 `prefixcap.system.extras.require`, inside the functions that need it.
@@ -30,7 +31,6 @@ onnxruntime is an optional dependency (`pip install "prefixcap[onnx]"`): it is i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,54 +40,21 @@ import torch.nn.functional as F
 
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
-from prefixcap.model.caption_model import read_safetensors
-from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import load_image_processor
 from prefixcap.model.generation import CaptionGeneration
+from prefixcap.model.hf_loading import hf_call
+from prefixcap.onnx.manifest import (
+    Manifest,
+    check_graphs,
+    is_onnx_export,
+    past_names,
+    present_names,
+    read_embeddings,
+    read_manifest,
+)
 from prefixcap.system.extras import require
 
-MANIFEST_NAME = "prefixcap_onnx.json"
-FORMAT = "prefixcap-onnx"
-FORMAT_VERSION = 3  # 3: GroupQueryAttention, with past_length and past/present buffers that may be shared
-ENCODER_FILE, DECODER_FILE, EMBEDDINGS_FILE = "encoder.onnx", "decoder.onnx", "embeddings.safetensors"
-EXPORT_DIRECTORY = "prefixcap ONNX export"
-
-
-def past_names(layers: int) -> list[str]:
-    """The decoder graph's cache inputs, in order: past.0.key, past.0.value, past.1.key, ..."""
-    return [f"past.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
-
-
-def present_names(layers: int) -> list[str]:
-    """The decoder graph's cache outputs, in the order of `past_names`: present.0.key, present.0.value, ..."""
-    return [name.replace("past.", "present.", 1) for name in past_names(layers)]
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    """Whether `path` is a folder holding an ONNX export's manifest (and so may be replaced by one)."""
-    return (Path(path) / MANIFEST_NAME).is_file()
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The export's manifest, checked for its format and version; ModelLoadError names the problem."""
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise ModelLoadError(f"{path}: cannot read the ONNX export's manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelLoadError(f"{path}: not a {EXPORT_DIRECTORY} manifest (format is not {FORMAT!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path}: format_version {version!r} is newer than this prefixcap reads ({FORMAT_VERSION}); upgrade prefixcap"
-        )
-    if version < FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path}: format_version {version} was written by an older prefixcap; export the model again "
-            "(prefixcap export onnx MODEL OUT --overwrite)"
-        )
-    return manifest
+__all__ = ["OnnxCaptionModel", "OrtDecoder", "is_onnx_export", "session"]
 
 
 def session(path: str | Path, *, threads: int | None = None) -> Any:
@@ -102,7 +69,7 @@ def session(path: str | Path, *, threads: int | None = None) -> Any:
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's concern
     # Idle ORT threads sleep rather than spin: between steps PyTorch runs the search on the same cores,
-    # and spinning threads starve it (measured: fp32 greedy decoding 1.8x faster without spinning).
+    # and spinning threads starve it.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -141,7 +108,7 @@ class OrtDecoder:
 
     def new_cache(self, rows: int, length: int) -> torch.Tensor:
         """Uninitialised: the graph reads only positions it wrote (tests fill the rest with NaN), and
-        zeroing a full-size cache cost ~15 ms a decode (GPT-2, 64 rows, 29 positions)."""
+        zeroing a full-size cache is a measurable share of a decode."""
         shape = (self.num_layers, 2, rows, self.num_kv_heads, length, self.head_dim)
         return torch.empty(shape, dtype=self.dtype)
 
@@ -182,31 +149,28 @@ class OnnxCaptionModel(CaptionGeneration):
     This class provides what that needs: the encoder graph for the image prefix, the embedding
     matrix for prompt tokens, and the decoder graph as the engine's forward."""
 
-    def __init__(self, directory: str | Path, manifest: dict[str, Any], *, threads: int | None = None):
+    def __init__(self, directory: str | Path, manifest: Manifest, *, threads: int | None = None):
+        """`manifest` is `read_manifest(directory)`'s; its numbers are checked against the graphs
+        here, before anything is sized by them."""
+        from PIL import Image
         from transformers import AutoTokenizer
 
-        directory = Path(directory)
-        self.directory, self.manifest = directory, manifest
-        files = manifest["files"]
-        for name in (files["encoder"], files["decoder"], files["embeddings"], files["tokenizer"]):
-            if not (directory / name).exists():
-                raise ModelLoadError(f"{directory}: missing {name} (the ONNX export is incomplete)")
-        self.config = CaptionConfig(**manifest["caption_config"])
-        self.encoder = session(directory / files["encoder"], threads=threads)
-        embeddings = read_safetensors(directory / files["embeddings"])["weight"].float()
-        self.decoder = OrtDecoder(
-            session(directory / files["decoder"], threads=threads), embeddings,
-            num_layers=int(manifest["num_layers"]), num_kv_heads=int(manifest["num_kv_heads"]),
-            head_dim=int(manifest["head_dim"]), max_positions=int(manifest["max_positions"]),
-        )  # fmt: skip
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(directory / files["tokenizer"]))
-        except Exception as error:
-            raise ModelLoadError(f"{directory / files['tokenizer']}: cannot load the tokenizer ({error})") from None
+        self.directory, self.manifest = Path(directory), manifest
+        files = manifest.files
+        self.config = manifest.caption_config
+        self.preprocessor = ImagePreprocessor(load_image_processor(files["image_processor"]))
+        self.tokenizer = hf_call(AutoTokenizer.from_pretrained, files["tokenizer"], "tokenizer")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.preprocessor = ImagePreprocessor(load_image_processor(directory / files["image_processor"]))
-        self.quantize: str | None = manifest.get("quantize")
+        self.encoder = session(files["encoder"], threads=threads)
+        graph = session(files["decoder"], threads=threads)
+        image_size = tuple(self.preprocessor.pixels(Image.new("RGB", (640, 480))).shape[1:])
+        check_graphs(manifest, self.encoder, graph, image_size=image_size)
+        self.decoder = OrtDecoder(
+            graph, read_embeddings(manifest), num_layers=manifest.num_layers, num_kv_heads=manifest.num_kv_heads,
+            head_dim=manifest.head_dim, max_positions=manifest.max_positions,
+        )  # fmt: skip
+        self.quantize = manifest.quantize
         self._check_defaults()
 
     @classmethod
@@ -229,15 +193,12 @@ class OnnxCaptionModel(CaptionGeneration):
         if dtype not in (None, "auto", "float32", torch.float32):
             raise UserError(f"{directory}: an ONNX export runs float32 activations; --dtype {dtype} does not apply")
         manifest = read_manifest(directory)
-        if quantize is not None and quantize != manifest.get("quantize"):
+        if quantize is not None and quantize != manifest.quantize:
             raise UserError(
                 f"{directory}: quantization is chosen at export (this export is "
-                f"{manifest.get('quantize') or 'not quantized'}); run prefixcap export onnx ... --quantize {quantize}"
+                f"{manifest.quantize or 'not quantized'}); run prefixcap export onnx ... --quantize {quantize}"
             )
-        try:
-            return cls(directory, manifest, threads=threads)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelLoadError(f"{Path(directory) / MANIFEST_NAME}: incomplete manifest ({error!r})") from None
+        return cls(directory, manifest, threads=threads)
 
     # ------------------------------------------------------------------ what Captioner reads
     device = torch.device("cpu")

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.model.config import FEATURE_KINDS, CaptionConfig, normalize_model_id
-from prefixcap.system.atomic import atomic_path, write_atomic
+from prefixcap.system.atomic import atomic_path, holds_only, write_atomic
 
 MANIFEST = "store.json"
 BAD_IMAGES = "bad_images.jsonl"
@@ -343,14 +343,6 @@ def is_feature_store(path: Path) -> bool:
     """Whether `path` holds nothing but a feature store's files (finished or not), so that
     `prepare` may write into it."""
     return holds_only(path, (MANIFEST, BAD_IMAGES, SHARD_DIR))
-
-
-def holds_only(path: Path, names: Collection[str]) -> bool:
-    """Whether every entry of folder `path` is one of `names`, or a leftover staging copy of one
-    (".NAME.*", as `prefixcap.system.atomic` and `save_pretrained` name them)."""
-    return all(
-        entry.name in names or any(entry.name.startswith(f".{name}.") for name in names) for entry in path.iterdir()
-    )
 
 
 # ---------------------------------------------------------------------- writing

@@ -25,6 +25,7 @@ BEST_METRICS = ("cider", "bleu4", "loss")
 OBJECTIVES = ("xent", "scst")
 SCST_REWARDS = ("cider", "clipscore", "cider+clipscore")
 SCST_BASELINES = ("mean", "greedy")
+MAX_SAMPLES_PER_IMAGE = 100  # scst: each step samples batch_size x this many captions at most
 # The range of every numeric option, inclusive (None: no maximum). Config files and the command
 # line's flags are checked against this one table, and neither accepts NaN or infinities.
 BOUNDS: dict[str, tuple[float, float | None]] = {
@@ -33,7 +34,7 @@ BOUNDS: dict[str, tuple[float, float | None]] = {
     "warmup": (0, None), "weight_decay": (0, None), "grad_accum": (1, None), "max_grad_norm": (0, None),
     "seed": (0, 2**32 - 1),  # NumPy's legacy seeding, which accelerate's set_seed uses, takes 32 bits
     "max_caption_tokens": (2, None), "val_images": (0, None), "save_every": (0, None), "log_every": (1, None),
-    "samples_per_image": (1, None), "max_new_tokens": (1, None),
+    "samples_per_image": (1, MAX_SAMPLES_PER_IMAGE), "max_new_tokens": (1, None),
     "lora_rank": (1, 4096), "lora_alpha": (0, None),
 }  # fmt: skip
 
@@ -106,6 +107,7 @@ class TrainConfig:
             (self.reward in SCST_REWARDS, f"reward must be one of {', '.join(SCST_REWARDS)}"),
             (self.baseline in SCST_BASELINES, f"baseline must be one of {', '.join(SCST_BASELINES)}"),
             (_weights(self.reward_weights) is not None, "reward_weights must be two numbers >= 0, e.g. 1,1"),
+            (_weights(self.reward_weights) != (0, 0), "reward_weights must not both be 0 (the reward would be 0)"),
             (
                 self.objective != "scst" or self.init is not None,
                 "objective scst needs init: the model to fine-tune (trained with cross-entropy first)",

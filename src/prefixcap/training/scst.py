@@ -150,8 +150,7 @@ class SelfCritical:
         sampled_at = time.perf_counter()
         rewards = self.reward(texts, images).reshape(len(images), self.k)
         if greedy_texts is None:
-            # reward - the mean of the other samples', as the mean of the differences: exactly 0 when all are equal
-            advantages = (rewards[:, :, None] - rewards[:, None, :]).sum(2) / (self.k - 1)
+            advantages = mean_of_others_advantages(rewards)
         else:
             advantages = rewards - self.reward(greedy_texts, images)[:, None]
         baselines = rewards - advantages
@@ -232,6 +231,14 @@ def window_metrics(sums: dict[str, float]) -> dict[str, float]:
         "reward_share": sums.get("reward_s", 0.0) / seconds,
         "sample_share": sums.get("sample_s", 0.0) / seconds,
     }
+
+
+def mean_of_others_advantages(rewards: np.ndarray) -> np.ndarray:
+    """reward - the mean reward of the image's other k - 1 samples, for rewards [B, k]: O(B*k),
+    as (sum - own) / (k - 1). Measured from each image's first reward, so that equal rewards give
+    exactly 0 (no rounding in the sum), and the gradient with them."""
+    shifted = rewards - rewards[:, :1]
+    return shifted - (shifted.sum(axis=1, keepdims=True) - shifted) / (rewards.shape[1] - 1)
 
 
 def sampling_seed(parts: Sequence[int]) -> int:

@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from prefixcap.errors import UserError
-from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.caption_model import MODEL_ENTRIES, CaptionModel
 from prefixcap.model.registry import resolve_model_dir
-from prefixcap.pipeline.features import FeatureStore, holds_only
-from prefixcap.system.atomic import check_output_dir, replace_dir
+from prefixcap.pipeline.features import FeatureStore
+from prefixcap.system.atomic import check_output_dir, foreign_entries, holds_only, replace_dir
 from prefixcap.system.extras import require
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches, record_prompts, trained_prompt
@@ -66,6 +66,7 @@ from prefixcap.training.step import (
 
 LAST, BEST = "last", "best"
 RUN_ENTRIES = (BEST, LAST, METRICS_CSV, CURVES_PNG, TENSORBOARD_DIR)  # everything a run writes
+CHECKPOINT_ENTRIES = {BEST: MODEL_ENTRIES, LAST: (*MODEL_ENTRIES, STATE_DIR)}  # and in its checkpoints
 _METRIC_NAMES = {"cider": "CIDEr", "bleu4": "BLEU-4", "loss": "val_loss"}
 
 
@@ -307,7 +308,7 @@ class Trainer:
         rng_states = gather_object([capture_rng()])
         if self.accelerator.is_main_process:
             if best:
-                self.model.save_pretrained(self.run_dir / BEST)
+                self.model.save_pretrained(self.run_dir / BEST, keep_foreign=True)  # a user's eval/ in it stays
             state = TrainingState(
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
@@ -443,6 +444,14 @@ def _check_new_run(run_dir: Path, overwrite: bool) -> None:
             "or choose another --out"
         )
     check_output_dir(run_dir, what="prefixcap training run", is_ours=is_run_dir, overwrite=overwrite)
+    for name, entries in CHECKPOINT_ENTRIES.items():
+        checkpoint = run_dir / name
+        foreign = foreign_entries(checkpoint, entries) if checkpoint.is_dir() and not checkpoint.is_symlink() else []
+        if foreign:  # checkpoints keep what a user puts in them, and so must --overwrite
+            raise UserError(
+                f"{checkpoint}: holds {', '.join(foreign)}, which the run did not write; --overwrite would delete it "
+                "(move it elsewhere first, or choose another --out)"
+            )
 
 
 def is_run_dir(path: Path) -> bool:
@@ -480,9 +489,9 @@ def _check_same_store(store: FeatureStore, saved: TrainingState, state_dir: Path
 
 def save_checkpoint(directory: Path, model: CaptionModel, state: TrainingState) -> None:
     """Write a model directory plus its training_state/, then swap it into place, so that
-    `directory` always holds one complete checkpoint."""
+    `directory` always holds one complete checkpoint. What else a user put there stays."""
     staging = directory.with_name(f".{directory.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving (only ever ours)
     model.save_pretrained(staging)
     save_training_state(staging / STATE_DIR, state)
-    replace_dir(staging, directory)
+    replace_dir(staging, directory, ours=CHECKPOINT_ENTRIES[LAST])
