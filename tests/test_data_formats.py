@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import webdataset as wds
 
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes, split_records
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.inputs.sources import LocalPath, read_shard
 from tests.helpers_data import DATASET, WRITERS, png, write_images, write_jsonl, write_karpathy, write_shards
 
 
@@ -249,3 +252,50 @@ def test_uncaptioned_samples_are_skipped_with_a_warning(
     assert [record.message.split(": ")[-1] for record in caplog.records] == [
         "skipped 1 samples without an image or a non-empty caption .txt"
     ] * expected
+
+
+def sparse_tar(path: Path, member: str, size: int) -> Path:
+    """A tar holding one member of `size` zero bytes, stored sparse: no disk space for the data."""
+    info = tarfile.TarInfo(member)
+    info.size = size
+    with open(path, "wb") as file:
+        file.write(info.tobuf())
+        file.truncate(tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block open() until a writer came
+def test_image_reads_open_only_regular_files_and_cap_their_size(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        read_image_bytes(str(fifo))
+    with pytest.raises(ImageLoadError, match=r"zero.png: not a regular file \(a character device\)$"):
+        read_image_bytes(str(tmp_path / "zero.png"))
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as file:
+        file.truncate(2**31)  # sparse
+    with pytest.raises(ImageLoadError, match=r"huge.png: 2,147,483,648 bytes, over the [\d,]+-byte limit"):
+        read_image_bytes(str(huge))
+
+
+@pytest.mark.timeout(30)
+def test_shards_are_regular_files_and_their_members_are_capped(tmp_path: Path) -> None:
+    from prefixcap.inputs.images import MAX_IMAGE_BYTES
+
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"fifo.tar#a.png: .*fifo.tar: not a regular file \(a FIFO\)$"):
+        read_image_bytes(f"{fifo}#a.png")
+    with pytest.raises(ImageLoadError, match=r"fifo.tar: not a regular file \(a FIFO\)$"):
+        list(read_shard(LocalPath(fifo)))
+
+    size = MAX_IMAGE_BYTES + 1
+    shard = sparse_tar(tmp_path / "big.tar", "big.png", size)
+    with pytest.raises(ImageLoadError, match=rf"big.tar#big.png: {size:,} bytes, over the [\d,]+-byte limit"):
+        read_image_bytes(f"{shard}#big.png")
+    ((name, reason),) = read_shard(LocalPath(shard))  # streamed: skipped unread
+    assert (
+        name == f"{shard}#big.png" and reason == f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for an image"
+    )

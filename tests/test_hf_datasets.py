@@ -4,6 +4,7 @@ ids, `datasets.Dataset` objects, and Parquet output that `datasets.load_dataset`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from prefixcap.data import CaptionRecord, load_records, read_image_bytes
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.loader import read_image
 from prefixcap.inputs.sources import StoredImage
 from prefixcap.pipeline.features import FeatureStore
 
@@ -254,3 +256,32 @@ def test_prepare_features_takes_a_dataset_dict(synth, tiny_components, tmp_path:
     manifest = prepare_features(splits, tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0)
     assert manifest.splits == {"train": 20, "val": 4} and manifest.num_bad == 0
     assert Path(manifest.source).parent == tmp_path / "cache" / "prefixcap"
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+def path_parquet(file: Path, paths: list[str]) -> Path:
+    """A Parquet dataset whose image structs hold only paths, as `datasets` writes unembedded images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.array(
+        [{"bytes": None, "path": path} for path in paths], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
+    pq.write_table(pa.table({"image": image, "text": [f"caption {n}" for n in range(len(paths))]}), file)
+    return file
+
+
+@pytest.mark.timeout(60)  # a FIFO used to block open() until a writer came
+def test_parquet_path_cells_and_metadata_names_open_only_regular_files(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    dataset = path_parquet(tmp_path / "data.parquet", ["fifo.png", "zero.png"])
+    with pytest.raises(ImageLoadError, match=r"data.parquet#row=0: .*fifo.png: not a regular file \(a FIFO\)$"):
+        read_image_bytes(f"{dataset}#row=0")
+    with pytest.raises(ImageLoadError, match=r"data.parquet#row=1: .*zero.png: not a regular file \(a character"):
+        read_image_bytes(f"{dataset}#row=1")
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "fifo.png", "text": "a pipe"}) + "\n")
+    (record,) = load_records(tmp_path, format="imagefolder")
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        read_image(record.image)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.inputs.images import load_image
+from prefixcap.inputs.images import load_image, open_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -132,3 +134,34 @@ def test_bad_bytes_and_arrays(tmp_path):
         load_image(np.zeros((2, 2, 2, 2), np.uint8))
     with pytest.raises(ImageLoadError, match="is a directory"):
         load_image(tmp_path)
+
+
+# A file over the byte cap whose first bytes are a valid small PNG: only the cap refuses it. Sparse,
+# so that it takes no disk space.
+HUGE_FILE_BYTES = 2**31
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block open() until a writer came
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        load_image(fifo)
+    with pytest.raises(ImageLoadError, match=r"zero.png: not a regular file \(a character device\)$"):
+        load_image("/dev/zero", name="zero.png")
+    link = tmp_path / "link.png"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ImageLoadError, match=r"link.png: not a regular file \(a character device\)$"):
+        load_image(link)
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file"):
+        open_image(fifo)
+
+
+def test_image_files_over_the_byte_cap_are_refused_unread(tmp_path):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as file:
+        file.write(encode(Image.new("RGB", (4, 4))))
+        file.truncate(HUGE_FILE_BYTES)
+    with pytest.raises(ImageLoadError, match=r"huge.png: 2,147,483,648 bytes, over the [\d,]+-byte limit"):
+        load_image(path)
+    assert psutil.Process().memory_info().rss < HUGE_FILE_BYTES // 4  # the file was never read

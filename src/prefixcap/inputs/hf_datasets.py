@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from prefixcap.errors import UserError
-from prefixcap.inputs.images import IMAGE_EXTENSIONS
+from prefixcap.inputs.images import IMAGE_EXTENSIONS, read_image_file
 from prefixcap.system.extras import require
 
 IMAGE_COLUMNS = ("image", "img", "file_name")  # tried in this order when no --image-column is given
@@ -143,7 +143,8 @@ def row_references(path: Path, image_column: str | None = None) -> list[str]:
 
 def read_parquet_image(reference: str) -> bytes:
     """The encoded bytes of a `file.parquet#row=N[&column=C]` image: the cell's bytes, else the
-    local file its path names (relative to the Parquet file's folder). Raises UserError or OSError."""
+    local file its path names (relative to the Parquet file's folder), read as every image file is
+    (`read_image_file`). Raises UserError (ImageLoadError for that file) or OSError."""
     match = _ROW_REFERENCE.match(reference)
     if match is None:
         raise ValueError(f"not a Parquet row reference: {reference!r}")
@@ -163,7 +164,7 @@ def read_parquet_image(reference: str) -> bytes:
         return value
     if not isinstance(value, str) or not value:
         raise UserError(f"{file}: row {row} has no image in column {column!r}")
-    return (Path(file).parent / value).read_bytes()  # only ever a local file
+    return read_image_file(Path(file).parent / value)  # only ever a local, regular file
 
 
 @functools.lru_cache(maxsize=16)
