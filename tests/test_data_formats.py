@@ -218,6 +218,55 @@ MALFORMED = {
     "no shards match": ({}, "s-{0..3}.tar", {}, "s-0.tar: no such shard file"),
     "glob matches nothing": ({}, "s-*.tar", {}, "s-*.tar: no file matches"),
     "not a tar": ({"s.tar": b"not a tar at all" * 100}, "s.tar", {}, "s.tar: not an uncompressed tar file"),
+    # Python's own limits on nesting and CSV fields, met by hostile files.
+    "deeply nested json line": (
+        {"d.jsonl": "[" * 100_000},
+        "d.jsonl",
+        {},
+        "d.jsonl:1: invalid JSON (nested too deeply)",
+    ),
+    "deeply nested coco": (
+        {"c.json": '{"images": ' + "[" * 100_000},
+        "c.json",
+        {},
+        "c.json: invalid JSON (nested too deeply)",
+    ),
+    "deeply nested csv captions": (
+        {"d.csv": "image,captions\na.png," + "[" * 100_000 + "\n"},
+        "d.csv",
+        {},
+        "d.csv:2: 'captions' is not a JSON list (nested too deeply)",
+    ),
+    "csv cell over the field limit": (
+        {"d.csv": "image,caption\na.png," + "x" * 200_000 + "\n"},
+        "d.csv",
+        {},
+        "d.csv:2: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder csv cell over the field limit": (
+        {"ds/metadata.csv": "file_name,text\na.png," + "x" * 200_000 + "\n"},
+        "ds",
+        {},
+        "metadata.csv:2: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder csv header over the field limit": (
+        {"ds/metadata.csv": "file_name," + "x" * 200_000 + "\na.png,x\n"},
+        "ds",
+        {},
+        "metadata.csv:1: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder nested json line": (
+        {"ds/metadata.jsonl": "[" * 100_000},
+        "ds",
+        {},
+        "metadata.jsonl:1: invalid JSON (nested too deeply)",
+    ),
+    "imagefolder names no file": (
+        {"ds/metadata.jsonl": '{"file_name": ".", "text": "x"}'},
+        "ds",
+        {},
+        "metadata.jsonl:1: file name '.' names no image file",
+    ),
 }
 
 

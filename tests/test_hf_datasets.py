@@ -285,3 +285,23 @@ def test_parquet_path_cells_and_metadata_names_open_only_regular_files(tmp_path:
     (record,) = load_records(tmp_path, format="imagefolder")
     with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
         read_image(record.image)
+
+
+def test_an_absolute_file_name_is_a_record_not_a_traceback(tmp_path: Path) -> None:
+    image = tmp_path / "elsewhere" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(b"not read here")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "metadata.jsonl").write_text(json.dumps({"file_name": str(image), "text": "x"}) + "\n")
+    (record,) = load_records(tmp_path / "ds")
+    assert (record.image, record.image_id) == (str(image), image.as_posix())
+
+
+def test_a_damaged_parquet_file_is_one_line_for_caption(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    with pytest.raises(UserError, match=r"damaged.parquet: not a Parquet file \("):
+        expand_inputs([str(damaged)])
+    assert main(["caption", str(damaged), "--model", str(tiny_model_dir)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {damaged}: not a Parquet file (")

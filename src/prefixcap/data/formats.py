@@ -27,9 +27,7 @@ Image files are not opened here: `prepare` reads each one and reports the unread
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
 import os
 import re
@@ -43,8 +41,10 @@ from prefixcap.data.hf import export_dataset, is_dataset_object, read_imagefolde
 from prefixcap.data.records import (
     CaptionRecord,
     RecordMerger,
+    csv_rows,
     json_lines,
     parse_caption,
+    parse_json,
     parse_prompt,
     parse_split,
     split_name,
@@ -138,11 +138,8 @@ def _detect_format(path: str) -> str:
 def _read_json(source: str, images_root: Path | None, layout: str | None = None) -> list[CaptionRecord]:
     """COCO or Karpathy: `layout` if forced by `format=`, else whichever the document looks like."""
     path = _existing_file(source)
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    with open(path, encoding="utf-8") as file:
+        document = parse_json(file.read(), str(path), line=True)
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path}: expected a JSON object with an 'images' list (COCO or Karpathy split file)")
@@ -252,19 +249,14 @@ def _read_csv(source: str, images_root: Path | None) -> list[CaptionRecord]:
     root = images_root or path.parent
     merger = RecordMerger()
     with open(path, encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets add a BOM
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
+        columns, rows = csv_rows(path, file)
         if "image" not in columns or not {"caption", "captions"} & set(columns):
             raise UserError(f"{path}: needs an 'image' column and a 'caption' or 'captions' column (has {columns})")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        for where, row in rows:
             # Empty cells count as absent, so one file may mix `caption` rows and `captions` rows.
-            row = {key: value for key, value in row.items() if key is not None and value not in (None, "")}
+            row = {key: value for key, value in row.items() if value not in (None, "")}
             if "captions" in row:
-                try:
-                    row["captions"] = json.loads(row["captions"])
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{where}: 'captions' is not a JSON list ({error.msg})") from None
+                row["captions"] = parse_json(row["captions"], where, "'captions' is not a JSON list")
             _add_row(merger, row, root, where)
     return merger.records()
 

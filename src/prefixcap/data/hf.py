@@ -9,7 +9,6 @@ group), so that a dataset never has to fit in memory.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -18,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefixcap.data.records import CaptionRecord, RecordMerger, json_lines, parse_caption, parse_split, split_name
+from prefixcap.data.records import (
+    CaptionRecord,
+    RecordMerger,
+    csv_rows,
+    json_lines,
+    parse_caption,
+    parse_split,
+    split_name,
+)
 from prefixcap.errors import UserError
 from prefixcap.inputs.hf_datasets import (
     IMAGE_COLUMNS,
@@ -47,7 +54,7 @@ def _captions(value: Any, where: str) -> list[str]:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass  # a caption that starts with "[" is still a caption
     if isinstance(value, str):
         return [parse_caption(value, where)]
@@ -85,8 +92,7 @@ def read_imagefolder(
         raise UserError(f"{source}: no metadata.jsonl or metadata.csv (an imagefolder dataset needs one)")
     merger = RecordMerger()
     for metadata in files:
-        rows = _metadata_rows(metadata)
-        columns = _metadata_columns(metadata, rows)
+        columns, rows = _metadata(metadata)
         image = pick_column(columns, image_column, ("file_name", *IMAGE_COLUMNS), "image", str(metadata))
         caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(metadata))
         base = images_root or metadata.parent
@@ -95,7 +101,10 @@ def read_imagefolder(
             name = row.get(image)
             if not isinstance(name, str) or not name.strip():
                 raise UserError(f"{where}: needs an image file name in column {image!r}")
-            relative = (metadata.parent / name).relative_to(folder).as_posix()
+            if not Path(name).parts:
+                raise UserError(f"{where}: file name {name!r} names no image file")
+            path = metadata.parent / name
+            relative = (path.relative_to(folder) if path.is_relative_to(folder) else path).as_posix()
             split = parse_split(row["split"], where) if "split" in row else _split_of(
                 metadata.parent.name if metadata.parent != folder else "", Path(name).parts[0]
             )  # fmt: skip
@@ -107,24 +116,14 @@ def read_imagefolder(
     return merger.records()
 
 
-def _metadata_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) for every row of a metadata.jsonl or metadata.csv file."""
-    rows = []
+def _metadata(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """The columns of a metadata.jsonl or metadata.csv file, and (where, row) for each of its rows."""
     with open(path, encoding="utf-8-sig", newline="") as file:
         if path.suffix == ".csv":
-            reader = csv.DictReader(file)
-            for row in reader:
-                rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}))
-            return rows
-        rows.extend(json_lines(path, file))
-    return rows
-
-
-def _metadata_columns(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    if path.suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            return next(csv.reader(file), [])
-    return list(dict.fromkeys(key for _, row in rows for key in row))
+            columns, rows = csv_rows(path, file)
+            return columns, list(rows)
+        rows = list(json_lines(path, file))
+    return list(dict.fromkeys(key for _, row in rows for key in row)), rows
 
 
 # --- Parquet -------------------------------------------------------------------------------------

@@ -130,12 +130,9 @@ def reference_file(image: str) -> str:
 def row_references(path: Path, image_column: str | None = None) -> list[str]:
     """One `file.parquet#row=N` reference per row of the Parquet file(s) at `path`: what `caption`
     captions when given a Parquet dataset. Reads only the files' metadata."""
-    require("scale", "pyarrow", feature="Parquet inputs")
-    import pyarrow.parquet as pq
-
     references = []
     for file in parquet_files(path):
-        parquet = pq.ParquetFile(file)
+        parquet = open_parquet(str(file))
         column = pick_column(parquet.schema_arrow.names, image_column, IMAGE_COLUMNS, "image", str(file))
         references += [row_reference(file, row, column) for row in range(parquet.metadata.num_rows)]
     return references
@@ -194,4 +191,4 @@ def open_parquet(file: str) -> Any:
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise UserError(f"{file}: not a Parquet file ({error})") from None
+        raise UserError(f"{file}: not a Parquet file ({' '.join(str(error).split())})") from None  # one line
