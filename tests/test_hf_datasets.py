@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -305,3 +307,116 @@ def test_a_damaged_parquet_file_is_one_line_for_caption(tiny_model_dir: Path, tm
     assert main(["caption", str(damaged), "--model", str(tiny_model_dir)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {damaged}: not a Parquet file (")
+
+
+IMAGE_STRUCT = {"bytes": "binary", "path": "string"}
+
+
+def zero_cells(sizes: list[int]):
+    """An image column of `sizes`-byte cells of zeros, backed by memory that is never written (so
+    it takes no resident memory), written zstd-compressed: a tiny file that is huge once read."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = pa.py_buffer(np.zeros(sum(sizes), np.uint8))
+    offsets = pa.py_buffer(np.cumsum([0, *sizes], dtype=np.int32))
+    cells = pa.Array.from_buffers(pa.binary(), len(sizes), [None, offsets, data])
+    return pa.StructArray.from_arrays([cells, pa.nulls(len(sizes), pa.string())], names=list(IMAGE_STRUCT))
+
+
+def amplifying_parquet(path: Path, case: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if case == "5M rows in one row group":
+        rows = 5_000_000
+        image = pa.nulls(rows, pa.struct([(name, getattr(pa, kind)()) for name, kind in IMAGE_STRUCT.items()]))
+    else:
+        image = zero_cells([300 * 2**20] if case == "one 300 MB cell" else [100 * 2**20] * 11)
+        rows = len(image)
+    table = pa.table({"image": image, "text": pa.array(["a caption"] * rows)})
+    # (without dictionaries, so that the eleven equal cells are eleven cells)
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        compression_level=1,
+        row_group_size=rows,
+        use_dictionary=["text"],
+        write_statistics=False,
+    )
+    return path
+
+
+@contextmanager
+def peak_memory_growth() -> Iterator[list[int]]:
+    """How much this process's peak resident memory grew over the block (Linux /proc), in bytes."""
+
+    def status(field: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak (VmHWM) starts again from here
+    before, growth = status("VmRSS:"), []
+    yield growth
+    growth.append(status("VmHWM:") - before)
+
+
+AMPLIFYING = {  # case -> what the one line says
+    "5M rows in one row group": r"row group 0 has 5,000,000 rows, over the [\d,]+-row limit",
+    "one 300 MB cell": r"row group 0: column 'image' is [\d,]+ bytes uncompressed, over the [\d,]+-byte limit",
+    "1.1 GB in one row group": r"row group 0: column 'image' is [\d,]+ bytes uncompressed, over the [\d,]+-byte limit",
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory with Linux's /proc")
+@pytest.mark.parametrize("case", AMPLIFYING)
+def test_parquet_amplification_is_one_line_in_bounded_memory(tmp_path: Path, case: str) -> None:
+    """A few KB of Parquet can hold GBs of cells or millions of rows: the row list (caption), the
+    records (prepare) and one row's image are each refused in one line, from the file's metadata."""
+    dataset = amplifying_parquet(tmp_path / "data.parquet", case)
+    assert dataset.stat().st_size < 2**20
+    with peak_memory_growth() as growth:
+        with pytest.raises(UserError, match=rf"^{dataset}: {AMPLIFYING[case]}"):
+            expand_inputs([str(dataset)])
+        with pytest.raises(UserError, match=rf"^{dataset}: {AMPLIFYING[case]}"):
+            load_records(dataset)
+        with pytest.raises(ImageLoadError, match=rf"^{dataset}#row=0: {dataset}: {AMPLIFYING[case]}"):
+            read_image_bytes(f"{dataset}#row=0")
+    assert growth[0] < 200 * 2**20, f"peak grew by {growth[0] / 2**20:.0f} MiB"
+
+
+def test_a_parquet_cell_over_the_image_cap_is_refused(tmp_path: Path) -> None:
+    """Cells are capped one by one too: here the row group's column (two cells) fits its limit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefixcap.inputs.images import MAX_IMAGE_BYTES
+
+    table = pa.table({"image": zero_cells([MAX_IMAGE_BYTES + 1, 10]), "text": ["a", "b"]})
+    pq.write_table(table, tmp_path / "data.parquet", compression="zstd", compression_level=1, write_statistics=False)
+    with pytest.raises(ImageLoadError, match=rf"data.parquet#row=0: {MAX_IMAGE_BYTES + 1:,} bytes, over the"):
+        read_image_bytes(f"{tmp_path / 'data.parquet'}#row=0")
+    assert read_image_bytes(f"{tmp_path / 'data.parquet'}#row=1") == b"\0" * 10
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory with Linux's /proc")
+def test_parquet_dictionaries_are_not_expanded_past_the_limit(tmp_path: Path) -> None:
+    """Eleven rows sharing one 100 MB caption, stored once in a dictionary: small on disk and even
+    uncompressed, 1.1 GB as Python strings. The shared image is read once, as stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    caption = pa.Array.from_buffers(pa.string(), 1, zero_cells([100 * 2**20]).field("bytes").buffers())
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 11, pa.int32()), caption)
+    image = pa.DictionaryArray.from_arrays(pa.array([0] * 11, pa.int32()), zero_cells([100 * 2**20]).field("bytes"))
+    images = pa.StructArray.from_arrays([image, pa.nulls(11, pa.string())], names=list(IMAGE_STRUCT))
+    table = pa.table({"image": images, "text": text})
+    pq.write_table(table, tmp_path / "data.parquet", compression="zstd", compression_level=1, write_statistics=False)
+    with peak_memory_growth() as growth:
+        with pytest.raises(UserError, match=r"row group 0: column 'text' holds 1,153,433,600 bytes once expanded"):
+            load_records(tmp_path / "data.parquet")
+        for row in (0, 10):
+            assert len(read_image_bytes(f"{tmp_path / 'data.parquet'}#row={row}")) == 100 * 2**20
+    # a few copies of the one 100 MB value while it is decompressed and read; expanded, 11 of them
+    assert growth[0] < 800 * 2**20, f"peak grew by {growth[0] / 2**20:.0f} MiB"

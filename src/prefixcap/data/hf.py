@@ -33,7 +33,9 @@ from prefixcap.inputs.hf_datasets import (
     open_parquet,
     parquet_files,
     pick_column,
+    read_row_group,
     row_reference,
+    stored_images,
 )
 from prefixcap.system.extras import require
 
@@ -137,7 +139,8 @@ def read_parquet(
     with bytes becomes a `file.parquet#row=N` reference; one with only a path is that file
     (relative to `images_root`, default the Parquet file's folder). The split is a `split`
     column, else the file's folder or the first word of its name (`train-00000-of-00002.parquet`),
-    else train; the image id is an `image_id` column, else `FILE#ROW`."""
+    else train; the image id is an `image_id` column, else `FILE#ROW`. A row group over the
+    limits of `read_row_group` (rows, bytes stored or expanded) is refused in one line."""
     require("scale", "pyarrow", feature="Parquet datasets")
 
     location = Path(source)
@@ -147,39 +150,41 @@ def read_parquet(
     top = location if location.is_dir() else location.parent
     merger = RecordMerger()
     for file in files:
-        parquet = open_parquet(str(file))
-        columns = parquet.schema_arrow.names
-        image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
-        caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
-        wanted = [name for name in dict.fromkeys([image, caption, "image_id", "split"]) if name in columns]
-        default_split = _split_of(file.parent.name, re.split(r"[-_.]", file.name)[0])
-        relative = file.relative_to(top).as_posix() if location.is_dir() else file.name
-        row, skipped = 0, 0
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=wanted).to_pydict()
-            for offset, value in enumerate(table[image]):
-                where = f"{file}: row {row}"
-                captions = _captions(table[caption][offset], where)
-                if captions:
-                    image_ref = _record_image(value, file, row, image, images_root, where)
-                    split = parse_split(table["split"][offset], where) if "split" in table else default_split
-                    image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
-                    merger.add(image_ref, image_id, captions, split, where)
-                skipped += not captions
-                row += 1
-            del table  # one row group's images at a time
+        with open_parquet(file) as parquet:
+            columns = parquet.schema_arrow.names
+            image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
+            caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
+            wanted = [name for name in dict.fromkeys([image, caption, "image_id", "split"]) if name in columns]
+            default_split = _split_of(file.parent.name, re.split(r"[-_.]", file.name)[0])
+            relative = file.relative_to(top).as_posix() if location.is_dir() else file.name
+            row, skipped = 0, 0
+            for group in range(parquet.num_row_groups):
+                table = read_row_group(parquet, file, group, wanted, image_column=image)
+                images = stored_images(table.column(image))  # the images' bytes stay in pyarrow
+                table = table.drop_columns([image]).to_pydict()
+                for offset, value in enumerate(images):
+                    where = f"{file}: row {row}"
+                    captions = _captions(table[caption][offset], where)
+                    if captions:
+                        image_ref = _record_image(value, file, row, image, images_root, where)
+                        split = parse_split(table["split"][offset], where) if "split" in table else default_split
+                        image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
+                        merger.add(image_ref, image_id, captions, split, where)
+                    skipped += not captions
+                    row += 1
+                del table, images  # one row group at a time
         _warn_uncaptioned(skipped, file)
     return merger.records()
 
 
-def _record_image(value: Any, file: Path, row: int, column: str, root: Path | None, where: str) -> str:
-    """The `CaptionRecord.image` of one image cell: a row reference when the file holds its bytes."""
-    if isinstance(value, dict) and value.get("bytes") is not None or isinstance(value, bytes):
+def _record_image(value: bool | str | None, file: Path, row: int, column: str, root: Path | None, where: str) -> str:
+    """The `CaptionRecord.image` of one image cell (see `stored_images`): a row reference when the
+    file holds its bytes, else the file its path names."""
+    if value is True:
         return row_reference(file.absolute(), row, column)
-    path = value.get("path") if isinstance(value, dict) else value
-    if not isinstance(path, str) or not path:
+    if not value:
         raise UserError(f"{where}: column {column!r} holds neither image bytes nor a path")
-    return str(((root or file.parent) / path).absolute())
+    return str(((root or file.parent) / value).absolute())
 
 
 # --- datasets.Dataset objects --------------------------------------------------------------------

@@ -48,8 +48,8 @@ def expand_inputs(
         found = list(_expand_one(pattern, finder, image_column))
         if not found and len(finder.problems) == problems:
             finder.problems[pattern] = _nothing_found(pattern)
-        for source in found:
-            sources.setdefault(file_identity(source) or source, source)
+        for source in found:  # (a dataset's rows and remote shards are not files of their own)
+            sources.setdefault(isinstance(source, LocalPath) and file_identity(source) or source, source)
     return list(sources.values()), list(finder.problems.items())
 
 
