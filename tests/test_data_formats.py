@@ -348,3 +348,51 @@ def test_shards_are_regular_files_and_their_members_are_capped(tmp_path: Path) -
     assert (
         name == f"{shard}#big.png" and reason == f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for an image"
     )
+
+
+def escaping_dataset(root: Path, layout: str) -> tuple[Path, Path]:
+    """(a dataset in `root/ds/` naming one image outside it the way `layout` does, that image)."""
+    write_images(root / "outside", ["private"])
+    secret, folder = root / "outside" / "private.png", root / "ds"
+    folder.mkdir()
+    name = "../outside/private.png"
+    if layout == "jsonl absolute":
+        name = str(secret)
+    elif layout == "jsonl through a link":
+        (folder / "img").symlink_to(root / "outside")
+        name = "img/private.png"
+    elif layout == "jsonl through a linked file":
+        (folder / "private.png").symlink_to(secret)
+        name = "private.png"
+    if layout.startswith("jsonl"):
+        (folder / "data.jsonl").write_text(json.dumps({"image": name, "caption": "x"}) + "\n")
+        return folder / "data.jsonl", secret
+    if layout == "csv":
+        (folder / "data.csv").write_text(f"image,caption\n{name},x\n")
+        return folder / "data.csv", secret
+    if layout == "coco":
+        document = {"images": [{"id": 1, "file_name": name}], "annotations": [{"image_id": 1, "caption": "x"}]}
+        (folder / "captions.json").write_text(json.dumps(document))
+        return folder / "captions.json", secret
+    image = {"filepath": "..", "filename": "outside/private.png", "split": "test", "sentences": [{"raw": "x"}]}
+    (folder / "karpathy.json").write_text(json.dumps({"images": [image]}))
+    return folder / "karpathy.json", secret
+
+
+ESCAPES = ["jsonl", "jsonl absolute", "jsonl through a link", "jsonl through a linked file", "csv", "coco", "karpathy"]
+
+
+@pytest.mark.parametrize("layout", ESCAPES)
+def test_image_paths_stay_inside_the_dataset_root_unless_allowed(tmp_path: Path, layout: str) -> None:
+    dataset, secret = escaping_dataset(tmp_path, layout)
+    with pytest.raises(UserError) as refused:
+        load_records(dataset)
+    message = str(refused.value)
+    assert message.startswith(f"{dataset}:") and "\n" not in message
+    assert f"is outside the dataset's root {tmp_path / 'ds'} (through links too); --allow-outside-root" in message
+
+    (record,) = load_records(dataset, allow_outside_root=True)
+    assert read_image_bytes(record.image) == png("private")
+    if layout == "jsonl absolute":  # an --images-root that holds it
+        (record,) = load_records(dataset, images_root=secret.parent)
+        assert record.image == str(secret)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,15 +51,37 @@ def write_imagefolder(records: list[CaptionRecord], root: Path, metadata: str, c
 
 
 def write_parquet(records: list[CaptionRecord], root: Path, *, embed: bool = True) -> Path:
-    """`data/SPLIT-00000-of-00001.parquet` files written by `datasets`, as on the hub; with `embed`
-    the image structs hold the bytes, else only the paths."""
+    """`data/SPLIT-00000-of-00001.parquet` files as on the hub, written by `datasets` with `embed`
+    (the image structs hold the bytes), else holding only the paths of copies in `data/images/`."""
+    if not embed:
+        (root / "data" / "images").mkdir(parents=True)
+        for record in records:
+            shutil.copy(record.image, root / "data" / "images")
     for split, name in HF_SPLITS.items():
         rows = [record for record in records if record.split == split]
-        images = [{"bytes": Path(r.image).read_bytes(), "path": Path(r.image).name} for r in rows] if embed else None
-        columns = {"image": images or [r.image for r in rows], "text": [r.captions[0] for r in rows]}
+        file = root / "data" / f"{name}-00000-of-00001.parquet"
+        if not embed:
+            path_parquet(file, [f"images/{Path(r.image).name}" for r in rows], [r.captions[0] for r in rows])
+            continue
+        images = [{"bytes": Path(r.image).read_bytes(), "path": Path(r.image).name} for r in rows]
+        columns = {"image": images, "text": [r.captions[0] for r in rows]}
         dataset = datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
-        dataset.to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+        dataset.to_parquet(str(file))
     return root
+
+
+def path_parquet(file: Path, paths: list[str], captions: list[str] | None = None) -> Path:
+    """A Parquet dataset whose image structs hold only paths, as `datasets` writes unembedded images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.array(
+        [{"bytes": None, "path": path} for path in paths], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
+    captions = captions or [f"caption {n}" for n in range(len(paths))]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": image, "text": captions}), file)
+    return file
 
 
 def as_expected(records: list[CaptionRecord]) -> dict[bytes, tuple[tuple[str, ...], str]]:
@@ -114,7 +137,8 @@ def test_columns_can_be_chosen_and_bad_ones_are_one_line(synth, tmp_path: Path, 
     dataset = datasets.Dataset.from_dict(columns).cast_column("img", datasets.Image())
     dataset.to_parquet(str(root / "all.parquet"))
 
-    records = load_records(root)  # img and sentences are among the defaults
+    # (the images are the synthetic set's, outside this dataset's folder)
+    records = load_records(root, allow_outside_root=True)  # img and sentences are among the defaults
     assert all(record.captions[1] == "another" for record in records)
     with pytest.raises(UserError, match=r"no caption column 'nope' \(columns: img, sentences\)$"):
         load_records(root, caption_column="nope")
@@ -122,7 +146,7 @@ def test_columns_can_be_chosen_and_bad_ones_are_one_line(synth, tmp_path: Path, 
     unlabelled = tmp_path / "unlabelled.parquet"  # hub test splits often have no captions
     texts = [None if n % 2 else record.captions[0] for n, record in enumerate(synth)]
     datasets.Dataset.from_dict({"image": [r.image for r in synth], "text": texts}).to_parquet(str(unlabelled))
-    assert len(load_records(unlabelled)) == len(synth) // 2
+    assert len(load_records(unlabelled, allow_outside_root=True)) == len(synth) // 2
 
     bare = tmp_path / "bare.parquet"
     datasets.Dataset.from_dict({"picture": [r.image for r in synth], "label": [1] * len(synth)}).to_parquet(str(bare))
@@ -157,6 +181,30 @@ def test_hub_ids_resolve_through_snapshot_download(synth, tmp_path: Path, monkey
     assert all(pattern.startswith("data") for pattern in calls[-1][1]["allow_patterns"])
     with pytest.raises(UserError, match="expected hf://datasets/OWNER/NAME"):
         load_records("hf://datasets/just-a-name")
+
+
+def test_a_hub_imagefolder_may_link_into_its_cache_but_not_out(synth, tmp_path: Path, monkeypatch) -> None:
+    """The hub cache keeps each file in `blobs/` and links it from `snapshots/REV/`: those links stay
+    inside the dataset's folder in the cache; one that leaves it is refused."""
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "datasets--someone--colours"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    rows = []
+    for n, record in enumerate(synth[:3]):
+        shutil.copy(record.image, blobs / f"blob{n}")
+        (snapshot / f"{n}.png").symlink_to(f"../../blobs/blob{n}")
+        rows.append({"file_name": f"{n}.png", "text": record.captions[0]})
+    (snapshot / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(snapshot))
+    assert as_expected(load_records("hf://datasets/someone/colours")) == as_expected(synth[:3])
+
+    (snapshot / "2.png").unlink()
+    (snapshot / "2.png").symlink_to(synth[2].image)  # out of the cache
+    with pytest.raises(UserError, match=rf"metadata.jsonl:3: image .* is outside the dataset's root {repo} "):
+        load_records("hf://datasets/someone/colours")
 
 
 def test_dataset_objects_in_the_python_api(synth, tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -261,18 +309,6 @@ def test_prepare_features_takes_a_dataset_dict(synth, tiny_components, tmp_path:
 
 
 # ------------------------------------------------------------------------------------ hostile inputs
-def path_parquet(file: Path, paths: list[str]) -> Path:
-    """A Parquet dataset whose image structs hold only paths, as `datasets` writes unembedded images."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    image = pa.array(
-        [{"bytes": None, "path": path} for path in paths], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    )
-    pq.write_table(pa.table({"image": image, "text": [f"caption {n}" for n in range(len(paths))]}), file)
-    return file
-
-
 @pytest.mark.timeout(60)  # a FIFO used to block open() until a writer came
 def test_parquet_path_cells_and_metadata_names_open_only_regular_files(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo.png")
@@ -281,7 +317,7 @@ def test_parquet_path_cells_and_metadata_names_open_only_regular_files(tmp_path:
     with pytest.raises(ImageLoadError, match=r"data.parquet#row=0: .*fifo.png: not a regular file \(a FIFO\)$"):
         read_image_bytes(f"{dataset}#row=0")
     with pytest.raises(ImageLoadError, match=r"data.parquet#row=1: .*zero.png: not a regular file \(a character"):
-        read_image_bytes(f"{dataset}#row=1")
+        read_image_bytes(StoredImage(f"{dataset}#row=1", outside_root=True))  # (the link leads outside)
 
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "fifo.png", "text": "a pipe"}) + "\n")
     (record,) = load_records(tmp_path, format="imagefolder")
@@ -295,7 +331,7 @@ def test_an_absolute_file_name_is_a_record_not_a_traceback(tmp_path: Path) -> No
     image.write_bytes(b"not read here")
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "metadata.jsonl").write_text(json.dumps({"file_name": str(image), "text": "x"}) + "\n")
-    (record,) = load_records(tmp_path / "ds")
+    (record,) = load_records(tmp_path / "ds", allow_outside_root=True)
     assert (record.image, record.image_id) == (str(image), image.as_posix())
 
 
@@ -420,3 +456,56 @@ def test_parquet_dictionaries_are_not_expanded_past_the_limit(tmp_path: Path) ->
             assert len(read_image_bytes(f"{tmp_path / 'data.parquet'}#row={row}")) == 100 * 2**20
     # a few copies of the one 100 MB value while it is decompressed and read; expanded, 11 of them
     assert growth[0] < 800 * 2**20, f"peak grew by {growth[0] / 2**20:.0f} MiB"
+
+
+def test_hf_image_paths_stay_inside_the_dataset_root_unless_allowed(synth, tmp_path: Path) -> None:
+    """imagefolder names and Parquet path cells: refused whole when reading records; a caption row
+    that leads outside is that image's failure, and --allow-outside-root reads it."""
+    outside = synth[0].image
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "metadata.jsonl").write_text(json.dumps({"file_name": "../../" + outside, "text": "x"}) + "\n")
+    dataset = path_parquet(tmp_path / "pq" / "data.parquet", ["../" + Path(outside).name, outside])
+    shutil.copy(outside, tmp_path)  # ../NAME: beside the Parquet file's folder, not in it
+    for source, where in ((tmp_path / "ds", "metadata.jsonl:1"), (dataset, "data.parquet: row 0")):
+        with pytest.raises(UserError, match=rf"{where}: image .* is outside the dataset's root .*--allow-outside-root"):
+            load_records(source)
+        assert len(load_records(source, allow_outside_root=True)) in (1, 2)
+
+    (first, second), _ = expand_inputs([str(dataset)])
+    for row in (first, second):
+        with pytest.raises(ImageLoadError, match=rf"#row=\d: image .* is outside the dataset's root {dataset.parent} "):
+            read_image_bytes(row)
+    (first, second), _ = expand_inputs([str(dataset)], allow_outside_root=True)
+    assert read_image_bytes(first) == read_image_bytes(second) == Path(outside).read_bytes()
+    assert pickle.loads(pickle.dumps(first)).outside_root  # as DataLoader workers receive it
+
+
+def test_the_outside_root_flag_reaches_every_command(
+    synth, tiny_model_dir: Path, tiny_components, tmp_path: Path, capsys
+):
+    outside = synth[0].image
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps({"image": outside, "image_id": "x", "caption": "a caption", "split": "test"}) + "\n")
+    dataset = path_parquet(tmp_path / "data.parquet", [outside])
+    model, encoder = ["--model", str(tiny_model_dir)], ["--vision-encoder", str(tiny_components[0])]
+    commands = {
+        "prepare": ["prepare", str(jsonl), "--out", str(tmp_path / "features"), *encoder, "--workers", "0"],
+        "evaluate": ["evaluate", *model, "--data", str(jsonl), "--metrics", "bleu", "--out", str(tmp_path / "eval")],
+        "score": [
+            "score",
+            "--results",
+            str(tmp_path / "results.json"),
+            "--references",
+            str(jsonl),
+            "--metrics",
+            "bleu",
+        ],
+        "caption": ["caption", str(dataset), *model, "--workers", "0", "--max-new-tokens", "4"],
+    }
+    (tmp_path / "results.json").write_text(json.dumps([{"image_id": "x", "caption": "a caption"}]))
+    for name, command in commands.items():
+        capsys.readouterr()
+        assert main(command) == (1 if name == "caption" else 2), name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is outside the dataset's root" in errors[0], (name, errors)
+        assert main([*command, "--allow-outside-root"]) == 0, (name, capsys.readouterr().err)

@@ -27,6 +27,7 @@ from prefixcap.data.records import (
     split_name,
 )
 from prefixcap.errors import UserError
+from prefixcap.inputs.dataset_paths import Confinement
 from prefixcap.inputs.hf_datasets import (
     IMAGE_COLUMNS,
     metadata_files,
@@ -82,12 +83,18 @@ def _split_of(*names: str) -> str:
 
 
 def read_imagefolder(
-    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+    source: str,
+    images_root: Path | None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    *,
+    confine: Confinement,
 ) -> list[CaptionRecord]:
     """An imagefolder tree: `metadata.jsonl` or `metadata.csv` files (at the root, or one per split
     folder such as `train/`, `validation/`, `test/`), each row naming an image relative to its
     metadata file (`file_name`) and giving its caption(s). The split is the metadata file's
-    folder, else the first folder of the image's path, when it names one; else train."""
+    folder, else the first folder of the image's path, when it names one; else train. Images stay
+    inside `images_root`, else the dataset's folder (see `load_records`)."""
     folder = Path(source)
     files = metadata_files(folder) if folder.is_dir() else []
     if not files:
@@ -112,7 +119,7 @@ def read_imagefolder(
             )  # fmt: skip
             captions = _captions(row.get(caption), where)
             if captions:
-                merger.add(str((base / name).absolute()), relative, captions, split, where)
+                merger.add(confine.path(base / name, images_root or folder, where), relative, captions, split, where)
             skipped += not captions
         _warn_uncaptioned(skipped, metadata)
     return merger.records()
@@ -132,15 +139,21 @@ def _metadata(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
 
 
 def read_parquet(
-    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+    source: str,
+    images_root: Path | None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    *,
+    confine: Confinement,
 ) -> list[CaptionRecord]:
     """Parquet files as `datasets` writes them (`Dataset.to_parquet`, the hub's `data/*.parquet`):
     an image column of `{bytes, path}` structs (or of file paths) and a caption column. An image
     with bytes becomes a `file.parquet#row=N` reference; one with only a path is that file
-    (relative to `images_root`, default the Parquet file's folder). The split is a `split`
-    column, else the file's folder or the first word of its name (`train-00000-of-00002.parquet`),
-    else train; the image id is an `image_id` column, else `FILE#ROW`. A row group over the
-    limits of `read_row_group` (rows, bytes stored or expanded) is refused in one line."""
+    (relative to, and inside, `images_root`, default the Parquet file's folder). The split is a
+    `split` column, else the file's folder or the first word of its name
+    (`train-00000-of-00002.parquet`), else train; the image id is an `image_id` column, else
+    `FILE#ROW`. A row group over the limits of `read_row_group` (rows, bytes stored or expanded)
+    is refused in one line."""
     require("scale", "pyarrow", feature="Parquet datasets")
 
     location = Path(source)
@@ -166,7 +179,7 @@ def read_parquet(
                     where = f"{file}: row {row}"
                     captions = _captions(table[caption][offset], where)
                     if captions:
-                        image_ref = _record_image(value, file, row, image, images_root, where)
+                        image_ref = _record_image(value, file, row, image, images_root or file.parent, where, confine)
                         split = parse_split(table["split"][offset], where) if "split" in table else default_split
                         image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
                         merger.add(image_ref, image_id, captions, split, where)
@@ -177,14 +190,16 @@ def read_parquet(
     return merger.records()
 
 
-def _record_image(value: bool | str | None, file: Path, row: int, column: str, root: Path | None, where: str) -> str:
+def _record_image(
+    value: bool | str | None, file: Path, row: int, column: str, root: Path, where: str, confine: Confinement
+) -> str:
     """The `CaptionRecord.image` of one image cell (see `stored_images`): a row reference when the
-    file holds its bytes, else the file its path names."""
+    file holds its bytes, else the file its path names, from `root`."""
     if value is True:
         return row_reference(file.absolute(), row, column)
     if not value:
         raise UserError(f"{where}: column {column!r} holds neither image bytes nor a path")
-    return str(((root or file.parent) / value).absolute())
+    return confine.path(root / value, root, where)
 
 
 # --- datasets.Dataset objects --------------------------------------------------------------------

@@ -4,7 +4,8 @@ imagefolder and Parquet detection, and images stored in Parquet files.
 An image stored inside a Parquet file is referenced as `data.parquet#row=12` (the row of the
 file, counted from 0), or `data.parquet#row=12&column=img` when its column is not `image`; such a
 reference is read by `read_parquet_image`, a local file read like a tar member's. Paths found in
-the data are only ever opened as local files, never as URLs or commands. The readers that turn
+the data are only ever opened as local files, never as URLs or commands, and only inside the
+Parquet file's folder unless allowed (`dataset_paths`). The readers that turn
 these datasets into caption records are `prefixcap.data.hf`'s.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from prefixcap.errors import UserError
+from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.inputs.dataset_paths import Confinement
 from prefixcap.inputs.images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_BYTES,
@@ -108,6 +110,12 @@ def resolve_hub_dataset(name: str) -> Path:
     return location
 
 
+def hub_dataset_root(location: Path) -> Path:
+    """The folder a hub dataset's image paths may lead to (see `dataset_paths`): its folder in the
+    cache (`datasets--OWNER--NAME/`), where `snapshots/REV/` links each file to `blobs/`."""
+    return next((folder.parent for folder in location.parents if folder.name == "snapshots"), location)
+
+
 def pick_column(columns: Sequence[str], chosen: str | None, defaults: Sequence[str], what: str, source: str) -> str:
     """`chosen` if `columns` has it, else the first of `defaults` it has; else one line listing them."""
     if chosen is not None:
@@ -178,11 +186,12 @@ def check_row_group(
             )
 
 
-def read_parquet_image(reference: str) -> bytes:
+def read_parquet_image(reference: str, *, allow_outside_root: bool = False) -> bytes:
     """The encoded bytes of a `file.parquet#row=N[&column=C]` image: the cell's bytes (at most
-    MAX_IMAGE_BYTES), else the local file its path names (relative to the Parquet file's folder),
-    read as every image file is (`read_image_file`). Raises UserError (ImageLoadError for an image
-    over the cap or a file that cannot be read) or OSError."""
+    MAX_IMAGE_BYTES), else the local file its path names (relative to the Parquet file's folder,
+    and inside it unless `allow_outside_root`: see `dataset_paths`), read as every image file is
+    (`read_image_file`). Raises UserError (ImageLoadError for an image refused or over the cap, or
+    a file that cannot be read) or OSError."""
     match = _ROW_REFERENCE.match(reference)
     if match is None:
         raise ValueError(f"not a Parquet row reference: {reference!r}")
@@ -196,7 +205,10 @@ def read_parquet_image(reference: str) -> bytes:
     cell = _row_group_column(file, mtime_ns, group, column)[row - starts[group]]
     value = _cell_image(cell)
     if isinstance(value, str) and value:
-        return read_image_file(Path(file).parent / value)  # only ever a local, regular file
+        path, folder = Path(file).parent / value, Path(file).parent
+        if reason := Confinement(allow_outside_root).problem(path, folder):
+            raise ImageLoadError(reference, reason)
+        return read_image_file(path)  # only ever a local, regular file
     if value is None or not value.size:
         raise UserError(f"{file}: row {row} has no image in column {column!r}")
     check_image_bytes(value.size, reference)

@@ -53,7 +53,13 @@ class RemoteShard(str):
 
 class StoredImage(str):
     """An image stored inside a local dataset file, `data.parquet#row=12`, found by expanding a
-    Parquet input the user named: read with `read_image_bytes`, like a tar member."""
+    Parquet input the user named: read with `read_image_bytes`, like a tar member. `outside_root`:
+    whether a path the row holds may lead outside the Parquet file's folder (`--allow-outside-root`)."""
+
+    def __new__(cls, reference: str, *, outside_root: bool = False) -> StoredImage:
+        image = super().__new__(cls, reference)
+        image.outside_root = outside_root  # (kept through pickling, to DataLoader workers and back)
+        return image
 
 
 Source = LocalPath | RemoteShard | StoredImage
@@ -163,14 +169,15 @@ def read_members(shard: str | Path, names: Iterable[str]) -> list[bytes]:
 
 def read_image_bytes(image: str) -> bytes:
     """The encoded bytes of a record's image: a file, a `shard.tar#member` of a WebDataset shard,
-    or a `data.parquet#row=N` image of a Parquet dataset.
+    or a `data.parquet#row=N` image of a Parquet dataset (a path it holds stays inside the file's
+    folder, unless `image` is a `StoredImage` allowed outside).
 
     Raises `ImageLoadError` naming the image, so that `prepare` can report it and go on.
     """
     match = _MEMBER_REFERENCE.match(image)
     try:
         if is_row_reference(image):
-            return read_parquet_image(image)
+            return read_parquet_image(image, allow_outside_root=isinstance(image, StoredImage) and image.outside_root)
         if match is None:
             return read_image_file(image)
         (data,) = read_members(match["shard"], [match["member"]])
