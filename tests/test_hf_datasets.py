@@ -7,8 +7,6 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.loader import read_image
 from prefixcap.inputs.sources import StoredImage
 from prefixcap.pipeline.features import FeatureStore
+from tests.helpers_data import measures_peak_memory, peak_memory_growth
 
 datasets = pytest.importorskip("datasets")
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the folder names HF uses
@@ -384,20 +383,6 @@ def amplifying_parquet(path: Path, case: str) -> Path:
     return path
 
 
-@contextmanager
-def peak_memory_growth() -> Iterator[list[int]]:
-    """How much this process's peak resident memory grew over the block (Linux /proc), in bytes."""
-
-    def status(field: str) -> int:
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
-
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # the peak (VmHWM) starts again from here
-    before, growth = status("VmRSS:"), []
-    yield growth
-    growth.append(status("VmHWM:") - before)
-
-
 AMPLIFYING = {  # case -> what the one line says
     "5M rows in one row group": r"row group 0 has 5,000,000 rows, over the [\d,]+-row limit",
     "one 300 MB cell": r"row group 0: column 'image' is [\d,]+ bytes uncompressed, over the [\d,]+-byte limit",
@@ -405,7 +390,7 @@ AMPLIFYING = {  # case -> what the one line says
 }
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory with Linux's /proc")
+@measures_peak_memory
 @pytest.mark.parametrize("case", AMPLIFYING)
 def test_parquet_amplification_is_one_line_in_bounded_memory(tmp_path: Path, case: str) -> None:
     """A few KB of Parquet can hold GBs of cells or millions of rows: the row list (caption), the
@@ -436,7 +421,7 @@ def test_a_parquet_cell_over_the_image_cap_is_refused(tmp_path: Path) -> None:
     assert read_image_bytes(f"{tmp_path / 'data.parquet'}#row=1") == b"\0" * 10
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory with Linux's /proc")
+@measures_peak_memory
 def test_parquet_dictionaries_are_not_expanded_past_the_limit(tmp_path: Path) -> None:
     """Eleven rows sharing one 100 MB caption, stored once in a dictionary: small on disk and even
     uncompressed, 1.1 GB as Python strings. The shared image is read once, as stored."""
