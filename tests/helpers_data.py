@@ -1,12 +1,16 @@
-"""One small captioned dataset written in every supported format, shared by the dataset and `prepare` tests."""
+"""One small captioned dataset written in every supported format, shared by the dataset and `prepare` tests;
+and a measure of peak memory for the tests of hostile inputs."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -105,3 +109,23 @@ WRITERS = {
     "webdataset": lambda root: write_shards(root / "shards"),
     "karpathy": write_karpathy,
 }
+
+
+# For the tests that measure peak memory with `peak_memory_growth`.
+measures_peak_memory = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures peak memory with Linux's /proc"
+)
+
+
+@contextmanager
+def peak_memory_growth() -> Iterator[list[int]]:
+    """How much this process's peak resident memory grew over the block (Linux /proc), in bytes."""
+
+    def status(field: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak (VmHWM) starts again from here
+    before, growth = status("VmRSS:"), []
+    yield growth
+    growth.append(status("VmHWM:") - before)

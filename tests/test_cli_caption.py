@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from prefixcap.cli import main
 from prefixcap.inputs.expand import expand_inputs
 
 
@@ -110,3 +112,18 @@ def test_control_characters_in_names_are_escaped_on_a_terminal(
     assert main(args) == 1
     shown = sys.stdout.getvalue()
     assert "\x1b" not in shown and "\x07" not in shown and shown.startswith(f"{folder}/\\x1b[2J")
+
+
+@pytest.mark.timeout(120)  # a FIFO used to block open() until a writer came, in every reader
+def test_special_files_are_one_failure_line_each(tiny_model_dir, image_dir, tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    inputs = [tmp_path / "fifo.jpg", image_dir / "img1.jpg", tmp_path / "zero.jpg"]
+    args = ["caption", *map(str, inputs), "--model", str(tiny_model_dir), "--workers", "0", "--max-new-tokens", "4"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(image_dir / "img1.jpg")]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {tmp_path / 'fifo.jpg'}: not a regular file (a FIFO)",
+        f"error: {tmp_path / 'zero.jpg'}: not a regular file (a character device)",
+    ]

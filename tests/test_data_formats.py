@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import webdataset as wds
 
 from prefixcap.data import CaptionRecord, load_records, read_image_bytes, split_records
 from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.inputs.sources import LocalPath, read_shard
 from tests.helpers_data import DATASET, WRITERS, png, write_images, write_jsonl, write_karpathy, write_shards
 
 
@@ -215,6 +218,55 @@ MALFORMED = {
     "no shards match": ({}, "s-{0..3}.tar", {}, "s-0.tar: no such shard file"),
     "glob matches nothing": ({}, "s-*.tar", {}, "s-*.tar: no file matches"),
     "not a tar": ({"s.tar": b"not a tar at all" * 100}, "s.tar", {}, "s.tar: not an uncompressed tar file"),
+    # Python's own limits on nesting and CSV fields, met by hostile files.
+    "deeply nested json line": (
+        {"d.jsonl": "[" * 100_000},
+        "d.jsonl",
+        {},
+        "d.jsonl:1: invalid JSON (nested too deeply)",
+    ),
+    "deeply nested coco": (
+        {"c.json": '{"images": ' + "[" * 100_000},
+        "c.json",
+        {},
+        "c.json: invalid JSON (nested too deeply)",
+    ),
+    "deeply nested csv captions": (
+        {"d.csv": "image,captions\na.png," + "[" * 100_000 + "\n"},
+        "d.csv",
+        {},
+        "d.csv:2: 'captions' is not a JSON list (nested too deeply)",
+    ),
+    "csv cell over the field limit": (
+        {"d.csv": "image,caption\na.png," + "x" * 200_000 + "\n"},
+        "d.csv",
+        {},
+        "d.csv:2: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder csv cell over the field limit": (
+        {"ds/metadata.csv": "file_name,text\na.png," + "x" * 200_000 + "\n"},
+        "ds",
+        {},
+        "metadata.csv:2: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder csv header over the field limit": (
+        {"ds/metadata.csv": "file_name," + "x" * 200_000 + "\na.png,x\n"},
+        "ds",
+        {},
+        "metadata.csv:1: not valid CSV (field larger than field limit",
+    ),
+    "imagefolder nested json line": (
+        {"ds/metadata.jsonl": "[" * 100_000},
+        "ds",
+        {},
+        "metadata.jsonl:1: invalid JSON (nested too deeply)",
+    ),
+    "imagefolder names no file": (
+        {"ds/metadata.jsonl": '{"file_name": ".", "text": "x"}'},
+        "ds",
+        {},
+        "metadata.jsonl:1: file name '.' names no image file",
+    ),
 }
 
 
@@ -249,3 +301,98 @@ def test_uncaptioned_samples_are_skipped_with_a_warning(
     assert [record.message.split(": ")[-1] for record in caplog.records] == [
         "skipped 1 samples without an image or a non-empty caption .txt"
     ] * expected
+
+
+def sparse_tar(path: Path, member: str, size: int) -> Path:
+    """A tar holding one member of `size` zero bytes, stored sparse: no disk space for the data."""
+    info = tarfile.TarInfo(member)
+    info.size = size
+    with open(path, "wb") as file:
+        file.write(info.tobuf())
+        file.truncate(tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block open() until a writer came
+def test_image_reads_open_only_regular_files_and_cap_their_size(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        read_image_bytes(str(fifo))
+    with pytest.raises(ImageLoadError, match=r"zero.png: not a regular file \(a character device\)$"):
+        read_image_bytes(str(tmp_path / "zero.png"))
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as file:
+        file.truncate(2**31)  # sparse
+    with pytest.raises(ImageLoadError, match=r"huge.png: 2,147,483,648 bytes, over the [\d,]+-byte limit"):
+        read_image_bytes(str(huge))
+
+
+@pytest.mark.timeout(30)
+def test_shards_are_regular_files_and_their_members_are_capped(tmp_path: Path) -> None:
+    from prefixcap.inputs.images import MAX_IMAGE_BYTES
+
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"fifo.tar#a.png: .*fifo.tar: not a regular file \(a FIFO\)$"):
+        read_image_bytes(f"{fifo}#a.png")
+    with pytest.raises(ImageLoadError, match=r"fifo.tar: not a regular file \(a FIFO\)$"):
+        list(read_shard(LocalPath(fifo)))
+
+    size = MAX_IMAGE_BYTES + 1
+    shard = sparse_tar(tmp_path / "big.tar", "big.png", size)
+    with pytest.raises(ImageLoadError, match=rf"big.tar#big.png: {size:,} bytes, over the [\d,]+-byte limit"):
+        read_image_bytes(f"{shard}#big.png")
+    ((name, reason),) = read_shard(LocalPath(shard))  # streamed: skipped unread
+    assert (
+        name == f"{shard}#big.png" and reason == f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for an image"
+    )
+
+
+def escaping_dataset(root: Path, layout: str) -> tuple[Path, Path]:
+    """(a dataset in `root/ds/` naming one image outside it the way `layout` does, that image)."""
+    write_images(root / "outside", ["private"])
+    secret, folder = root / "outside" / "private.png", root / "ds"
+    folder.mkdir()
+    name = "../outside/private.png"
+    if layout == "jsonl absolute":
+        name = str(secret)
+    elif layout == "jsonl through a link":
+        (folder / "img").symlink_to(root / "outside")
+        name = "img/private.png"
+    elif layout == "jsonl through a linked file":
+        (folder / "private.png").symlink_to(secret)
+        name = "private.png"
+    if layout.startswith("jsonl"):
+        (folder / "data.jsonl").write_text(json.dumps({"image": name, "caption": "x"}) + "\n")
+        return folder / "data.jsonl", secret
+    if layout == "csv":
+        (folder / "data.csv").write_text(f"image,caption\n{name},x\n")
+        return folder / "data.csv", secret
+    if layout == "coco":
+        document = {"images": [{"id": 1, "file_name": name}], "annotations": [{"image_id": 1, "caption": "x"}]}
+        (folder / "captions.json").write_text(json.dumps(document))
+        return folder / "captions.json", secret
+    image = {"filepath": "..", "filename": "outside/private.png", "split": "test", "sentences": [{"raw": "x"}]}
+    (folder / "karpathy.json").write_text(json.dumps({"images": [image]}))
+    return folder / "karpathy.json", secret
+
+
+ESCAPES = ["jsonl", "jsonl absolute", "jsonl through a link", "jsonl through a linked file", "csv", "coco", "karpathy"]
+
+
+@pytest.mark.parametrize("layout", ESCAPES)
+def test_image_paths_stay_inside_the_dataset_root_unless_allowed(tmp_path: Path, layout: str) -> None:
+    dataset, secret = escaping_dataset(tmp_path, layout)
+    with pytest.raises(UserError) as refused:
+        load_records(dataset)
+    message = str(refused.value)
+    assert message.startswith(f"{dataset}:") and "\n" not in message
+    assert f"is outside the dataset's root {tmp_path / 'ds'} (through links too); --allow-outside-root" in message
+
+    (record,) = load_records(dataset, allow_outside_root=True)
+    assert read_image_bytes(record.image) == png("private")
+    if layout == "jsonl absolute":  # an --images-root that holds it
+        (record,) = load_records(dataset, images_root=secret.parent)
+        assert record.image == str(secret)

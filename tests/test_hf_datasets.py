@@ -4,6 +4,8 @@ ids, `datasets.Dataset` objects, and Parquet output that `datasets.load_dataset`
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,8 +17,10 @@ from prefixcap.data import CaptionRecord, load_records, read_image_bytes
 from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.expand import expand_inputs
+from prefixcap.inputs.loader import read_image
 from prefixcap.inputs.sources import StoredImage
 from prefixcap.pipeline.features import FeatureStore
+from tests.helpers_data import measures_peak_memory, peak_memory_growth
 
 datasets = pytest.importorskip("datasets")
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the folder names HF uses
@@ -46,15 +50,37 @@ def write_imagefolder(records: list[CaptionRecord], root: Path, metadata: str, c
 
 
 def write_parquet(records: list[CaptionRecord], root: Path, *, embed: bool = True) -> Path:
-    """`data/SPLIT-00000-of-00001.parquet` files written by `datasets`, as on the hub; with `embed`
-    the image structs hold the bytes, else only the paths."""
+    """`data/SPLIT-00000-of-00001.parquet` files as on the hub, written by `datasets` with `embed`
+    (the image structs hold the bytes), else holding only the paths of copies in `data/images/`."""
+    if not embed:
+        (root / "data" / "images").mkdir(parents=True)
+        for record in records:
+            shutil.copy(record.image, root / "data" / "images")
     for split, name in HF_SPLITS.items():
         rows = [record for record in records if record.split == split]
-        images = [{"bytes": Path(r.image).read_bytes(), "path": Path(r.image).name} for r in rows] if embed else None
-        columns = {"image": images or [r.image for r in rows], "text": [r.captions[0] for r in rows]}
+        file = root / "data" / f"{name}-00000-of-00001.parquet"
+        if not embed:
+            path_parquet(file, [f"images/{Path(r.image).name}" for r in rows], [r.captions[0] for r in rows])
+            continue
+        images = [{"bytes": Path(r.image).read_bytes(), "path": Path(r.image).name} for r in rows]
+        columns = {"image": images, "text": [r.captions[0] for r in rows]}
         dataset = datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
-        dataset.to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+        dataset.to_parquet(str(file))
     return root
+
+
+def path_parquet(file: Path, paths: list[str], captions: list[str] | None = None) -> Path:
+    """A Parquet dataset whose image structs hold only paths, as `datasets` writes unembedded images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.array(
+        [{"bytes": None, "path": path} for path in paths], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
+    captions = captions or [f"caption {n}" for n in range(len(paths))]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": image, "text": captions}), file)
+    return file
 
 
 def as_expected(records: list[CaptionRecord]) -> dict[bytes, tuple[tuple[str, ...], str]]:
@@ -110,7 +136,8 @@ def test_columns_can_be_chosen_and_bad_ones_are_one_line(synth, tmp_path: Path, 
     dataset = datasets.Dataset.from_dict(columns).cast_column("img", datasets.Image())
     dataset.to_parquet(str(root / "all.parquet"))
 
-    records = load_records(root)  # img and sentences are among the defaults
+    # (the images are the synthetic set's, outside this dataset's folder)
+    records = load_records(root, allow_outside_root=True)  # img and sentences are among the defaults
     assert all(record.captions[1] == "another" for record in records)
     with pytest.raises(UserError, match=r"no caption column 'nope' \(columns: img, sentences\)$"):
         load_records(root, caption_column="nope")
@@ -118,7 +145,7 @@ def test_columns_can_be_chosen_and_bad_ones_are_one_line(synth, tmp_path: Path, 
     unlabelled = tmp_path / "unlabelled.parquet"  # hub test splits often have no captions
     texts = [None if n % 2 else record.captions[0] for n, record in enumerate(synth)]
     datasets.Dataset.from_dict({"image": [r.image for r in synth], "text": texts}).to_parquet(str(unlabelled))
-    assert len(load_records(unlabelled)) == len(synth) // 2
+    assert len(load_records(unlabelled, allow_outside_root=True)) == len(synth) // 2
 
     bare = tmp_path / "bare.parquet"
     datasets.Dataset.from_dict({"picture": [r.image for r in synth], "label": [1] * len(synth)}).to_parquet(str(bare))
@@ -153,6 +180,30 @@ def test_hub_ids_resolve_through_snapshot_download(synth, tmp_path: Path, monkey
     assert all(pattern.startswith("data") for pattern in calls[-1][1]["allow_patterns"])
     with pytest.raises(UserError, match="expected hf://datasets/OWNER/NAME"):
         load_records("hf://datasets/just-a-name")
+
+
+def test_a_hub_imagefolder_may_link_into_its_cache_but_not_out(synth, tmp_path: Path, monkeypatch) -> None:
+    """The hub cache keeps each file in `blobs/` and links it from `snapshots/REV/`: those links stay
+    inside the dataset's folder in the cache; one that leaves it is refused."""
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "datasets--someone--colours"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    rows = []
+    for n, record in enumerate(synth[:3]):
+        shutil.copy(record.image, blobs / f"blob{n}")
+        (snapshot / f"{n}.png").symlink_to(f"../../blobs/blob{n}")
+        rows.append({"file_name": f"{n}.png", "text": record.captions[0]})
+    (snapshot / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(snapshot))
+    assert as_expected(load_records("hf://datasets/someone/colours")) == as_expected(synth[:3])
+
+    (snapshot / "2.png").unlink()
+    (snapshot / "2.png").symlink_to(synth[2].image)  # out of the cache
+    with pytest.raises(UserError, match=rf"metadata.jsonl:3: image .* is outside the dataset's root {repo} "):
+        load_records("hf://datasets/someone/colours")
 
 
 def test_dataset_objects_in_the_python_api(synth, tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -254,3 +305,208 @@ def test_prepare_features_takes_a_dataset_dict(synth, tiny_components, tmp_path:
     manifest = prepare_features(splits, tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0)
     assert manifest.splits == {"train": 20, "val": 4} and manifest.num_bad == 0
     assert Path(manifest.source).parent == tmp_path / "cache" / "prefixcap"
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+@pytest.mark.timeout(60)  # a FIFO used to block open() until a writer came
+def test_parquet_path_cells_and_metadata_names_open_only_regular_files(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    dataset = path_parquet(tmp_path / "data.parquet", ["fifo.png", "zero.png"])
+    with pytest.raises(ImageLoadError, match=r"data.parquet#row=0: .*fifo.png: not a regular file \(a FIFO\)$"):
+        read_image_bytes(f"{dataset}#row=0")
+    with pytest.raises(ImageLoadError, match=r"data.parquet#row=1: .*zero.png: not a regular file \(a character"):
+        read_image_bytes(StoredImage(f"{dataset}#row=1", outside_root=True))  # (the link leads outside)
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "fifo.png", "text": "a pipe"}) + "\n")
+    (record,) = load_records(tmp_path, format="imagefolder")
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        read_image(record.image)
+
+
+def test_an_absolute_file_name_is_a_record_not_a_traceback(tmp_path: Path) -> None:
+    image = tmp_path / "elsewhere" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(b"not read here")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "metadata.jsonl").write_text(json.dumps({"file_name": str(image), "text": "x"}) + "\n")
+    (record,) = load_records(tmp_path / "ds", allow_outside_root=True)
+    assert (record.image, record.image_id) == (str(image), image.as_posix())
+
+
+def test_a_damaged_parquet_file_is_one_line_for_caption(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    with pytest.raises(UserError, match=r"damaged.parquet: not a Parquet file \("):
+        expand_inputs([str(damaged)])
+    assert main(["caption", str(damaged), "--model", str(tiny_model_dir)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {damaged}: not a Parquet file (")
+
+
+IMAGE_STRUCT = {"bytes": "binary", "path": "string"}
+
+
+def zero_cells(sizes: list[int]):
+    """An image column of `sizes`-byte cells of zeros, backed by memory that is never written (so
+    it takes no resident memory), written zstd-compressed: a tiny file that is huge once read."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = pa.py_buffer(np.zeros(sum(sizes), np.uint8))
+    offsets = pa.py_buffer(np.cumsum([0, *sizes], dtype=np.int32))
+    cells = pa.Array.from_buffers(pa.binary(), len(sizes), [None, offsets, data])
+    return pa.StructArray.from_arrays([cells, pa.nulls(len(sizes), pa.string())], names=list(IMAGE_STRUCT))
+
+
+def amplifying_parquet(path: Path, case: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if case == "5M rows in one row group":
+        rows = 5_000_000
+        image = pa.nulls(rows, pa.struct([(name, getattr(pa, kind)()) for name, kind in IMAGE_STRUCT.items()]))
+    else:
+        image = zero_cells([300 * 2**20] if case == "one 300 MB cell" else [100 * 2**20] * 11)
+        rows = len(image)
+    table = pa.table({"image": image, "text": pa.array(["a caption"] * rows)})
+    # (without dictionaries, so that the eleven equal cells are eleven cells)
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        compression_level=1,
+        row_group_size=rows,
+        use_dictionary=["text"],
+        write_statistics=False,
+    )
+    return path
+
+
+AMPLIFYING = {  # case -> what the one line says
+    "5M rows in one row group": r"row group 0 has 5,000,000 rows, over the [\d,]+-row limit",
+    "one 300 MB cell": r"row group 0: column 'image' is [\d,]+ bytes uncompressed, over the [\d,]+-byte limit",
+    "1.1 GB in one row group": r"row group 0: column 'image' is [\d,]+ bytes uncompressed, over the [\d,]+-byte limit",
+}
+
+
+@measures_peak_memory
+@pytest.mark.parametrize("case", AMPLIFYING)
+def test_parquet_amplification_is_one_line_in_bounded_memory(tmp_path: Path, case: str) -> None:
+    """A few KB of Parquet can hold GBs of cells or millions of rows: the row list (caption), the
+    records (prepare) and one row's image are each refused in one line, from the file's metadata."""
+    dataset = amplifying_parquet(tmp_path / "data.parquet", case)
+    assert dataset.stat().st_size < 2**20
+    with peak_memory_growth() as growth:
+        with pytest.raises(UserError, match=rf"^{dataset}: {AMPLIFYING[case]}"):
+            expand_inputs([str(dataset)])
+        with pytest.raises(UserError, match=rf"^{dataset}: {AMPLIFYING[case]}"):
+            load_records(dataset)
+        with pytest.raises(ImageLoadError, match=rf"^{dataset}#row=0: {dataset}: {AMPLIFYING[case]}"):
+            read_image_bytes(f"{dataset}#row=0")
+    assert growth[0] < 200 * 2**20, f"peak grew by {growth[0] / 2**20:.0f} MiB"
+
+
+def test_a_parquet_cell_over_the_image_cap_is_refused(tmp_path: Path) -> None:
+    """Cells are capped one by one too: here the row group's column (two cells) fits its limit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefixcap.inputs.images import MAX_IMAGE_BYTES
+
+    table = pa.table({"image": zero_cells([MAX_IMAGE_BYTES + 1, 10]), "text": ["a", "b"]})
+    pq.write_table(table, tmp_path / "data.parquet", compression="zstd", compression_level=1, write_statistics=False)
+    with pytest.raises(ImageLoadError, match=rf"data.parquet#row=0: {MAX_IMAGE_BYTES + 1:,} bytes, over the"):
+        read_image_bytes(f"{tmp_path / 'data.parquet'}#row=0")
+    assert read_image_bytes(f"{tmp_path / 'data.parquet'}#row=1") == b"\0" * 10
+
+
+@measures_peak_memory
+def test_parquet_dictionaries_are_not_expanded_past_the_limit(tmp_path: Path) -> None:
+    """Eleven rows sharing one 100 MB caption, stored once in a dictionary: small on disk and even
+    uncompressed, 1.1 GB as Python strings. The shared image is read once, as stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    caption = pa.Array.from_buffers(pa.string(), 1, zero_cells([100 * 2**20]).field("bytes").buffers())
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 11, pa.int32()), caption)
+    image = pa.DictionaryArray.from_arrays(pa.array([0] * 11, pa.int32()), zero_cells([100 * 2**20]).field("bytes"))
+    images = pa.StructArray.from_arrays([image, pa.nulls(11, pa.string())], names=list(IMAGE_STRUCT))
+    table = pa.table({"image": images, "text": text})
+    pq.write_table(table, tmp_path / "data.parquet", compression="zstd", compression_level=1, write_statistics=False)
+    with peak_memory_growth() as growth:
+        with pytest.raises(UserError, match=r"row group 0: column 'text' holds 1,153,433,600 bytes once expanded"):
+            load_records(tmp_path / "data.parquet")
+        for row in (0, 10):
+            assert len(read_image_bytes(f"{tmp_path / 'data.parquet'}#row={row}")) == 100 * 2**20
+    # a few copies of the one 100 MB value while it is decompressed and read; expanded, 11 of them
+    assert growth[0] < 800 * 2**20, f"peak grew by {growth[0] / 2**20:.0f} MiB"
+
+
+def test_hf_image_paths_stay_inside_the_dataset_root_unless_allowed(synth, tmp_path: Path) -> None:
+    """imagefolder names and Parquet path cells: refused whole when reading records; a caption row
+    that leads outside is that image's failure, and --allow-outside-root reads it."""
+    outside = synth[0].image
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "metadata.jsonl").write_text(json.dumps({"file_name": "../../" + outside, "text": "x"}) + "\n")
+    dataset = path_parquet(tmp_path / "pq" / "data.parquet", ["../" + Path(outside).name, outside])
+    shutil.copy(outside, tmp_path)  # ../NAME: beside the Parquet file's folder, not in it
+    for source, where in ((tmp_path / "ds", "metadata.jsonl:1"), (dataset, "data.parquet: row 0")):
+        with pytest.raises(UserError, match=rf"{where}: image .* is outside the dataset's root .*--allow-outside-root"):
+            load_records(source)
+        assert len(load_records(source, allow_outside_root=True)) in (1, 2)
+
+    (first, second), _ = expand_inputs([str(dataset)])
+    for row in (first, second):
+        with pytest.raises(ImageLoadError, match=rf"#row=\d: image .* is outside the dataset's root {dataset.parent} "):
+            read_image_bytes(row)
+    (first, second), _ = expand_inputs([str(dataset)], allow_outside_root=True)
+    assert read_image_bytes(first) == read_image_bytes(second) == Path(outside).read_bytes()
+    assert pickle.loads(pickle.dumps(first)).outside_root  # as DataLoader workers receive it
+
+
+def test_the_outside_root_flag_reaches_every_command(
+    synth, tiny_model_dir: Path, tiny_components, tmp_path: Path, capsys
+):
+    outside = synth[0].image
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps({"image": outside, "image_id": "x", "caption": "a caption", "split": "test"}) + "\n")
+    dataset = path_parquet(tmp_path / "data.parquet", [outside])
+    model, encoder = ["--model", str(tiny_model_dir)], ["--vision-encoder", str(tiny_components[0])]
+    commands = {
+        "prepare": ["prepare", str(jsonl), "--out", str(tmp_path / "features"), *encoder, "--workers", "0"],
+        "evaluate": ["evaluate", *model, "--data", str(jsonl), "--metrics", "bleu", "--out", str(tmp_path / "eval")],
+        "score": [
+            "score",
+            "--results",
+            str(tmp_path / "results.json"),
+            "--references",
+            str(jsonl),
+            "--metrics",
+            "bleu",
+        ],
+        "caption": ["caption", str(dataset), *model, "--workers", "0", "--max-new-tokens", "4"],
+    }
+    (tmp_path / "results.json").write_text(json.dumps([{"image_id": "x", "caption": "a caption"}]))
+    for name, command in commands.items():
+        capsys.readouterr()
+        assert main(command) == (1 if name == "caption" else 2), name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is outside the dataset's root" in errors[0], (name, errors)
+        assert main([*command, "--allow-outside-root"]) == 0, (name, capsys.readouterr().err)
+
+
+def test_embedded_images_keep_the_outside_root_opt_in_when_folder_parts_merge(
+    synth, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A folder job with --embed-images reads each image again when it merges its parts: the
+    --allow-outside-root choice must reach that read too."""
+    import pyarrow.parquet as pq
+
+    outside = synth[0].image
+    dataset = path_parquet(tmp_path / "data.parquet", [outside])
+    command = ["caption", str(dataset), "--model", str(tiny_model_dir), "--workers", "0", "--max-new-tokens", "3",
+               "--output", f"{tmp_path / 'out'}/", "--format", "parquet", "--embed-images", "--allow-outside-root"]  # fmt: skip
+    assert main(command) == 0
+    (row,) = pq.read_table(tmp_path / "out" / "captions.parquet").to_pylist()
+    assert row["image"]["bytes"] == Path(outside).read_bytes()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
-from prefixcap.inputs.images import load_image
+from prefixcap.inputs.images import load_image, open_image
+from tests.helpers_data import measures_peak_memory, peak_memory_growth
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -132,3 +134,57 @@ def test_bad_bytes_and_arrays(tmp_path):
         load_image(np.zeros((2, 2, 2, 2), np.uint8))
     with pytest.raises(ImageLoadError, match="is a directory"):
         load_image(tmp_path)
+
+
+# A file over the byte cap whose first bytes are a valid small PNG: only the cap refuses it. Sparse,
+# so that it takes no disk space.
+HUGE_FILE_BYTES = 2**31
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block open() until a writer came
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file \(a FIFO\)$"):
+        load_image(fifo)
+    with pytest.raises(ImageLoadError, match=r"zero.png: not a regular file \(a character device\)$"):
+        load_image("/dev/zero", name="zero.png")
+    link = tmp_path / "link.png"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ImageLoadError, match=r"link.png: not a regular file \(a character device\)$"):
+        load_image(link)
+    with pytest.raises(ImageLoadError, match=r"fifo.png: not a regular file"):
+        open_image(fifo)
+
+
+@measures_peak_memory
+def test_image_files_over_the_byte_cap_are_refused_unread(tmp_path):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as file:
+        file.write(encode(Image.new("RGB", (4, 4))))
+        file.truncate(HUGE_FILE_BYTES)
+    with peak_memory_growth() as growth:
+        with pytest.raises(ImageLoadError, match=r"huge.png: 2,147,483,648 bytes, over the [\d,]+-byte limit"):
+            load_image(path)
+    assert growth[0] < HUGE_FILE_BYTES // 8  # the file was never read
+
+
+@pytest.mark.timeout(30)
+def test_a_file_swapped_for_a_fifo_after_the_check_cannot_hang_the_open(tmp_path, monkeypatch):
+    """The check before opening passes (as if the name were a regular file until then); what is
+    opened is a FIFO: the open must not block, and what was opened is checked again."""
+    from prefixcap.inputs import images
+
+    fifo = tmp_path / "swapped.png"
+    os.mkfifo(fifo)
+    real_check, calls = images._check_regular, []
+
+    def passes_once(mode, label):
+        calls.append(label)
+        if len(calls) > 1:
+            real_check(mode, label)
+
+    monkeypatch.setattr(images, "_check_regular", passes_once)
+    with pytest.raises(ImageLoadError, match=r"swapped.png: not a regular file \(a FIFO\)$"):
+        load_image(fifo)
+    assert len(calls) == 2

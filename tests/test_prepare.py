@@ -4,6 +4,7 @@ SIGKILL, and two processes writing the same store as one."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,25 +90,28 @@ def test_store_rows_are_the_encoder_embeddings_of_their_images(tmp_path: Path, t
         torch.testing.assert_close(store.embeddings(split).float(), expected, atol=2e-3, rtol=2e-3)  # fp16 storage
 
 
+@pytest.mark.timeout(120)  # a FIFO used to block open() until a writer came
 def test_bad_images_are_skipped_and_listed_with_reasons(tmp_path: Path, tiny_components) -> None:
     write_images(tmp_path / "img", ["good"])
     (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    lines = [
-        {"image": "img/good.png", "caption": "a good image"},
-        {"image": "img/broken.png", "caption": "a broken image"},
-        {"image": "img/missing.png", "caption": "a missing image"},
-    ]
+    os.mkfifo(tmp_path / "img" / "fifo.png")
+    (tmp_path / "img" / "zero.png").symlink_to("/dev/zero")
+    names = ["good", "broken", "missing", "fifo", "zero"]
+    lines = [{"image": f"img/{name}.png", "caption": f"a {name} image"} for name in names]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     manifest = prepare_features(
-        tmp_path / "data.jsonl", tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0
-    )
+        tmp_path / "data.jsonl", tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0,
+        allow_outside_root=True,  # (zero.png leads outside)
+    )  # fmt: skip
 
-    assert (manifest.num_records, manifest.num_images, manifest.num_bad) == (3, 1, 2)
+    assert (manifest.num_records, manifest.num_images, manifest.num_bad) == (5, 1, 4)
     assert [record.captions for record in FeatureStore(tmp_path / "features").records()] == [("a good image",)]
     bad = [json.loads(line) for line in (tmp_path / "features" / BAD_IMAGES).read_text().splitlines()]
-    assert [entry["image_id"] for entry in bad] == ["img/broken.png", "img/missing.png"]
-    assert "corrupt or truncated" in bad[0]["reason"] and "no such file" in bad[1]["reason"]
+    assert [entry["image_id"] for entry in bad] == [f"img/{name}.png" for name in names[1:]]
+    assert [entry["reason"].split(" (")[0] for entry in bad] == [
+        "corrupt or truncated image", "no such file", "not a regular file", "not a regular file"
+    ]  # fmt: skip
 
 
 def test_rerun_keeps_finished_shards_and_redoes_changed_ones(tmp_path: Path, tiny_components) -> None:

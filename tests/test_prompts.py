@@ -278,10 +278,14 @@ def test_readers_and_the_feature_store_keep_prompts(tmp_path: Path, tiny_compone
     (tmp_path / "data.csv").write_text(
         f"image,caption,prompt\n{image},a red ball,left:\n{example_images[1]},two dogs,\n"
     )
+    root = image.parent  # (where the images are: the rows name them by absolute paths)
     for name in ("data.jsonl", "data.csv"):
-        assert [record.prompt for record in load_records(tmp_path / name)] == ["left:", None]
+        assert [record.prompt for record in load_records(tmp_path / name, images_root=root)] == ["left:", None]
 
-    prepare_features(tmp_path / "data.jsonl", tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0)
+    prepare_features(
+        tmp_path / "data.jsonl", tmp_path / "features", vision_encoder=tiny_components[0], num_workers=0,
+        images_root=root,
+    )  # fmt: skip
     assert [record.prompt for record in FeatureStore(tmp_path / "features").records()] == ["left:", None]
     entries = [
         json.loads(line) for line in (tmp_path / "features" / "shards" / "000000.jsonl").read_text().splitlines()

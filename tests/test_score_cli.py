@@ -112,6 +112,7 @@ def test_score_without_java_degrades(synthetic: Path, tmp_path: Path) -> None:
 
 def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     records = load_records(synthetic)
+    outside = "--allow-outside-root"  # the files below name the synthetic set's images, in another folder
     # An official COCO caption file with integer ids and several captions per image.
     coco = {
         "images": [{"id": 100 + n, "file_name": r.image} for n, r in enumerate(records[:6])],
@@ -122,7 +123,10 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
     results = write_results(tmp_path / "coco_results.json", {100 + n: r.captions[0] for n, r in enumerate(records[:6])})
     assert (
-        score(results, tmp_path / "captions_val2014.json", "--metrics", "bleu,cider", "--out", tmp_path / "coco") == 0
+        score(
+            results, tmp_path / "captions_val2014.json", "--metrics", "bleu,cider", "--out", tmp_path / "coco", outside
+        )
+        == 0
     )
     assert read_json(tmp_path / "coco" / "metrics.json")["num_images"] == 6
 
@@ -143,7 +147,15 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
     test_ids = [200 + n for n in range(12) if n % 4 == 3]
     results = write_results(tmp_path / "k_results.json", {i: "a brand new caption" for i in test_ids[:2]})
     assert (
-        score(results, tmp_path / "dataset_coco.json", "--metrics", "bleu,cider,stats", "--out", tmp_path / "karpathy")
+        score(
+            results,
+            tmp_path / "dataset_coco.json",
+            "--metrics",
+            "bleu,cider,stats",
+            "--out",
+            tmp_path / "karpathy",
+            outside,
+        )
         == 0
     )
     summary = read_json(tmp_path / "karpathy" / "metrics.json")
@@ -152,7 +164,7 @@ def test_score_against_coco_and_karpathy_files(synthetic: Path, tmp_path: Path, 
 
     # A train image is not in the test split: a clear error, not a silent score.
     results = write_results(tmp_path / "bad.json", {200: "a caption"})
-    assert score(results, tmp_path / "dataset_coco.json") == 2
+    assert score(results, tmp_path / "dataset_coco.json", outside) == 2
     assert "not in the references, e.g. '200'" in capsys.readouterr().err
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import tarfile
 import time
@@ -220,14 +219,14 @@ def test_two_processes_give_the_single_process_results(tiny_model_dir, inputs, t
 
 @pytest.mark.slow
 def test_resume_after_one_process_is_killed(tiny_model_dir, tmp_path):
-    """Rank 1 owns parts 1, 3 and 5. One image of part 3 is a FIFO, whose open() blocks: rank 1 is
-    then certainly stuck halfway, with part 1 written, when the test kills it."""
+    """Rank 1 owns parts 1, 3 and 5. Part 3 is a `pipe:` shard whose command waits for a file that
+    does not exist yet: rank 1 is then certainly stuck halfway, with part 1 written, when the test
+    kills it. (Local files cannot stall a reader: a FIFO is refused unopened.)"""
     images = [save_image(tmp_path / f"img{i:02d}.jpg", i) for i in range(12)]
-    stuck = images[7]
-    stuck.unlink()
-    os.mkfifo(stuck)
+    shard, go = make_shard(tmp_path / "late.tar", [12]), tmp_path / "go"
+    stalled = f"pipe:while [ ! -e {go} ]; do sleep 0.05; done; cat {shard}"
     out, parts = tmp_path / "out", tmp_path / "out" / "parts"
-    common = [*CAPTION, "--model", tiny_model_dir, *images]
+    common = [*CAPTION, "--model", tiny_model_dir, *images[:6], stalled, *images[6:]]
     sharded = [*common, "--output", out, "--part-size", "2", "--workers", "0"]
     log = tmp_path / "launch.log"
     job, family = launch(log, *sharded), []
@@ -236,7 +235,8 @@ def test_resume_after_one_process_is_killed(tiny_model_dir, tmp_path):
         family = psutil.Process(job.pid).children(recursive=True)
         next(p for p in family if p.environ().get("RANK") == "1" and "prefixcap" in p.cmdline()).kill()
         job.wait(timeout=120)
-    finally:  # nothing left behind; only processes this test started
+    finally:  # nothing left behind; only processes this test started (the waiting command ends with `go`)
+        go.touch()
         if job.poll() is None:
             job.kill()
         for process in family:
@@ -246,14 +246,12 @@ def test_resume_after_one_process_is_killed(tiny_model_dir, tmp_path):
     finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in parts.glob("part-*.jsonl")}
     assert part_1[0] in finished and not list(parts.glob("part-000003-*.jsonl"))
 
-    stuck.unlink()
-    save_image(stuck, 7)
     assert main([*map(str, common), "--format", "jsonl", "--output", str(tmp_path / "one.jsonl")]) == 0
     job = launch(log, *sharded)
     assert job.wait(timeout=240) == 0, log.read_text()
     lines = read_lines(out / "captions.jsonl")
     assert lines == read_lines(tmp_path / "one.jsonl")
-    assert len({json.loads(line)["path"] for line in lines}) == len(lines) == 12
+    assert len({json.loads(line)["path"] for line in lines}) == len(lines) == 13
     assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in finished} == finished  # not redone
     assert json.loads((out / "summary.json").read_text())["parts_reused"] == len(finished)
 

@@ -14,6 +14,7 @@ from prefixcap.cli.common import (
     add_generation_arguments,
     add_jpeg_draft_argument,
     add_model_arguments,
+    add_outside_root_argument,
     add_rerank_arguments,
     bounded,
     load_captioner_and_request,
@@ -80,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "loads as its Image feature (load_dataset('parquet', data_files=...) gives an image-text dataset)",
     )  # fmt: skip
     add_column_arguments(parser, caption=False)
+    add_outside_root_argument(parser)
     parser.add_argument(
         "--workers", type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
         help="DataLoader processes decoding images ahead of the model, per process; 0 decodes in the "
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if args.embed_images and fmt != "parquet":
         raise UserError("--embed-images needs --format parquet")
     require_format(fmt)
-    sources, missing = expand_inputs(args.paths, image_column=args.image_column)
+    sources, missing = expand_inputs(
+        args.paths, image_column=args.image_column, allow_outside_root=args.allow_outside_root
+    )
     if args.embed_images and (remote := next((s for s in sources if isinstance(s, RemoteShard)), None)):
         raise UserError(f"{remote}: --embed-images reads images again when writing, which a remote shard cannot do")
     if state.is_main_process:
@@ -164,7 +168,7 @@ def _caption_to_file(captioner, request, sources: list[Source], args: argparse.N
                 captioner, sources, out, fmt, request, name=args.output or "<stdout>", batch_size=args.batch_size,
                 num_workers=args.workers, progress=bar, on_failure=_report_failure, embed_images=args.embed_images,
             )  # fmt: skip
-    return len(failures)
+    return failures
 
 
 def _caption_to_folder(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefixcap.data import FORMATS
 from prefixcap.errors import UserError
+from prefixcap.inputs.dataset_paths import OUTSIDE_ROOT_FLAG
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import CaptionRequest, GenerationOptions, TextOptions
 from prefixcap.system.hardware import QUANTIZE_CHOICES
@@ -203,6 +204,17 @@ def add_column_arguments(parser: argparse.ArgumentParser, *, caption: bool = Tru
         )  # fmt: skip
 
 
+def add_outside_root_argument(parser: argparse.ArgumentParser) -> None:
+    """The one opt-in, shared by every command that reads datasets, to image paths outside a dataset's root."""
+    parser.add_argument(
+        OUTSIDE_ROOT_FLAG, action="store_true",
+        help="read images that a dataset file names by a path leading outside the dataset's root (--images-root, "
+        "else the dataset file's folder; for caption, a Parquet file's folder), also through links; without it "
+        "such a path is refused: the whole dataset in one line for prepare, evaluate and score, that image for "
+        "caption",
+    )  # fmt: skip
+
+
 def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, data_help: str) -> None:
     """Where the references (and images) come from; `evaluate` calls the same thing --data."""
     parser.add_argument(data_flag, dest="data", required=True, metavar="DATA", help=data_help)
@@ -222,6 +234,7 @@ def add_reference_arguments(parser: argparse.ArgumentParser, *, data_flag: str, 
         help="folder the dataset's image paths start from, e.g. the COCO root holding val2014/ "
         "(default: the dataset file's folder); CLIPScore and the report's pictures need the images",
     )
+    add_outside_root_argument(parser)
     add_column_arguments(parser)
 
 

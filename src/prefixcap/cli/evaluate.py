@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. The split to caption, with stored image embeddings when DATA is a feature store.
     references, embeddings, store = load_split(
         args.data, split=args.split, images_root=args.images, format=args.format,
-        image_column=args.image_column, caption_column=args.caption_column,
+        image_column=args.image_column, caption_column=args.caption_column, allow_outside_root=args.allow_outside_root,
     )  # fmt: skip
     if store is not None:
         store.check_encoder(model.config, model.image_processor)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prefixcap.cli.common import add_column_arguments, bounded
+from prefixcap.cli.common import add_column_arguments, add_outside_root_argument, bounded
 from prefixcap.data import FORMATS
 from prefixcap.model.config import DEFAULT_VISION_ENCODER, FEATURE_KINDS
 
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder that relative image paths start from (default: the dataset file's folder)",
     )
     parser.add_argument("--format", choices=FORMATS, help="dataset format (default: detected from DATA)")
+    add_outside_root_argument(parser)
     add_column_arguments(parser)
     parser.add_argument(
         "--vision-encoder", default=DEFAULT_VISION_ENCODER, metavar="ID_OR_DIR",
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, images_root=args.images_root, format=args.format, image_column=args.image_column,
         caption_column=args.caption_column, vision_encoder=args.vision_encoder,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers, overwrite=args.overwrite,
-        features=args.features,
+        features=args.features, allow_outside_root=args.allow_outside_root,
     )  # fmt: skip
     if manifest is None:  # not the main process: it wrote its shards, the main process reports
         return 0

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     references = load_references(
         args.data, split=args.split, images_root=args.images, format=args.format,
-        image_column=args.image_column, caption_column=args.caption_column,
+        image_column=args.image_column, caption_column=args.caption_column, allow_outside_root=args.allow_outside_root,
     )  # fmt: skip
     samples = match_samples(results, references.records)
     out = args.out or args.results.parent

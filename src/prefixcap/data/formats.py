@@ -27,9 +27,7 @@ Image files are not opened here: `prepare` reads each one and reports the unread
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
 import os
 import re
@@ -43,14 +41,17 @@ from prefixcap.data.hf import export_dataset, is_dataset_object, read_imagefolde
 from prefixcap.data.records import (
     CaptionRecord,
     RecordMerger,
+    csv_rows,
     json_lines,
     parse_caption,
+    parse_json,
     parse_prompt,
     parse_split,
     split_name,
 )
 from prefixcap.errors import UserError
-from prefixcap.inputs.hf_datasets import dataset_kind, is_hub_dataset, resolve_hub_dataset
+from prefixcap.inputs.dataset_paths import Confinement
+from prefixcap.inputs.hf_datasets import dataset_kind, hub_dataset_root, is_hub_dataset, resolve_hub_dataset
 from prefixcap.inputs.images import IMAGE_EXTENSIONS
 from prefixcap.inputs.sources import (
     expand_shards,
@@ -68,6 +69,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("coco", "karpathy", "jsonl", "csv", "folder", "webdataset", "imagefolder", "parquet")
 _COLUMN_FORMATS = ("imagefolder", "parquet")  # the formats whose columns can be chosen
 _JSON = "json"  # a .json file, COCO or Karpathy: told apart once the file is parsed
+# The formats whose files name their images by path (folders and shards hold theirs).
+_NAMES_PATHS = frozenset({_JSON, "coco", "karpathy", "jsonl", "csv", "imagefolder", "parquet"})
 
 
 def load_records(
@@ -77,6 +80,7 @@ def load_records(
     images_root: str | Path | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    allow_outside_root: bool = False,
 ) -> list[CaptionRecord]:
     """Read a caption dataset into records, in a deterministic order.
 
@@ -87,23 +91,32 @@ def load_records(
     `datasets.Dataset` (written once as Parquet into prefixcap's cache, so that records can name
     its images); `image_column` / `caption_column` choose the columns of `imagefolder` and
     `parquet` datasets. Every malformed input raises `UserError` with a one-line message naming the file.
+
+    The image paths a dataset file holds (every format but folders and shards) must stay inside
+    its root, through links (`images_root`, else the folder they start from; a hub dataset's
+    folder in the cache): one that leads outside fails the whole read, in one line naming the row,
+    unless `allow_outside_root` (a `datasets.Dataset` is the caller's own, and allowed anyway).
     """
     if format is not None and format not in FORMATS:
         raise UserError(f"unknown dataset format {format!r}; choose one of {', '.join(FORMATS)}")
+    root = Path(images_root) if images_root is not None else None
+    confine = Confinement(allow_outside_root)
     if is_dataset_object(path):
         path, format = export_dataset(path), format or "parquet"
+        confine = Confinement(allow_outside_root=True)
     elif is_hub_dataset(str(path)) and not os.path.lexists(path):
         path = resolve_hub_dataset(str(path))
+        confine = Confinement(allow_outside_root, root=hub_dataset_root(path) if root is None else None)
     source = str(path)
-    root = Path(images_root) if images_root is not None else None
     kind = format or _detect_format(source)
+    options = {"confine": confine} if kind in _NAMES_PATHS else {}
     try:
         if kind in _COLUMN_FORMATS:
-            records = _READERS[kind](source, root, image_column, caption_column)
+            records = _READERS[kind](source, root, image_column, caption_column, **options)
         elif image_column or caption_column:
             raise UserError(f"{source}: columns can be chosen for {' and '.join(_COLUMN_FORMATS)} datasets, not {kind}")
         else:
-            records = _READERS[kind](source, root)
+            records = _READERS[kind](source, root, **options)
     except UnicodeDecodeError as error:
         raise _not_utf8(source, error) from None
     except OSError as error:
@@ -135,22 +148,21 @@ def _detect_format(path: str) -> str:
 # --- COCO and Karpathy ---------------------------------------------------------------------------
 
 
-def _read_json(source: str, images_root: Path | None, layout: str | None = None) -> list[CaptionRecord]:
+def _read_json(
+    source: str, images_root: Path | None, layout: str | None = None, *, confine: Confinement
+) -> list[CaptionRecord]:
     """COCO or Karpathy: `layout` if forced by `format=`, else whichever the document looks like."""
     path = _existing_file(source)
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    with open(path, encoding="utf-8") as file:
+        document = parse_json(file.read(), str(path), line=True)
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path}: expected a JSON object with an 'images' list (COCO or Karpathy split file)")
     layout = layout or ("coco" if "annotations" in document else "karpathy")
     root = images_root or _default_root(path)
     if layout == "coco":
-        return _coco_records(document, path, root)
-    return _karpathy_records(images, path, root)
+        return _coco_records(document, path, root, confine)
+    return _karpathy_records(images, path, root, confine)
 
 
 def _default_root(path: Path) -> Path:
@@ -158,17 +170,17 @@ def _default_root(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "annotations" else path.parent
 
 
-def _coco_records(document: dict[str, Any], path: Path, root: Path) -> list[CaptionRecord]:
+def _coco_records(document: dict[str, Any], path: Path, root: Path, confine: Confinement) -> list[CaptionRecord]:
     """Official COCO captions: `images` [{id, file_name}] and `annotations` [{image_id, caption}]."""
     annotations = document.get("annotations")
     if not isinstance(annotations, list):
         raise UserError(f"{path}: not a COCO caption file (no 'annotations' list)")
-    file_names: dict[Any, str] = {}
+    file_names: dict[Any, tuple[int, str]] = {}  # id -> (its position in `images`, its file name)
     prompts: dict[Any, str | None] = {}  # an image's optional `prompt`
     for n, image in enumerate(document["images"]):
         if not (isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)):
             raise UserError(f"{path}: images[{n}] needs an 'id' and a string 'file_name'")
-        file_names[image["id"]] = image["file_name"]
+        file_names[image["id"]] = (n, image["file_name"])
         prompts[image["id"]] = parse_prompt(image.get("prompt"), f"{path}: images[{n}]")
     captions: dict[Any, list[str]] = {}
     for n, annotation in enumerate(annotations):
@@ -181,9 +193,13 @@ def _coco_records(document: dict[str, Any], path: Path, root: Path) -> list[Capt
     locate = _coco_image_locator(root)
     return [
         CaptionRecord(
-            str(image_id), str(locate(name)), tuple(captions[image_id]), _coco_split(name, path), prompts[image_id]
-        )
-        for image_id, name in file_names.items()
+            str(image_id),
+            confine.path(locate(name), root, f"{path}: images[{n}]"),
+            tuple(captions[image_id]),
+            _coco_split(name, path),
+            prompts[image_id],
+        )  # fmt: skip
+        for image_id, (n, name) in file_names.items()
         if image_id in captions  # COCO lists images without captions too (e.g. test2014)
     ]
 
@@ -210,7 +226,7 @@ def _coco_split(file_name: str, path: Path) -> str:
     return "train"
 
 
-def _karpathy_records(images: list[Any], path: Path, root: Path) -> list[CaptionRecord]:
+def _karpathy_records(images: list[Any], path: Path, root: Path, confine: Confinement) -> list[CaptionRecord]:
     """Karpathy split files (`dataset_coco.json`, also Flickr8k/30k): images with their sentences."""
     records = []
     for n, image in enumerate(images):
@@ -228,48 +244,44 @@ def _karpathy_records(images: list[Any], path: Path, root: Path) -> list[Caption
         image_id = str(image["cocoid"]) if "cocoid" in image else relative.as_posix()
         split = parse_split(image["split"], where)  # restval -> train
         prompt = parse_prompt(image.get("prompt"), where)
-        records.append(CaptionRecord(image_id, str((root / relative).absolute()), tuple(captions), split, prompt))
+        image_path = confine.path(root / relative, root, where)
+        records.append(CaptionRecord(image_id, image_path, tuple(captions), split, prompt))
     return records
 
 
 # --- JSONL and CSV -------------------------------------------------------------------------------
 
 
-def _read_jsonl(source: str, images_root: Path | None) -> list[CaptionRecord]:
+def _read_jsonl(source: str, images_root: Path | None, *, confine: Confinement) -> list[CaptionRecord]:
     """One JSON object per line; blank lines are allowed."""
     path = _existing_file(source)
     root = images_root or path.parent
     merger = RecordMerger()
     with open(path, encoding="utf-8") as file:
         for where, row in json_lines(path, file):
-            _add_row(merger, row, root, where)
+            _add_row(merger, row, root, where, confine)
     return merger.records()
 
 
-def _read_csv(source: str, images_root: Path | None) -> list[CaptionRecord]:
+def _read_csv(source: str, images_root: Path | None, *, confine: Confinement) -> list[CaptionRecord]:
     """A header row, then one row per caption (`caption`) or per image (`captions`: a JSON list)."""
     path = _existing_file(source)
     root = images_root or path.parent
     merger = RecordMerger()
     with open(path, encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets add a BOM
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
+        columns, rows = csv_rows(path, file)
         if "image" not in columns or not {"caption", "captions"} & set(columns):
             raise UserError(f"{path}: needs an 'image' column and a 'caption' or 'captions' column (has {columns})")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        for where, row in rows:
             # Empty cells count as absent, so one file may mix `caption` rows and `captions` rows.
-            row = {key: value for key, value in row.items() if key is not None and value not in (None, "")}
+            row = {key: value for key, value in row.items() if value not in (None, "")}
             if "captions" in row:
-                try:
-                    row["captions"] = json.loads(row["captions"])
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{where}: 'captions' is not a JSON list ({error.msg})") from None
-            _add_row(merger, row, root, where)
+                row["captions"] = parse_json(row["captions"], where, "'captions' is not a JSON list")
+            _add_row(merger, row, root, where, confine)
     return merger.records()
 
 
-def _add_row(merger: RecordMerger, row: dict[str, Any], root: Path, where: str) -> None:
+def _add_row(merger: RecordMerger, row: dict[str, Any], root: Path, where: str, confine: Confinement) -> None:
     """Check one JSONL/CSV row and add its captions to the record of its image."""
     image = row.get("image")
     if not isinstance(image, str) or not image.strip():
@@ -285,7 +297,7 @@ def _add_row(merger: RecordMerger, row: dict[str, Any], root: Path, where: str) 
     split = parse_split(row["split"], where) if "split" in row else "train"
     image_id = str(row.get("image_id", Path(image).as_posix()))
     prompt = parse_prompt(row.get("prompt"), where)
-    merger.add(str((root / image).absolute()), image_id, captions, split, where, prompt)
+    merger.add(confine.path(root / image, root, where), image_id, captions, split, where, prompt)
 
 
 # --- Folders and WebDataset shards ---------------------------------------------------------------

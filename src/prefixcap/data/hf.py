@@ -9,7 +9,6 @@ group), so that a dataset never has to fit in memory.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -18,15 +17,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefixcap.data.records import CaptionRecord, RecordMerger, json_lines, parse_caption, parse_split, split_name
+from prefixcap.data.records import (
+    CaptionRecord,
+    RecordMerger,
+    csv_rows,
+    json_lines,
+    parse_caption,
+    parse_split,
+    split_name,
+)
 from prefixcap.errors import UserError
+from prefixcap.inputs.dataset_paths import Confinement
 from prefixcap.inputs.hf_datasets import (
     IMAGE_COLUMNS,
     metadata_files,
     open_parquet,
     parquet_files,
     pick_column,
+    read_row_group,
     row_reference,
+    stored_images,
 )
 from prefixcap.system.extras import require
 
@@ -47,7 +57,7 @@ def _captions(value: Any, where: str) -> list[str]:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass  # a caption that starts with "[" is still a caption
     if isinstance(value, str):
         return [parse_caption(value, where)]
@@ -73,20 +83,25 @@ def _split_of(*names: str) -> str:
 
 
 def read_imagefolder(
-    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+    source: str,
+    images_root: Path | None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    *,
+    confine: Confinement,
 ) -> list[CaptionRecord]:
     """An imagefolder tree: `metadata.jsonl` or `metadata.csv` files (at the root, or one per split
     folder such as `train/`, `validation/`, `test/`), each row naming an image relative to its
     metadata file (`file_name`) and giving its caption(s). The split is the metadata file's
-    folder, else the first folder of the image's path, when it names one; else train."""
+    folder, else the first folder of the image's path, when it names one; else train. Images stay
+    inside `images_root`, else the dataset's folder (see `load_records`)."""
     folder = Path(source)
     files = metadata_files(folder) if folder.is_dir() else []
     if not files:
         raise UserError(f"{source}: no metadata.jsonl or metadata.csv (an imagefolder dataset needs one)")
     merger = RecordMerger()
     for metadata in files:
-        rows = _metadata_rows(metadata)
-        columns = _metadata_columns(metadata, rows)
+        columns, rows = _metadata(metadata)
         image = pick_column(columns, image_column, ("file_name", *IMAGE_COLUMNS), "image", str(metadata))
         caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(metadata))
         base = images_root or metadata.parent
@@ -95,50 +110,50 @@ def read_imagefolder(
             name = row.get(image)
             if not isinstance(name, str) or not name.strip():
                 raise UserError(f"{where}: needs an image file name in column {image!r}")
-            relative = (metadata.parent / name).relative_to(folder).as_posix()
+            if not Path(name).parts:
+                raise UserError(f"{where}: file name {name!r} names no image file")
+            path = metadata.parent / name
+            relative = (path.relative_to(folder) if path.is_relative_to(folder) else path).as_posix()
             split = parse_split(row["split"], where) if "split" in row else _split_of(
                 metadata.parent.name if metadata.parent != folder else "", Path(name).parts[0]
             )  # fmt: skip
             captions = _captions(row.get(caption), where)
             if captions:
-                merger.add(str((base / name).absolute()), relative, captions, split, where)
+                merger.add(confine.path(base / name, images_root or folder, where), relative, captions, split, where)
             skipped += not captions
         _warn_uncaptioned(skipped, metadata)
     return merger.records()
 
 
-def _metadata_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) for every row of a metadata.jsonl or metadata.csv file."""
-    rows = []
+def _metadata(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """The columns of a metadata.jsonl or metadata.csv file, and (where, row) for each of its rows."""
     with open(path, encoding="utf-8-sig", newline="") as file:
         if path.suffix == ".csv":
-            reader = csv.DictReader(file)
-            for row in reader:
-                rows.append((f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}))
-            return rows
-        rows.extend(json_lines(path, file))
-    return rows
-
-
-def _metadata_columns(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    if path.suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            return next(csv.reader(file), [])
-    return list(dict.fromkeys(key for _, row in rows for key in row))
+            columns, rows = csv_rows(path, file)
+            return columns, list(rows)
+        rows = list(json_lines(path, file))
+    return list(dict.fromkeys(key for _, row in rows for key in row)), rows
 
 
 # --- Parquet -------------------------------------------------------------------------------------
 
 
 def read_parquet(
-    source: str, images_root: Path | None, image_column: str | None = None, caption_column: str | None = None
+    source: str,
+    images_root: Path | None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    *,
+    confine: Confinement,
 ) -> list[CaptionRecord]:
     """Parquet files as `datasets` writes them (`Dataset.to_parquet`, the hub's `data/*.parquet`):
     an image column of `{bytes, path}` structs (or of file paths) and a caption column. An image
     with bytes becomes a `file.parquet#row=N` reference; one with only a path is that file
-    (relative to `images_root`, default the Parquet file's folder). The split is a `split`
-    column, else the file's folder or the first word of its name (`train-00000-of-00002.parquet`),
-    else train; the image id is an `image_id` column, else `FILE#ROW`."""
+    (relative to, and inside, `images_root`, default the Parquet file's folder). The split is a
+    `split` column, else the file's folder or the first word of its name
+    (`train-00000-of-00002.parquet`), else train; the image id is an `image_id` column, else
+    `FILE#ROW`. A row group over the limits of `read_row_group` (rows, bytes stored or expanded)
+    is refused in one line."""
     require("scale", "pyarrow", feature="Parquet datasets")
 
     location = Path(source)
@@ -148,39 +163,43 @@ def read_parquet(
     top = location if location.is_dir() else location.parent
     merger = RecordMerger()
     for file in files:
-        parquet = open_parquet(str(file))
-        columns = parquet.schema_arrow.names
-        image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
-        caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
-        wanted = [name for name in dict.fromkeys([image, caption, "image_id", "split"]) if name in columns]
-        default_split = _split_of(file.parent.name, re.split(r"[-_.]", file.name)[0])
-        relative = file.relative_to(top).as_posix() if location.is_dir() else file.name
-        row, skipped = 0, 0
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=wanted).to_pydict()
-            for offset, value in enumerate(table[image]):
-                where = f"{file}: row {row}"
-                captions = _captions(table[caption][offset], where)
-                if captions:
-                    image_ref = _record_image(value, file, row, image, images_root, where)
-                    split = parse_split(table["split"][offset], where) if "split" in table else default_split
-                    image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
-                    merger.add(image_ref, image_id, captions, split, where)
-                skipped += not captions
-                row += 1
-            del table  # one row group's images at a time
+        with open_parquet(file) as parquet:
+            columns = parquet.schema_arrow.names
+            image = pick_column(columns, image_column, IMAGE_COLUMNS, "image", str(file))
+            caption = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(file))
+            wanted = [name for name in dict.fromkeys([image, caption, "image_id", "split"]) if name in columns]
+            default_split = _split_of(file.parent.name, re.split(r"[-_.]", file.name)[0])
+            relative = file.relative_to(top).as_posix() if location.is_dir() else file.name
+            row, skipped = 0, 0
+            for group in range(parquet.num_row_groups):
+                table = read_row_group(parquet, file, group, wanted, image_column=image)
+                images = stored_images(table.column(image))  # the images' bytes stay in pyarrow
+                table = table.drop_columns([image]).to_pydict()
+                for offset, value in enumerate(images):
+                    where = f"{file}: row {row}"
+                    captions = _captions(table[caption][offset], where)
+                    if captions:
+                        image_ref = _record_image(value, file, row, image, images_root or file.parent, where, confine)
+                        split = parse_split(table["split"][offset], where) if "split" in table else default_split
+                        image_id = str(table["image_id"][offset]) if "image_id" in table else f"{relative}#{row}"
+                        merger.add(image_ref, image_id, captions, split, where)
+                    skipped += not captions
+                    row += 1
+                del table, images  # one row group at a time
         _warn_uncaptioned(skipped, file)
     return merger.records()
 
 
-def _record_image(value: Any, file: Path, row: int, column: str, root: Path | None, where: str) -> str:
-    """The `CaptionRecord.image` of one image cell: a row reference when the file holds its bytes."""
-    if isinstance(value, dict) and value.get("bytes") is not None or isinstance(value, bytes):
+def _record_image(
+    value: bool | str | None, file: Path, row: int, column: str, root: Path, where: str, confine: Confinement
+) -> str:
+    """The `CaptionRecord.image` of one image cell (see `stored_images`): a row reference when the
+    file holds its bytes, else the file its path names, from `root`."""
+    if value is True:
         return row_reference(file.absolute(), row, column)
-    path = value.get("path") if isinstance(value, dict) else value
-    if not isinstance(path, str) or not path:
+    if not value:
         raise UserError(f"{where}: column {column!r} holds neither image bytes nor a path")
-    return str(((root or file.parent) / path).absolute())
+    return confine.path(root / value, root, where)
 
 
 # --- datasets.Dataset objects --------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -111,6 +113,17 @@ class RecordMerger:
         return list(self._records.values())
 
 
+def parse_json(text: str, where: str, problem: str = "invalid JSON", *, line: bool = False) -> Any:
+    """`text` parsed as JSON, else a one-line UserError "WHERE[:LINE]: PROBLEM (why)"; also for
+    JSON nested deeper than Python's parser goes, which raises RecursionError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}{f':{error.lineno}' if line else ''}: {problem} ({error.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: {problem} (nested too deeply)") from None
+
+
 def json_lines(path: Path, file: IO[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """("FILE:LINE", object) for each non-blank line of the JSON-lines `file` read from `path`;
     a line that is not a JSON object is a one-line error naming it."""
@@ -118,10 +131,31 @@ def json_lines(path: Path, file: IO[str]) -> Iterator[tuple[str, dict[str, Any]]
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: invalid JSON ({error.msg})") from None
+        row = parse_json(line, where)
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         yield where, row
+
+
+def csv_rows(path: Path, file: IO[str]) -> tuple[list[str], Iterator[tuple[str, dict[str, str]]]]:
+    """The header of the CSV `file` read from `path`, and ("FILE:LINE", row by column) for each of
+    its rows; what Python's csv module cannot read (a field over its size limit) is a one-line
+    error naming the line."""
+    reader = csv.DictReader(file)
+    with _csv_errors(path, reader):
+        columns = list(reader.fieldnames or [])
+
+    def rows() -> Iterator[tuple[str, dict[str, str]]]:
+        with _csv_errors(path, reader):
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {key: value for key, value in row.items() if key is not None}
+
+    return columns, rows()
+
+
+@contextmanager
+def _csv_errors(path: Path, reader: csv.DictReader) -> Iterator[None]:
+    try:
+        yield
+    except csv.Error as error:
+        raise UserError(f"{path}:{reader.line_num + 1}: not valid CSV ({error})") from None  # (the line it failed in)

@@ -73,11 +73,13 @@ def load_references(
     format: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    allow_outside_root: bool = False,
 ) -> References:
     """The `split` images of any dataset `load_records` reads (see `choose_split`)."""
     records = load_records(
-        path, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column
-    )
+        path, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column,
+        allow_outside_root=allow_outside_root,
+    )  # fmt: skip
     chosen = choose_split({record.split for record in records}, split, path)
     if chosen is None:
         return References(records, None)
@@ -92,6 +94,7 @@ def load_split(
     format: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[References, torch.Tensor | None, FeatureStore | None]:
     """The `split` of a feature store (with its stored embeddings) or of any dataset (embeddings None).
     The store comes back too, so that the caller can check that its model expects these features.
@@ -99,7 +102,7 @@ def load_split(
     if not (Path(data) / MANIFEST).is_file():
         references = load_references(
             data, split=split, images_root=images_root, format=format, image_column=image_column,
-            caption_column=caption_column,
+            caption_column=caption_column, allow_outside_root=allow_outside_root,
         )  # fmt: skip
         return references, None, None
     store = FeatureStore(data)

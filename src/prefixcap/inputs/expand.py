@@ -25,63 +25,76 @@ from prefixcap.inputs.sources import (
     file_identity,
 )
 
+Rows = Callable[[Path], Iterator[StoredImage]]  # the rows of a Parquet file or folder, as inputs
+
 
 def expand_inputs(
-    patterns: list[str], *, image_column: str | None = None, within_tree: bool = False
+    patterns: list[str],
+    *,
+    image_column: str | None = None,
+    within_tree: bool = False,
+    allow_outside_root: bool = False,
 ) -> tuple[list[Source], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for image extensions, globs expanded, and
     WebDataset shards: tar files, URLs and `pipe:` commands, with brace patterns
     (`shard-{000..099}.tar`) and `::` lists expanded as webdataset does. Parquet datasets (a
     `.parquet` file, or a folder of them without images) become one `StoredImage` per row, read
     from `image_column` (default: the first of `image`, `img`, `file_name`); a hub dataset
-    `hf://datasets/OWNER/NAME[@rev]` is downloaded (or taken from the cache), then expanded.
+    `hf://datasets/OWNER/NAME[@rev]` is downloaded (or taken from the cache), then expanded. A
+    row's image may be a path, which must stay inside its Parquet file's folder unless
+    `allow_outside_root` (see `dataset_paths`).
 
     Only a pattern itself (or a name its braces expand to) can be a URL or `pipe:` command, and
     only when no file or folder has that name: every name found on disk is a `LocalPath`.
     `within_tree`: folder walks follow a symlinked folder only when it leads to a folder inside the
     one being walked (a command that writes beside the images must not reach other trees); the
-    links not followed are listed with the problems. Returns (inputs in a stable order, each file once however it was reached, and
-    [(pattern or folder, reason)] for patterns that matched nothing and folders that could not
-    be read)."""
+    links not followed are listed with the problems. Returns (inputs in a stable order, each file
+    once however it was reached, and [(pattern or folder, reason)] for patterns that matched nothing
+    and folders that could not be read)."""
     finder = _Finder(within_tree=within_tree)
     sources: dict[object, Source] = {}
+
+    def rows(path: Path) -> Iterator[StoredImage]:
+        for reference in row_references(path, image_column):
+            yield StoredImage(reference, outside_root=allow_outside_root)
+
     for pattern in patterns:
         problems = len(finder.problems)
-        found = list(_expand_one(pattern, finder, image_column))
+        found = list(_expand_one(pattern, finder, rows))
         if not found and len(finder.problems) == problems:
             finder.problems[pattern] = _nothing_found(pattern)
-        for source in found:
-            sources.setdefault(file_identity(source) or source, source)
+        for source in found:  # (a dataset's rows and remote shards are not files of their own)
+            sources.setdefault(isinstance(source, LocalPath) and file_identity(source) or source, source)
     return list(sources.values()), list(finder.problems.items())
 
 
-def _expand_one(pattern: str, finder: _Finder, image_column: str | None) -> Iterator[Source]:
+def _expand_one(pattern: str, finder: _Finder, rows: Rows) -> Iterator[Source]:
     if is_hub_dataset(pattern) and not os.path.lexists(pattern):
-        yield from _folder_or_file(str(resolve_hub_dataset(pattern)), finder, image_column)
+        yield from _folder_or_file(str(resolve_hub_dataset(pattern)), finder, rows)
         return
     source = as_source(pattern)
     if isinstance(source, RemoteShard):
         yield from map(RemoteShard, expand_braces(pattern))  # remote shards are only opened when their turn comes
     elif os.path.lexists(pattern):
-        yield from _folder_or_file(source, finder, image_column)  # an explicit file is tried whatever its extension
+        yield from _folder_or_file(source, finder, rows)  # an explicit file is tried whatever its extension
     elif (names := expand_braces(pattern)) != [pattern]:
         for name in names:
-            yield from _expand_one(name, finder, image_column)
+            yield from _expand_one(name, finder, rows)
     elif glob.has_magic(pattern):
         for match in finder.glob(pattern):
-            yield from _folder_or_file(match, finder, image_column)
+            yield from _folder_or_file(match, finder, rows)
 
 
-def _folder_or_file(path: str, finder: _Finder, image_column: str | None) -> Iterator[Source]:
+def _folder_or_file(path: str, finder: _Finder, rows: Rows) -> Iterator[Source]:
     """The images of a folder (or the rows of its Parquet files when it holds no images); the rows
     of a Parquet file; any other file as it is."""
     if os.path.isdir(path):
         images = finder.images(path)
         if not images and dataset_kind(path) == "parquet":
-            yield from map(StoredImage, row_references(Path(path), image_column))
+            yield from rows(Path(path))
         yield from images
     elif path.lower().endswith(".parquet") and os.path.isfile(path):
-        yield from map(StoredImage, row_references(Path(path), image_column))
+        yield from rows(Path(path))
     else:
         yield LocalPath(path) if not isinstance(path, (LocalPath, RemoteShard)) else path
 

@@ -8,10 +8,13 @@ every entry point equally robust, and turns every failure into one typed, readab
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,7 +26,12 @@ ImageSource = str | Path | bytes | bytearray | Image.Image | np.ndarray
 # Refuse images above this many pixels before decoding them (decompression bombs). 64 MP
 # covers every camera photo; the server and CLI make it configurable.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Refuse image files (and shard members, and Parquet cells) over this many bytes before reading
+# them: a file is read whole before it is decoded. 256 MiB holds an uncompressed 8-bit RGBA image
+# at the default pixel limit.
+MAX_IMAGE_BYTES = 256 * 2**20
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+_IS_A_DIRECTORY = "is a directory, not an image"
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser would
 # What `load_image` holds at its peak, in bytes per pixel, for images of each PIL mode: the decoded
 # image (PIL keeps RGB in 4 bytes a pixel) and its conversion to RGB, measured with Pillow 13 and
@@ -121,22 +129,76 @@ def os_error_reason(error: OSError) -> str:
     if isinstance(error, FileNotFoundError):
         return "no such file"
     if isinstance(error, IsADirectoryError):
-        return "is a directory, not an image"
+        return _IS_A_DIRECTORY
     if isinstance(error, PermissionError):
         return "permission denied"
     return f"cannot read ({error.strerror or error})"
 
 
+def open_regular_file(path: str | Path, *, name: str | None = None) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (through links), else `ImageLoadError`
+    naming it (`name`, else the path). A FIFO, device or socket is refused before it is opened,
+    and the open itself never blocks (O_NONBLOCK), so a file swapped for a FIFO in between cannot
+    hang a reader either. For every file whose bytes a dataset or a user names: images, shards,
+    Parquet files."""
+    label = name or str(path)
+    try:
+        _check_regular(os.stat(path).st_mode, label)
+        file = open(path, "rb", opener=_open_nonblocking)  # (the caller closes it)
+    except OSError as error:
+        raise ImageLoadError(label, os_error_reason(error)) from None
+    except ValueError:  # a name with a NUL byte
+        raise ImageLoadError(label, "no such file") from None
+    try:
+        _check_regular(os.fstat(file.fileno()).st_mode, label)  # what was opened, if it changed since
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def read_image_file(path: str | Path, *, name: str | None = None) -> bytes:
+    """The bytes of the image file `path`: a regular file (`open_regular_file`) of at most
+    MAX_IMAGE_BYTES, else `ImageLoadError` naming it. The one way image files are read."""
+    label = name or str(path)
+    with open_regular_file(path, name=label) as file:
+        check_image_bytes(os.fstat(file.fileno()).st_size, label)
+        try:
+            data = file.read(MAX_IMAGE_BYTES + 1)  # + 1: a file that grows while it is read
+        except OSError as error:
+            raise ImageLoadError(label, os_error_reason(error)) from None
+    check_image_bytes(len(data), label)
+    return data
+
+
+def check_image_bytes(size: int, label: str) -> None:
+    """Refuse an image of `size` bytes over MAX_IMAGE_BYTES, before it is read."""
+    if size > MAX_IMAGE_BYTES:
+        raise ImageLoadError(label, f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for an image")
+
+
+def _check_regular(mode: int, label: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageLoadError(label, _IS_A_DIRECTORY)
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+        kind = next((kind for test, kind in kinds.items() if test(mode)), "a socket or other special file")
+        raise ImageLoadError(label, f"not a regular file ({kind})")
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+
+
 def _open(source: str | Path | bytes | bytearray, label: str) -> Image.Image:
+    if isinstance(source, (str, Path)):
+        source = read_image_file(source, name=label)
+        if not source:
+            raise ImageLoadError(label, "empty file")
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageLoadError(label, "empty data")
         stream = io.BytesIO(source)
-    elif isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_file() and path.stat().st_size == 0:
-            raise ImageLoadError(label, "empty file")
-        stream = path
     else:
         raise ImageLoadError(label, f"a {type(source).__name__} is not an image, a path or image bytes")
     with warnings.catch_warnings():

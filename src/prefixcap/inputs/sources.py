@@ -18,16 +18,23 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.hf_datasets import is_row_reference, read_parquet_image
-from prefixcap.inputs.images import IMAGE_EXTENSIONS, os_error_reason
+from prefixcap.inputs.images import (
+    IMAGE_EXTENSIONS,
+    check_image_bytes,
+    open_regular_file,
+    os_error_reason,
+    read_image_file,
+)
 from prefixcap.system.extras import require
 
 # "path/to/shard.tar#member/name.jpg": the greedy `.+` lets the shard's own path contain a "#".
 _MEMBER_REFERENCE = re.compile(r"^(?P<shard>.+\.tar)#(?P<member>.+)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own files in a shard, not samples
 
 # Remote or piped WebDataset shards ("https://host/shard-000.tar", "pipe:aws s3 cp ... -").
 _URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
@@ -46,7 +53,13 @@ class RemoteShard(str):
 
 class StoredImage(str):
     """An image stored inside a local dataset file, `data.parquet#row=12`, found by expanding a
-    Parquet input the user named: read with `read_image_bytes`, like a tar member."""
+    Parquet input the user named: read with `read_image_bytes`, like a tar member. `outside_root`:
+    whether a path the row holds may lead outside the Parquet file's folder (`--allow-outside-root`)."""
+
+    def __new__(cls, reference: str, *, outside_root: bool = False) -> StoredImage:
+        image = super().__new__(cls, reference)
+        image.outside_root = outside_root  # (kept through pickling, to DataLoader workers and back)
+        return image
 
 
 Source = LocalPath | RemoteShard | StoredImage
@@ -128,22 +141,24 @@ def tar_index(shard: str | Path) -> dict[str, tuple[int, int]]:
 def _cached_index(shard: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
     # mtime_ns is part of the cache key so that a rewritten shard is indexed again.
     try:
-        with tarfile.open(shard, mode="r:") as tar:
+        with open_regular_file(shard) as file, tarfile.open(fileobj=file, mode="r:") as tar:
             return {member.name: (member.offset_data, member.size) for member in tar if member.isfile()}
     except tarfile.ReadError as error:
         raise UserError(f"{shard}: not an uncompressed tar file ({error})") from None
 
 
 def read_members(shard: str | Path, names: Iterable[str]) -> list[bytes]:
-    """The contents of several members of `shard`, read through one open file."""
+    """The contents of several members of `shard`, read through one open file; a member over
+    MAX_IMAGE_BYTES is refused unread."""
     index = tar_index(shard)
     contents = []
     # A fresh file object per call keeps this safe in threads and in forked DataLoader workers.
-    with open(shard, "rb") as file:
+    with open_regular_file(shard) as file:
         for name in names:
             if name not in index:
                 raise UserError(f"{shard}: has no member {name!r}")
             offset, size = index[name]
+            check_image_bytes(size, member_reference(shard, name))
             file.seek(offset)
             data = file.read(size)
             if len(data) != size:
@@ -154,19 +169,22 @@ def read_members(shard: str | Path, names: Iterable[str]) -> list[bytes]:
 
 def read_image_bytes(image: str) -> bytes:
     """The encoded bytes of a record's image: a file, a `shard.tar#member` of a WebDataset shard,
-    or a `data.parquet#row=N` image of a Parquet dataset.
+    or a `data.parquet#row=N` image of a Parquet dataset (a path it holds stays inside the file's
+    folder, unless `image` is a `StoredImage` allowed outside).
 
     Raises `ImageLoadError` naming the image, so that `prepare` can report it and go on.
     """
     match = _MEMBER_REFERENCE.match(image)
     try:
         if is_row_reference(image):
-            return read_parquet_image(image)
+            return read_parquet_image(image, allow_outside_root=isinstance(image, StoredImage) and image.outside_root)
         if match is None:
-            return Path(image).read_bytes()
+            return read_image_file(image)
         (data,) = read_members(match["shard"], [match["member"]])
         return data
     except UserError as error:
+        if isinstance(error, ImageLoadError) and error.source == image:
+            raise
         raise ImageLoadError(image, str(error)) from None
     except OSError as error:
         raise ImageLoadError(image, os_error_reason(error)) from None
@@ -185,27 +203,45 @@ def image_key(sample: Mapping[str, Any]) -> str | None:
 
 def read_shard(spec: str) -> Iterator[tuple[str, bytes | str]]:
     """("spec#key.ext", encoded image) for each sample of a WebDataset shard, in archive order, or
-    ("spec#key", reason) for a sample without an image. A `LocalPath` is opened as a file whatever
-    its name; only a `RemoteShard` (a URL or `pipe:` command) goes to webdataset's opener. A plain
-    string is read with `as_source`. A shard that cannot be read (missing, truncated, a failed
+    ("spec#key[.ext]", reason) for a sample without an image, or whose image is over MAX_IMAGE_BYTES
+    (skipped unread). A `LocalPath` is opened as a regular file whatever its name; only a
+    `RemoteShard` (a URL or `pipe:` command) goes to webdataset's opener. A plain string is read
+    with `as_source`. A shard that cannot be read (missing, not a regular file, truncated, a failed
     command) raises `ImageLoadError` naming it, after the samples read before the damage."""
     require("scale", "webdataset", feature="WebDataset shards")
     from webdataset import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from webdataset.tariterators import group_by_keys
 
     spec = as_source(spec)
     try:
         # closing a pipe raises if its command failed
-        with gopen(spec) if isinstance(spec, RemoteShard) else open(spec, "rb") as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": spec, "stream": stream}])):
+        with gopen(spec) if isinstance(spec, RemoteShard) else open_regular_file(spec) as stream:
+            for sample in group_by_keys(_tar_files(stream, spec)):
                 key = image_key(sample)
                 if key is None:
                     members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
                     yield f"{spec}#{sample['__key__']}", f"no image in this sample (has: {members})"
                 else:
                     yield f"{spec}#{sample['__key__']}.{key}", sample[key]
+    except ImageLoadError:  # a local shard that is not a regular file
+        raise
     except Exception as error:  # noqa: BLE001 - any failure of a remote or corrupt shard is reported
         raise ImageLoadError(spec, f"cannot read this shard ({_reason(error)})") from None
+
+
+def _tar_files(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """The files of a tar stream as webdataset's `tar_file_expander` gives them to `group_by_keys`,
+    except that a file over MAX_IMAGE_BYTES is skipped unread and has the reason as its data."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isreg() and not _TAR_META.match(member.name):
+                try:
+                    check_image_bytes(member.size, member.name)
+                    data: bytes | str = tar.extractfile(member).read()
+                except ImageLoadError as refused:
+                    data = refused.reason
+                yield {"fname": member.name, "data": data, "__url__": url}
+            tar.members = []  # a stream: keep no list of the members read
 
 
 def _reason(error: Exception) -> str:

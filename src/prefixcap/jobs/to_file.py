@@ -25,22 +25,22 @@ def caption_to_file(
     progress: Any = None,
     on_failure: Callable[[ImageLoadError], None] | None = None,
     embed_images: bool = False,
-) -> list[ImageLoadError]:
+) -> int:
     """Caption with `request` in this process, writing records to `out` (which `name` names in
     errors) in input order as they come (plain strings are read with `as_source`). Returns the
-    failures, each also passed to `on_failure` at once, so that a long run reports them while it
-    goes. The caller opens and closes `out`. `embed_images`: Parquet output with the image bytes too
-    (see `RecordWriter`)."""
+    number of images that could not be read, each passed to `on_failure` as it is found (none is
+    kept: a long run's failures would hold memory). The caller opens and closes `out`.
+    `embed_images`: Parquet output with the image bytes too (see `RecordWriter`)."""
     writer = RecordWriter(out, fmt, name, embed_images=embed_images)
     # Worker processes, with units of one batch each: every worker decodes a batch while the model
     # captions another.
     loop = captioner.loop(
         request, batch_size=batch_size, workers=num_workers, processes=True, progress=progress, on_failure=on_failure
     )
-    failures = []
+    failures = 0
     for path, captions in loop.stream(map(as_source, sources)):
         if isinstance(captions, ImageLoadError):
-            failures.append(captions)
+            failures += 1
         else:
             writer.write(path, captions)
     writer.close()

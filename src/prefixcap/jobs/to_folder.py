@@ -180,11 +180,15 @@ def _merge(
                     f"{path}: missing after every process finished; with several machines, "
                     "--output must be a folder that all of them share"
                 )
+            # A part of image sources lists them in order: write each result under its source, whose
+            # type says how its image is read again (a Parquet row allowed outside its folder, ...).
+            sources = iter(part.sources if not part.is_shard else [])
             for result in read_part(path):
+                source = next(sources, result.path)
                 if result.captions is None:
                     failures.append({"path": result.path, "error": result.error})
                 else:
-                    writer.write(result.path, result.ranked)
+                    writer.write(source, result.ranked)
                     captioned += 1
                 processed += part.index in redone
         writer.close()

@@ -56,22 +56,24 @@ def prepare_features(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     features: str = "pooled",
+    allow_outside_root: bool = False,
 ) -> StoreManifest | None:
     """Build (or finish) the feature store at `out`; returns its manifest on the main process and
     None on the others. Finished shards from an earlier run with the same inputs are kept. `out`
     must be new, empty or such a store: a folder holding anything else is refused, and a store
     none of whose shards these inputs share is replaced only with `overwrite`. `features`:
     "pooled" stores each image's pooled embedding, "patches" its patch tokens (for a resampler
-    mapper; the size is printed before encoding starts)."""
+    mapper; the size is printed before encoding starts). `allow_outside_root`: see `load_records`."""
     if features not in FEATURE_KINDS:
         raise UserError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {features!r}")
     state = process_state()
     out = Path(out)
     if is_dataset_object(source):  # its Parquet export is what the store's records point into
-        source = export_dataset(source)
+        source, allow_outside_root = export_dataset(source), True  # (the caller's own images)
     records = load_records(
-        source, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column
-    )
+        source, format=format, images_root=images_root, image_column=image_column, caption_column=caption_column,
+        allow_outside_root=allow_outside_root,
+    )  # fmt: skip
     image_processor = load_image_processor(vision_encoder)
     preprocessor = ImagePreprocessor(image_processor)
     spec, _ = load_encoder_config(vision_encoder)
