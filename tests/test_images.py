@@ -173,18 +173,18 @@ def test_image_files_over_the_byte_cap_are_refused_unread(tmp_path):
 def test_a_file_swapped_for_a_fifo_after_the_check_cannot_hang_the_open(tmp_path, monkeypatch):
     """The check before opening passes (as if the name were a regular file until then); what is
     opened is a FIFO: the open must not block, and what was opened is checked again."""
-    from prefixcap.inputs import images
+    from prefixcap.system import files
 
     fifo = tmp_path / "swapped.png"
     os.mkfifo(fifo)
-    real_check, calls = images._check_regular, []
+    real_check, calls = files._check_regular, []
 
-    def passes_once(mode, label):
-        calls.append(label)
+    def passes_once(mode):
+        calls.append(mode)
         if len(calls) > 1:
-            real_check(mode, label)
+            real_check(mode)
 
-    monkeypatch.setattr(images, "_check_regular", passes_once)
+    monkeypatch.setattr(files, "_check_regular", passes_once)
     with pytest.raises(ImageLoadError, match=r"swapped.png: not a regular file \(a FIFO\)$"):
         load_image(fifo)
     assert len(calls) == 2

@@ -8,8 +8,6 @@ every entry point equally robust, and turns every failure into one typed, readab
 from __future__ import annotations
 
 import io
-import os
-import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from prefixcap.errors import ImageLoadError, ImageTooLargeError
+from prefixcap.system.files import NotRegularFileError, TooLargeError, check_size, open_regular, read_regular
 
 ImageSource = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
@@ -132,62 +131,45 @@ def os_error_reason(error: OSError) -> str:
         return _IS_A_DIRECTORY
     if isinstance(error, PermissionError):
         return "permission denied"
+    if isinstance(error, NotRegularFileError):
+        return error.strerror
     return f"cannot read ({error.strerror or error})"
 
 
 def open_regular_file(path: str | Path, *, name: str | None = None) -> BinaryIO:
-    """`path` opened for reading if it is a regular file (through links), else `ImageLoadError`
-    naming it (`name`, else the path). A FIFO, device or socket is refused before it is opened,
-    and the open itself never blocks (O_NONBLOCK), so a file swapped for a FIFO in between cannot
-    hang a reader either. For every file whose bytes a dataset or a user names: images, shards,
-    Parquet files."""
+    """`path` opened for reading if it is a regular file (through links: `system.files.open_regular`),
+    else `ImageLoadError` naming it (`name`, else the path). For every file whose bytes a dataset or
+    a user names: images, shards, Parquet files."""
     label = name or str(path)
-    try:
-        _check_regular(os.stat(path).st_mode, label)
-        file = open(path, "rb", opener=_open_nonblocking)  # (the caller closes it)
-    except OSError as error:
-        raise ImageLoadError(label, os_error_reason(error)) from None
-    except ValueError:  # a name with a NUL byte
-        raise ImageLoadError(label, "no such file") from None
-    try:
-        _check_regular(os.fstat(file.fileno()).st_mode, label)  # what was opened, if it changed since
-    except BaseException:
-        file.close()
-        raise
-    return file
+    with _file_errors(label):
+        return open_regular(path)
 
 
 def read_image_file(path: str | Path, *, name: str | None = None) -> bytes:
-    """The bytes of the image file `path`: a regular file (`open_regular_file`) of at most
-    MAX_IMAGE_BYTES, else `ImageLoadError` naming it. The one way image files are read."""
+    """The bytes of the image file `path`: a regular file of at most MAX_IMAGE_BYTES, else
+    `ImageLoadError` naming it. The one way image files are read."""
     label = name or str(path)
-    with open_regular_file(path, name=label) as file:
-        check_image_bytes(os.fstat(file.fileno()).st_size, label)
-        try:
-            data = file.read(MAX_IMAGE_BYTES + 1)  # + 1: a file that grows while it is read
-        except OSError as error:
-            raise ImageLoadError(label, os_error_reason(error)) from None
-    check_image_bytes(len(data), label)
-    return data
+    with _file_errors(label):
+        return read_regular(path, MAX_IMAGE_BYTES)
 
 
 def check_image_bytes(size: int, label: str) -> None:
     """Refuse an image of `size` bytes over MAX_IMAGE_BYTES, before it is read."""
-    if size > MAX_IMAGE_BYTES:
-        raise ImageLoadError(label, f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for an image")
+    with _file_errors(label):
+        check_size(size, MAX_IMAGE_BYTES)
 
 
-def _check_regular(mode: int, label: str) -> None:
-    if stat.S_ISDIR(mode):
-        raise ImageLoadError(label, _IS_A_DIRECTORY)
-    if not stat.S_ISREG(mode):
-        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
-        kind = next((kind for test, kind in kinds.items() if test(mode)), "a socket or other special file")
-        raise ImageLoadError(label, f"not a regular file ({kind})")
-
-
-def _open_nonblocking(path: str, flags: int) -> int:
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+@contextmanager
+def _file_errors(label: str) -> Iterator[None]:
+    """A file that cannot be read as an image file, as `ImageLoadError` naming `label`."""
+    try:
+        yield
+    except TooLargeError as error:
+        raise ImageLoadError(label, f"{error.strerror} for an image") from None
+    except OSError as error:
+        raise ImageLoadError(label, os_error_reason(error)) from None
+    except ValueError:  # a name with a NUL byte
+        raise ImageLoadError(label, "no such file") from None
 
 
 def _open(source: str | Path | bytes | bytearray, label: str) -> Image.Image:

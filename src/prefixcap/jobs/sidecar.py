@@ -32,6 +32,7 @@ from prefixcap.inputs.sources import LocalPath, RemoteShard, as_source, file_ide
 from prefixcap.jobs.writers import printable, write_errors
 from prefixcap.options import CaptionRequest
 from prefixcap.system.atomic import write_atomic
+from prefixcap.system.files import read_regular
 
 CAPTION_SUFFIX = ".txt"
 # What to do with an image whose caption file exists: leave it (and do not caption the image), replace
@@ -230,32 +231,17 @@ def _final_text(sidecar: Sidecar, captions: list[str], existing: str) -> str | I
     if existing not in ("append", "prepend"):
         return text
     try:
-        data = read_regular_file(sidecar.path, MAX_CAPTION_FILE_BYTES)
+        data = read_regular(sidecar.path, MAX_CAPTION_FILE_BYTES, follow_links=False)
         # utf-8-sig: files saved by Windows editors start with a byte-order mark that is not text
         old = data.decode("utf-8-sig").strip()
     except FileNotFoundError:
         return text
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:  # a link, a special file, over the cap
         reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else (error.strerror or str(error))
         return ImageLoadError(sidecar.image, f"cannot {existing} to {sidecar.path} ({reason})")
     if not old:
         return text
     return f"{old}{SEPARATOR}{text}" if existing == "append" else f"{text}{SEPARATOR}{old}"
-
-
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of `path` if it is a regular file (not a link, a FIFO or a device) of at most
-    `limit` bytes; OSError otherwise. Opened without following links and without blocking, so
-    that a FIFO swapped in after planning cannot hang the run."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(descriptor, "rb") as file:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(0, "not a regular file")
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(0, f"over {limit:,} bytes: not a caption file?")
-    return data
 
 
 def write_sidecar(sidecar: Sidecar, text: str) -> None | ImageLoadError:

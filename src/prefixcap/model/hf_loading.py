@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prefixcap.errors import ModelLoadError
+from prefixcap.system.files import TooLargeError, read_regular
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config file larger than this is not one
 
@@ -89,12 +90,12 @@ def refuse_remote_code(source: str | Path) -> None:
 def read_json(path: Path) -> Any:
     """The JSON value of the regular file `path` (at most MAX_CONFIG_BYTES: a FIFO or device would
     block or never end); ModelLoadError names the file and the problem."""
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: missing, or not a regular file")
-    with path.open("rb") as file:
-        data = file.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+    try:
+        data = read_regular(path, MAX_CONFIG_BYTES)
+    except TooLargeError:
+        raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as error:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from prefixcap.retrieval.index import (
     write_index,
 )
 from prefixcap.system.atomic import atomic_dir, check_output_dir
+from prefixcap.system.files import TooLargeError, open_regular, read_regular
 
 MANIFEST = "datastore.json"
 INDEX_FILE = "index.faiss"
@@ -402,7 +402,11 @@ def _check_file(path: Path, name: str, entry: dict[str, Any], *, keep: bool = Fa
     if not where.exists():
         raise UserError(f"{where}: missing; the datastore is damaged; {_REBUILD}")
     digest, size, data = hashlib.sha256(), 0, []
-    with _open_regular(where) as file:
+    try:
+        file = open_regular(where, follow_links=False)
+    except OSError as error:
+        raise UserError(f"{where}: cannot read ({error.strerror or error}; a datastore holds no links)") from None
+    with file:
         found = os.fstat(file.fileno()).st_size
         if found != entry["bytes"]:
             raise UserError(
@@ -419,23 +423,13 @@ def _check_file(path: Path, name: str, entry: dict[str, Any], *, keep: bool = Fa
 
 
 def _read_regular(path: Path, limit: int) -> bytes:
-    with _open_regular(path) as file:
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise UserError(f"{path}: over {limit} bytes; not a datastore manifest")
-    return data
-
-
-def _open_regular(path: Path):
-    """`path` opened for reading, if it is a regular file and not a link."""
+    """A store file's bytes: a regular file, never a link (a datastore holds none), of at most `limit`."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return read_regular(path, limit, follow_links=False)
+    except TooLargeError:
+        raise UserError(f"{path}: over {limit} bytes; not a datastore manifest") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror or error}; a datastore holds no links)") from None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise UserError(f"{path}: not a regular file")
-    return os.fdopen(descriptor, "rb")
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
