@@ -105,7 +105,7 @@ def test_the_folder_holds_the_graphs_the_runtime_and_what_javascript_needs(onnx_
         for name in ort_web.BUNDLES[bundle]:
             assert (out / "ort" / name).stat().st_size > 1000, name
     assert ort_web.VERSION in (out / "ort" / "NOTICE.txt").read_text()
-    for name in ("captioner.js", "preprocess.js", "search.js", "text.js"):
+    for name in ("index.html", "page.js", "captioner.js", "preprocess.js", "search.js", "text.js"):
         assert (out / name).is_file()
     assert "Cross-Origin-Embedder-Policy: require-corp" in (out / "_headers").read_text()
     # nothing names this machine's folders: the folder is meant for public hosting

@@ -34,6 +34,7 @@ examples:
 
 WEB_EPILOG = """\
 the export folder (serve it from any static host, e.g. `python -m http.server -d OUT_DIR`):
+  index.html, page.js     the page: drop or pick images; captions appear as they are made
   captioner.js            the ES module: const c = await Captioner.load(url);
                           await c.caption(image, {numBeams, maxNewTokens})
   model/                  encoder.onnx, decoder.onnx, embeddings, tokenizer data (text.json)

@@ -1,5 +1,6 @@
 """`prefixcap export web`: a static folder that captions images in the browser, with nothing uploaded.
 
+    index.html, page.js        the page: drop or pick images, captions appear as they are made
     captioner.js               the ES module (`Captioner.load(url)`, `caption(image, options)`), with
     preprocess.js, search.js,  its image preprocessing, greedy and beam search, and text decoding
     text.js
@@ -44,7 +45,7 @@ FORMAT, FORMAT_VERSION = "prefixcap-web", 1
 WEB_MANIFEST = "prefixcap_web.json"
 WEB_DIRECTORY = "prefixcap web export"
 STATIC_DIR = Path(__file__).with_name("static")
-PAGE_FILES = ("captioner.js", "preprocess.js", "search.js", "text.js")
+PAGE_FILES = ("index.html", "page.js", "captioner.js", "preprocess.js", "search.js", "text.js")
 MODEL_DIR, ORT_DIR = "model", "ort"
 # Pillow filters that preprocess.js reproduces (all of its convolution filters; NEAREST is another code path)
 RESAMPLE_NAMES = {1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
