@@ -41,13 +41,14 @@ the export folder (serve it from any static host, e.g. `python -m http.server -d
   ort/                    onnxruntime-web, the pinned npm release, checked against its integrity
   prefixcap_web.json      the manifest: shapes, preprocessing constants, prompt, stop ids, defaults
 
-WASM by default, with threads when the page is cross-origin isolated (COOP/COEP headers: hosts that
-read _headers send them); WebGPU for float32 exports where the
+WASM by default, with threads when the page is cross-origin isolated (COOP/COEP headers: `prefixcap
+serve --web OUT_DIR` and hosts that read _headers send them); WebGPU for float32 exports where the
 browser has it. int8 exports run on WASM.
 
 examples:
   prefixcap export web my-model/ exports/my-model-web --quantize int8
   prefixcap export web exports/my-model-int8 exports/my-model-web      # reuse an `export onnx` folder
+  prefixcap serve --model my-model/ --web exports/my-model-web         # the page offers both
 """
 
 
