@@ -203,10 +203,14 @@ def llama2_style_tokenizer(directory: Path, *, metaspace: bool = False) -> Path:
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
     specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials + byte_tokens, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=specials, show_progress=False)
     corpus = ["a photo of a cat on a couch.", "two dogs — café au lait, naïve 🙂 spaces  twice.", "a man riding"]
     tokenizer.train_from_iterator(corpus * 3, trainer=trainer)
+    # the 256 byte tokens join the model's vocabulary (not special: HF decode keeps them), as in Llama 2's
+    saved = json.loads(tokenizer.to_str())
+    vocab = saved["model"]["vocab"]
+    vocab |= {f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)}
+    tokenizer = Tokenizer.from_str(json.dumps(saved))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(directory)
     return directory
