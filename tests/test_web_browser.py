@@ -241,8 +241,9 @@ def test_a_llama_family_model_gives_the_same_tokens(llama_web_export, images):
     onnx_dir, web_dir = llama_web_export
     model = OnnxCaptionModel.from_pretrained(onnx_dir, threads=1)
     chosen = images[:8] + images[-4:]
-    greedy, beam = python_tokens(model, chosen), python_tokens(model, chosen, num_beams=3)
+    greedy = python_tokens(model, chosen)
+    beam = python_tokens(model, chosen, num_beams=3, num_return_sequences=3)
     assert len({str(rows) for rows in greedy}) >= 4
     with serve_folder(web_dir) as url, loaded_page(url) as (page, _):
         assert browser_tokens(page, chosen) == greedy
-        assert browser_tokens(page, chosen, numBeams=3) == beam
+        assert browser_tokens(page, chosen, numBeams=3, numReturnSequences=3) == beam
