@@ -7,6 +7,7 @@ import functools
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -94,6 +95,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default: ${API_KEY_VARIABLE}, which other users cannot see in the process list; unset: no key)",
     )
     add_rerank_arguments(parser, serve=True)
+    parser.add_argument(
+        "--web",
+        metavar="DIR",
+        type=Path,
+        help="also offer this `prefixcap export web` folder at /web/: a page that captions in the browser, "
+        "uploading nothing (the main page links to it)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-upload-mb",
@@ -162,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
             f"warning: listening on {args.host} without --api-key: anyone who can reach it can use this server",
             file=sys.stderr,
         )
+    if args.web is not None:
+        from prefixcap.web.export import read_web_manifest
+
+        read_web_manifest(args.web)  # before the slow model load, as the port
     listener = _listen(args.host, args.port)  # before the slow model load, so a busy port fails fast
     captioner = load_captioner(args, max_pixels=args.max_pixels, jpeg_draft=args.jpeg_draft)
     config = ServerConfig(
@@ -175,10 +187,12 @@ def run(args: argparse.Namespace) -> int:
         cors_origins=args.cors_origins,
         api_key=args.api_key,
         rerank_clip=args.rerank_clip,
+        web_dir=args.web,
     )
     server = uvicorn.Server(uvicorn_config(create_app(captioner, config), args))  # create_app checks the model
+    web = "; in-browser captioning at /web/" if args.web is not None else ""
     print(
-        f"serving {args.model} on {captioner.model.device} at {_url(listener)}/ (API docs at /docs)",
+        f"serving {args.model} on {captioner.model.device} at {_url(listener)}/ (API docs at /docs{web})",
         file=sys.stderr,
         flush=True,
     )

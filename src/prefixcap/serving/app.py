@@ -6,6 +6,7 @@ GET  /metrics      Prometheus text
 POST /v1/chat/completions, GET /v1/models   the OpenAI API (serving/openai.py)
 GET  /docs         OpenAPI page
 GET  /             the web page (static/index.html)
+GET  /web/         a web export's page, which captions in the browser (with --web)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from prefixcap.serving.schemas import (
     MultipartCaptionRequest,
 )
 from prefixcap.serving.security import AccessGuard, is_loopback
+from prefixcap.serving.web import mount_web_export
 
 STATIC_DIR = Path(__file__).with_name("static")
 CAPTION_PATH = "/v1/caption"
@@ -74,6 +76,7 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)  # other web origins that may POST ("*": all)
     api_key: str | None = None  # required by /v1/ and /metrics when set
     rerank_clip: str | None = None  # CLIP for requests' rerank="clipscore" (None: the model's own)
+    web_dir: Path | None = None  # a `prefixcap export web` folder to offer at /web/
 
 
 def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
@@ -114,6 +117,8 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
     )
     app.state.metrics = metrics
     install_error_handlers(app)
+    if config.web_dir is not None:
+        mount_web_export(app, config.web_dir)
     # the first added runs last, next to the endpoints
     app.add_middleware(RequestBodyLimits, max_bytes=int(config.max_upload_mb * 2**20), read_timeout=config.read_timeout)
     app.add_middleware(

@@ -115,5 +115,12 @@ dropZone.addEventListener("drop", (event) => {
   captionAll(event.dataTransfer.files);
 });
 
+// `prefixcap serve --web DIR` also offers a page that captions in the browser: link to it
+async function offerWebExport() {
+  const answer = await fetch("/web/prefixcap_web.json", { method: "HEAD" }).catch(() => null);
+  document.getElementById("web-link").hidden = !answer?.ok;
+}
+
 showModeFields();
 showModel();
+offerWebExport();
