@@ -20,6 +20,8 @@ from prefixcap.cli.common import (
     load_captioner,
     load_rerank,
 )
+from prefixcap.cli.ray import EPILOG as RAY_EPILOG
+from prefixcap.cli.ray import add_ray_arguments
 from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
 from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
 from prefixcap.errors import UserError
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Unreadable images and folders are reported on stderr as 'error: PATH: REASON' and skipped; "
         "the exit status is 1 if any failed, except with folder output, where failures are "
         "expected at scale and counted in summary.json.",
-        epilog=EPILOG + "\n" + SIDECAR_EPILOG,
+        epilog=EPILOG + "\n" + SIDECAR_EPILOG + "\n" + RAY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -92,12 +94,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shard is one part (default: 1000)",
     )  # fmt: skip
     add_sidecar_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from prefixcap.system.processes import process_state
 
+    if args.ray is not None:
+        from prefixcap.cli.ray import run_caption
+
+        return run_caption(args)
     kwargs = generation_kwargs(args)
     if args.rerank_clip and not args.rerank:
         raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")

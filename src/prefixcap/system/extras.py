@@ -31,6 +31,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "datasets": {"datasets": "datasets"},
     "lora": {"peft": "peft"},  # also in pyproject's train extra; only --freeze lora and LoRA models need it
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"},
+    "ray": {"ray": "ray[data]", "pandas": "pandas", "pyarrow": "pyarrow"},
 }
 
 
