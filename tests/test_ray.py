@@ -1,7 +1,7 @@
 """Captioning on Ray: a real two-node cluster on 127.0.0.1 (Ray's test-cluster utility: a head with
-one CPU and a second node with two CPUs and a `captioner` resource), jobs that must give exactly
-the single-process captions, each image once, also after a captioning actor is killed with
-SIGKILL; reruns (nothing to do; everything to do after the model's files change); sidecar files;
+one CPU and a second node with two CPUs and a `captioner` resource) and an S3 store on 127.0.0.1
+(moto's server); jobs that must give exactly the single-process captions, each image once, also
+after a captioning actor is killed with SIGKILL; reruns (nothing to do; everything to do after the model's files change); sidecar files;
 the actor class in a plain Ray Data pipeline; and no Ray process left behind."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 from prefixcap.jobs.ray import PrefixCaptioner, RayCaptioner  # noqa: E402 - needs ray
+from prefixcap.jobs.ray_inputs import expand_ray_inputs  # noqa: E402
 
 NAMES = list(COLOURS)
 OPTIONS = {"max_new_tokens": 8}
@@ -151,6 +152,10 @@ def cluster():
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
         patch.setenv("OMP_NUM_THREADS", "1")  # one thread per worker, as in the single-process reference
+        # the S3 test store (moto) takes any credentials; the nodes' workers inherit these
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         test_cluster = LoopbackCluster()
         yield test_cluster
         if not test_cluster.stopped:
@@ -164,10 +169,38 @@ def model(image_dependent_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def job(cluster, model, tmp_path_factory) -> dict:
+def store(cluster):
+    """An S3 store on 127.0.0.1 (moto's server), as the URL prefix of a bucket in it."""
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    yield "s3://test-bucket", options
+    server.stop()
+
+
+def upload(store: tuple[str, str], local: Path, files: list[Path]) -> str:
+    """Copy `files` to `data/` in the store; returns the prefix's URL."""
+    import boto3
+
+    bucket, options = store
+    endpoint = options.split("endpoint_override=")[1].split("&")[0]
+    client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+    client.create_bucket(Bucket=bucket.removeprefix("s3://"))
+    for file in files:
+        client.put_object(
+            Bucket=bucket.removeprefix("s3://"), Key=f"data/{file.relative_to(local)}", Body=file.read_bytes()
+        )
+    return f"{bucket}/data/{options}"
+
+
+@pytest.fixture(scope="module")
+def job(cluster, store, model, tmp_path_factory) -> dict:
     """A folder (with an unreadable image), a Parquet file and a WebDataset shard (and an empty
-    one), captioned on the cluster through the Python API into Parquet shards; the actor runs on
-    the second node (the only one with a `captioner`), decoding runs as tasks on both."""
+    one), and an S3 prefix holding two images, a shard and a Parquet file, captioned on the
+    cluster through the Python API into Parquet shards; the actor runs on the second node (the
+    only one with a `captioner`), decoding runs as tasks on both."""
     root = tmp_path_factory.mktemp("inputs")
     (root / "photos").mkdir()
     for index, name in enumerate(NAMES[:4]):
@@ -176,31 +209,41 @@ def job(cluster, model, tmp_path_factory) -> dict:
     write_parquet(root / "table.parquet", NAMES[4:6])
     write_shard(root / "shard-0.tar", NAMES[6:8])
     write_shard(root / "empty.tar", [])
-    inputs = [str(root / name) for name in ("photos", "table.parquet", "shard-0.tar", "empty.tar")]
-    sources, missing = expand_inputs(inputs)
+    # the same kinds of objects in S3, in the order the store lists them
+    (root / "s3").mkdir()
+    (root / "s3" / "a.png").write_bytes(png(NAMES[7], 33))
+    (root / "s3" / "b.png").write_bytes(png(NAMES[0], 34))
+    in_store = [root / "s3" / "a.png", root / "s3" / "b.png", write_shard(root / "s3" / "c.tar", NAMES[2:4]),
+                write_parquet(root / "s3" / "d.parquet", NAMES[5:6])]  # fmt: skip
+    url = upload(store, root / "s3", in_store)
+    inputs = [str(root / name) for name in ("photos", "table.parquet", "shard-0.tar", "empty.tar")] + [url]
+    sources, missing = expand_ray_inputs(inputs)
     assert not missing
     out = root / "out"
     with RayCaptioner(str(model), address=cluster.address, resources={"captioner": 1}, **SETTINGS) as captioner:
         summary = caption_to_shards(captioner, sources, out, fmt="parquet", part_size=2, batch_size=2, **OPTIONS)
-    return {
-        "inputs": inputs,
-        "sources": sources,
-        "out": out,
-        "summary": summary,
-        "reference": reference(model, sources),
-    }
+    # the single-process captions: of the same files, read locally (the store's under their store names)
+    local, _ = expand_inputs([*inputs[:4], *map(str, in_store)])
+    prefix, options = url.split("?")
+
+    def store_name(key: str) -> str:  # /.../s3/c.tar#member -> s3://test-bucket/data/c.tar?OPTIONS#member
+        path, mark, member = key.partition("#")
+        return f"{prefix}{Path(path).name}?{options}{mark}{member}" if Path(path).parent == root / "s3" else key
+
+    expected = {store_name(str(key)): captions for key, captions in reference(model, local).items()}
+    return {"inputs": inputs, "sources": sources, "out": out, "summary": summary, "reference": expected}
 
 
 def test_two_nodes_caption_every_image_once_as_one_process(job):
     expected = job["reference"]
     good = [captions for captions in expected.values() if captions is not None]
-    assert len(good) == 8 and len({tuple(captions) for captions in good}) == 8  # distinct images, distinct captions
+    assert len(good) == 13 and len({tuple(captions) for captions in good}) == 8  # distinct colours, distinct captions
     records = shard_records(job["out"], "parquet")
     assert [path for path, _ in records] == list(expected)  # every image exactly once, in input order
     assert dict(records) == expected
     summary = json.loads((job["out"] / "summary.json").read_text())
-    assert (summary["images"], summary["captioned"], summary["failed"]) == (9, 8, 1)
-    assert summary["images_this_run"] == 9 and summary["parts_reused"] == 0
+    assert (summary["images"], summary["captioned"], summary["failed"]) == (14, 13, 1)
+    assert summary["images_this_run"] == 14 and summary["parts_reused"] == 0
     assert [failure["path"] for failure in summary["failures"]] == [str(job["out"].parent / "photos" / "broken.png")]
 
 
@@ -210,7 +253,7 @@ def test_a_rerun_captions_nothing(job, model, cluster):
         summary = caption_to_shards(captioner, job["sources"], job["out"], fmt="parquet", part_size=2, **OPTIONS)
         assert not captioner._connected  # nothing to do: no cluster joined, no model loaded
     assert summary.images_this_run == 0 and summary.parts_reused == summary.parts
-    assert (summary.images, summary.captioned) == (9, 8)
+    assert (summary.images, summary.captioned) == (14, 13)
     assert {path: path.stat().st_mtime_ns for path in (job["out"] / "parts").iterdir()} == before
 
 
@@ -318,7 +361,7 @@ def test_changed_model_files_redo_everything_on_a_local_cluster_that_leaves_no_p
     assert any("raylet" in command for command in seen.values())  # a cluster of its own was started
     assert wait_until_gone(seen) == []
     summary = json.loads((job["out"] / "summary.json").read_text())
-    assert summary["images_this_run"] == 9 and summary["parts_reused"] == 0
+    assert summary["images_this_run"] == 14 and summary["parts_reused"] == 0
     parts = {path.name for path in (job["out"] / "parts").iterdir()}
     assert parts.isdisjoint(old_parts) and len(parts) == summary["parts"]  # the old model's parts are gone
     assert dict(shard_records(job["out"], "parquet")) == job["reference"]

@@ -14,7 +14,9 @@ EPILOG = """\
 on a Ray cluster (pip install "prefixcap[ray]"):
   --ray starts a cluster on this machine for the job; --ray auto joins the cluster this machine
   belongs to (ray start), --ray ray://HOST:10001 one elsewhere. Results go into a folder of shards,
-  OUT/parts/*.parquet (or .jsonl) and OUT/summary.json; a rerun skips the finished parts.
+  OUT/parts/*.parquet (or .jsonl) and OUT/summary.json; a rerun skips the finished parts. Inputs
+  may also be s3:// and gs:// objects, prefixes and globs (images, .tar shards, .parquet files),
+  which every node reads itself through pyarrow.
   prefixcap caption 'shards/{0000..0999}.tar' --ray auto --ray-actors 8 --ray-gpus 1 --output out/ --format parquet
 """
 # auto, local, ray://HOST:PORT, or HOST:PORT of a cluster's head (what `ray start` prints)
@@ -89,11 +91,11 @@ def _caption_to_shards(captioner, args: argparse.Namespace, fmt: str, options: d
 
     from tqdm import tqdm
 
-    from prefixcap.inputs.expand import expand_inputs
     from prefixcap.jobs.output import prepare_directory
+    from prefixcap.jobs.ray_inputs import expand_ray_inputs
     from prefixcap.jobs.ray_job import caption_to_shards
 
-    sources, missing = expand_inputs(args.paths, image_column=args.image_column)
+    sources, missing = expand_ray_inputs(args.paths, image_column=args.image_column)
     for path, reason in missing:
         print(f"error: {path}: {reason}", file=sys.stderr)
     if not sources:

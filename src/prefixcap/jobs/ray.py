@@ -30,6 +30,7 @@ unit replaces the same file with the same content.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +42,15 @@ import torch
 
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS
-from prefixcap.inputs.loader import ImageLoader, group, in_order
+from prefixcap.inputs.loader import ImageLoader, chunked, group, in_order
 from prefixcap.inputs.sources import LocalPath, RemoteShard, StoredImage
+from prefixcap.jobs.ray_inputs import StoreObject, read_store_object
 from prefixcap.options import TextOptions
 from prefixcap.system.extras import require
 
 # Source kinds as they travel in a Ray Dataset (Arrow keeps strings, not their Python class):
 # a name keeps the kind it was given (a file named like a URL stays a file).
-_KINDS = {kind.__name__: kind for kind in (LocalPath, RemoteShard, StoredImage)}
+_KINDS = {kind.__name__: kind for kind in (LocalPath, RemoteShard, StoredImage, StoreObject)}
 LOCAL = "local"  # the address that starts a cluster on this machine for the job
 
 
@@ -135,23 +137,42 @@ def decode_units(batch: dict[str, Any], *, loader: ImageLoader, batch_size: int)
     pixels). A unit without images (an empty shard) gives one row at position -1."""
     for unit, sources, kinds in zip(batch["unit"], batch["sources"], batch["kinds"]):
         typed = [_KINDS[kind](source) for source, kind in zip(sources, kinds)]
-        position = 0
-        for decoded in loader.batches([typed], batch_size=batch_size, workers=0):
-            size = len(decoded.keys)
-            blank = _blank(decoded.pixels, loader)
-            good = iter(decoded.pixels if decoded.pixels is not None else [])
-            pixels = [blank if row in decoded.failures else next(good) for row in range(size)]
-            errors = [decoded.failures[row].reason if row in decoded.failures else None for row in range(size)]
-            keys, positions = [str(key) for key in decoded.keys], list(range(position, position + size))
-            if size == 0:  # the end of a unit without images
+        chunks = chunked(_decoded(typed, loader, batch_size), batch_size)
+        chunk, position = next(chunks, []), 0
+        while chunk is not None:
+            following = next(chunks, None)  # None: `chunk` is the unit's last
+            keys = [key for key, _ in chunk]
+            errors = [outcome.reason if isinstance(outcome, ImageLoadError) else None for _, outcome in chunk]
+            blank = _blank([outcome for _, outcome in chunk], loader)
+            pixels = [blank if isinstance(outcome, ImageLoadError) else outcome for _, outcome in chunk]
+            positions = list(range(position, position + len(chunk)))
+            if not chunk:  # the end of a unit without images
                 keys, positions, pixels, errors = [""], [-1], [blank], ["no images"]
-            position += size
-            count = position if decoded.last else -1
+            position += len(chunk)
+            count = position if following is None else -1
             yield {
                 "unit": np.full(len(keys), unit), "position": np.array(positions), "count": np.full(len(keys), count),
                 "key": np.array(keys, dtype=object), "pixels": np.stack([p.numpy() for p in pixels]),
                 "error": np.array(errors, dtype=object),
             }  # fmt: skip
+            chunk = following
+
+
+def _decoded(
+    sources: list[Any], loader: ImageLoader, batch_size: int
+) -> Iterator[tuple[str, torch.Tensor | ImageLoadError]]:
+    """(key, pixels or why there are none) for each image of a unit, in order: object-store
+    objects read through pyarrow, everything else by the loader as in a local job."""
+    for in_store, run in itertools.groupby(sources, key=lambda source: isinstance(source, StoreObject)):
+        if in_store:
+            for source in run:
+                for key, data in read_store_object(source):
+                    yield key, data if isinstance(data, ImageLoadError) else loader.try_load(data, key)
+            continue
+        for decoded in loader.batches([list(run)], batch_size=batch_size, workers=0):
+            good = iter(decoded.pixels if decoded.pixels is not None else [])
+            for position, key in enumerate(decoded.keys):
+                yield str(key), decoded.failures[position] if position in decoded.failures else next(good)
 
 
 @dataclass
@@ -233,7 +254,8 @@ class RayCaptioner:
     ) -> Iterator[tuple[int, list[tuple[Any, list[str] | ImageLoadError]]]]:
         """Yield each (unit index, its (key, captions or failure) in input order) once all its
         images are back, units in the order they complete. `units` are lists of typed sources
-        (`LocalPath`, `RemoteShard`, `StoredImage`); `options` the decoding and text options."""
+        (`LocalPath`, `RemoteShard`, `StoredImage`, `StoreObject`); `options` the decoding and text
+        options."""
         del workers, processes  # the cluster's business (see `stream`)
         rows = [
             {"unit": index, "sources": [str(s) for s in unit], "kinds": [type(s).__name__ for s in unit]}
@@ -242,7 +264,7 @@ class RayCaptioner:
         if not rows:
             return
         for name in {kind for row in rows for kind in row["kinds"]} - set(_KINDS):
-            raise TypeError(f"a unit holds a {name}; Ray jobs take typed names (LocalPath, RemoteShard, StoredImage)")
+            raise TypeError(f"a unit holds a {name}; Ray jobs take typed names ({', '.join(_KINDS)})")
         self._connect()
         import ray
 
@@ -332,10 +354,11 @@ class _Unit:
         ]
 
 
-def _blank(pixels: torch.Tensor | None, loader: ImageLoader) -> torch.Tensor:
+def _blank(outcomes: list[torch.Tensor | ImageLoadError], loader: ImageLoader) -> torch.Tensor:
     """Zero pixels in the place of an image that has none, shaped like the batch's images."""
-    if pixels is not None:
-        return torch.zeros_like(pixels[0])
+    for outcome in outcomes:
+        if isinstance(outcome, torch.Tensor):
+            return torch.zeros_like(outcome)
     height, width = loader.preprocessor.output_size or (1, 1)
     return torch.zeros((3, height, width), dtype=torch.uint8)
 
