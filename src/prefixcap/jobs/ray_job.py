@@ -39,9 +39,9 @@ _PART_TEMPORARY = re.compile(r"^\.part-\d{6}-[0-9a-f]{12}\.(jsonl|parquet)\.[A-Z
 
 @dataclass
 class RaySummary(Summary):
-    """`Summary`'s fields, with `processes` the captioning actors, `seconds` the whole run (joining
-    or starting the cluster, starting the actors and loading their models included) and
-    `images_per_second` the rate from the first part back to the end."""
+    """`Summary`'s fields, with `processes` the captioning actors, and `seconds` (and so
+    `images_per_second`) this run's whole time on the cluster: joining or starting it, starting
+    the actors and loading their models included."""
 
     images_this_run: int = 0  # images the cluster captioned (or found unreadable) in this run
     format: str = "jsonl"
@@ -87,18 +87,11 @@ def caption_to_shards(
     todo = [index for index, path in enumerate(paths) if not path.exists()]
 
     start, processed = time.perf_counter(), 0
-    first: tuple[float, int] | None = None  # when the first part came back, and its images
     units = [parts[index].sources for index in todo]
     for unit, outcomes in captioner.caption_units(units, batch_size=batch_size, progress=progress, **options):
         write_shard(paths[todo[unit]], [Result.of(key, outcome) for key, outcome in outcomes], fmt)
         processed += len(outcomes)
-        first = first or (time.perf_counter(), processed)
-    end = time.perf_counter()
-    seconds = end - start
-    # The rate once the cluster is up and the models loaded (from the first part back), as a local
-    # job's rate leaves its model loading out; with a single part, the whole run's.
-    steady = first is not None and processed > first[1]
-    rate = (processed - first[1]) / max(end - first[0], 1e-9) if steady else processed / max(seconds, 1e-9)
+    seconds = time.perf_counter() - start
 
     captioned, failures = 0, [{"path": source, "error": reason} for source, reason in input_failures]
     for path in paths:
@@ -112,7 +105,7 @@ def caption_to_shards(
         output=str(parts_dir), images=captioned + len(failures) - len(input_failures), captioned=captioned,
         failed=len(failures) - len(input_failures), processes=captioner.actors, parts=len(parts),
         parts_reused=len(parts) - len(todo), seconds=round(seconds, 3),
-        images_per_second=round(rate, 3), failures=failures, images_this_run=processed,
+        images_per_second=round(processed / max(seconds, 1e-9), 3), failures=failures, images_this_run=processed,
         format=fmt,
     )  # fmt: skip
     with write_errors(Path(out_dir) / SUMMARY), atomic_file(Path(out_dir) / SUMMARY) as out:
