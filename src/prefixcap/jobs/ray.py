@@ -236,9 +236,8 @@ class RayCaptioner:
     def stream(
         self, sources: Iterable[Any], *, batch_size: int | None = None, progress: Any = None, **kwargs: Any
     ) -> Iterator[tuple[Any, list[str] | ImageLoadError]]:
-        """(source, captions or failure) in input order, as `Captioner.stream`. `workers` and
-        `processes` are the cluster's business here, and ignored."""
-        kwargs.pop("workers", None), kwargs.pop("processes", None)
+        """(source, captions or failure) in input order, as `Captioner.stream`; `kwargs` as
+        `caption_units` takes them."""
         units = group(sources, batch_size or self.batch_size)
         yield from in_order(self.caption_units(units, batch_size=batch_size, progress=progress, **kwargs))
 
