@@ -324,6 +324,7 @@ class RayCaptioner:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # prefixcap shows its own progress line
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 class _Unit:
