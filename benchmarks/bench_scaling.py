@@ -17,8 +17,18 @@ apart what processes add from what threads inside one process fail to add.
 It also measures how many images one CPU core decodes and preprocesses per second (what one
 DataLoader worker delivers), which sets how many workers a fast GPU needs.
 
+With --ray, the same images and model go through the in-process path and the Ray path instead:
+  in-process               OMP_NUM_THREADS=<cpus>    python -m prefixcap caption ... --output out/
+  Ray, N actors            OMP_NUM_THREADS=<cpus/N>  python -m prefixcap caption ... --ray --ray-actors N --output out/
+(a cluster of this machine started for the job on 127.0.0.1; each actor reserves cpus/N CPUs and
+decodes its own images, as Ray runs decoding inside CPU actors). The figure compared is images per
+second of wall time, from the command's start to its exit: a Ray job's time includes starting the
+cluster and its actors, which a local job's captioning rate (summary.json) leaves out; both are
+printed, and their ratio, Ray / in-process. Use enough images that start-up does not dominate.
+
     python benchmarks/bench_scaling.py                 # 32 images, 1 vs 2 processes
     python benchmarks/bench_scaling.py --images 128 --processes 4 --repeats 2
+    python benchmarks/bench_scaling.py --ray --images 256 --processes 2
 """
 
 from __future__ import annotations
@@ -69,14 +79,19 @@ def preprocessing_rate(model: Path, images: Path) -> float:
     return count / (time.perf_counter() - start)
 
 
-def run_job(model: Path, images: Path, out: Path, *, processes: int, threads: int, args: argparse.Namespace) -> dict:
-    """One captioning job; returns its summary.json plus the wall time."""
+def run_job(
+    model: Path, images: Path, out: Path, *, processes: int, threads: int, args: argparse.Namespace, ray: bool = False
+) -> dict:
+    """One captioning job (`ray`: on a local Ray cluster, `processes` actors); returns its
+    summary.json plus the wall time."""
     caption = [
         "-m", "prefixcap", "caption", str(images), "--model", str(model), "--output", f"{out}/",
         "--max-new-tokens", str(NEW_TOKENS), "--min-new-tokens", str(NEW_TOKENS),
         "--batch-size", str(args.batch_size), "--part-size", str(args.part_size), "--workers", str(args.workers),
     ]  # fmt: skip
-    if processes == 1:
+    if ray:
+        command = [sys.executable, *caption, "--ray", "--ray-actors", str(processes), "--ray-cpus", str(threads)]
+    elif processes == 1:
         command = [sys.executable, *caption]
     else:
         launcher = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
@@ -87,7 +102,7 @@ def run_job(model: Path, images: Path, out: Path, *, processes: int, threads: in
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"the {processes}-process job failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"the {'Ray' if ray else f'{processes}-process'} job failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {**summary, "wall_seconds": wall}
 
@@ -108,7 +123,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per process (default: 1)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the two runs this many times (default: 1)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--ray", action="store_true", help="compare the in-process path with the Ray path (--processes actors)"
+    )
     args = parser.parse_args()
+    if args.ray:
+        compare_ray(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         workdir = Path(tmp)
@@ -144,6 +165,49 @@ def main() -> None:
     if args.json:
         figures = {f"{p}x{t}": results for (p, t), results in runs.items()}
         report = {"runs": figures, "preprocessing_per_core": decode_rate, "args": vars(args) | {"json": str(args.json)}}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def compare_ray(args: argparse.Namespace) -> None:
+    """The in-process path (one process on all cores) against the Ray path (--processes actors
+    sharing the cores), on the same images and model, alternated --repeats times."""
+    threads = max(1, args.cpus // args.processes)
+    runs: dict[str, list[dict]] = {"in-process": [], "ray": []}
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+        workdir = Path(tmp)
+        print(f"building a full-size random model and {args.images} JPEGs in {workdir} ...", file=sys.stderr)
+        model = build_full_size_model(workdir)
+        make_images(workdir / "images", args.images)
+        for repeat in range(args.repeats):
+            for name in runs:
+                out = workdir / f"out-{name}-{repeat}"
+                if name == "ray":
+                    run = run_job(model, workdir / "images", out, processes=args.processes, threads=threads,
+                                  args=args, ray=True)  # fmt: skip
+                else:
+                    run = run_job(model, workdir / "images", out, processes=1, threads=args.cpus, args=args)
+                run["wall_images_per_second"] = args.images / run["wall_seconds"]
+                runs[name].append(run)
+                print(
+                    f"{name}: {run['wall_images_per_second']:.2f} images/s end to end ({run['wall_seconds']:.1f} s), "
+                    f"summary.json: {run['images_per_second']:.2f} images/s",
+                    file=sys.stderr,
+                )
+    best = {name: max(run["wall_images_per_second"] for run in results) for name, results in runs.items()}
+    print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.images} images, batch {args.batch_size}")
+    print(f"in-process: 1 process x {args.cpus} threads; Ray: {args.processes} actors x {threads} CPUs (threads) each")
+    print(f"{'path':>10} {'images/s end to end (best)':>26} {'all runs':>20} {'summary.json images/s':>22}")
+    for name, results in runs.items():
+        rates = ", ".join(f"{run['wall_images_per_second']:.2f}" for run in results)
+        summary = ", ".join(f"{run['images_per_second']:.2f}" for run in results)
+        print(f"{name:>10} {best[name]:>26.2f} {rates:>20} {summary:>22}")
+    print(f"Ray / in-process, end to end: {best['ray'] / best['in-process']:.2f}x")
+    if args.json:
+        report = {
+            "runs": runs,
+            "ratio": best["ray"] / best["in-process"],
+            "args": vars(args) | {"json": str(args.json)},
+        }
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -18,10 +18,13 @@ from prefixcap.cli.common import (
     add_rerank_arguments,
     bounded,
     load_captioner_and_request,
+    report_failure,
 )
+from prefixcap.cli.ray import EPILOG as RAY_EPILOG
+from prefixcap.cli.ray import add_ray_arguments
 from prefixcap.cli.sidecar import EPILOG as SIDECAR_EPILOG
 from prefixcap.cli.sidecar import add_sidecar_arguments, run_sidecars, sidecar_requested
-from prefixcap.errors import ImageLoadError, UserError
+from prefixcap.errors import UserError
 from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.sources import RemoteShard, Source, is_shard
 from prefixcap.jobs.writers import FORMATS, require_format
@@ -55,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Unreadable images and folders are reported on stderr as 'error: PATH: REASON' and skipped; "
         "the exit status is 1 if any failed, except with folder output, where failures are "
         "expected at scale and counted in summary.json.",
-        epilog=EPILOG + "\n" + SIDECAR_EPILOG,
+        epilog=EPILOG + "\n" + SIDECAR_EPILOG + "\n" + RAY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -93,12 +96,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shard is one part (default: 1000)",
     )  # fmt: skip
     add_sidecar_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from prefixcap.system.processes import process_state
 
+    if args.ray is not None:
+        from prefixcap.cli.ray import run_caption
+
+        return run_caption(args)
     if args.rerank_clip and not args.rerank:
         raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")
     state = process_state()
@@ -166,7 +174,7 @@ def _caption_to_file(captioner, request, sources: list[Source], args: argparse.N
         with tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr) as bar:
             failures = caption_to_file(
                 captioner, sources, out, fmt, request, name=args.output or "<stdout>", batch_size=args.batch_size,
-                num_workers=args.workers, progress=bar, on_failure=_report_failure, embed_images=args.embed_images,
+                num_workers=args.workers, progress=bar, on_failure=report_failure, embed_images=args.embed_images,
             )  # fmt: skip
     return failures
 
@@ -180,7 +188,7 @@ def _caption_to_folder(
     summary = caption_to_folder(
         captioner, sources, args.output, request, model=args.model, state=state, fmt=fmt, part_size=args.part_size,
         batch_size=args.batch_size, num_workers=args.workers, input_failures=missing, embed_images=args.embed_images,
-        on_failure=_report_failure,
+        on_failure=report_failure,
     )  # fmt: skip
     if summary is not None:  # the main process
         print(
@@ -190,10 +198,3 @@ def _caption_to_folder(
             file=sys.stderr,
         )
     return 0  # a non-zero status would make accelerate/torchrun report a crashed job
-
-
-def _report_failure(failure: ImageLoadError) -> None:
-    """One `error:` line per unreadable image, above the progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr)

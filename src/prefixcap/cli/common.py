@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefixcap.data import FORMATS
-from prefixcap.errors import UserError
+from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.dataset_paths import OUTSIDE_ROOT_FLAG
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import CaptionRequest, GenerationOptions, TextOptions
 from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.terminal import for_terminal
 
 if TYPE_CHECKING:
     from prefixcap.evaluation import Evaluation, ScoreConfig
@@ -139,6 +140,13 @@ def _load_captioner(args: argparse.Namespace, options: dict[str, Any] | None, **
     if args.quantize:
         print(f"quantize: {args.quantize} decoder linear layers, decoded by {captioner.decoding_path}", file=sys.stderr)
     return captioner, request
+
+
+def report_failure(failure: ImageLoadError) -> None:
+    """One `error:` line per unreadable image, above any progress bar, escaped for a terminal."""
+    from tqdm import tqdm
+
+    tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr)
 
 
 def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:

@@ -89,7 +89,9 @@ def caption_to_folder(
 
     out_dir = Path(out_dir)
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    parts = plan_parts(sources, part_size=part_size, settings=part_settings(captioner, request, model))
+    precision = {"dtype": str(captioner.model.decoder.dtype)}
+    settings = part_settings(model, captioner.model_fingerprint, precision, request)
+    parts = plan_parts(sources, part_size=part_size, settings=settings)
 
     # 1. The main process decides what is left to do, so that every process splits the same list
     #    even on a file system whose views differ a little between machines. The broadcast is
@@ -136,14 +138,17 @@ def caption_to_folder(
     return summary
 
 
-def part_settings(captioner: Any, request: CaptionRequest, model: str | Path) -> dict[str, Any]:
+def part_settings(
+    model: str | Path, model_files: str | None, precision: dict[str, Any], request: CaptionRequest
+) -> dict[str, Any]:
     """What a part's results depend on besides its images: the model (by the name given, a folder
     by its absolute path so that a rerun from another folder recognises its parts), its files
-    (`model_fingerprint`), its precision, and the request's options and reranker."""
+    (`model_fingerprint`), how it runs (`precision`: dtype, quantization, ...), and the request's
+    options and reranker."""
     settings: dict[str, Any] = {
         "model": normalize_model_id(model),
-        "model_files": captioner.model_fingerprint,
-        "dtype": str(captioner.model.decoder.dtype),
+        "model_files": model_files,
+        **precision,
         "generation": {**asdict(request.generation), **asdict(request.text)},
     }
     if request.rerank is not None:  # reranked parts differ from plain ones (order, scores): never mix them

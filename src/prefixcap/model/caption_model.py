@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from prefixcap.errors import ModelLoadError
@@ -308,6 +308,33 @@ class CaptionModel(nn.Module, CaptionGeneration):
         """The longest caption that fits in the decoder's positions after the prefix."""
         positions = getattr(self.decoder.config, "max_position_embeddings", None)
         return None if positions is None else positions - self.config.prefix_length
+
+
+class CaptionText(CaptionGeneration):
+    """The text side of a saved model without its weights (config, tokenizer, the decoder's
+    positions): enough to build and check requests where the model itself runs elsewhere, such as
+    a Ray driver whose actors caption. It generates nothing."""
+
+    def __init__(self, config: CaptionConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int | None):
+        self.config, self.tokenizer, self._max_positions = config, tokenizer, max_positions
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._check_defaults()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> CaptionText:
+        directory = Path(directory)
+        config = CaptionConfig.load(directory)
+        local = directory / "decoder"
+        decoder_config = hf_call(
+            AutoConfig.from_pretrained, local if local.is_dir() else config.decoder, "decoder config"
+        )
+        positions = getattr(decoder_config, "max_position_embeddings", None)
+        return cls(config, _load_tokenizer(directory / "tokenizer"), positions)
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        return None if self._max_positions is None else self._max_positions - self.config.prefix_length
 
 
 # ---------------------------------------------------------------------- the encode step

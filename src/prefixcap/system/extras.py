@@ -33,6 +33,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"},
     "retrieval": {"faiss": "faiss-cpu"},
     "label": {"httpx": "httpx"},
+    "ray": {"ray": "ray[data]", "pandas": "pandas", "pyarrow": "pyarrow"},
 }
 
 
