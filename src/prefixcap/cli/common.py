@@ -16,6 +16,7 @@ from prefixcap.errors import UserError
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import GenerationOptions, TextOptions
 from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.hub import missing_from_hub
 
 if TYPE_CHECKING:
     from prefixcap.evaluation import Evaluation, ScoreConfig
@@ -283,6 +284,10 @@ def score_config(args: argparse.Namespace, *, default_clip_model: str | None = N
         raise UserError("--metrics is empty; name at least one of " + METRIC_NAMES)
     if args.bertscore_baseline is not None and not args.bertscore_baseline.is_file():
         raise UserError(f"{args.bertscore_baseline}: no such baseline file")
+    if metrics is None or "bertscore" in metrics:  # bert-score loads its model itself: check the hub for it first
+        reason = missing_from_hub(args.bertscore_model)
+        if reason and metrics is not None:  # else BERTScore is skipped, without retries
+            raise UserError(f"cannot load BERTScore model {args.bertscore_model!r} ({reason})")
     bertscore = BERTScoreConfig(
         model_type=args.bertscore_model,
         num_layers=args.bertscore_layers,

@@ -81,8 +81,12 @@ class CLIPScorer:
 
         from prefixcap.model.encoders import load_image_processor
         from prefixcap.system.hardware import default_device
+        from prefixcap.system.hub import missing_from_hub
 
+        reason = missing_from_hub(name_or_dir)  # an unreachable hub: at once, not after minutes of retries
         try:
+            if reason:
+                raise ValueError(reason)
             config = AutoConfig.from_pretrained(name_or_dir)
             if config.model_type != "clip":
                 raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")

@@ -11,11 +11,14 @@ from typing import Any
 import torch
 
 from prefixcap.errors import ModelLoadError
+from prefixcap.system.hub import missing_from_hub
 
 
 def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
     """Run a transformers loader; turn its errors into one clear line. Missing files and bad ids
     raise OSError or ValueError, damaged files anything from SafetensorError to AttributeError."""
+    if reason := missing_from_hub(source):  # an unreachable hub: at once, not after minutes of retries
+        raise ModelLoadError(f"{source}: cannot load the {what} ({reason})")
     try:
         return loader(str(source), **kwargs)
     except Exception as error:
