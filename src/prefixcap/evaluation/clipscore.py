@@ -107,13 +107,22 @@ class CLIPScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest text the text tower takes: its positions, unless the tokenizer's limit is
+        lower. Some tokenizers set no limit at all, and a longer text fails in the tower."""
+        return min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """[N, D] projected embeddings of PROMPT + text, truncated to CLIP's context length."""
+        """[N, D] projected embeddings of PROMPT + text, truncated to CLIP's context length
+        (`max_text_tokens`): one cut for CLIPScore, RefCLIPScore and reranking."""
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             batch = [PROMPT + text for text in texts[start : start + self.batch_size]]
-            inputs = self.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            inputs = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+            ).to(self.device)
             chunks.append(_features(self.model.get_text_features(**inputs)).float().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
