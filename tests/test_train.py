@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefixcap import Captioner, CaptionModel
+from prefixcap import CaptionModel
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
 from prefixcap.training import TrainConfig, resolve_config
@@ -31,12 +31,10 @@ from prefixcap.training.state import (
 from prefixcap.training.step import freeze_first_blocks
 from prefixcap.training.trainer import Trainer
 from tests.helpers_pipeline import (
-    exact_matches,
     kill_when,
     model_weights,
     run_prefixcap,
     synthetic_store,
-    train_synthetic_model,
 )
 
 
@@ -259,15 +257,6 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
     with pytest.raises(UserError, match="--lr 0.1 differs from the resumed run's 0.001"):
         Trainer(config, resume=True, given={"lr": 0.1})
     assert Trainer(TrainConfig(out=str(run)), resume=True).fit().step == 20  # options from the run; nothing left
-
-
-@pytest.mark.slow
-def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) -> None:
-    """Tiny real models learn the synthetic captions: greedy captions of held-out images match."""
-    model_dir, test = train_synthetic_model(tmp_path)
-    captions = Captioner.from_pretrained(model_dir)([record.image for record in test])
-    exact = exact_matches(captions, [record.captions[0] for record in test])
-    assert exact >= 0.9 * len(test), f"{exact}/{len(test)} exact"
 
 
 @pytest.mark.slow
