@@ -4,6 +4,7 @@ end: learnability, SIGKILL + --resume, and two-process training."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,15 @@ def test_bad_config_files_are_one_line_errors(tmp_path: Path, text: str, message
         resolve_config({}, tmp_path / "bad.yaml")
 
 
+def test_an_unknown_config_key_lists_the_options_as_the_readme_writes_them(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("learning-rate: 1\n")
+    with pytest.raises(UserError) as error:
+        resolve_config({}, tmp_path / "bad.yaml")
+    valid = str(error.value).split("valid: ")[1].split(", ")
+    assert "batch-size" in valid and "prefix-length" in valid and "lr" in valid
+    assert not [name for name in valid if "_" in name]
+
+
 # ---------------------------------------------------------------------- state and freezing
 def test_optimizer_and_rng_state_survive_safetensors_round_trip(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
@@ -239,10 +249,15 @@ def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfi
 
 
 def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys
 ) -> None:
     config = small_run(synth_features, tmp_path / "run", tiny_components[1])
     Trainer(config).fit()
+    # the epoch lines in fixed point (an untrained model's BLEU-4 read 3.041e-18)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    number = r"-?\d+\.\d{4}"
+    expected = rf"epoch [12]/2: train_loss {number}, val_loss {number}, BLEU-4 {number}, CIDEr {number}"
+    assert len(lines) == 2 and all(re.fullmatch(expected, line) for line in lines), lines
 
     run = tmp_path / "run"
     rows = (run / "metrics.csv").read_text().splitlines()

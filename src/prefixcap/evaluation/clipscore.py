@@ -82,18 +82,20 @@ class CLIPScorer:
         from prefixcap.model.encoders import load_image_processor
         from prefixcap.system.hardware import default_device
         from prefixcap.system.hub import missing_from_hub
+        from prefixcap.system.quiet import quiet_transformers
 
         reason = missing_from_hub(name_or_dir)  # an unreachable hub: at once, not after minutes of retries
         try:
             if reason:
                 raise ValueError(reason)
-            config = AutoConfig.from_pretrained(name_or_dir)
-            if config.model_type != "clip":
-                raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
-            model, info = CLIPModel.from_pretrained(name_or_dir, use_safetensors=True, output_loading_info=True)
-            if info["missing_keys"]:
-                raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
-            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(name_or_dir)
+                if config.model_type != "clip":
+                    raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
+                model, info = CLIPModel.from_pretrained(name_or_dir, use_safetensors=True, output_loading_info=True)
+                if info["missing_keys"]:
+                    raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
+                tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise UserError(

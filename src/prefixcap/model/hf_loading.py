@@ -12,6 +12,7 @@ import torch
 
 from prefixcap.errors import ModelLoadError
 from prefixcap.system.hub import missing_from_hub
+from prefixcap.system.quiet import quiet_transformers
 
 
 def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
@@ -20,7 +21,8 @@ def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
     if reason := missing_from_hub(source):  # an unreachable hub: at once, not after minutes of retries
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})")
     try:
-        return loader(str(source), **kwargs)
+        with quiet_transformers():
+            return loader(str(source), **kwargs)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None

@@ -112,7 +112,8 @@ def _hub_download(repo_id: str, filename: str, name: str) -> Path:
     except LocalEntryNotFoundError:
         raise ModelLoadError(
             f"{name}: {repo_id}/{filename} is not in the Hugging Face cache, and "
-            f"{problem or 'the hub cannot be reached'}; connect once, or pass --model with a local directory"
+            f"{problem or 'the hub cannot be reached'}; connect once to download it, or load a local model "
+            "directory instead (--model DIR on the command line, its path in Python)"
         ) from None
     except HfHubHTTPError as error:
         raise ModelLoadError(f"{name}: downloading {repo_id}/{filename} failed ({error})") from None
