@@ -46,8 +46,11 @@ def prefixcap(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Com
 def test_the_demo_learns_through_the_commands_it_prints(tmp_path: Path) -> None:
     env = no_hub_env()
     printed = prefixcap(["demo", "demo"], tmp_path, env).stdout
-    commands = [shlex.split(line, comments=True) for line in printed.splitlines() if line.startswith("  prefixcap ")]
+    lines = [shlex.split(line, comments=True) for line in printed.splitlines() if line.startswith("  ")]
+    settings = [dict(word.split("=") for word in line[: line.index("prefixcap")]) for line in lines]
+    commands = [line[line.index("prefixcap") :] for line in lines]
     assert [command[1] for command in commands] == ["prepare", "train", "caption", "evaluate", "serve"]
+    assert settings[1] == {"OMP_NUM_THREADS": "1"} and not any(settings[:1] + settings[2:])
     assert commands[1][commands[1].index("--prefix-length") :][:2] == [
         "--prefix-length",
         "4",
@@ -57,12 +60,15 @@ def test_the_demo_learns_through_the_commands_it_prints(tmp_path: Path) -> None:
         json.loads(line)["image"]: json.loads(line)["caption"]
         for line in (tmp_path / "demo" / "data" / "captions.jsonl").read_text().splitlines()
     }
-    outputs = {command[1]: prefixcap(command[1:], tmp_path, env).stdout for command in commands[:-1]}
+    outputs = {
+        command[1]: prefixcap(command[1:], tmp_path, {**env, **setting}).stdout
+        for command, setting in zip(commands[:-1], settings)
+    }
 
     # caption: the held-out images, each captioned as its reference says (case and all)
-    lines = [line.split("\t") for line in outputs["caption"].splitlines()]
-    assert len(lines) == 10
-    captions = {str(Path(path).relative_to(Path("demo") / "data")): caption for path, caption in lines}
+    rows = [row.split("\t") for row in outputs["caption"].splitlines()]
+    assert len(rows) == 10
+    captions = {str(Path(path).relative_to(Path("demo") / "data")): caption for path, caption in rows}
     assert len(set(captions.values())) > 1  # the captions depend on the image
     assert sum(caption == references[image] for image, caption in captions.items()) >= 9
 
