@@ -103,53 +103,18 @@ def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def build_learnable_components(root: Path) -> tuple[Path, Path]:
-    """Tiny models that learn the synthetic captions within seconds: a random CLIP with 64-d
-    features (a linear probe separates the colour pairs; the 24-d test CLIP's reaches ~90%) and a
-    64-d GPT-2 without dropout."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessorPil,
-        CLIPModel,
-        GPT2Config,
-        GPT2LMHeadModel,
-    )
-
-    from prefixcap.testing import build_tokenizer
-
-    torch.manual_seed(0)
-    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text = {**tower, "vocab_size": 400, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0}
-    clip_config = CLIPConfig(
-        text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=64
-    )
-    CLIPModel(clip_config).save_pretrained(root / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        root / "clip"
-    )
-    tokenizer = build_tokenizer(root / "gpt2")
-    gpt2_config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    GPT2LMHeadModel(gpt2_config).save_pretrained(root / "gpt2")
-    return root / "clip", root / "gpt2"
-
-
 def train_synthetic_model(root: Path) -> tuple[Path, list[CaptionRecord]]:
-    """synth -> prepare -> train with `build_learnable_components`, as a user runs them: the
-    trained model directory (greedy captions ≥ 90% exact on held-out images) and its 60 held-out
-    (test) records."""
+    """`prefixcap demo ROOT`, then the prepare and train commands it prints, in this process: the
+    trained model directory (greedy captions >= 90% exact on held-out images) and its 60 held-out
+    (test) records. `root` must be new or empty."""
     from prefixcap.cli import main
+    from prefixcap.cli.demo import demo_commands
     from prefixcap.data import load_records
 
-    clip, gpt2 = build_learnable_components(root / "models")
-    assert main(["synth", str(root / "data"), "--num-images", "600", "--seed", "0"]) == 0
-    assert main(["prepare", str(root / "data" / "captions.jsonl"), "--out", str(root / "features"),
-                 "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
-    assert main(["train", str(root / "features"), "--decoder", str(gpt2), "--out", str(root / "run"),
-                 "--prefix-length", "4", "--epochs", "30", "--batch-size", "16", "--lr", "3e-3",
-                 "--val-images", "60", "--seed", "0"]) == 0  # fmt: skip
+    assert main(["demo", str(root)]) == 0
+    (prepare, _), (train, _) = demo_commands(root)[:2]
+    assert main([*prepare[1:], "--workers", "0"]) == 0
+    assert main(train[1:]) == 0
     test = [record for record in load_records(root / "data" / "captions.jsonl") if record.split == "test"]
     return root / "run" / "best", test
 

@@ -162,3 +162,26 @@ def test_overwrite_never_deletes_what_the_user_keeps_in_a_model_directory(tiny_c
     assert len(errors) == 1 and "holds NOTES.md, onnx, which a prefixcap model directory does not" in errors[0]
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt.pt", "model"]  # no staging left
+
+
+def test_max_new_tokens_lets_a_decoder_with_few_positions_convert(tiny_components, tmp_path):
+    """ClipCap decodes up to 67 tokens, more than a decoder with 48 positions has room for after the
+    prefix: convert-clipcap refused it with no way out (issue 28). --max-new-tokens sets the default."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prefixcap.testing import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "gpt2")
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=48, bos_token_id=eos,
+                        eos_token_id=eos)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    make_clipcap_checkpoint(tmp_path / "gpt2", tmp_path / "ckpt.pt")
+    command = [sys.executable, "-m", "prefixcap", "convert-clipcap", str(tmp_path / "ckpt.pt"), str(tmp_path / "out"),
+               "--vision-encoder", str(tiny_components[0]), "--decoder", str(tmp_path / "gpt2")]  # fmt: skip
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--max-new-tokens" in refused.stderr.splitlines()[-1], refused.stderr
+    converted = subprocess.run([*command, "--max-new-tokens", "40"], capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr
+    model = CaptionModel.from_pretrained(tmp_path / "out")
+    assert model.config.generation["max_new_tokens"] == 40 and model.config.stop_token == "."

@@ -13,7 +13,8 @@ import pytest
 from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.serving.launcher import serve_in_subprocess
-from tests.helpers_pipeline import build_learnable_components, exact_matches, train_synthetic_model
+from prefixcap.testing import build_learnable_components
+from tests.helpers_pipeline import exact_matches, train_synthetic_model
 
 
 @pytest.mark.slow

@@ -220,3 +220,38 @@ def test_trained_model_scores_higher_than_untrained(
     assert (
         trained["metrics"]["mean_length"] > 0 and "novel_captions_pct" in trained["metrics"]
     )  # stats ran, train split known
+
+
+def test_evaluate_refuses_to_replace_an_earlier_evaluation_without_overwrite(
+    image_dependent_model_dir: Path, tiny_model_dir: Path, features: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Issue 28: evaluate wrote ./evaluation by default and silently replaced it, so a second model's
+    run (the README's SCST example) overwrote the first one's report. The default folder is now
+    evaluation/NAME, one per model, and an earlier evaluation is kept unless --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--data", str(features), "--metrics", "stats", "--max-new-tokens", "8"]
+    assert main([*args, "--model", str(image_dependent_model_dir)]) == 0
+    first = Path("evaluation") / f"{image_dependent_model_dir.parent.name}-{image_dependent_model_dir.name}"
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"wrote {first / 'metrics.json'}")
+    kept = {name: (first / name).read_bytes() for name in ("results.json", "metrics.json", "report.html")}
+
+    # a second model gets its own default folder
+    assert main([*args, "--model", str(tiny_model_dir)]) == 0
+    second = Path("evaluation") / f"{tiny_model_dir.parent.name}-{tiny_model_dir.name}"
+    assert second != first and (second / "metrics.json").is_file()
+    capsys.readouterr()
+
+    # the same folder again: refused in one line, before any captioning, and nothing changes
+    assert main([*args, "--model", str(tiny_model_dir), "--out", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {first}: already holds a prefixcap evaluation; pass --overwrite to replace it\n"
+    assert {name: (first / name).read_bytes() for name in kept} == kept
+    assert main([*args, "--model", str(tiny_model_dir), "--out", str(first), "--overwrite"]) == 0
+    assert (first / "results.json").read_bytes() != kept["results.json"]  # the other model's captions
+
+    # a folder holding anything else is never written into
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main([*args, "--model", str(tiny_model_dir), "--out", "notes", "--overwrite"]) == 2
+    assert "is not empty and is not a prefixcap evaluation" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "notes").iterdir()) == ["todo.txt"]

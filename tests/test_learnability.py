@@ -15,8 +15,8 @@ import torch
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
 from prefixcap.data import load_records
-from prefixcap.testing import build_decoder
-from tests.helpers_pipeline import build_learnable_components, exact_matches
+from prefixcap.testing import build_decoder, build_learnable_components
+from tests.helpers_pipeline import exact_matches
 
 pytestmark = pytest.mark.slow
 

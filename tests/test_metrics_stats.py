@@ -32,3 +32,15 @@ def test_corpus_stats() -> None:
     assert stats["repetition_rate_pct"] == pytest.approx(25.0)
     assert stats["novel_captions_pct"] == pytest.approx(50.0)
     assert "novel_captions_pct" not in corpus_stats(captions)  # unknown without training captions
+
+
+def test_exact_match_counts_captions_equal_to_one_of_their_references() -> None:
+    captions = ["A red shape on a white background.", "a blue shape", "a green shape", "a cat"]
+    references = [
+        ["a red shape on a white background"],  # equal but for case and punctuation
+        ["a blue shape on a black background", "a blue shape"],  # equal to the second reference
+        ["a red shape"],
+        ["a dog", "a cat on a mat"],
+    ]
+    assert corpus_stats(captions, references=references)["exact_match_pct"] == pytest.approx(50.0)
+    assert "exact_match_pct" not in corpus_stats(captions)  # unknown without references

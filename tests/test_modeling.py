@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 from prefixcap import CaptionModel
 from prefixcap.errors import ModelLoadError
 from prefixcap.model import registry
+from tests.helpers_pipeline import subprocess_env
 from tests.reference import naive_greedy, strip_padding
 
 PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -115,14 +118,22 @@ def test_missing_files_are_clear_errors(tiny_model_dir, tmp_path, missing):
 def test_unknown_directory_and_offline_names(tmp_path):
     with pytest.raises(ModelLoadError, match="not a prefixcap model directory"):
         CaptionModel.from_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="not in the hub cache|not cached"):
+    with pytest.raises(
+        ModelLoadError, match="not a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    ):
         registry.load_model("someone/not-a-real-model")
 
 
 def test_registered_name_offline_explains_itself(monkeypatch, tmp_path):
+    """The fix is worded for the command line and for Python, where the error is raised too."""
     monkeypatch.setenv("PREFIXCAP_CACHE", str(tmp_path))
-    with pytest.raises(ModelLoadError, match="clipcap-coco: .*coco_weights.pt is not cached"):
+    with pytest.raises(ModelLoadError) as error:
         registry.load_model("clipcap-coco")
+    assert str(error.value) == (
+        "clipcap-coco: akhaliq/CLIP-prefix-captioning-COCO-weights/coco_weights.pt is not in the Hugging Face "
+        "cache, and HF_HUB_OFFLINE is set; connect once to download it, or load a local model directory instead "
+        "(--model DIR on the command line, its path in Python)"
+    )
 
 
 def test_model_class_loads_directories_only(monkeypatch, tmp_path):
@@ -286,3 +297,21 @@ def test_save_pretrained_refuses_or_keeps_what_it_did_not_write(tiny_model_dir, 
     saved = load_file(target / "mapper.safetensors")
     assert all(torch.equal(saved[name], value) for name, value in model.mapper.state_dict().items())
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]  # no staging or old copy left
+
+
+def test_loading_from_python_shows_no_transformers_bars_or_load_reports(tiny_model_dir, tiny_components) -> None:
+    """The CLI silences transformers for the whole process; a Python program keeps its own settings,
+    and prefixcap's loads are quiet (issue 28: "Loading weights" bars and a 30-line LOAD REPORT of the
+    CLIP text tower's unused weights appeared on `Captioner.from_pretrained`)."""
+    script = f"""
+from transformers.utils import logging
+from prefixcap import Captioner
+from prefixcap.evaluation.clipscore import CLIPScorer
+Captioner.from_pretrained({str(tiny_model_dir)!r})
+CLIPScorer.from_pretrained({str(tiny_components[0])!r})
+print(logging.get_verbosity() == logging.WARNING, logging.is_progress_bar_enabled())
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]  # the program's own settings, unchanged
+    assert "Loading weights" not in result.stderr and "LOAD REPORT" not in result.stderr, result.stderr

@@ -23,12 +23,12 @@ from prefixcap.pipeline.features import FeatureStore
 from prefixcap.pipeline.prepare import prepare_features
 from prefixcap.serving import ServerConfig, create_app
 from prefixcap.serving.app import CAPTION_PATH
+from prefixcap.testing import build_learnable_components
 from prefixcap.training import TrainConfig
 from prefixcap.training.data import CaptionTargets, trained_prompt
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.trainer import Trainer
 from tests.helpers_engine import hf_generate_only
-from tests.helpers_pipeline import build_learnable_components
 from tests.reference import naive_greedy, strip_padding
 
 PROMPT = "a photo of"

@@ -120,3 +120,48 @@ def test_report_opens_from_disk_without_network(evaluation: Evaluation, tmp_path
     assert requests == [(out / "report.html").as_uri()]  # nothing else was fetched
     assert widths and all(width > 0 for width in widths)  # histogram and thumbnails decoded
     assert "caption 0 & <more>" in captions
+
+
+def test_worst_examples_are_only_captions_that_miss_their_references(tmp_path: Path) -> None:
+    """Issue 28: with fewer imperfect captions than places, "Worst 6" filled up with perfect ones
+    (a caption equal to a reference can still rank low by CIDEr, whose weights vary per image)."""
+    samples = [Sample(str(n), f"a shape {n}", (f"a shape {n}",), None) for n in range(8)]  # all right...
+    samples += [Sample("8", "a wrong caption", ("a shape 8",), None)]  # ...but this one
+    per_image = {s.image_id: {"CIDEr": float(n)} for n, s in enumerate(samples)}
+    per_image["8"]["CIDEr"] = 1.5  # ranks above perfect captions 0 and 1
+    metrics = {"CIDEr": 4.0}
+    checker = Checker()
+    checker.feed(render_report(Evaluation(samples, metrics, per_image), num_examples=0, num_extremes=6))
+    sections = dict(checker.sections)
+    assert sections["Best 6 by per-image CIDEr"] == [f"a shape {n}" for n in (7, 6, 5, 4, 3, 2)]
+    assert sections["Worst 1 by per-image CIDEr (of 1 caption that matches no reference)"] == ["a wrong caption"]
+
+    perfect = [s for s in samples if s.image_id != "8"]
+    checker = Checker()
+    checker.feed(render_report(Evaluation(perfect, metrics, per_image), num_examples=0, num_extremes=6))
+    assert not [heading for heading, _ in checker.sections if heading.startswith("Worst")]
+    assert "Every caption equals one of its references." in "".join(checker.text)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
+def test_thumbnails_show_the_whole_image(tmp_path: Path) -> None:
+    """Issue 28: cards cropped thumbnails to fill a wide box, cutting the top and bottom off square
+    images. A square image with a red top band and a blue bottom band must show both."""
+    from playwright.sync_api import sync_playwright
+
+    square = Image.new("RGB", (64, 64), (0, 160, 0))
+    square.paste((255, 0, 0), (0, 0, 64, 8))
+    square.paste((0, 0, 255), (0, 56, 64, 64))
+    square.save(tmp_path / "square.png")
+    samples = [Sample("0", "a square", ("a square",), str(tmp_path / "square.png"))]
+    out = write_outputs(tmp_path / "eval", Evaluation(samples, per_image={"0": {}}), num_examples=1)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "report.html").as_uri())
+        page.locator(".card img").first.screenshot(path=str(tmp_path / "card.png"))
+        browser.close()
+    shown = Image.open(tmp_path / "card.png").convert("RGB")
+    colours = {colour for _, colour in shown.getcolors(shown.width * shown.height)}
+    near = lambda target: any(sum(abs(a - b) for a, b in zip(colour, target)) < 90 for colour in colours)
+    assert near((255, 0, 0)) and near((0, 0, 255)) and near((0, 160, 0))

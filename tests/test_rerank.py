@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from prefixcap import Captioner
 from prefixcap.cli import main
-from prefixcap.evaluation.clipscore import CLIPScorer
+from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer
 from prefixcap.jobs.writers import RecordWriter, Result, read_part, write_part
 from prefixcap.pipeline.loop import RankedCaptions
 from prefixcap.serving import ServerConfig, create_app
@@ -117,6 +118,34 @@ def test_cli_rerank_errors_are_one_line(tiny_model_dir, example_images, capsys) 
     assert main([*args, "--rerank-clip", str(tiny_model_dir), "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: cannot load CLIP model {str(tiny_model_dir)!r}") and "--rerank-clip" in err[-1]
+
+
+def test_captions_longer_than_the_text_towers_positions_are_cut_to_fit(
+    image_dependent_model_dir, tiny_components, example_images, tmp_path
+) -> None:
+    """A CLIP whose tokenizer sets no length limit (as some hub checkpoints) used to crash reranking
+    ("Sequence length must be less than max_position_embeddings"): captions are cut to the text
+    tower's positions, the same cut a tokenizer that knows the limit makes."""
+    clip_dir, _ = tiny_components
+    unlimited = shutil.copytree(clip_dir, tmp_path / "clip")
+    config = json.loads((unlimited / "tokenizer_config.json").read_text())
+    del config["model_max_length"]
+    (unlimited / "tokenizer_config.json").write_text(json.dumps(config))
+    scorer = CLIPScorer.from_pretrained(str(unlimited), device="cpu")
+    positions = scorer.model.config.text_config.max_position_embeddings
+    assert scorer.tokenizer.model_max_length > positions  # the precondition: the tokenizer would not cut
+    out = tmp_path / "ranked.jsonl"
+    args = ["caption", "--model", str(image_dependent_model_dir), *map(str, example_images[:2]), "--format", "jsonl"]
+    rerank = ["--num-captions", "2", "--rerank", "clipscore", "--rerank-clip", str(unlimited)]
+    assert main([*args, *rerank, "--output", str(out), "--workers", "0"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(
+        len(scorer.tokenizer(PROMPT + caption).input_ids) > positions for r in records for caption in r["captions"]
+    )
+    limited = CLIPScorer.from_pretrained(str(clip_dir), device="cpu")  # its tokenizer cuts at 32
+    for record in records:
+        expected = limited.score([record["path"]] * 2, record["captions"], workers=0).clip_s.tolist()
+        assert record["scores"] == pytest.approx(sorted(expected, reverse=True), abs=1e-4)
 
 
 def test_server_rerank_field(captioner, example_images) -> None:

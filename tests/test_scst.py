@@ -291,7 +291,7 @@ def test_scst_on_the_wordings_task_raises_held_out_cider(tmp_path: Path, one_thr
     captions of the cross-entropy model often take the short wording, which leaves out the
     background; SCST learns the consensus, and held-out (test split) CIDEr-D rises."""
     from prefixcap.cli import main
-    from tests.helpers_pipeline import build_learnable_components
+    from prefixcap.testing import build_learnable_components
 
     clip, gpt2 = build_learnable_components(tmp_path / "models")
     features = str(tmp_path / "features")

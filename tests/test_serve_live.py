@@ -115,6 +115,31 @@ def test_the_page_captions_uploaded_images(live_server, captioner, example_image
             browser.close()
 
 
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_the_docs_page_renders_the_api(live_server):
+    """Issue 28: /docs said "Unable to render this definition": FastAPI's schema is OpenAPI 3.1,
+    which the bundled Swagger UI predated. The page must list the caption operation, from local
+    files only (the browser may not reach any other host)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = live_server
+    origin = url.rstrip("/")
+    requested: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(f"{url}/docs")
+            operation = page.locator(".opblock-post").filter(has_text="/v1/caption")
+            expect(operation).to_contain_text("Caption images", timeout=30_000)
+            expect(page.locator(".opblock-get").filter(has_text="/health")).to_be_visible()
+            assert "Unable to render" not in page.content()
+        finally:
+            browser.close()
+    assert requested and all(address.startswith(origin) or address.startswith("data:") for address in requested)
+
+
 # ---------------------------------------------------------------------------- load
 def load_cases(example_images) -> list[tuple[str, dict, int]]:
     """(name, httpx request kwargs, expected status): half good images, half bad requests."""

@@ -4,13 +4,14 @@ end: learnability, SIGKILL + --resume, and two-process training."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from prefixcap import Captioner, CaptionModel
+from prefixcap import CaptionModel
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
 from prefixcap.training import TrainConfig, resolve_config
@@ -31,12 +32,10 @@ from prefixcap.training.state import (
 from prefixcap.training.step import freeze_first_blocks
 from prefixcap.training.trainer import Trainer
 from tests.helpers_pipeline import (
-    exact_matches,
     kill_when,
     model_weights,
     run_prefixcap,
     synthetic_store,
-    train_synthetic_model,
 )
 
 
@@ -166,6 +165,15 @@ def test_bad_config_files_are_one_line_errors(tmp_path: Path, text: str, message
         resolve_config({}, tmp_path / "bad.yaml")
 
 
+def test_an_unknown_config_key_lists_the_options_as_the_readme_writes_them(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("learning-rate: 1\n")
+    with pytest.raises(UserError) as error:
+        resolve_config({}, tmp_path / "bad.yaml")
+    valid = str(error.value).split("valid: ")[1].split(", ")
+    assert "batch-size" in valid and "prefix-length" in valid and "lr" in valid
+    assert not [name for name in valid if "_" in name]
+
+
 # ---------------------------------------------------------------------- state and freezing
 def test_optimizer_and_rng_state_survive_safetensors_round_trip(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
@@ -241,10 +249,15 @@ def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfi
 
 
 def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys
 ) -> None:
     config = small_run(synth_features, tmp_path / "run", tiny_components[1])
     Trainer(config).fit()
+    # the epoch lines in fixed point (an untrained model's BLEU-4 read 3.041e-18)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    number = r"-?\d+\.\d{4}"
+    expected = rf"epoch [12]/2: train_loss {number}, val_loss {number}, BLEU-4 {number}, CIDEr {number}"
+    assert len(lines) == 2 and all(re.fullmatch(expected, line) for line in lines), lines
 
     run = tmp_path / "run"
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -289,15 +302,6 @@ def test_checkpoints_keep_what_the_user_put_in_best_and_last(
     with pytest.raises(UserError, match="best: holds eval, which the run did not write; --overwrite would delete"):
         Trainer(small_run(synth_features, run, tiny_components[1]), overwrite=True)
     assert (run / "best" / "eval" / "results.json").is_file() and (run / "last" / "NOTES.md").is_file()
-
-
-@pytest.mark.slow
-def test_learnability_synth_prepare_train_caption(tmp_path: Path, one_thread) -> None:
-    """Tiny real models learn the synthetic captions: greedy captions of held-out images match."""
-    model_dir, test = train_synthetic_model(tmp_path)
-    captions = Captioner.from_pretrained(model_dir)([record.image for record in test])
-    exact = exact_matches(captions, [record.captions[0] for record in test])
-    assert exact >= 0.9 * len(test), f"{exact}/{len(test)} exact"
 
 
 @pytest.mark.slow

@@ -337,3 +337,33 @@ def build_image_dependent_model(out_dir: str | Path, *, components: tuple[Path, 
         optimizer.step()
     model.eval().save_pretrained(out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------- models that learn the synthetic captions
+def build_learnable_components(root: str | Path) -> tuple[Path, Path]:
+    """(clip_dir, gpt2_dir) under `root`: tiny models that learn the synthetic captions
+    (`prefixcap synth`) within a minute on a CPU, for `prefixcap demo` and the learning tests. A
+    random CLIP with 64-d features (a linear probe separates the colour pairs; the 24-d
+    `build_clip`'s reaches ~90%), saved with its text tower and tokenizer so that CLIPScore runs
+    with it, and a 64-d GPT-2 without dropout."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, GPT2Config, GPT2LMHeadModel
+
+    root = Path(root)
+    torch.manual_seed(0)
+    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**tower, "vocab_size": 400, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0}
+    clip_config = CLIPConfig(
+        text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=64
+    )
+    CLIPModel(clip_config).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip"
+    )
+    build_clip_tokenizer(root / "clip")
+    tokenizer = build_tokenizer(root / "gpt2")
+    gpt2_config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(gpt2_config).save_pretrained(root / "gpt2")
+    return root / "clip", root / "gpt2"

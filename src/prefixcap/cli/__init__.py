@@ -9,6 +9,7 @@ import pkgutil
 import sys
 
 from prefixcap.errors import UserError
+from prefixcap.system.hardware import parse_device
 from prefixcap.system.terminal import for_terminal
 
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if getattr(args, "device", None) is not None:  # every command with --device, before any work
+            args.device = str(parse_device(args.device))
         return args.func(args)
     except UserError as error:
         print(for_terminal(f"error: {error}"), file=sys.stderr)

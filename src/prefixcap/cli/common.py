@@ -17,6 +17,7 @@ from prefixcap.inputs.dataset_paths import OUTSIDE_ROOT_FLAG
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import CaptionRequest, GenerationOptions, TextOptions
 from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.hub import missing_from_hub
 from prefixcap.system.terminal import for_terminal
 
 if TYPE_CHECKING:
@@ -305,6 +306,10 @@ def score_config(args: argparse.Namespace, *, default_clip_model: str | None = N
         raise UserError("--metrics is empty; name at least one of " + METRIC_NAMES)
     if args.bertscore_baseline is not None and not args.bertscore_baseline.is_file():
         raise UserError(f"{args.bertscore_baseline}: no such baseline file")
+    if metrics is None or "bertscore" in metrics:  # bert-score loads its model itself: check the hub for it first
+        reason = missing_from_hub(args.bertscore_model)
+        if reason and metrics is not None:  # else BERTScore is skipped, without retries
+            raise UserError(f"cannot load BERTScore model {args.bertscore_model!r} ({reason})")
     bertscore = BERTScoreConfig(
         model_type=args.bertscore_model,
         num_layers=args.bertscore_layers,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prefixcap.cli.common import bounded
+from prefixcap.errors import UserError
 from prefixcap.model.config import CaptionConfig
 
 
@@ -29,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="GPT-2 hub id or directory for config and tokenizer (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-new-tokens", type=bounded(int, 1), metavar="N",
+        help="the model's default longest caption, in tokens (default: ClipCap's own, which a decoder with few "
+        "positions may not have room for after the prefix)",
+    )  # fmt: skip
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace OUT_DIR if it already holds a prefixcap model directory (a folder holding anything "
@@ -40,12 +47,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prefixcap.model.clipcap import convert_clipcap
 
-    model = convert_clipcap(
-        args.checkpoint,
-        args.out_dir,
-        vision_encoder=args.vision_encoder,
-        decoder=args.decoder,
-        overwrite=args.overwrite,
-    )
+    length = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    try:
+        model = convert_clipcap(
+            args.checkpoint, args.out_dir, vision_encoder=args.vision_encoder, decoder=args.decoder,
+            overwrite=args.overwrite, **length,
+        )  # fmt: skip
+    except UserError as error:
+        if length or "max_new_tokens" not in str(error):
+            raise
+        raise UserError(f"{error}; choose a shorter default with --max-new-tokens N") from None
     print(f"wrote {args.out_dir} (mlp mapper, prefix length {model.config.prefix_length}, stop token '.')")
     return 0

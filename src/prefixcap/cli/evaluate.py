@@ -36,8 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser, data_flag="--data", data_help=f"a feature store from `prefixcap prepare`, or {DATASETS_HELP}"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("evaluation"), metavar="DIR", help="output folder (default: ./evaluation)"
-    )
+        "--out", type=Path, metavar="DIR",
+        help="output folder, new or holding an earlier evaluation (default: evaluation/NAME, a folder per model: "
+        "evaluation/run-best for --model run/best, evaluation/clipcap-coco for clipcap-coco)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the earlier evaluation in DIR (a folder holding anything else is never written into)",
+    )  # fmt: skip
     parser.add_argument(
         "--workers",
         type=bounded(int, 0),
@@ -54,9 +60,17 @@ def run(args: argparse.Namespace) -> int:
     require("eval", "pycocoevalcap", "matplotlib", feature="prefixcap evaluate")
     from prefixcap.evaluation import caption_records, match_samples, results_json, score_and_write
     from prefixcap.evaluation.notices import notice
-    from prefixcap.evaluation.outputs import write_json
+    from prefixcap.evaluation.outputs import (
+        EVALUATION_DIRECTORY,
+        default_evaluation_dir,
+        is_evaluation_dir,
+        write_json,
+    )
     from prefixcap.evaluation.references import load_split
+    from prefixcap.system.atomic import check_output_dir
 
+    args.out = args.out or default_evaluation_dir(args.model)
+    check_output_dir(args.out, what=EVALUATION_DIRECTORY, is_ours=is_evaluation_dir, overwrite=args.overwrite)
     kwargs = generation_kwargs(args)
     if kwargs.get("num_return_sequences", 1) > 1:
         raise UserError("evaluate scores one caption per image; drop --num-captions")

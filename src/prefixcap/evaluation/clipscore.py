@@ -88,18 +88,24 @@ class CLIPScorer:
         from prefixcap.model.encoders import load_image_processor
         from prefixcap.model.hf_loading import refuse_remote_code
         from prefixcap.system.hardware import default_device
+        from prefixcap.system.hub import missing_from_hub
+        from prefixcap.system.quiet import quiet_transformers
 
         refuse_remote_code(name_or_dir)
+        reason = missing_from_hub(name_or_dir)  # an unreachable hub: at once, not after minutes of retries
         try:
-            config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
-            if config.model_type != "clip":
-                raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
-            model, info = CLIPModel.from_pretrained(
-                name_or_dir, use_safetensors=True, output_loading_info=True, trust_remote_code=False
-            )
-            if info["missing_keys"]:
-                raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
-            tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)
+            if reason:
+                raise ValueError(reason)
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
+                if config.model_type != "clip":
+                    raise ValueError(f"it is a {config.model_type!r}, not a full CLIP with a text tower")
+                model, info = CLIPModel.from_pretrained(
+                    name_or_dir, use_safetensors=True, output_loading_info=True, trust_remote_code=False
+                )
+                if info["missing_keys"]:
+                    raise ValueError(f"weights missing, e.g. {sorted(info['missing_keys'])[0]}")
+                tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise UserError(
@@ -113,13 +119,22 @@ class CLIPScorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest text the text tower takes: its positions, unless the tokenizer's limit is
+        lower. Some tokenizers set no limit at all, and a longer text fails in the tower."""
+        return min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """[N, D] projected embeddings of PROMPT + text, truncated to CLIP's context length."""
+        """[N, D] projected embeddings of PROMPT + text, truncated to CLIP's context length
+        (`max_text_tokens`): one cut for CLIPScore, RefCLIPScore and reranking."""
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             batch = [PROMPT + text for text in texts[start : start + self.batch_size]]
-            inputs = self.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            inputs = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+            ).to(self.device)
             chunks.append(_features(self.model.get_text_features(**inputs)).float().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 

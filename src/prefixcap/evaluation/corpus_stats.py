@@ -23,14 +23,28 @@ def has_repetition(words: Sequence[str]) -> bool:
     return len(set(trigrams)) < len(trigrams)
 
 
-def corpus_stats(captions: Sequence[str], train_captions: Iterable[str] | None = None) -> dict[str, float]:
+def matches_a_reference(caption: str, references: Iterable[str]) -> bool:
+    """Whether `caption` equals one of `references`, case and punctuation aside: a caption no metric
+    can fault."""
+    words = simple_tokenize(caption)
+    return any(words == simple_tokenize(reference) for reference in references)
+
+
+def corpus_stats(
+    captions: Sequence[str],
+    train_captions: Iterable[str] | None = None,
+    references: Sequence[Sequence[str]] | None = None,
+) -> dict[str, float]:
     """Statistics named as in metrics.json; shares are percentages.
 
     - vocab_size: distinct words over all captions;
     - mean_length: words per caption;
     - unique_captions_pct: distinct captions / captions;
     - repetition_rate_pct: captions for which `has_repetition` holds;
-    - novel_captions_pct: captions that are not a training caption (only with `train_captions`).
+    - novel_captions_pct: captions that are not a training caption (only with `train_captions`);
+    - exact_match_pct: captions equal to one of their image's references (only with `references`,
+      one list per caption): on a task with one right wording, such as `prefixcap synth`'s, the
+      plainest sign that a model has learned.
     """
     tokenized = [simple_tokenize(caption) for caption in captions]
     words = [caption.split() for caption in tokenized]
@@ -45,4 +59,7 @@ def corpus_stats(captions: Sequence[str], train_captions: Iterable[str] | None =
     if train_captions is not None:
         seen = {simple_tokenize(caption) for caption in train_captions}
         stats["novel_captions_pct"] = 100 * sum(caption not in seen for caption in tokenized) / n
+    if references is not None:
+        matches = map(matches_a_reference, captions, references)
+        stats["exact_match_pct"] = 100 * sum(matches) / n
     return stats

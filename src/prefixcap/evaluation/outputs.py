@@ -32,6 +32,23 @@ def score_and_write(
     return evaluation
 
 
+EVALUATION_DIRECTORY = "prefixcap evaluation"
+
+
+def is_evaluation_dir(path: Path) -> bool:
+    """Whether `path` holds an earlier `evaluate`'s outputs (results.json comes first)."""
+    return (path / "results.json").is_file()
+
+
+def default_evaluation_dir(model: str | Path) -> Path:
+    """evaluation/NAME, a folder per model, so that evaluating a second model keeps the first's
+    report. NAME is a model folder's last two path parts (run/best -> run-best), or a registered
+    name or hub id with "/" as "-"."""
+    path = Path(model)
+    parts = path.resolve().parts[-2:] if path.exists() else path.parts
+    return Path("evaluation") / "-".join(part for part in parts if part.strip("/\\."))
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """The metrics as aligned `name  value` lines (what `score` and `evaluate` print)."""
     width = max(map(len, metrics), default=0)

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from prefixcap.errors import ImageLoadError
 from prefixcap.evaluation.coco_metrics import simple_tokenize
+from prefixcap.evaluation.corpus_stats import matches_a_reference
 from prefixcap.evaluation.references import Sample
 from prefixcap.evaluation.scoring import SIMPLE_SUFFIX, Evaluation
 from prefixcap.inputs.loader import read_image
@@ -79,7 +80,7 @@ td.ours{font-weight:600;background:#f1f7ff}
 .note{color:#5c6670;font-size:13px;max-width:900px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
 .card{background:#fff;border:1px solid #dde1e6;border-radius:8px;overflow:hidden}
-.card img,.noimg{width:100%;height:180px;object-fit:cover;display:block;background:#e9ecef}
+.card img,.noimg{width:100%;height:180px;object-fit:contain;display:block;background:#e9ecef}
 .noimg{display:flex;align-items:center;justify-content:center;color:#7a848e;font-size:13px}
 .body{padding:8px 12px}
 .caption{font-weight:600;margin:0 0 6px}
@@ -123,8 +124,7 @@ def render_report(
         sections += [
             f"<h2>Best {num_extremes} by per-image {_e(ranking)}</h2>",
             _grid(ranked[::-1][:num_extremes], evaluation, thumbnails),
-            f"<h2>Worst {num_extremes} by per-image {_e(ranking)}</h2>",
-            _grid(ranked[:num_extremes], evaluation, thumbnails),
+            _worst(ranked, ranking, num_extremes, evaluation, thumbnails),
         ]
     chosen = sorted(random.Random(seed).sample(range(len(samples)), min(num_examples, len(samples))))
     sections += [f"<h2>{len(chosen)} random examples</h2>", _grid([samples[i] for i in chosen], evaluation, thumbnails)]
@@ -134,6 +134,18 @@ def render_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
+
+
+def _worst(ranked: Sequence[Sample], ranking: str, count: int, evaluation: Evaluation, thumbnails: _Thumbnails) -> str:
+    """The `count` lowest-ranked captions among those that match none of their references: a
+    caption equal to a reference is right, however low its score (CIDEr weighs words per image)."""
+    wrong = [s for s in ranked if not matches_a_reference(s.caption, s.references)]
+    if not wrong:
+        return '<p class="note">Every caption equals one of its references.</p>'
+    heading = f"Worst {min(count, len(wrong))} by per-image {_e(ranking)}"
+    if len(wrong) < count:
+        heading += f" (of {len(wrong)} caption{' that matches' if len(wrong) == 1 else 's that match'} no reference)"
+    return f"<h2>{heading}</h2>" + _grid(wrong[:count], evaluation, thumbnails)
 
 
 def _e(text: object) -> str:

@@ -85,7 +85,9 @@ def score_samples(
         with _optional("CLIPScore", explicit, evaluation):
             _clipscore(evaluation, config)
     if "stats" in wanted:
-        evaluation.metrics |= corpus_stats([s.caption for s in samples], train_captions)
+        evaluation.metrics |= corpus_stats(
+            [s.caption for s in samples], train_captions, [s.references for s in samples]
+        )
         evaluation.settings["stats"] = {"novelty": "vs the train split" if train_captions else "no train split known"}
     return evaluation
 

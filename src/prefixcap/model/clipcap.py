@@ -48,10 +48,12 @@ def convert_clipcap(
     decoder: str = CaptionConfig.decoder,
     save_frozen: bool = True,
     overwrite: bool = False,
+    max_new_tokens: int = CLIPCAP_GENERATION["max_new_tokens"],
 ) -> CaptionModel:
     """Build a prefixcap model from a ClipCap checkpoint; sizes come from the tensor shapes.
     `out_dir` must be missing, empty, or (with `overwrite`) a prefixcap model directory, and must
-    not hold the checkpoint: it is replaced as a whole."""
+    not hold the checkpoint: it is replaced as a whole. `max_new_tokens` is the model's default
+    caption length (ClipCap's 67 needs a decoder with room for it after the prefix)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if _lies_inside(checkpoint, out_dir):
         raise UserError(
@@ -74,7 +76,7 @@ def convert_clipcap(
         mapper="mlp",
         prefix_length=prefix_length,
         stop_token=".",
-        generation=dict(CLIPCAP_GENERATION),
+        generation={**CLIPCAP_GENERATION, "max_new_tokens": max_new_tokens},
     )
     if model.config.embed_dim != embed_dim:
         raise ModelLoadError(

@@ -17,6 +17,8 @@ import torch
 
 from prefixcap.errors import ModelLoadError
 from prefixcap.system.files import TooLargeError, read_regular
+from prefixcap.system.hub import missing_from_hub
+from prefixcap.system.quiet import quiet_transformers
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config file larger than this is not one
 
@@ -26,8 +28,11 @@ def hf_call(loader: Any, source: str | Path, what: str, **kwargs: Any) -> Any:
     Missing files and bad ids raise OSError or ValueError, damaged files anything from
     SafetensorError to AttributeError."""
     refuse_remote_code(source)
+    if reason := missing_from_hub(source):  # an unreachable hub: at once, not after minutes of retries
+        raise ModelLoadError(f"{source}: cannot load the {what} ({reason})")
     try:
-        return loader(str(source), trust_remote_code=False, **kwargs)
+        with quiet_transformers():
+            return loader(str(source), trust_remote_code=False, **kwargs)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{source}: cannot load the {what} ({reason})") from None

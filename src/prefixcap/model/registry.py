@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from prefixcap.errors import ModelLoadError
 from prefixcap.model.config import CONFIG_NAME
+from prefixcap.system.hub import hub_problem, missing_from_hub
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +89,8 @@ def download_model_repo(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if reason := missing_from_hub(repo_id):
+        raise ModelLoadError(f"{repo_id}: cannot load the model ({reason})")
     try:
         return Path(snapshot_download(repo_id))
     except LocalEntryNotFoundError:
@@ -103,12 +106,14 @@ def _hub_download(repo_id: str, filename: str, name: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    problem = hub_problem()  # an unreachable hub: offline at once, not minutes of retries
     try:
         return Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError:
         raise ModelLoadError(
-            f"{name}: {repo_id}/{filename} is not cached and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); connect once, or pass --model with a local directory"
+            f"{name}: {repo_id}/{filename} is not in the Hugging Face cache, and "
+            f"{problem or 'the hub cannot be reached'}; connect once to download it, or load a local model "
+            "directory instead (--model DIR on the command line, its path in Python)"
         ) from None
     except HfHubHTTPError as error:
         raise ModelLoadError(f"{name}: downloading {repo_id}/{filename} failed ({error})") from None

@@ -113,7 +113,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         description="Caption images with CLIP prefixes and GPT-2. Errors are "
         '`{"error": {"kind": ..., "message": ...}}`.',
         lifespan=lifespan,
-        docs_url=None,  # served below from local files: FastAPI's default page loads from a CDN
+        docs_url=None,  # served below from local files (Swagger UI 5, for OpenAPI 3.1): FastAPI's default uses a CDN
     )
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -201,6 +201,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
             swagger_js_url="/swagger/swagger-ui-bundle.js",
             swagger_css_url="/swagger/swagger-ui.css",
             swagger_favicon_url="data:,",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge from validator.swagger.io: no other host
         )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -15,12 +15,49 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefixcap.errors import UserError
+
 QUANTIZE_CHOICES = ("int8",)
 
 
 def default_device() -> torch.device:
     """CUDA when PyTorch sees a GPU, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_devices() -> list[str]:
+    """The devices PyTorch can run on here, as `--device` takes them: cpu, then each GPU (cuda:N,
+    xpu:N) and Apple's mps."""
+    devices = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{index}" for index in range(xpu.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def parse_device(text: str | torch.device | None) -> torch.device:
+    """`text` as a device of this machine (None: `default_device()`). Anything else, a name torch
+    does not know ("gpu") or a device this machine lacks ("cuda" without a GPU, "cuda:3" with one),
+    is a UserError that lists the devices it has, in one line, before any model loads: torch would
+    only fail later, deep in a model's `.to()`."""
+    if text is None:
+        return default_device()
+    devices = available_devices()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        problem = "is not a device name"
+    else:
+        if device.type == "cpu" or str(device) in devices or (device.index is None and f"{device}:0" in devices):
+            return device
+        problem = "is not available"
+    hint = ""
+    if str(text).startswith("cuda") and not torch.cuda.is_available():
+        built = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        hint = f" (this PyTorch, {torch.__version__}, {built})"
+    raise UserError(f"device {str(text)!r} {problem}: this machine has {', '.join(devices)}{hint}")
 
 
 @functools.cache

@@ -203,7 +203,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     for key, value in document.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            raise UserError(f"{path}: unknown option {key!r}; valid: {', '.join(sorted(FIELDS))}")
+            options = sorted(field.replace("_", "-") for field in FIELDS)  # as the flags and the README write them
+            raise UserError(f"{path}: unknown option {key!r}; valid: {', '.join(options)}")
         values[name] = _check_type(name, value, f"{path}: {key}")
     return values
 

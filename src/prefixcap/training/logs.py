@@ -22,6 +22,13 @@ TENSORBOARD_DIR = "tensorboard"
 PLOT_INTERVAL_S = 60.0
 
 
+def epoch_summary(row: dict[str, Any]) -> str:
+    """An epoch's row of metrics.csv for its log line, e.g. "train_loss 2.3109, val_loss 2.4018,
+    BLEU-4 0.0000, CIDEr 0.0125": fixed point, where 4 significant digits printed a near-zero
+    BLEU-4 as 3.041e-18."""
+    return ", ".join(f"{name} {value:.4f}" for name, value in row.items() if name not in ("epoch", "step", "lr"))
+
+
 class RunLog:
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter

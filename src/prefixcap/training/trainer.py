@@ -41,7 +41,7 @@ from prefixcap.system.atomic import check_output_dir, foreign_entries, holds_onl
 from prefixcap.system.extras import require
 from prefixcap.training.config import TrainConfig
 from prefixcap.training.data import CaptionTargets, process_batches, record_prompts, trained_prompt
-from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog
+from prefixcap.training.logs import CURVES_PNG, METRICS_CSV, TENSORBOARD_DIR, RunLog, epoch_summary
 from prefixcap.training.objective import CaptionLoss
 from prefixcap.training.scst import SCSTLoss, SelfCritical, build_reward, reward_workers, window_metrics
 from prefixcap.training.state import (
@@ -179,7 +179,7 @@ class Trainer:
             best = progress.best
             if best is not None:
                 name = _METRIC_NAMES[self.config.best_metric]
-                self._say(f"best {name} {best:.4g} after epoch {progress.best_epoch}: {self.run_dir / BEST}")
+                self._say(f"best {name} {best:.4f} after epoch {progress.best_epoch}: {self.run_dir / BEST}")
         self.accelerator.end_training()
         return progress
 
@@ -293,10 +293,7 @@ class Trainer:
             progress.best, progress.best_epoch = score, progress.epoch
         if self.log is not None:
             self.log.epoch(progress.history, last=progress.epoch == self.config.epochs)
-            shown = ", ".join(
-                f"{name} {value:.4g}" for name, value in row.items() if name not in ("epoch", "step", "lr")
-            )
-            self._say(f"epoch {progress.epoch}/{self.config.epochs}: {shown}")
+            self._say(f"epoch {progress.epoch}/{self.config.epochs}: {epoch_summary(row)}")
         return improved
 
     # ------------------------------------------------------------------ checkpoints
