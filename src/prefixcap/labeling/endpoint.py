@@ -200,6 +200,7 @@ class OpenAITeacher:
                 return self._caption(response, attempts)
             reason = f"HTTP {status}: {self._message(response)}"
             if status in FATAL_STATUSES:
+                self._stopping.set()  # before raising, so no thread sends another request with this key
                 raise UserError(f"{_public_url(self.endpoint)} {FATAL_STATUSES[status]} ({reason}); stopping")
             if status not in RETRY_STATUSES and status < 500:
                 return Failure(reason, attempts)
