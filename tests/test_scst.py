@@ -296,11 +296,11 @@ def test_scst_on_the_wordings_task_raises_held_out_cider(tmp_path: Path, one_thr
     clip, gpt2 = build_learnable_components(tmp_path / "models")
     features = str(tmp_path / "features")
     assert (
-        main(["synth", str(tmp_path / "data"), "--task", "wordings", "--num-images", "300", "--image-size", "32"]) == 0
+        main(["synth", str(tmp_path / "data"), "--task", "wordings", "--num-images", "600", "--image-size", "32"]) == 0
     )
     assert main(["prepare", str(tmp_path / "data" / "captions.jsonl"), "--out", features,
                  "--vision-encoder", str(clip), "--workers", "0"]) == 0  # fmt: skip
-    common = ["--val-images", "30", "--seed", "0"]
+    common = ["--val-images", "60", "--seed", "0"]  # 60 val and 60 test images: 30 were too few to rank epochs
     assert main(["train", features, "--decoder", str(gpt2), "--out", str(tmp_path / "xent"), "--prefix-length", "4",
                  "--epochs", "8", "--batch-size", "32", "--lr", "3e-3", *common]) == 0  # fmt: skip
     assert main(["train", features, "--init", str(tmp_path / "xent" / "best"), "--objective", "scst",
