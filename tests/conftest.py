@@ -69,3 +69,17 @@ def image_dependent_model_dir(tiny_components: tuple[Path, Path], tmp_path_facto
     from prefixcap.testing import build_image_dependent_model
 
     return build_image_dependent_model(tmp_path_factory.mktemp("model") / "colours", components=tiny_components)
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """The demo's model, trained once per session on one thread (`helpers_pipeline.train_synthetic_model`):
+    its directory (>= 90% exact on held-out images) and its held-out records. Read it, never write into it."""
+    from tests.helpers_pipeline import train_synthetic_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_synthetic_model(tmp_path_factory.mktemp("synthetic"))
+    finally:
+        torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ from prefixcap.cli import main
 from prefixcap.errors import UserError
 from prefixcap.system import hardware
 from tests.helpers_engine import hf_generate_only
-from tests.helpers_pipeline import exact_matches, train_synthetic_model
+from tests.helpers_pipeline import exact_matches
 
 
 @pytest.mark.parametrize(
@@ -84,10 +84,10 @@ def test_int8_refusals_are_one_line(tiny_model_dir: Path, kwargs: dict, message:
 
 
 @pytest.mark.slow
-def test_bf16_and_int8_say_what_fp32_says(tmp_path: Path, one_thread) -> None:
+def test_bf16_and_int8_say_what_fp32_says(tmp_path: Path, one_thread, synthetic_model) -> None:
     """A model trained to ≥ 90% exact on the synthetic colours keeps its captions in bf16 and int8,
     and in its ONNX exports run by ONNX Runtime (fp32 and int8), when the onnx extra is installed."""
-    model_dir, test = train_synthetic_model(tmp_path)
+    model_dir, test = synthetic_model
     images, truth = [record.image for record in test], [record.captions[0] for record in test]
     reference = Captioner.from_pretrained(model_dir, device="cpu", dtype="float32")(images)
     assert exact_matches(reference, truth) >= 0.9 * len(test)

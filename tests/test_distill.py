@@ -14,12 +14,12 @@ from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.testing import build_learnable_components
-from tests.helpers_pipeline import exact_matches, train_synthetic_model
+from tests.helpers_pipeline import exact_matches
 
 
 @pytest.mark.slow
-def test_a_student_trained_only_on_teacher_labels_captions_held_out_images(tmp_path, capsys):
-    teacher, _ = train_synthetic_model(tmp_path / "teacher")
+def test_a_student_trained_only_on_teacher_labels_captions_held_out_images(tmp_path, capsys, synthetic_model):
+    teacher, _ = synthetic_model
     # Unlabelled images: a fresh synthetic set (another seed), its captions kept aside as the truth.
     assert main(["synth", str(tmp_path / "fresh"), "--num-images", "600", "--seed", "1"]) == 0
     truth: dict[str, dict[str, str]] = {"train": {}, "val": {}, "test": {}}
