@@ -31,7 +31,10 @@ RSS_GROWTH_LIMIT_MB = 200
 
 @pytest.fixture(scope="module")
 def live_server(tiny_model_dir, tmp_path_factory):
-    args = ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "16", "--max-wait-ms", "10"]
+    # A long keep-alive: a client starved of CPU for over the default 5 s would otherwise send its next
+    # request on a connection the server is closing, and read an error no server fault caused.
+    args = ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "16", "--max-wait-ms", "10",
+            "--keep-alive", "60"]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # One intra-op thread: a tiny model gains nothing from more, and on a shared 2-core machine
     # torch's spinning worker threads made each batch ~50x slower.
