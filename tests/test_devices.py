@@ -67,3 +67,12 @@ def test_device_cuda_without_a_gpu_is_one_line_from_the_shell(tiny_model_dir, ex
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: device 'cuda' is not available: this machine has cpu")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_the_python_api_refuses_a_missing_device_as_the_cli_does(device, tiny_model_dir) -> None:
+    from prefixcap import Captioner
+    from prefixcap.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^device {device!r} .*: this machine has cpu"):
+        Captioner.from_pretrained(tiny_model_dir, device=device)

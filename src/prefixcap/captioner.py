@@ -19,7 +19,7 @@ from prefixcap.model.registry import resolve_model_dir
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import CaptionRequest
 from prefixcap.pipeline import loop as caption_loop
-from prefixcap.system.hardware import QUANTIZE_CHOICES, auto_dtype, default_device, quantize_int8
+from prefixcap.system.hardware import QUANTIZE_CHOICES, auto_dtype, parse_device, quantize_int8
 
 
 class Captioner:
@@ -70,7 +70,7 @@ class Captioner:
             captioner = cls(onnx_model, model_fingerprint=fingerprint, **kwargs)
             captioner.precision, captioner.quantize = onnx_model.precision, onnx_model.quantize
             return captioner
-        device = torch.device(device) if device is not None else default_device()
+        device = parse_device(device)
         if quantize is not None and quantize not in QUANTIZE_CHOICES:
             raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
         if quantize is not None and device.type != "cpu":
