@@ -24,7 +24,7 @@ from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
 from prefixcap.model.config import CaptionConfig
 from prefixcap.retrieval.prompt import DEFAULT_TEMPLATE, check_template, retrieval_prompt
-from prefixcap.retrieval.store import Datastore
+from prefixcap.retrieval.store import Datastore, Retrieved
 
 SEARCH_BATCH = 4096  # images per search call: one FAISS call per batch, its threads over the queries
 
@@ -75,7 +75,7 @@ class TrainingRetrieval:
     ) -> list[CaptionRecord]:
         """`records` with their retrieval prompts (`retrieval_records`); `say` hears how their own
         captions were left out."""
-        prompted, exclusion = retrieval_records(
+        prompted, _, exclusion = retrieval_records(
             self.store, records, image_embeds, k=self.k, template=self.template, tokenizer=self.tokenizer,
             max_tokens=max_tokens, progress=True,
         )  # fmt: skip
@@ -100,11 +100,12 @@ def retrieval_records(
     tokenizer: Any,
     max_tokens: int,
     progress: bool = False,
-) -> tuple[list[CaptionRecord], SelfExclusion]:
+) -> tuple[list[CaptionRecord], list[Retrieved], SelfExclusion]:
     """`records` (whose pooled CLIP embeddings are the rows of `image_embeds`), each with its
     retrieval prompt: the `k` captions nearest its image in `store`, its own left out, in
-    `template` within `max_tokens` decoder tokens of `tokenizer`. Records with prompts of their
-    own are refused: the retrieved captions are the prompt."""
+    `template` within `max_tokens` decoder tokens of `tokenizer`; what each retrieved; how their
+    own captions were recognised. Records with prompts of their own are refused: the retrieved
+    captions are the prompt. So is a budget that leaves no room for a single caption."""
     own_prompt = next((record for record in records if record.prompt), None)
     if own_prompt is not None:
         raise UserError(
@@ -117,7 +118,7 @@ def retrieval_records(
             "another with --features pooled)"
         )
     exclusion = SelfExclusion()
-    prompted = []
+    prompted, retrieved = [], []
     starts = range(0, len(records), SEARCH_BATCH)
     for start in tqdm(starts, desc="retrieving captions", unit="batch", disable=None if progress else True):
         batch = records[start : start + SEARCH_BATCH]
@@ -133,4 +134,12 @@ def retrieval_records(
         for record, result in zip(batch, found):
             prompt = retrieval_prompt(result.captions, tokenizer, max_tokens, template)
             prompted.append(dataclasses.replace(record, prompt=prompt))
-    return prompted, exclusion
+        retrieved += found
+    bare = retrieval_prompt([], tokenizer, max_tokens, template)
+    if prompted and all(record.prompt == bare for record in prompted):
+        raise UserError(
+            f"no retrieved caption fits in a prompt of {max_tokens} tokens after the template {template!r}; "
+            "raise --retrieval-prompt-tokens (at most half the decoder's positions after the prefix) or shorten "
+            "the template"
+        )
+    return prompted, retrieved, exclusion
