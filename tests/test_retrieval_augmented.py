@@ -17,7 +17,7 @@ import torch
 
 from prefixcap.cli import main
 from prefixcap.data import load_records
-from prefixcap.errors import ModelLoadError
+from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.model.config import CaptionConfig
 
 pytest.importorskip("faiss")  # the retrieval extra
@@ -143,3 +143,126 @@ def test_a_models_retrieval_fields_are_checked_on_load(world, tmp_path, change, 
     (model / "config.json").write_text(json.dumps(values))
     with pytest.raises(ModelLoadError, match=message):
         CaptionConfig.load(model)
+
+
+# ---------------------------------------------------------------------- captioning
+def b_test_records(world) -> list:
+    return [record for record in load_records(world["B"]) if record.split == "test"]
+
+
+def test_caption_with_another_domains_datastore_shows_what_each_image_retrieved(world, tmp_path, capsys) -> None:
+    """`caption --datastore` of domain B (never seen in training): each image retrieves B captions
+    of its own colours, and its caption is the model's after exactly that prompt."""
+    from prefixcap.captioner import Captioner
+    from prefixcap.retrieval import retrieval_prompt
+
+    records = b_test_records(world)
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", *[record.image for record in records], "--model", str(world["model"]), "--datastore",
+                 str(world["root"] / "dsB"), "--show-retrieved", "--format", "jsonl", "--output", str(out),
+                 "--workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    assert "retrieval: 2 captions per image from" in capsys.readouterr().err
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [result["path"] for result in results] == [record.image for record in records]
+    captioner = Captioner.from_pretrained(world["model"], device="cpu")
+    pixels = torch.stack([captioner.preprocess(record.image) for record in records])
+    prompts = [
+        retrieval_prompt([r["caption"] for r in result["retrieved"]], captioner.model.tokenizer, 30, TEMPLATE)
+        for result in results
+    ]
+    expected = captioner.model.caption(pixels=pixels, prompts=prompts)
+    for result, caption in zip(results, expected):
+        assert len(result["retrieved"]) == 2 and result["retrieved"][0]["score"] >= result["retrieved"][1]["score"]
+        assert all(colours(r["caption"]) in DOMAIN_B for r in result["retrieved"])
+        assert result["captions"] == caption
+    right = [colours(result["retrieved"][0]["caption"]) == colours(record.captions[0]) for result, record in
+             zip(results, records)]  # fmt: skip
+    assert sum(right) >= 0.8 * len(records)  # the aligned CLIP finds the image's own colours
+    other = captioner(records[0].image, datastore=world["root"] / "dsA", show_retrieved=True)[0]
+    assert all(colours(caption) in DOMAIN_A for caption in other.retrieved.captions)  # any datastore serves
+
+
+def test_the_captioner_and_the_folder_job_take_a_datastore(world, tmp_path) -> None:
+    from prefixcap.captioner import Captioner
+
+    records = b_test_records(world)[:4]
+    images = [record.image for record in records]
+    captioner = Captioner.from_pretrained(world["model"], device="cpu", datastore=world["root"] / "dsB", retrieve_k=1)
+    plain = captioner(images)
+    shown = captioner(images, show_retrieved=True)
+    assert plain == [list(captions) for captions in shown]
+    assert all(len(captions.retrieved.captions) == 1 for captions in shown)
+    assert not hasattr(plain[0], "retrieved")
+    out = tmp_path / "folder"
+    assert main(["caption", *images, "--model", str(world["model"]), "--datastore", str(world["root"] / "dsB"),
+                 "--retrieve-k", "1", "--show-retrieved", "--output", f"{out}/", "--workers", "0",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    merged = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [m["captions"] for m in merged] == plain
+    assert [[r["caption"] for r in m["retrieved"]] for m in merged] == [list(c.retrieved.captions) for c in shown]
+
+
+def test_sidecar_captions_follow_a_captioned_folders_datastore(world, tmp_path) -> None:
+    records = b_test_records(world)[:3]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for record in records:
+        shutil.copy(record.image, folder / Path(record.image).name)
+    assert main(["caption", str(folder), "--sidecar", "--model", str(world["model"]), "--datastore",
+                 str(world["root"] / "dsB"), "--workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    from prefixcap.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(world["model"], device="cpu", datastore=world["root"] / "dsB")
+    for record in records:
+        text = (folder / Path(record.image).name).with_suffix(".txt").read_text().rstrip("\n")
+        assert text == captioner(str(folder / Path(record.image).name))[0][0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--show-retrieved"], "--show-retrieved needs --datastore DS"),
+        (["--datastore", "DS", "--show-retrieved", "--format", "text"], "add --format jsonl"),
+        (["--datastore", "DS", "--prompt", "a photo of"], "drop prompt"),
+        (["--datastore", "DS", "--sidecar", "--show-retrieved"], "a sidecar file holds the caption only"),
+    ],
+)
+def test_caption_refuses_what_retrieval_cannot_do(world, capsys, extra, message) -> None:
+    image = b_test_records(world)[0].image
+    extra = [str(world["root"] / "dsB") if value == "DS" else value for value in extra]
+    assert main(["caption", image, "--model", str(world["model"]), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("error:")
+
+
+def test_a_model_without_retrieval_or_with_another_clip_is_refused(world, tiny_model_dir, tiny_components, tmp_path):
+    from prefixcap.captioner import Captioner
+    from prefixcap.retrieval import build_datastore
+
+    with pytest.raises(UserError, match="trained without retrieval"):
+        Captioner.from_pretrained(tiny_model_dir, datastore=world["root"] / "dsB")
+    other = build_datastore(world["B"], tmp_path / "other", encoder=tiny_components[0], device="cpu")
+    with pytest.raises(UserError) as error:
+        Captioner.from_pretrained(world["model"], device="cpu", datastore=other.path)
+    assert "\n" not in str(error.value) and "embedded with CLIP" in str(error.value)
+
+
+def test_the_server_retrieves_and_shows_what_it_retrieved_when_asked(world) -> None:
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from prefixcap.captioner import Captioner
+    from prefixcap.serving import ServerConfig, create_app
+
+    records = b_test_records(world)[:2]
+    captioner = Captioner.from_pretrained(world["model"], device="cpu", datastore=world["root"] / "dsB")
+    images = [base64.b64encode(Path(record.image).read_bytes()).decode() for record in records]
+    with TestClient(create_app(captioner, ServerConfig(model_name="tiny"))) as client:
+        plain = client.post("/v1/caption", json={"images": images}).json()
+        shown = client.post("/v1/caption", json={"images": images, "show_retrieved": True}).json()
+    expected = captioner([record.image for record in records], show_retrieved=True)
+    assert [[entry["generated_text"] for entry in image] for image in plain] == expected
+    assert all("retrieved" not in entry for image in plain for entry in image)
+    for image, captions in zip(shown, expected):
+        assert [r["caption"] for r in image[0]["retrieved"]] == list(captions.retrieved.captions)

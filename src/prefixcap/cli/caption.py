@@ -20,6 +20,7 @@ from prefixcap.cli.common import (
     bounded,
     load_captioner_and_request,
     report_failure,
+    retrieval_kwargs,
 )
 from prefixcap.cli.ray import EPILOG as RAY_EPILOG
 from prefixcap.cli.ray import add_ray_arguments
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return run_caption(args)
     if args.rerank_clip and not args.rerank:
         raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")
+    retrieval_kwargs(args)  # --retrieve-k and --show-retrieved without --datastore fail before anything else
     state = process_state()
     if sidecar_requested(args):
         if args.show_retrieved:
