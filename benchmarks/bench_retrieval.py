@@ -6,7 +6,10 @@
     excluded (training);
   - the approximate kinds' recall@k against exact search;
   - optionally, how fast the text tower of CLIP ViT-B/32 embeds captions (`--encode`), which
-    sets the rest of a store's build time: captions / rate.
+    sets the rest of a store's build time: captions / rate;
+  - optionally (`--caption N`), captions/s of a retrieval-augmented model (random weights; tiny
+    shapes, or ClipCap's with `--full-size`) with and without retrieval from the store, in the
+    same run: the search, the prompts and the longer decoder inputs are the difference.
 
 The stored vectors are random unit vectors of CLIP's width: search cost does not depend on their
 values. Recall does: random vectors have no clusters or neighbourhoods, the worst case for IVF
@@ -83,6 +86,44 @@ def encoding_rate(captions: int, batch_size: int) -> float:
         return captions / (time.perf_counter() - start)
 
 
+def caption_rates(store: Datastore, images: int, batch: int, k: int, *, full_size: bool) -> dict[str, float]:
+    """Captions/s of one model, greedy, with and without retrieval from `store` (whose vectors are
+    replaced by random ones of the model's CLIP width, and whose encoder record is that CLIP's)."""
+    import dataclasses
+
+    import transformers
+
+    from prefixcap.captioner import Captioner
+    from prefixcap.model.caption_model import CaptionModel
+    from prefixcap.retrieval.inference import Retrieval
+    from prefixcap.testing import build_components
+
+    transformers.utils.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as workdir:
+        clip, gpt2 = build_components(workdir, full_size=full_size)
+        model = CaptionModel.from_components(clip, gpt2, prefix_length=10 if full_size else 4)
+        model.config.retrieval_k, model.config.retrieval_template = k, "Similar images show {captions} This image shows"
+        model.config.retrieval_prompt_tokens = 128 if full_size else 40
+        record = CaptionEncoder.from_pretrained(clip, device="cpu").record()
+    dim = record.embed_dim
+    vectors = unit_vectors(np.random.default_rng(1), len(store), dim)
+    index = build_index(vectors, store.settings)
+    groups = [(image_id, captions) for image_id, captions in store.groups()]
+    sized = Datastore(store.path, record, store.settings, index, groups)
+    captioner = Captioner(model.eval(), batch_size=batch)
+    size = model.preprocessor.output_size
+    pixels = torch.randint(0, 256, (images, 3, *size), dtype=torch.uint8)
+    rates = {}
+    for name, retrieval in (("without", None), ("with", Retrieval.for_model(model, sized, k=k))):
+        request = dataclasses.replace(captioner.request(max_new_tokens=20), retrieval=retrieval)
+        captioner.caption_pixels(pixels[:batch], request=request)  # warm-up
+        start = time.perf_counter()
+        for first in range(0, images, batch):
+            captioner.caption_pixels(pixels[first : first + batch], request=request)
+        rates[f"captions_per_s_{name}_retrieval"] = images / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cores = os.cpu_count() or 1
@@ -97,6 +138,12 @@ def main() -> None:
         "--encode", type=int, default=0, metavar="N",
         help="also time the ViT-B/32 text tower on N captions (default: 0, skipped)",
     )  # fmt: skip
+    parser.add_argument(
+        "--caption", type=int, default=0, metavar="N",
+        help="also caption N random images with and without retrieval from a flat store of --captions captions "
+        "(default: 0, skipped)",
+    )  # fmt: skip
+    parser.add_argument("--full-size", action="store_true", help="--caption with ClipCap's shapes, not tiny ones")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     faiss = faiss_module()
@@ -134,6 +181,12 @@ def main() -> None:
         del store, index
     if args.encode:
         results["text_tower_captions_per_s"] = encoding_rate(args.encode, batch_size=256)
+    if args.caption:
+        flat = IndexSettings("flat")
+        store = in_memory_store(build_index(vectors[:1], flat), flat, args.captions, args.dim)
+        results["captioning"] = caption_rates(
+            store, args.caption, min(args.batch, args.caption), args.k, full_size=args.full_size
+        )
     print(f"{args.captions} captions of {args.dim}-d, k={args.k}, {args.threads} threads on {results['machine']}")
     for kind, measured in results["kinds"].items():
         recall = measured.get("recall_at_k_random_vectors")
@@ -146,6 +199,11 @@ def main() -> None:
         )
     if args.encode:
         print(f"CLIP ViT-B/32 text tower: {results['text_tower_captions_per_s']:.0f} captions/s")
+    if args.caption:
+        rates = results["captioning"]
+        print(f"captioning ({'full-size' if args.full_size else 'tiny'} model, greedy, 20 tokens): "
+              f"{rates['captions_per_s_without_retrieval']:.1f} captions/s without retrieval, "
+              f"{rates['captions_per_s_with_retrieval']:.1f} with")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -51,9 +51,11 @@ def test_retrieval_benchmark_runs(tmp_path, monkeypatch) -> None:
     out = tmp_path / "retrieval.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_retrieval.py"
     monkeypatch.setattr(sys, "argv", [script.name, "--captions", "3000", "--dim", "32", "--queries", "64",
-                                      "--batch", "16", "--threads", "1", "--json", str(out)])  # fmt: skip
+                                      "--batch", "16", "--threads", "1", "--caption", "16", "--json", str(out)])  # fmt: skip
     runpy.run_path(str(script), run_name="__main__")
     results = json.loads(out.read_text())
     assert set(results["kinds"]) == {"flat", "ivf", "hnsw"}
     assert all(measured["ms_per_image_batched"] > 0 for measured in results["kinds"].values())
     assert 0 < results["kinds"]["ivf"]["recall_at_k_random_vectors"] <= 1
+    assert set(results["captioning"]) == {"captions_per_s_without_retrieval", "captions_per_s_with_retrieval"}
+    assert all(rate > 0 for rate in results["captioning"].values())

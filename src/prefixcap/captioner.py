@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from prefixcap.model.registry import resolve_model_dir
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import CaptionRequest
 from prefixcap.pipeline import loop as caption_loop
+from prefixcap.retrieval.inference import Retrieval
+from prefixcap.retrieval.store import Datastore
 from prefixcap.system.hardware import QUANTIZE_CHOICES, auto_dtype, parse_device, quantize_int8
 
 
@@ -33,6 +36,11 @@ class Captioner:
 
     Every captioning method takes `rerank=` (a `Reranker`): each image's captions then come back
     best first by its scores, as `RankedCaptions` (which carry the scores).
+
+    A model trained with retrieval (`prefixcap train --datastore`) captions with a caption
+    datastore, any one built with its CLIP: `Captioner.from_pretrained(..., datastore="ds/")`, or
+    per call `captioner(images, datastore=store, retrieve_k=4, show_retrieved=True)`, where each
+    image's captions come back as `RetrievedCaptions` carrying what it retrieved.
     """
 
     def __init__(
@@ -43,12 +51,17 @@ class Captioner:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         jpeg_draft: bool = False,
         model_fingerprint: str | None = None,
+        datastore: str | Path | Datastore | None = None,
+        retrieve_k: int | None = None,
+        show_retrieved: bool = False,
     ):
         self.model = model.eval()
         self.batch_size = batch_size
         self.loader = ImageLoader(model.preprocessor, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
         # what the model was loaded from (`model_fingerprint`); None for a model built in memory
         self.model_fingerprint = model_fingerprint
+        # every request's retrieval, unless a call names its own datastore (`request`)
+        self.retrieval = self.retrieval_of(datastore, retrieve_k=retrieve_k, show_retrieved=show_retrieved)
 
     @classmethod
     def from_pretrained(
@@ -109,14 +122,59 @@ class Captioner:
         model's device); raises ImageLoadError (`ImageLoader.load`)."""
         return self.loader.load(source, name)
 
-    def request(self, request: CaptionRequest | None = None, **kwargs: Any) -> CaptionRequest:
+    def request(
+        self,
+        request: CaptionRequest | None = None,
+        *,
+        datastore: str | Path | Datastore | None = None,
+        retrieve_k: int | None = None,
+        show_retrieved: bool | None = None,
+        **kwargs: Any,
+    ) -> CaptionRequest:
         """The request the keyword arguments describe (decoding options by their `generate` names,
-        the caption text options and `rerank`), checked once against the model; or `request` as given."""
+        the caption text options and `rerank`), checked once against the model; or `request` as
+        given. With this captioner's datastore, or the `datastore` named here, the request
+        retrieves (`retrieve_k` captions per image; `show_retrieved` returns them too)."""
         if request is not None:
-            if kwargs:
-                raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(kwargs))})")
+            extra = [
+                *kwargs,
+                *(
+                    name
+                    for name, value in (
+                        ("datastore", datastore),
+                        ("retrieve_k", retrieve_k),
+                        ("show_retrieved", show_retrieved),
+                    )
+                    if value is not None
+                ),
+            ]
+            if extra:
+                raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(extra))})")
             return request
-        return self.model.request(**kwargs)
+        request = self.model.request(**kwargs)
+        retrieval = self.retrieval_of(datastore, retrieve_k=retrieve_k, show_retrieved=show_retrieved)
+        if retrieval is None:
+            return request
+        retrieval.check(self.model, request)
+        return dataclasses.replace(request, retrieval=retrieval)
+
+    def retrieval_of(
+        self,
+        datastore: str | Path | Datastore | None = None,
+        *,
+        retrieve_k: int | None = None,
+        show_retrieved: bool | None = None,
+    ) -> Retrieval | None:
+        """The retrieval from `datastore` (else this captioner's own, if any), with `retrieve_k`
+        and `show_retrieved` where given; None without a datastore."""
+        if datastore is not None:
+            return Retrieval.for_model(self.model, datastore, k=retrieve_k, show=bool(show_retrieved))
+        own = getattr(self, "retrieval", None)
+        if own is None:
+            if retrieve_k is not None or show_retrieved:
+                raise UserError("retrieve_k and show_retrieved need a datastore")
+            return None
+        return own.with_options(k=retrieve_k, show=show_retrieved)
 
     def caption_pixels(self, pixels: torch.Tensor, **kwargs: Any) -> list[list[str]]:
         """Captions for a batch of `preprocess` (uint8) pixels, grouped per image. Besides the

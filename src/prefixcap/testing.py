@@ -367,3 +367,36 @@ def build_learnable_components(root: str | Path) -> tuple[Path, Path]:
     )  # fmt: skip
     GPT2LMHeadModel(gpt2_config).save_pretrained(root / "gpt2")
     return root / "clip", root / "gpt2"
+
+
+def align_clip(clip_dir: str | Path, images: list[str | Path], captions: list[str], *, steps: int = 300) -> Path:
+    """Teach a tiny random CLIP (`build_learnable_components`'s) that each image goes with its
+    caption, as a real CLIP's pretraining does at scale: its two projections learn, by CLIP's
+    contrastive loss over the distinct captions, while the towers stay as they are. Saved in place.
+    Retrieval needs this: a random CLIP's image and text embeddings do not share a space."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from prefixcap.inputs.preprocess import ImagePreprocessor
+    from prefixcap.model.encoders import load_image_processor
+
+    torch.manual_seed(0)
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    preprocessor = ImagePreprocessor(load_image_processor(clip_dir))
+    texts = sorted(set(captions))
+    with torch.no_grad():
+        pixels = torch.stack([preprocessor.load_pixels(path) for path in images])
+        vision = model.vision_model(pixel_values=preprocessor.normalize(pixels)).pooler_output
+        tokens = AutoTokenizer.from_pretrained(clip_dir)(texts, padding=True, truncation=True, return_tensors="pt")
+        text = model.text_model(**tokens).pooler_output
+    targets = torch.tensor([texts.index(caption) for caption in captions])
+    projections = [model.visual_projection.weight, model.text_projection.weight]
+    optimizer = torch.optim.Adam(projections, lr=1e-2)
+    for _ in range(steps):
+        image_embeds = torch.nn.functional.normalize(vision @ projections[0].T, dim=-1)
+        text_embeds = torch.nn.functional.normalize(text @ projections[1].T, dim=-1)
+        loss = torch.nn.functional.cross_entropy(20 * image_embeds @ text_embeds.T, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(clip_dir)
+    return Path(clip_dir)

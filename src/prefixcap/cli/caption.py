@@ -16,9 +16,11 @@ from prefixcap.cli.common import (
     add_model_arguments,
     add_outside_root_argument,
     add_rerank_arguments,
+    add_retrieval_arguments,
     bounded,
     load_captioner_and_request,
     report_failure,
+    retrieval_kwargs,
 )
 from prefixcap.cli.ray import EPILOG as RAY_EPILOG
 from prefixcap.cli.ray import add_ray_arguments
@@ -43,6 +45,8 @@ examples:
   prefixcap caption hf://datasets/OWNER/NAME --output out.parquet --format parquet --embed-images
   accelerate launch --multi_gpu --num_processes 8 -m prefixcap caption shards/*.tar --output out/
   prefixcap caption training_set/ --sidecar
+  prefixcap caption new_photos/ --sidecar --model run/best --datastore ds/house   # in the house style
+  prefixcap caption photos/ --model run/best --datastore ds/coco --show-retrieved --format jsonl
   prefixcap caption /data/read-only-photos/ --sidecar-dir captions/ --existing overwrite --dry-run
 """
 
@@ -70,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_jpeg_draft_argument(parser)
     add_generation_arguments(parser)
     add_rerank_arguments(parser)
+    add_retrieval_arguments(parser, show="jsonl: 'retrieved', [{caption, score}, ...] best first")
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -104,13 +109,18 @@ def run(args: argparse.Namespace) -> int:
     from prefixcap.system.processes import process_state
 
     if args.ray is not None:
+        if args.datastore is not None:
+            raise UserError("--ray does not retrieve yet: caption with --datastore in one process or with accelerate")
         from prefixcap.cli.ray import run_caption
 
         return run_caption(args)
     if args.rerank_clip and not args.rerank:
         raise UserError("--rerank-clip chooses the CLIP for --rerank clipscore; add --rerank clipscore")
+    retrieval_kwargs(args)  # --retrieve-k and --show-retrieved without --datastore fail before anything else
     state = process_state()
     if sidecar_requested(args):
+        if args.show_retrieved:
+            raise UserError("--show-retrieved writes into JSON lines records; a sidecar file holds the caption only")
         return run_sidecars(args, state, load=lambda: load_captioner_and_request(args, jpeg_draft=args.jpeg_draft))
     to_folder = _writes_folder(args.output, state.num_processes)
     fmt = args.format or ("jsonl" if to_folder else "text")
@@ -118,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("parquet output needs --output FILE or --output FOLDER/")
     if args.embed_images and fmt != "parquet":
         raise UserError("--embed-images needs --format parquet")
+    if args.show_retrieved and fmt != "jsonl":
+        raise UserError("--show-retrieved writes the retrieved captions into JSON lines records: add --format jsonl")
     require_format(fmt)
     sources, missing = expand_inputs(
         args.paths, image_column=args.image_column, allow_outside_root=args.allow_outside_root

@@ -126,9 +126,10 @@ def load_captioner_and_request(args: argparse.Namespace, **kwargs: Any) -> tuple
 def _load_captioner(args: argparse.Namespace, options: dict[str, Any] | None, **kwargs: Any) -> tuple[Any, Any]:
     from prefixcap.captioner import Captioner
 
+    retrieval = retrieval_kwargs(args)
     captioner = Captioner.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, batch_size=args.batch_size,
-        **kwargs,
+        **retrieval, **kwargs,
     )  # fmt: skip
     request = None
     if options is not None:
@@ -138,6 +139,10 @@ def _load_captioner(args: argparse.Namespace, options: dict[str, Any] | None, **
             raise UserError(str(error)) from None
     if args.dtype == "auto":
         print(f"dtype: {captioner.precision}", file=sys.stderr)
+    if captioner.retrieval is not None:
+        store = captioner.retrieval.store
+        print(f"retrieval: {captioner.retrieval.k} captions per image from {store.path} ({len(store)} captions, "
+              f"{store.settings.describe()})", file=sys.stderr)  # fmt: skip
     if args.quantize:
         print(f"quantize: {args.quantize} decoder linear layers, decoded by {captioner.decoding_path}", file=sys.stderr)
     return captioner, request
@@ -148,6 +153,42 @@ def report_failure(failure: ImageLoadError) -> None:
     from tqdm import tqdm
 
     tqdm.write(for_terminal(f"error: {failure}"), file=sys.stderr)
+
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser, *, show: str | None = None) -> None:
+    """--datastore and --retrieve-k, and --show-retrieved where outputs can hold what was retrieved
+    (`show` is where, for its help)."""
+    group = parser.add_argument_group("retrieval (models trained with `prefixcap train --datastore`)")
+    group.add_argument(
+        "--datastore", metavar="DS",
+        help="caption datastore (`prefixcap datastore build`, with the model's CLIP): each image's prompt is the "
+        "captions of its nearest images in it. Any datastore serves, not only the one the model was trained with: "
+        "one of another domain, or of a captioned folder whose style new captions should follow",
+    )  # fmt: skip
+    group.add_argument(
+        "--retrieve-k", type=bounded(int, 1), metavar="K",
+        help="captions retrieved per image (default: as many as the model was trained with)",
+    )  # fmt: skip
+    if show is not None:
+        group.add_argument(
+            "--show-retrieved", action="store_true",
+            help=f"also write each image's retrieved captions with their cosine scores ({show})",
+        )  # fmt: skip
+
+
+def retrieval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Captioner's retrieval arguments from the command line (none without --datastore)."""
+    datastore = getattr(args, "datastore", None)
+    if datastore is None:
+        for flag in ("retrieve_k", "show_retrieved"):
+            if getattr(args, flag, None):
+                raise UserError(f"--{flag.replace('_', '-')} needs --datastore DS")
+        return {}
+    return {
+        "datastore": datastore,
+        "retrieve_k": args.retrieve_k,
+        "show_retrieved": getattr(args, "show_retrieved", False),
+    }
 
 
 def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:

@@ -11,6 +11,7 @@ from prefixcap.cli.common import (
     add_generation_arguments,
     add_model_arguments,
     add_reference_arguments,
+    add_retrieval_arguments,
     add_scoring_arguments,
     bounded,
     generation_kwargs,
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image decoding processes when DATA is a dataset, not a feature store (default: %(default)s)",
     )
     add_generation_arguments(parser)
+    add_retrieval_arguments(parser)
     add_scoring_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     samples = match_samples(captions, [record for record in references.records if record.image_id in captions])
     decoding = ", ".join(f"{name}={value}" for name, value in kwargs.items()) or "the model's defaults"
     source = f"{args.model} on {args.data} ({len(samples)} images) · decoding: {decoding}"
+    if args.datastore is not None:
+        source += f" · retrieval from {args.datastore}"
     evaluation = score_and_write(samples, references, config, args.out, source=source, num_examples=args.examples)
     print_evaluation(evaluation, args.out)
     return 0

@@ -17,6 +17,7 @@ from prefixcap.cli.common import (
     add_jpeg_draft_argument,
     add_model_arguments,
     add_rerank_arguments,
+    add_retrieval_arguments,
     bounded,
     load_captioner,
 )
@@ -95,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default: ${API_KEY_VARIABLE}, which other users cannot see in the process list; unset: no key)",
     )
     add_rerank_arguments(parser, serve=True)
+    add_retrieval_arguments(parser)  # a request's show_retrieved asks for what was retrieved
     parser.add_argument(
         "--web",
         metavar="DIR",

@@ -105,6 +105,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prompt, and uses the prompt by default when captioning (default: each record's own 'prompt', if any)",
     )  # fmt: skip
 
+    retrieval = parser.add_argument_group(
+        "retrieval augmentation (SmallCap)",
+        "put the captions of similar images, found in a caption datastore, in each image's prompt; the model "
+        "then captions with any datastore (`caption --datastore`), e.g. one of another domain or house style",
+    )
+    add = _adder(retrieval)
+    add("--datastore", metavar="DS", help="caption datastore (`prefixcap datastore build`) embedded with the feature "
+        "store's CLIP; each training image retrieves from it, its own captions left out (by image id, else by "
+        "caption text)")  # fmt: skip
+    add("--retrieve-k", metavar="K", help="captions retrieved per image")
+    add("--retrieval-template", metavar="TEXT", help="the prompt, with {captions} where the retrieved captions go "
+        "(default: 'Similar images show {captions} This image shows')")  # fmt: skip
+    add("--retrieval-prompt-tokens", metavar="N", help="most decoder tokens of a prompt, at most half the positions "
+        "after the prefix: whole captions, best first, while they fit")  # fmt: skip
+
     scst = parser.add_argument_group(
         "self-critical sequence training",
         "fine-tune a trained model on a reward of its own sampled captions: --init MODEL --objective scst",

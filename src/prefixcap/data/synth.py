@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -74,13 +75,20 @@ def caption_for(object_color: str, background_color: str) -> str:
 
 
 def make_synthetic_dataset(
-    out_dir: str | Path, *, num_images: int = 600, seed: int = 0, image_size: int = 64, task: str = "shapes"
+    out_dir: str | Path,
+    *,
+    num_images: int = 600,
+    seed: int = 0,
+    image_size: int = 64,
+    task: str = "shapes",
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> Path:
     """Write `num_images` PNGs under `out_dir/images/` and `out_dir/captions.jsonl`; return the latter.
 
     Every colour pair (and, for `two-balls`, side) appears about equally often, in shuffled order;
     the first 80% of the images are train, then 10% val and 10% test. The same arguments always
-    give the same files.
+    give the same files. `pairs` (shapes and wordings) chooses the (object, background) colour
+    pairs, from either palette: a domain of its own, e.g. for retrieval's domain-transfer test.
     """
     if num_images < MIN_NUM_IMAGES:
         raise ValueError(f"num_images must be at least {MIN_NUM_IMAGES}, one per split")
@@ -89,8 +97,12 @@ def make_synthetic_dataset(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     rng = random.Random(seed)
+    palette = {**OBJECT_COLORS, **BACKGROUND_COLORS}
+    unknown = [name for pair in pairs or () for name in pair if name not in palette]
+    if unknown or (pairs is not None and (task == "two-balls" or not pairs)):
+        raise ValueError(f"pairs: the shapes and wordings tasks take (object, background) names from {sorted(palette)}")
     if task in ("shapes", "wordings"):
-        pairs = [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS]
+        pairs = list(pairs or [(obj, bg) for obj in OBJECT_COLORS for bg in BACKGROUND_COLORS])
     else:  # (left colour, right colour, side the prompt asks for)
         left_colors, right_colors = BALL_COLORS["left"], BALL_COLORS["right"]
         pairs = [(left, right, side) for left in left_colors for right in right_colors for side in SIDES]
@@ -105,11 +117,11 @@ def make_synthetic_dataset(
         name = f"images/{index:0{digits}d}.png"
         if task == "shapes":
             obj, bg = pair
-            _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
+            _draw(rng, image_size, palette[obj], palette[bg]).save(out_dir / name)
             record = {"image": name, "caption": caption_for(obj, bg)}
         elif task == "wordings":
             obj, bg = pair
-            _draw(rng, image_size, OBJECT_COLORS[obj], BACKGROUND_COLORS[bg]).save(out_dir / name)
+            _draw(rng, image_size, palette[obj], palette[bg]).save(out_dir / name)
             record = {"image": name, "captions": wordings_for(rng, obj, bg)}
         else:
             left, right, side = pair

@@ -144,7 +144,7 @@ def part_settings(
     """What a part's results depend on besides its images: the model (by the name given, a folder
     by its absolute path so that a rerun from another folder recognises its parts), its files
     (`model_fingerprint`), how it runs (`precision`: dtype, quantization, ...), and the request's
-    options and reranker."""
+    options, reranker and retrieval (its datastore's files)."""
     settings: dict[str, Any] = {
         "model": normalize_model_id(model),
         "model_files": model_files,
@@ -154,6 +154,8 @@ def part_settings(
     if request.rerank is not None:  # reranked parts differ from plain ones (order, scores): never mix them
         scorer = getattr(request.rerank, "model", None)
         settings["rerank"] = [type(request.rerank).__qualname__, str(getattr(scorer, "name_or_path", ""))]
+    if request.retrieval is not None:  # another datastore gives other prompts, so other captions
+        settings["retrieval"] = request.retrieval.settings()
     return settings
 
 

@@ -48,6 +48,8 @@ class Result:
     captions: list[str] | None = None  # the captions, best first; None if the image failed
     error: str | None = None  # why the image could not be read (without the path)
     scores: list[float] | None = None  # the reranker's score of each caption, when reranked
+    # the datastore captions its prompt was made of, [{"caption", "score"}, ...] best first, when shown
+    retrieved: list[dict] | None = None
 
     def to_json(self) -> str:
         if self.captions is None:
@@ -55,26 +57,39 @@ class Result:
         record = {"path": self.path, "caption": self.captions[0], "captions": list(self.captions)}
         if self.scores is not None:
             record["scores"] = self.scores
+        if self.retrieved is not None:
+            record["retrieved"] = self.retrieved
         return json.dumps(record)
 
     @classmethod
     def from_json(cls, line: str) -> Result:
         record = json.loads(line)
-        return cls(record["path"], record.get("captions"), record.get("error"), record.get("scores"))
+        return cls(
+            record["path"], record.get("captions"), record.get("error"), record.get("scores"), record.get("retrieved")
+        )
 
     @classmethod
     def of(cls, path: str, outcome: list[str] | ImageLoadError) -> Result:
         """The record of one image that the caption loop gave captions or a failure;
-        reranked captions (`RankedCaptions`) bring their scores."""
+        reranked captions (`RankedCaptions`) bring their scores, and `RetrievedCaptions` what
+        their image retrieved."""
         if isinstance(outcome, ImageLoadError):
             return cls(path, error=outcome.reason)
-        return cls(path, list(outcome), scores=getattr(outcome, "scores", None))
+        retrieved = getattr(outcome, "retrieved", None)
+        if retrieved is not None and not isinstance(retrieved, list):  # a list: read back from a part file
+            from prefixcap.retrieval.inference import retrieved_json  # not at import, as `ranked`
+
+            retrieved = retrieved_json(retrieved)
+        return cls(path, list(outcome), scores=getattr(outcome, "scores", None), retrieved=retrieved)
 
     @property
     def ranked(self) -> list[str]:
-        """The captions as a captioner gave them: with their scores (`RankedCaptions`) when reranked."""
-        from prefixcap.pipeline.loop import RankedCaptions  # not at import: the CLI's --help loads no torch
+        """The captions as a captioner gave them: with their scores (`RankedCaptions`) when
+        reranked, and what was retrieved (`RetrievedCaptions`) when shown."""
+        from prefixcap.pipeline.loop import RankedCaptions, RetrievedCaptions  # not at import: --help loads no torch
 
+        if self.retrieved is not None:
+            return RetrievedCaptions(self.captions, self.retrieved, self.scores)
         return self.captions if self.scores is None else RankedCaptions(self.captions, self.scores)
 
 

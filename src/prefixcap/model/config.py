@@ -11,6 +11,7 @@ from typing import Any
 from prefixcap.errors import ModelLoadError
 from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
 from prefixcap.options.fields import check_types
+from prefixcap.options.text import template_problem
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
@@ -30,6 +31,9 @@ SIZE_LIMITS = {
     "mapper_clip_length": 1024,
     "mapper_width": 16384,
 }
+MAX_RETRIEVE_K = 64  # retrieved captions per image: SmallCap uses 4; far more would not fit a prompt
+MAX_RETRIEVAL_PROMPT_TOKENS = 16384  # far above any decoder's positions, as SIZE_LIMITS
+RETRIEVAL_FIELDS = ("retrieval_k", "retrieval_template", "retrieval_prompt_tokens")
 
 
 @dataclass
@@ -49,6 +53,12 @@ class CaptionConfig:
     stop_token: str | None = None  # text that ends a caption besides EOS ("." for ClipCap imports)
     generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 30})  # defaults
     prompt: str | None = None  # the prompt the model was trained with: captioning's default prompt
+    # A retrieval-augmented model (`train --datastore`): each image's prompt is the captions of its
+    # retrieval_k nearest in a datastore, put in retrieval_template and kept within
+    # retrieval_prompt_tokens decoder tokens (prefixcap.retrieval). All None: trained without retrieval.
+    retrieval_k: int | None = None
+    retrieval_template: str | None = None
+    retrieval_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
@@ -77,6 +87,31 @@ class CaptionConfig:
                 f"prompt must be non-empty text of at most {MAX_TEXT_CHARS} characters without surrounding or "
                 f"repeated whitespace, got {self.prompt[:100]!r}"
             )
+        self._check_retrieval()
+
+    @property
+    def uses_retrieval(self) -> bool:
+        """Whether the model was trained with retrieved captions in its prompt."""
+        return self.retrieval_k is not None
+
+    def _check_retrieval(self) -> None:
+        """The retrieval fields are all set (with a valid template, and no fixed prompt) or all None."""
+        given = [getattr(self, name) is not None for name in RETRIEVAL_FIELDS]
+        if any(given) and not all(given):
+            raise ModelLoadError(f"{', '.join(RETRIEVAL_FIELDS)} must be all set or all null")
+        if not all(given):
+            return
+        if not 1 <= self.retrieval_k <= MAX_RETRIEVE_K:
+            raise ModelLoadError(f"retrieval_k must be in [1, {MAX_RETRIEVE_K}], got {self.retrieval_k}")
+        if not 1 <= self.retrieval_prompt_tokens <= MAX_RETRIEVAL_PROMPT_TOKENS:
+            raise ModelLoadError(
+                f"retrieval_prompt_tokens must be in [1, {MAX_RETRIEVAL_PROMPT_TOKENS}], got {self.retrieval_prompt_tokens}"
+            )
+        problem = template_problem(self.retrieval_template)
+        if problem is not None or self.retrieval_template != " ".join(self.retrieval_template.split()):
+            raise ModelLoadError(f"retrieval_template: {problem or 'surrounding or repeated whitespace'}")
+        if self.prompt is not None:
+            raise ModelLoadError("prompt must be null in a retrieval model: retrieved captions make each prompt")
 
     @property
     def uses_patches(self) -> bool:

@@ -23,3 +23,7 @@ class CaptionRequest:
     # Orders each image's captions best first: a Reranker, or the name of one that a server loads
     # on its model thread ("clipscore"); None keeps the decoder's order.
     rerank: Reranker | str | None = None
+    # Gives each image a prompt of the captions of similar images from a caption datastore: a
+    # `prefixcap.retrieval.inference.Retrieval`, checked against the model where it is attached
+    # (`Retrieval.check`); None: the text options' prompt.
+    retrieval: Any = None

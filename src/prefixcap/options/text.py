@@ -68,3 +68,20 @@ class TextOptions:
 
     def wrap(self, caption: str) -> str:
         return f"{self.prefix}{caption}{self.suffix}"
+
+
+# Where a retrieval prompt template (`prefixcap.retrieval.prompt`) puts the retrieved captions.
+CAPTIONS_FIELD = "{captions}"
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` cannot be a retrieval prompt template, or None: the one rule, which a
+    training option and a model's config are both checked against."""
+    if not isinstance(template, str) or not is_unicode(template):
+        return "a retrieval prompt template must be Unicode text"
+    text = clean_prompt(template)
+    if text.count(CAPTIONS_FIELD) != 1:
+        return f"a retrieval prompt template must contain {CAPTIONS_FIELD} once, got {template[:100]!r}"
+    if len(text) > MAX_TEXT_CHARS:
+        return f"a retrieval prompt template must be at most {MAX_TEXT_CHARS} characters"
+    return None

@@ -44,6 +44,19 @@ class RankedCaptions(list[str]):
         return cls((captions[index] for index in order), (float(scores[index]) for index in order))
 
 
+class RetrievedCaptions(list[str]):
+    """An image's captions with what its prompt was made of (`retrieved`: the datastore captions
+    with their scores, a `prefixcap.retrieval.Retrieved`, or its JSON records when read back from a
+    part file), and a reranker's `scores` when reranked.
+    A plain list of captions everywhere else; outputs write `retrieved` where they can."""
+
+    def __init__(self, captions: Iterable[str], retrieved: Any, scores: Iterable[float] | None = None):
+        super().__init__(captions)
+        self.retrieved = retrieved
+        if scores is not None:
+            self.scores = list(scores)
+
+
 def caption_batch(
     model: Any,
     request: CaptionRequest,
@@ -55,17 +68,31 @@ def caption_batch(
     """One model batch: the captions of uint8 `pixels` (or of stored `image_embeds`) per image,
     between the request's prefix and suffix, best first by its reranker (as `RankedCaptions`, which
     carry the scores; the reranker scores the captions as written). `prompts` gives each image its
-    own prompt (a dataset's records'); otherwise the request's prompt applies."""
+    own prompt (a dataset's records'); otherwise the request's prompt applies, or with the request's
+    `retrieval` the captions each image retrieves (returned with them, as `RetrievedCaptions`, if
+    it asks to show them)."""
     if isinstance(request.rerank, str):
         raise TypeError(f"rerank {request.rerank!r} is a name: load the reranker it names before captioning")
     if request.rerank is not None and pixels is None:
         raise ValueError("reranking scores the images themselves; stored image embeddings cannot be reranked")
-    captions = model.caption(pixels=pixels, image_embeds=image_embeds, request=request, prompts=prompts)
+    retrieval, found = request.retrieval, None
+    if retrieval is not None:
+        if prompts is not None:
+            raise ValueError("retrieval makes each image's prompt; per-image prompts cannot be given with it")
+        embeds, prompts, found = retrieval.prepare(model, request, pixels=pixels, image_embeds=image_embeds)
+        captions = model.caption(image_embeds=embeds, request=request, prompts=prompts)
+    else:
+        captions = model.caption(pixels=pixels, image_embeds=image_embeds, request=request, prompts=prompts)
     captions = [[request.text.wrap(caption) for caption in per_image] for per_image in captions]
-    if request.rerank is None:
+    if request.rerank is not None:
+        scores = request.rerank(pixels, captions)
+        captions = [RankedCaptions.ranked(texts, scored) for texts, scored in zip(captions, scores, strict=True)]
+    if found is None or not retrieval.show:
         return captions
-    scores = request.rerank(pixels, captions)
-    return [RankedCaptions.ranked(texts, scored) for texts, scored in zip(captions, scores, strict=True)]
+    return [
+        RetrievedCaptions(texts, retrieved, getattr(texts, "scores", None))
+        for texts, retrieved in zip(captions, found, strict=True)
+    ]
 
 
 class CaptionLoop:

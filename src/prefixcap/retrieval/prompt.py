@@ -15,21 +15,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefixcap.errors import UserError
-from prefixcap.options import MAX_TEXT_CHARS, clean_prompt
+from prefixcap.options import clean_prompt
+from prefixcap.options.text import CAPTIONS_FIELD, template_problem
 
-CAPTIONS_FIELD = "{captions}"
 DEFAULT_TEMPLATE = "Similar images show {captions} This image shows"
 SENTENCE_ENDS = (".", "!", "?")
 
 
 def check_template(template: str) -> str:
     """`template`, whitespace-normalised; refused unless it holds `{captions}` exactly once."""
-    text = clean_prompt(template)
-    if text.count(CAPTIONS_FIELD) != 1:
-        raise UserError(f"a retrieval prompt template must contain {CAPTIONS_FIELD} once, got {template[:100]!r}")
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserError(f"a retrieval prompt template must be at most {MAX_TEXT_CHARS} characters")
-    return text
+    problem = template_problem(template)
+    if problem is not None:
+        raise UserError(problem)
+    return clean_prompt(template)
 
 
 def retrieval_prompt(captions: Sequence[str], tokenizer: Any, max_tokens: int, template: str = DEFAULT_TEMPLATE) -> str:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,9 @@ class Datastore:
         self.counts = np.array([len(captions) for _, captions in groups], dtype=np.int64)  # captions per image
         self.image_of_row = np.repeat(np.arange(len(groups)), self.counts)
         self._image_index = {image_id: number for number, image_id in enumerate(self.image_ids)}
+        self._counts: Counter[str] | None = None  # how often each caption text occurs, when first needed
+        # what the files hold (a digest of their checksums): set when the store is read or written
+        self.fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -119,29 +123,50 @@ class Datastore:
         groups = _read_captions(path, manifest)
         _check_file(path, INDEX_FILE, manifest["files"][INDEX_FILE])
         index = read_index(path / INDEX_FILE, settings, encoder.embed_dim, manifest["num_captions"])
-        return cls(path, encoder, settings, index, groups, recall=manifest["recall"], sources=manifest["sources"])
+        store = cls(path, encoder, settings, index, groups, recall=manifest["recall"], sources=manifest["sources"])
+        store.fingerprint = _fingerprint(manifest["files"])
+        return store
 
     # ------------------------------------------------------------------ searching
+    def holds_image(self, image_id: str) -> bool:
+        return image_id in self._image_index
+
     def search(
-        self, image_embeds: torch.Tensor | np.ndarray, k: int, *, exclude: Sequence[str | None] | None = None
+        self,
+        image_embeds: torch.Tensor | np.ndarray,
+        k: int,
+        *,
+        exclude: Sequence[str | None] | None = None,
+        exclude_captions: Sequence[Collection[str]] | None = None,
     ) -> list[Retrieved]:
         """The `k` captions nearest each image embedding [B, D] (any scale: they are normalised),
         by cosine. `exclude` gives one image id (or None) per image whose captions that image
-        may not retrieve: its own, during training. Fewer than `k` come back only when the store
-        (or an approximate index's searched part) holds fewer."""
+        may not retrieve: its own, during training. `exclude_captions` gives per image caption
+        texts it may not retrieve wherever they are (its own, when the store knows it by no id).
+        Fewer than `k` come back only when the store (or an approximate index's searched part)
+        holds fewer."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         queries = self._queries(image_embeds)
-        if exclude is not None and len(exclude) != len(queries):
-            raise ValueError(f"exclude gives {len(exclude)} image ids for {len(queries)} images")
+        for name, given in (("exclude", exclude), ("exclude_captions", exclude_captions)):
+            if given is not None and len(given) != len(queries):
+                raise ValueError(f"{name} gives {len(given)} entries for {len(queries)} images")
         # each query's excluded image, as its number (-1: none, or an image the store does not hold)
         given = exclude if exclude is not None else [None] * len(queries)
         excluded = np.array([self._image_index.get(image_id, -1) for image_id in given], dtype=np.int64)
-        # An excluded image's captions can take at most its caption count of the top places.
+        banned = [set(texts) for texts in exclude_captions] if exclude_captions is not None else None
+        # Excluded captions can take at most as many of the top places as the store holds of them.
         extra = int(self.counts[excluded[excluded >= 0]].max(initial=0))
+        if banned is not None:
+            counts = self._caption_counts()
+            extra += max((sum(counts.get(text, 0) for text in texts) for texts in banned), default=0)
         scores, rows = search(self.index, queries, min(k + extra, len(self)))
         images = np.where(rows >= 0, self.image_of_row[np.maximum(rows, 0)], -2)
         keep = (rows >= 0) & (images != excluded[:, None])
+        if banned is not None:
+            for query, texts in enumerate(banned):
+                if texts:
+                    keep[query] &= [row < 0 or self.captions[row] not in texts for row in rows[query]]
         results = []
         for row_scores, row_rows, row_keep in zip(scores, rows, keep):
             chosen, chosen_scores = row_rows[row_keep][:k], row_scores[row_keep][:k]
@@ -153,6 +178,11 @@ class Datastore:
                 )
             )
         return results
+
+    def _caption_counts(self) -> Counter[str]:
+        if self._counts is None:
+            self._counts = Counter(self.captions)
+        return self._counts
 
     def _queries(self, image_embeds: torch.Tensor | np.ndarray) -> np.ndarray:
         if isinstance(image_embeds, torch.Tensor):
@@ -198,6 +228,7 @@ class Datastore:
                 "sources": self.sources,
                 "files": {name: _file_entry(staging / name) for name in (INDEX_FILE, CAPTIONS_FILE)},
             }
+            self.fingerprint = _fingerprint(manifest["files"])
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
@@ -438,6 +469,10 @@ def _file_entry(path: Path) -> dict[str, Any]:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fingerprint(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _is_entry(entry: Any) -> bool:

@@ -35,6 +35,7 @@ from prefixcap.errors import UserError
 from prefixcap.options import CaptionRequest
 from prefixcap.options.request import Reranker
 from prefixcap.pipeline import loop as caption_loop
+from prefixcap.retrieval.inference import Retrieval, retrieved_json
 from prefixcap.serving.batching import DynamicBatcher
 from prefixcap.serving.decoding import ImageDecoder, default_workers
 from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
@@ -137,7 +138,7 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         CAPTION_PATH,
         summary="Caption images",
         response_model=list[list[GeneratedText]],
-        response_model_exclude_none=True,  # `score` only when reranked
+        response_model_exclude_none=True,  # `score` only when reranked, `retrieved` only when asked for
         responses={code: {"model": ErrorBody} for code in (400, 413, 415, 422, 500, 503)},
         openapi_extra={"requestBody": _request_body_docs()},
     )
@@ -145,15 +146,20 @@ def create_app(captioner: Captioner, config: ServerConfig) -> FastAPI:
         """One entry per image, in order; each lists `num_return_sequences` captions. Send files in a
         repeatable multipart field `images` with options as form fields, or JSON
         `{"images": [base64, ...], "num_beams": 3, ...}`. With `"rerank": "clipscore"`, each image's
-        captions come best first by CLIPScore, each with its `score`."""
+        captions come best first by CLIPScore, each with its `score`. A server started with --datastore
+        retrieves each image's prompt; `"show_retrieved": true` lists what it retrieved with each caption."""
         if not batcher.running:
             raise APIError(503, "not_ready", "the model is not ready yet; try again shortly")
         images, options = await read_caption_request(request, max_images=config.max_images)
-        checked = caption_request(options, captioner.model, limits, rerank=options.rerank)  # batches group by it
-        captions = await _unless_disconnected(request, _caption(decoder, batcher, images, checked))
+        retrieval = _retrieval(captioner, options.show_retrieved)
+        checked = caption_request(options, captioner.model, limits, rerank=options.rerank, retrieval=retrieval)
+        captions = await _unless_disconnected(request, _caption(decoder, batcher, images, checked))  # grouped by it
         metrics.images.inc(len(images))
         return [
-            [{"generated_text": text, "score": score} for text, score in zip(texts, _scores(texts), strict=True)]
+            [
+                {"generated_text": text, "score": score, "retrieved": _retrieved(texts)}
+                for text, score in zip(texts, _scores(texts), strict=True)
+            ]
             for texts in captions
         ]
 
@@ -279,6 +285,23 @@ def _load_reranker(captioner: Captioner, config: ServerConfig) -> Reranker:
         return load_reranker(captioner, config.rerank_clip, flag="prefixcap serve --rerank-clip")
     except UserError as error:
         raise APIError(422, "invalid_options", f"rerank: {error}") from None
+
+
+def _retrieval(captioner: Captioner, show: bool | None) -> Retrieval | None:
+    """The server's retrieval (--datastore), showing what was retrieved if the request asks."""
+    if captioner.retrieval is None:
+        if show:
+            raise APIError(
+                422, "invalid_options", "show_retrieved: this server has no datastore (serve --datastore DS)"
+            )
+        return None
+    return captioner.retrieval.with_options(show=bool(show))
+
+
+def _retrieved(captions: list[str]) -> list[dict[str, Any]] | None:
+    """What the image of these captions retrieved (`RetrievedCaptions`), or None when not asked for."""
+    found = getattr(captions, "retrieved", None)
+    return None if found is None else retrieved_json(found)
 
 
 def _scores(captions: list[str]) -> list[float | None]:

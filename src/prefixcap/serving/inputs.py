@@ -7,6 +7,7 @@ as a path or fetched as a URL, so a request cannot make the server read its own 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Mapping
 from contextlib import aclosing
@@ -17,12 +18,14 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from prefixcap.errors import UserError
 from prefixcap.options import CaptionRequest, GenerationOptions
 from prefixcap.serving.errors import APIError
 from prefixcap.serving.schemas import CaptionOptions, JSONCaptionRequest, RequestOptions
 
 if TYPE_CHECKING:
     from prefixcap.model.caption_model import CaptionModel
+    from prefixcap.retrieval.inference import Retrieval
 
 NamedImage = tuple[str, bytes]  # (how error messages name it, the file's bytes)
 
@@ -133,15 +136,24 @@ def _decode_base64(name: str, text: str) -> bytes:
 
 
 def caption_request(
-    options: CaptionOptions, model: CaptionModel, limits: Mapping[str, int], *, rerank: str | None = None
+    options: CaptionOptions,
+    model: CaptionModel,
+    limits: Mapping[str, int],
+    *,
+    rerank: str | None = None,
+    retrieval: Retrieval | None = None,
 ) -> CaptionRequest:
     """The caption request of an HTTP request, built and checked once: its options over the
     model's defaults, checked by the model, then against the server's `limits` (upper bounds by
-    option name). A reranker stays a name here: the model thread loads the one it names."""
+    option name). A reranker stays a name here: the model thread loads the one it names. With the
+    server's `retrieval` (--datastore), each image's prompt is what it retrieves."""
     requested = options.model_dump(include=set(CaptionOptions.model_fields), exclude_none=True)
     try:
         request = model.request(rerank=rerank, **requested)
-    except ValueError as error:
+        if retrieval is not None:
+            retrieval.check(model, request)
+            request = dataclasses.replace(request, retrieval=retrieval)
+    except (ValueError, UserError) as error:
         raise APIError(422, "invalid_options", str(error)) from None
     check_limits(request.generation, limits, requested)
     return request

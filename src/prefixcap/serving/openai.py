@@ -86,7 +86,7 @@ def openai_router(
         body = await _read_body(request)
         image, text = _image_and_text(body.messages)
         options = _caption_options(body, text, captioner)
-        checked = caption_request(options, captioner.model, limits)
+        checked = caption_request(options, captioner.model, limits, retrieval=captioner.retrieval)
         captions = (await caption(request, [image], checked))[0]
         metrics.images.inc()
         return _completion(captions, model_name, captioner)

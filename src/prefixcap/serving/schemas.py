@@ -37,7 +37,17 @@ class RerankOption(BaseModel):
     rerank: Literal["clipscore"] | None = Field(None, description=RERANK_HELP)
 
 
-class RequestOptions(CaptionOptions, RerankOption):
+class RetrievalOption(BaseModel):
+    """Not a decoding option either: what a server started with --datastore returns besides captions."""
+
+    show_retrieved: bool | None = Field(
+        None,
+        description="with a server started with --datastore: each caption also lists the datastore captions "
+        "its image retrieved for its prompt, with their cosine scores, best first",
+    )
+
+
+class RequestOptions(CaptionOptions, RerankOption, RetrievalOption):
     """Everything a request may set besides its images (a multipart request's form fields)."""
 
 
@@ -53,9 +63,16 @@ class MultipartCaptionRequest(RequestOptions):
     images: list[bytes] = Field(min_length=1, description="image files; repeat the field for several")
 
 
+class RetrievedCaption(BaseModel):
+    caption: str
+    score: float  # cosine between the image's and the caption's CLIP embeddings
+
+
 class GeneratedText(BaseModel):
     generated_text: str
     score: float | None = None  # its reranking score, only when the request asked for `rerank`
+    # its image's retrieved captions, only when the request asked for `show_retrieved`
+    retrieved: list[RetrievedCaption] | None = None
 
 
 class Health(BaseModel):

@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 
 from prefixcap.errors import UserError
-from prefixcap.model.config import MAPPER_KINDS, CaptionConfig
+from prefixcap.model.config import MAPPER_KINDS, MAX_RETRIEVAL_PROMPT_TOKENS, MAX_RETRIEVE_K, CaptionConfig
 from prefixcap.options import MAX_TEXT_CHARS
+from prefixcap.options.text import template_problem
 
 _FREEZE = re.compile(r"^(frozen|none|lora|first:(\d+))$")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # one --lora-targets entry
@@ -36,6 +37,7 @@ BOUNDS: dict[str, tuple[float, float | None]] = {
     "max_caption_tokens": (2, None), "val_images": (0, None), "save_every": (0, None), "log_every": (1, None),
     "samples_per_image": (1, MAX_SAMPLES_PER_IMAGE), "max_new_tokens": (1, None),
     "lora_rank": (1, 4096), "lora_alpha": (0, None),
+    "retrieve_k": (1, MAX_RETRIEVE_K), "retrieval_prompt_tokens": (1, MAX_RETRIEVAL_PROMPT_TOKENS),
 }  # fmt: skip
 
 
@@ -84,6 +86,15 @@ class TrainConfig:
     lora_rank: int = 16  # r, the rank of each adapter
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank (None: 2 x rank, a scale of 2)
     lora_targets: str | None = None  # comma-separated module names (None: the decoder family's block linears)
+    # Retrieval augmentation (SmallCap; prefixcap.retrieval): each image's prompt is the captions of its
+    # `retrieve_k` nearest in `datastore` (its own left out), in `retrieval_template`, within
+    # `retrieval_prompt_tokens` decoder tokens; the model records all three.
+    datastore: str | None = None  # DS folder of `prefixcap datastore build`, built with the features' CLIP
+    retrieve_k: int = 4  # captions retrieved per image (SmallCap's 4)
+    retrieval_template: str | None = (
+        None  # with {captions} once (None: "Similar images show {captions} This image shows")
+    )
+    retrieval_prompt_tokens: int = 128  # most decoder tokens of a retrieval prompt (also at most half the positions)
 
     def __post_init__(self) -> None:
         checks = [
@@ -119,6 +130,14 @@ class TrainConfig:
             (
                 self.prompt is None or len(self.prompt) <= MAX_TEXT_CHARS,
                 f"prompt must be at most {MAX_TEXT_CHARS} characters",
+            ),
+            (
+                self.retrieval_template is None or template_problem(self.retrieval_template) is None,
+                f"retrieval_template: {template_problem(self.retrieval_template or '{captions}')}",
+            ),
+            (
+                self.datastore is None or self.prompt is None,
+                "--prompt and --datastore: with a datastore each image's prompt is the captions it retrieves",
             ),
         ]
         for ok, message in checks:

@@ -37,6 +37,7 @@ from prefixcap.errors import UserError
 from prefixcap.model.caption_model import MODEL_ENTRIES, CaptionModel
 from prefixcap.model.registry import resolve_model_dir
 from prefixcap.pipeline.features import FeatureStore
+from prefixcap.retrieval.training import TrainingRetrieval
 from prefixcap.system.atomic import check_output_dir, foreign_entries, holds_only, replace_dir
 from prefixcap.system.extras import require
 from prefixcap.training.config import TrainConfig
@@ -101,8 +102,9 @@ class Trainer:
         if config.features is None:
             raise UserError("give the FEATURES folder (on the command line or in --config)")
         config = dataclasses.replace(
-            config, features=str(Path(config.features).resolve()), precision=config.precision or default_precision()
-        )
+            config, features=str(Path(config.features).resolve()), precision=config.precision or default_precision(),
+            datastore=config.datastore and str(Path(config.datastore).resolve()),
+        )  # fmt: skip
         self.accelerator = build_accelerator(config)
         if config.precision == "fp16" and self.accelerator.device.type != "cuda":
             raise UserError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32")
@@ -124,12 +126,24 @@ class Trainer:
             # an --init model trained with a prompt continues it, in training (and SCST sampling) as when captioning
             config = dataclasses.replace(config, prompt=model.config.prompt)
         mmap = store.manifest.features == "patches"  # patch tokens may not fit in memory: read rows per batch
+        train_embeds = store.embeddings("train", mmap=mmap)
+        retrieval = None
+        if config.datastore is not None:
+            retrieval = TrainingRetrieval.open(
+                config.datastore, model, k=config.retrieve_k, template=config.retrieval_template,
+                prompt_tokens=config.retrieval_prompt_tokens,
+            )  # fmt: skip
+        if retrieval is not None:
+            train_records = retrieval.records(train_records, train_embeds, retrieval.max_tokens, self._say)
+        elif model.config.uses_retrieval:
+            raise UserError(f"--init {config.init} was trained with retrieval; give its --datastore DS too")
         self.train_set = CaptionTargets.build(
-            train_records, store.embeddings("train", mmap=mmap), model.tokenizer, config.max_caption_tokens, limit,
-            config.prompt,
-        )  # fmt: skip
+            train_records, train_embeds, model.tokenizer, config.max_caption_tokens, limit, config.prompt
+        )
         # captioning's default prompt: the one the model learned to continue
         model.config.prompt = trained_prompt(record_prompts(train_records, config.prompt))
+        if retrieval is not None:  # each image its own prompt: the model records how they are made instead
+            retrieval.record(model.config)
         config = dataclasses.replace(config, max_caption_tokens=self.train_set.max_tokens)
         self.scst = None if config.objective != "scst" else self._self_critical(model, config, train_records)
         self.val_records = store.records("val") if "val" in store.manifest.splits else []
@@ -144,6 +158,9 @@ class Trainer:
             )
         else:
             val_embeds = store.embeddings("val", mmap=mmap)
+            if retrieval is not None:  # prompts that leave the val captions the positions the train ones have
+                room = min(retrieval.max_tokens, limit - self.train_set.max_tokens) if limit else retrieval.max_tokens
+                self.val_records = retrieval.records(self.val_records, val_embeds, room, self._say)
             self.val_set = CaptionTargets.build(
                 self.val_records, val_embeds, model.tokenizer, config.max_caption_tokens, prompt=config.prompt
             )
