@@ -24,7 +24,7 @@ from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.step import apply_freeze_policy
 from prefixcap.training.trainer import Trainer
 from tests.helpers_engine import hf_generate_only, supported
-from tests.helpers_pipeline import synthetic_store
+from tests.helpers_pipeline import record_steps, synthetic_store
 
 pytest.importorskip("peft")
 
@@ -392,7 +392,10 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_weights(
     assert load_training_state(tmp_path / "stopped" / "last" / STATE_DIR).progress.step == 8
     with pytest.raises(UserError, match="--lora-rank 8 differs from the resumed run's 4"):
         Trainer(stopped, resume=True, given={"lora_rank": 8})
-    Trainer(stopped, resume=True).fit()
+    resumed_run = Trainer(stopped, resume=True)
+    steps = record_steps(monkeypatch, resumed_run)
+    resumed_run.fit()
+    assert steps == list(range(8, 12))  # from the checkpoint's step on, not from 0
 
     resumed, straight = lora_tensors(tmp_path / "stopped" / "last"), lora_tensors(tmp_path / "straight" / "last")
     assert resumed.keys() == straight.keys() and any(".lora_B." in name for name in straight)

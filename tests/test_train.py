@@ -34,6 +34,7 @@ from prefixcap.training.trainer import Trainer
 from tests.helpers_pipeline import (
     kill_when,
     model_weights,
+    record_steps,
     run_prefixcap,
     synthetic_store,
 )
@@ -249,7 +250,7 @@ def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfi
 
 
 def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys, monkeypatch
 ) -> None:
     config = small_run(synth_features, tmp_path / "run", tiny_components[1])
     Trainer(config).fit()
@@ -271,7 +272,9 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
         Trainer(config)
     with pytest.raises(UserError, match="--lr 0.1 differs from the resumed run's 0.001"):
         Trainer(config, resume=True, given={"lr": 0.1})
-    assert Trainer(TrainConfig(out=str(run)), resume=True).fit().step == 20  # options from the run; nothing left
+    finished = Trainer(TrainConfig(out=str(run)), resume=True)  # options from the run; nothing left
+    steps = record_steps(monkeypatch, finished)
+    assert finished.fit().step == 20 and steps == []
 
 
 def test_checkpoints_keep_what_the_user_put_in_best_and_last(
@@ -306,7 +309,7 @@ def test_checkpoints_keep_what_the_user_put_in_best_and_last(
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, monkeypatch
 ) -> None:
     """Checkpoints every 7 steps (10 steps per epoch): the kill lands mid-epoch, so the resumed
     run must restore optimizer, scheduler, RNG (the tiny GPT-2 has dropout) and the data position."""
@@ -317,8 +320,13 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
             "--save-every", "7"]  # fmt: skip
 
     kill_when(args, ready=lambda: (tmp_path / "killed" / "last" / STATE_DIR / "state.json").exists())
-    assert load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress.step < 30
-    Trainer(killed, resume=True, given={"epochs": 3, "seed": 3}).fit()
+    checkpoint = load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress.step
+    assert 0 < checkpoint < 30
+    resumed_run = Trainer(killed, resume=True, given={"epochs": 3, "seed": 3})
+    with monkeypatch.context() as patch:
+        steps = record_steps(patch, resumed_run)
+        resumed_run.fit()
+    assert steps == list(range(checkpoint, 30))  # from the checkpoint's step on, not from 0
     Trainer(small_run(synth_features, tmp_path / "straight", tiny_components[1], **options)).fit()
 
     resumed, straight = model_weights(tmp_path / "killed" / "last"), model_weights(tmp_path / "straight" / "last")
