@@ -289,7 +289,7 @@ def test_damaged_adapters_are_one_line_errors(lora_model_dir: Path, tmp_path: Pa
 def test_adapter_configs_prefixcap_does_not_write_are_refused_before_anything_is_allocated(
     lora_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, reason: str
 ) -> None:
-    """Issue 29 F6: NaN or huge alpha gave empty captions with exit 0, r: 50000000 allocated 19 GB,
+    """NaN or huge alpha gave empty captions with exit 0, r: 50000000 allocated 19 GB,
     modules_to_save a KeyError traceback. Refused in one line naming the file, before PEFT injects
     (allocates) a single layer."""
     import json
@@ -313,7 +313,7 @@ def test_adapter_configs_prefixcap_does_not_write_are_refused_before_anything_is
 
 
 def test_an_adapter_whose_merged_weights_are_not_finite_is_refused(lora_model_dir: Path, tmp_path: Path) -> None:
-    """Issue 29 F6: finite adapter tensors and an alpha in range can still overflow float32 once
+    """Finite adapter tensors and an alpha in range can still overflow float32 once
     merged (B A x alpha / r); such a decoder gives empty captions, so it is refused."""
     import shutil
 

@@ -213,7 +213,7 @@ def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
 def test_an_export_whose_tokenizer_asks_for_custom_code_is_refused(
     onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 29 F12: the export's tokenizer loads with trust_remote_code=False, and an auto_map is
+    """The export's tokenizer loads with trust_remote_code=False, and an auto_map is
     refused before transformers could ask on stdin to run the folder's Python."""
     import sys
 
@@ -234,7 +234,7 @@ def test_an_export_whose_tokenizer_asks_for_custom_code_is_refused(
     assert not asked and not marker.exists()
 
 
-# ---------------------------------------------------------------------- the manifest is checked (issue 29 F7)
+# ---------------------------------------------------------------------- the manifest is checked
 def edited_export(onnx_dir: Path, out: Path, **changes) -> Path:
     """A copy of the export whose manifest has `changes` (objects are merged into the manifest's own)."""
     shutil.copytree(onnx_dir, out)
@@ -340,7 +340,7 @@ def test_embeddings_of_the_wrong_shape_or_not_finite_are_refused(
 def test_export_overwrite_never_deletes_what_the_user_keeps_in_an_export(
     tiny_model_dir: Path, onnx_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """An export folder is recognised by its exact contents, as model folders are (issue 29 F11)."""
+    """An export folder is recognised by its exact contents, as model folders are."""
     export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
     (export / "NOTES.md").write_text("notes")
     assert main(["export", "onnx", str(tiny_model_dir), str(export), "--overwrite"]) == 2

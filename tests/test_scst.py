@@ -164,7 +164,7 @@ def test_scst_options_are_checked() -> None:
     ],
 )
 def test_scst_bounds_are_refused(flag: str, value: str, message: str, tmp_path: Path, capsys) -> None:
-    """Issue 29 F14: an unbounded sample count, and a reward that is zero whatever the captions."""
+    """An unbounded sample count, and a reward that is zero whatever the captions."""
     typed = int(value) if flag == "samples_per_image" else value
     with pytest.raises(UserError, match=message):
         TrainConfig(objective="scst", init="model", reward="cider+clipscore", **{flag: typed})
@@ -182,7 +182,7 @@ def test_scst_bounds_are_refused(flag: str, value: str, message: str, tmp_path: 
 
 
 def test_the_mean_baseline_grows_with_b_times_k_not_k_squared(model: CaptionModel) -> None:
-    """Issue 29 F14: the mean of the other samples is (sum - own) / (k - 1), never a B x k x k
+    """The mean of the other samples is (sum - own) / (k - 1), never a B x k x k
     array. tracemalloc (NumPy reports its buffers to it) measures the peak between the rewards'
     return and the loss inputs' start: a [B, k, k] float64 array alone is B * k * k * 8 bytes."""
     images, k = 4, MAX_SAMPLES_PER_IMAGE

@@ -280,7 +280,7 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
 def test_checkpoints_keep_what_the_user_put_in_best_and_last(
     tmp_path: Path, synth_features: Path, tiny_components, one_thread
 ) -> None:
-    """Issue 29 F11: re-saving RUN/best deleted an `evaluate --out RUN/best/eval` folder mid-run.
+    """Re-saving RUN/best deleted an `evaluate --out RUN/best/eval` folder mid-run.
     Checkpoints replace the model's own entries and keep everything else."""
     run = tmp_path / "run"
     trainer = Trainer(small_run(synth_features, run, tiny_components[1]))

@@ -1,6 +1,6 @@
-"""Hardening of `prefixcap serve` (review findings 6, 7, 9, 10, 16, 23 and 24): memory held by
-image decodes, who may use the server, slow clients, malformed bodies, start-up checks, numeric
-options, and error messages that name the real cause."""
+"""Limits of `prefixcap serve`: memory held by image decodes, who may use the server, slow
+clients, malformed bodies, start-up checks, numeric options, and error messages that name the
+real cause."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-# ---------------------------------------------------------------------------- 10: malformed bodies
+# ---------------------------------------------------------------------------- malformed bodies
 def malformed_requests() -> tuple[list[tuple[str, int, str, dict]], list[tuple[str, dict]]]:
     """Hand-picked malformed bodies as (name, status, error kind, httpx request kwargs), and
     seeded random ones as (name, request kwargs)."""
@@ -150,7 +150,7 @@ def test_malformed_bodies_get_a_4xx_json_error(captioner):
         assert client.post(CAPTION, files=multipart(png(8, 8))).status_code == 200
 
 
-# ---------------------------------------------------------------------------- 23: the real cause
+# ---------------------------------------------------------------------------- the real cause
 def test_errors_name_the_real_cause(captioner, photo):
     body, content_type = multipart_body(photo)
     with serving(captioner) as client:
@@ -193,7 +193,7 @@ def test_pil_bombs_are_refused_with_the_callers_limit():
     assert str(refused.value) == f"bomb.png: too many pixels (over {PIL_LIMIT} > PIL.Image.MAX_IMAGE_PIXELS)"
 
 
-# ---------------------------------------------------------------------------- 24: /health
+# ---------------------------------------------------------------------------- /health
 def test_health_shows_a_model_folder_path_only_to_loopback(captioner, tiny_model_dir):
     app = create_app(captioner, ServerConfig(model_name=str(tiny_model_dir)))
     remote = TestClient(app, client=("203.0.113.9", 40000)).get("/health").json()
@@ -204,7 +204,7 @@ def test_health_shows_a_model_folder_path_only_to_loopback(captioner, tiny_model
     assert TestClient(hub_id, client=("203.0.113.9", 40000)).get("/health").json()["model"] == "someone/clipcap-model"
 
 
-# ---------------------------------------------------------------------------- 7: hosts, origins, key
+# ---------------------------------------------------------------------------- hosts, origins, key
 def test_default_allowed_hosts_follow_the_bound_address():
     assert default_allowed_hosts("127.0.0.1", 8000) == ["127.0.0.1:8000", "[::1]:8000", "localhost:8000"]
     assert default_allowed_hosts("::1", 80) == ["127.0.0.1:80", "[::1]:80", "localhost:80"]
@@ -272,7 +272,7 @@ def test_an_api_key_guards_the_api_and_metrics(captioner, photo):
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
 
 
-# ---------------------------------------------------------------------------- 9: slow bodies
+# ---------------------------------------------------------------------------- slow bodies
 def test_a_body_that_does_not_arrive_in_time_gets_408(captioner, photo):
     app = create_app(captioner, ServerConfig(model_name="tiny", read_timeout=0.3))
     request = httpx.Request("POST", "http://test/v1/caption", files=multipart(photo))
@@ -289,7 +289,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(captioner, photo):
     assert json.loads(sent[1]["body"])["error"]["kind"] == "timeout"
 
 
-# ---------------------------------------------------------------------------- 10: start-up checks
+# ---------------------------------------------------------------------------- start-up checks
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -320,7 +320,7 @@ def test_serve_exits_with_one_line_for_a_model_over_the_servers_limits(tiny_mode
     )
 
 
-# ---------------------------------------------------------------------------- 16: numeric options
+# ---------------------------------------------------------------------------- numeric options
 @pytest.mark.parametrize(
     "option, value",
     [
@@ -355,7 +355,7 @@ def test_time_and_connection_limits_reach_uvicorn():
     assert config.http.func is HeaderTimeoutH11Protocol and config.http.keywords == {"header_timeout": 3}
 
 
-# ---------------------------------------------------------------------------- 6: decode memory
+# ---------------------------------------------------------------------------- decode memory
 def test_memory_budget_is_first_come_first_served_and_never_overdrawn():
     """Driven step by step (no sleeps, so no timing): each waiter asks in turn, then the holders
     release one at a time."""
