@@ -72,6 +72,21 @@ def kill_when(args: list[str | Path], ready: Callable[[], bool], timeout: float 
         process.stderr.close()
 
 
+def record_steps(monkeypatch, trainer) -> list[int]:
+    """The steps `trainer` executes from now on, each as the step count it starts from (filled in
+    as it trains): a resumed run must start at its checkpoint's step, not retrain from 0."""
+    from prefixcap.training import trainer as trainer_module
+
+    real_step, started = trainer_module.train_step, []
+
+    def counting(*args, **kwargs):
+        started.append(trainer.progress.step)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", counting)
+    return started
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -3,8 +3,26 @@ ClipCap's own format to import."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedModel
+
+
+def captions_one_by_one(captioner: Any, images: Sequence[Any], **options: Any) -> list[list[str]]:
+    """Each image's captions from a batch of its own: a reference that no mix-up within a batch
+    (captions or images handed to a neighbour) can reach. Asserts the precondition that makes it
+    worth comparing with: distinct images get distinct captions (an image-dependent test model)."""
+    captions = [captioner([image], **options)[0] for image in images]
+    assert_distinct(captions)
+    return captions
+
+
+def assert_distinct(captions: Sequence[Any]) -> None:
+    """Distinct images must get distinct captions, or a test comparing them cannot see a mix-up."""
+    keys = [tuple(per_image) if isinstance(per_image, list) else per_image for per_image in captions]
+    assert len(set(keys)) == len(keys), f"the test model gave two images the same captions: {captions}"
 
 
 @torch.no_grad()

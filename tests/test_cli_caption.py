@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
+from prefixcap import Captioner
 from prefixcap.cli import main
 from prefixcap.inputs.expand import expand_inputs
+from tests.reference import captions_one_by_one
 
 
 def run_cli(*args, cwd=None):
@@ -29,37 +31,56 @@ def image_dir(tmp_path_factory, example_images):
     return folder
 
 
-def test_good_and_bad_files(tiny_model_dir, image_dir):
+def test_good_and_bad_files(image_dependent_model_dir, image_dir):
     paths = [image_dir / "img1.jpg", image_dir / "broken.jpg", image_dir / "img2.jpg"]
-    result = run_cli("caption", "--model", tiny_model_dir, *paths, "--max-new-tokens", "6")
+    result = run_cli("caption", "--model", image_dependent_model_dir, *paths, "--max-new-tokens", "6")
     assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(paths[0]), str(paths[2])]
-    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+    captioner = Captioner.from_pretrained(image_dependent_model_dir)
+    expected = captions_one_by_one(captioner, [paths[0], paths[2]], max_new_tokens=6)
+    assert result.stdout.splitlines() == [f"{paths[0]}\t{expected[0][0]}", f"{paths[2]}\t{expected[1][0]}"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [line for line in errors if "broken.jpg" in line] and len(errors) == 1
     assert "Traceback" not in result.stderr
 
 
-def test_jpeg_draft_option(tiny_model_dir, image_dir):
-    result = run_cli(
-        "caption", image_dir / "img1.jpg", "--model", tiny_model_dir, "--jpeg-draft", "--max-new-tokens", 4
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{image_dir / 'img1.jpg'}\t")
+def test_jpeg_draft_decodes_at_reduced_scale(image_dependent_model_dir, image_dir, monkeypatch, capsys):
+    """--jpeg-draft makes PIL decode the JPEG at a reduced scale that still covers the model's
+    32-pixel input (1/8 of 320 pixels); without it the JPEG is decoded whole."""
+    from PIL import JpegImagePlugin
+
+    decoded, draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def recording(self, mode, size):
+        result = draft(self, mode, size)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
+    image = image_dir / "img1.jpg"
+    args = ["caption", str(image), "--model", str(image_dependent_model_dir), "--max-new-tokens", "4", "--workers", "0"]
+    assert main(args) == 0 and decoded == []
+    assert capsys.readouterr().out.startswith(f"{image}\t")
+    assert main([*args, "--jpeg-draft"]) == 0
+    assert decoded == [(40, 40)]  # 320 x 320 at 1/8
+    assert capsys.readouterr().out.startswith(f"{image}\t")
 
 
-def test_jsonl_and_csv_with_several_captions(tiny_model_dir, image_dir, tmp_path):
+def test_jsonl_and_csv_with_several_captions(image_dependent_model_dir, image_dir, tmp_path):
     good = [image_dir / "img1.jpg", image_dir / "img2.jpg"]
-    args = ["--model", tiny_model_dir, "--num-captions", "3", "--max-new-tokens", "5"]
+    args = ["--model", image_dependent_model_dir, "--num-captions", "3", "--max-new-tokens", "5"]
+    captioner = Captioner.from_pretrained(image_dependent_model_dir)
+    expected = captions_one_by_one(captioner, good, num_return_sequences=3, max_new_tokens=5)
     result = run_cli("caption", *good, *args, "--format", "jsonl", "--output", tmp_path / "out.jsonl")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["path"] for r in records] == [str(p) for p in good]
-    assert all(len(r["captions"]) == 3 and r["caption"] == r["captions"][0] for r in records)
+    assert records == [
+        {"path": str(path), "caption": captions[0], "captions": captions} for path, captions in zip(good, expected)
+    ]
     result = run_cli("caption", *good, *args, "--format", "csv")
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "caption", "caption_2", "caption_3"] and len(rows) == 3
+    assert rows == [["path", "caption", "caption_2", "caption_3"]] + [
+        [str(path), *captions] for path, captions in zip(good, expected)
+    ]
 
 
 def test_folders_and_globs_expand_to_images_only(image_dir, tmp_path):

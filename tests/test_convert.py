@@ -141,7 +141,7 @@ def test_registered_names_download_convert_and_cache(tiny_components, tmp_path, 
 
 
 def test_overwrite_never_deletes_what_the_user_keeps_in_a_model_directory(tiny_components, tmp_path, capsys):
-    """Issue 29 F11: `convert-clipcap --overwrite` deleted a NOTES.md and an ONNX export kept
+    """`convert-clipcap --overwrite` deleted a NOTES.md and an ONNX export kept
     inside the model folder. A model folder is recognised by its exact contents: one holding
     anything else is refused in one line, and nothing in it changes."""
     from prefixcap.cli import main
@@ -166,7 +166,7 @@ def test_overwrite_never_deletes_what_the_user_keeps_in_a_model_directory(tiny_c
 
 def test_max_new_tokens_lets_a_decoder_with_few_positions_convert(tiny_components, tmp_path):
     """ClipCap decodes up to 67 tokens, more than a decoder with 48 positions has room for after the
-    prefix: convert-clipcap refused it with no way out (issue 28). --max-new-tokens sets the default."""
+    prefix: convert-clipcap refused it with no way out. --max-new-tokens sets the default."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from prefixcap.testing import build_tokenizer

@@ -1,5 +1,5 @@
 """`prefixcap demo` and the commands it prints: a model that learns, from the shell, without the hub
-(issue 28: every README command needed the hub, and the settings that learn lived in a test helper).
+(every README command needed the hub, and the settings that learn lived in a test helper).
 
 The commands run exactly as printed, from the folder the demo was made in, with HF_HUB_OFFLINE
 unset and HF_ENDPOINT on a closed port: any hub access would fail them."""

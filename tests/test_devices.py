@@ -1,5 +1,5 @@
 """--device names a device this machine has, or the command stops with one line that lists the ones
-it has (issue 28: `--device cuda` without a GPU, or `--device gpu`, gave a 30-line torch traceback)."""
+it has (`--device cuda` without a GPU, or `--device gpu`, gave a 30-line torch traceback)."""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def test_a_named_metric_that_cannot_run_is_a_one_line_error(
     java: str | None,
     message: str,
 ) -> None:
-    """Issue 29 "Evaluate": a metric named in --metrics that cannot run here is an error (exit 2,
+    """A metric named in --metrics that cannot run here is an error (exit 2,
     one line), not a note with exit 0; the captions (results.json) are written first."""
     from pycocoevalcap.spice import get_stanford_models, spice
 
@@ -225,7 +225,7 @@ def test_trained_model_scores_higher_than_untrained(
 def test_evaluate_refuses_to_replace_an_earlier_evaluation_without_overwrite(
     image_dependent_model_dir: Path, tiny_model_dir: Path, features: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    """Issue 28: evaluate wrote ./evaluation by default and silently replaced it, so a second model's
+    """`evaluate` wrote ./evaluation by default and silently replaced it, so a second model's
     run (the README's SCST example) overwrote the first one's report. The default folder is now
     evaluation/NAME, one per model, and an earlier evaluation is kept unless --overwrite."""
     monkeypatch.chdir(tmp_path)

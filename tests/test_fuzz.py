@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prefixcap.data import CaptionRecord
 from prefixcap.data.formats import load_records
 from prefixcap.errors import UserError
 from prefixcap.inputs.images import load_image
@@ -61,11 +62,27 @@ def _one_line(error: Exception) -> bool:
     return bool(message) and "\n" not in message and "Traceback" not in message
 
 
-def _assert_accepted_or_one_line(call: Callable[[], Any], case: str) -> None:
+def _assert_accepted_or_one_line(call: Callable[[], Any], case: str, accepted: Callable[[Any], bool]) -> bool:
+    """Whether `call` accepted its input; an accepted input's result must pass `accepted`, a
+    refused one must raise a one-line UserError."""
     try:
-        call()
+        result = call()
     except UserError as error:  # ImageLoadError and ModelLoadError are UserErrors
         assert _one_line(error), f"{case}: multi-line error {error!r}"
+        return False
+    assert accepted(result), f"{case}: accepted, but gave {result!r}"
+    return True
+
+
+def _is_rgb_image(image: Any) -> bool:
+    return isinstance(image, Image.Image) and image.mode == "RGB" and image.width > 0 and image.height > 0
+
+
+def _are_records(records: Any) -> bool:
+    return isinstance(records, list) and all(
+        isinstance(record, CaptionRecord) and record.captions and all(isinstance(c, str) for c in record.captions)
+        for record in records
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # PIL warns about the corrupt metadata it skips
@@ -76,8 +93,13 @@ def test_image_loader_survives_malformed_inputs() -> None:
         m for _ in range(CASES_PER_TARGET // (4 * len(valid)) + 1) for d in valid for m in _mutations(d, rng)
     ]
     cases += [b"", None, 42, 3.5, {"a": 1}, ["x"], np.zeros((0, 5)), np.full((4, 4), np.nan), np.zeros((2, 2, 7))]
-    for index, source in enumerate(cases):
-        _assert_accepted_or_one_line(lambda s=source: load_image(s, max_pixels=1_000_000), f"loader case {index}")
+    accepted = [
+        _assert_accepted_or_one_line(
+            lambda s=source: load_image(s, max_pixels=1_000_000), f"loader case {index}", _is_rgb_image
+        )
+        for index, source in enumerate(cases)
+    ]
+    assert any(accepted) and not all(accepted)  # both branches were taken
 
 
 def _dataset_files(root: Path, rng: random.Random) -> Iterator[Path]:
@@ -129,4 +151,4 @@ def _dataset_files(root: Path, rng: random.Random) -> Iterator[Path]:
 def test_dataset_readers_survive_malformed_files(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     for path in _dataset_files(tmp_path, rng):
-        _assert_accepted_or_one_line(lambda p=path: load_records(p), path.name)
+        _assert_accepted_or_one_line(lambda p=path: load_records(p), path.name, _are_records)

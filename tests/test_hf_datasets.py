@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from prefixcap import Captioner
 from prefixcap.cli import main
@@ -20,7 +21,9 @@ from prefixcap.inputs.expand import expand_inputs
 from prefixcap.inputs.loader import read_image
 from prefixcap.inputs.sources import StoredImage
 from prefixcap.pipeline.features import FeatureStore
+from prefixcap.testing import COLOURS, colour_image
 from tests.helpers_data import measures_peak_memory, peak_memory_growth
+from tests.reference import captions_one_by_one
 
 datasets = pytest.importorskip("datasets")
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the folder names HF uses
@@ -248,10 +251,15 @@ def test_prepare_train_evaluate(synth, tiny_components, tmp_path: Path, layout: 
 
 
 # ------------------------------------------------------------------------------------ output
-def test_parquet_output_loads_as_an_image_text_dataset(synth, tiny_model_dir: Path, tmp_path: Path) -> None:
-    images = sorted(Path(synth[0].image).parent.glob("*.png"))[:5]
+def test_parquet_output_loads_as_an_image_text_dataset(image_dependent_model_dir: Path, tmp_path: Path) -> None:
+    images = []
+    for name in list(COLOURS)[:5]:  # 16-pixel images of five colours, each captioned with its own
+        images.append(tmp_path / f"{name}.png")
+        Image.fromarray(colour_image(name, 16)).save(images[-1])
+    expected = captions_one_by_one(Captioner.from_pretrained(image_dependent_model_dir), images, max_new_tokens=4)
     out_file, out_dir = tmp_path / "captions.parquet", tmp_path / "job"
-    common = ["--model", str(tiny_model_dir), "--workers", "0", "--max-new-tokens", "4", "--format", "parquet"]
+    common = ["--model", str(image_dependent_model_dir), "--workers", "0", "--max-new-tokens", "4",
+              "--format", "parquet", "--batch-size", "2"]  # fmt: skip
     assert main(["caption", *map(str, images), "--output", str(out_file), "--embed-images", *common]) == 0
     assert main(["caption", *map(str, images), "--output", f"{out_dir}/", "--embed-images", *common]) == 0
     for written in (out_file, out_dir / "captions.parquet"):
@@ -261,23 +269,36 @@ def test_parquet_output_loads_as_an_image_text_dataset(synth, tiny_model_dir: Pa
         rows = loaded.cast_column("image", datasets.Image(decode=False))
         assert [row["image"]["bytes"] for row in rows] == [path.read_bytes() for path in images]
         assert [row["path"] for row in rows] == [str(path) for path in images]
-        assert all(row["caption"] == row["captions"][0] and row["caption"] for row in rows)
+        assert [row["captions"] for row in rows] == expected
+        assert [row["caption"] for row in rows] == [captions[0] for captions in expected]
         assert loaded[0]["image"].size == (16, 16)  # decodes as a PIL image
     part = next((out_dir / "parts").glob("part-*.jsonl")).read_text()
     assert "bytes" not in part  # part files hold captions only
 
 
-def test_caption_reads_a_parquet_dataset_and_embeds_its_images(synth, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_caption_reads_a_parquet_dataset_and_embeds_its_images(
+    synth, image_dependent_model_dir: Path, tmp_path: Path
+) -> None:
     root = write_parquet(synth, tmp_path / "dataset")
     out = tmp_path / "captions.parquet"
-    args = ["--model", str(tiny_model_dir), "--workers", "0", "--max-new-tokens", "4", "--format", "parquet"]
+    args = ["--model", str(image_dependent_model_dir), "--workers", "0", "--max-new-tokens", "4",
+            "--format", "parquet", "--batch-size", "4"]  # fmt: skip
     assert main(["caption", str(root), "--output", str(out), "--embed-images", *args]) == 0
     loaded = datasets.load_dataset("parquet", data_files=str(out), split="train").cast_column(
         "image", datasets.Image(decode=False)
     )
-    assert len(loaded) == len(synth)
-    assert loaded[0]["path"].endswith("test-00000-of-00001.parquet#row=0")
-    assert {row["image"]["bytes"] for row in loaded} == set(as_expected(synth))
+    # the files in name order (test, train, validation), each in its row order
+    records = [record for split in ("test", "train", "val") for record in synth if record.split == split]
+    assert [row["path"] for row in loaded] == [
+        f"{root / 'data' / HF_SPLITS[record.split]}-00000-of-00001.parquet#row={row}"
+        for split in ("test", "train", "val")
+        for row, record in enumerate(record for record in records if record.split == split)
+    ]
+    assert [row["image"]["bytes"] for row in loaded] == [read_image_bytes(record.image) for record in records]
+    captioner = Captioner.from_pretrained(image_dependent_model_dir)
+    expected = [captioner([record.image], max_new_tokens=4)[0] for record in records]
+    assert len({tuple(captions) for captions in expected}) >= 4  # the colours give several different captions
+    assert [row["captions"] for row in loaded] == expected
 
 
 def test_embed_images_needs_parquet(tiny_model_dir: Path, example_images, tmp_path: Path, capsys) -> None:

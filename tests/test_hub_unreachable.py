@@ -1,5 +1,5 @@
 """An unreachable hub is one line from every command, with no retry storm; cached models still load
-(issue 28: without HF_HUB_OFFLINE, `prepare` retried for 1 min 52 s with 20 retry lines and ended
+(without HF_HUB_OFFLINE, `prepare` retried for 1 min 52 s with 20 retry lines and ended
 with transformers' "local directory with the same name" text).
 
 Each command runs as a user runs it, in a subprocess with HF_HUB_OFFLINE unset, HF_ENDPOINT on a

@@ -1,5 +1,5 @@
 """The newer model combinations learn: tiny random encoders and decoders, trained through the CLI
-on the synthetic colour task, caption held-out images exactly (issue 12's learnability bar: 90%).
+on the synthetic colour task, caption held-out images exactly (the learnability bar: 90%).
 
 - SigLIP + resampler (patch tokens) + Llama with LoRA: every new part at once.
 - CLIP + MLP + Qwen2, fully fine-tuned: a Llama-family decoder in ClipCap's own design.

@@ -24,7 +24,7 @@ from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.step import apply_freeze_policy
 from prefixcap.training.trainer import Trainer
 from tests.helpers_engine import hf_generate_only, supported
-from tests.helpers_pipeline import synthetic_store
+from tests.helpers_pipeline import record_steps, synthetic_store
 
 pytest.importorskip("peft")
 
@@ -289,7 +289,7 @@ def test_damaged_adapters_are_one_line_errors(lora_model_dir: Path, tmp_path: Pa
 def test_adapter_configs_prefixcap_does_not_write_are_refused_before_anything_is_allocated(
     lora_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, reason: str
 ) -> None:
-    """Issue 29 F6: NaN or huge alpha gave empty captions with exit 0, r: 50000000 allocated 19 GB,
+    """NaN or huge alpha gave empty captions with exit 0, r: 50000000 allocated 19 GB,
     modules_to_save a KeyError traceback. Refused in one line naming the file, before PEFT injects
     (allocates) a single layer."""
     import json
@@ -313,7 +313,7 @@ def test_adapter_configs_prefixcap_does_not_write_are_refused_before_anything_is
 
 
 def test_an_adapter_whose_merged_weights_are_not_finite_is_refused(lora_model_dir: Path, tmp_path: Path) -> None:
-    """Issue 29 F6: finite adapter tensors and an alpha in range can still overflow float32 once
+    """Finite adapter tensors and an alpha in range can still overflow float32 once
     merged (B A x alpha / r); such a decoder gives empty captions, so it is refused."""
     import shutil
 
@@ -392,7 +392,10 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_weights(
     assert load_training_state(tmp_path / "stopped" / "last" / STATE_DIR).progress.step == 8
     with pytest.raises(UserError, match="--lora-rank 8 differs from the resumed run's 4"):
         Trainer(stopped, resume=True, given={"lora_rank": 8})
-    Trainer(stopped, resume=True).fit()
+    resumed_run = Trainer(stopped, resume=True)
+    steps = record_steps(monkeypatch, resumed_run)
+    resumed_run.fit()
+    assert steps == list(range(8, 12))  # from the checkpoint's step on, not from 0
 
     resumed, straight = lora_tensors(tmp_path / "stopped" / "last"), lora_tensors(tmp_path / "straight" / "last")
     assert resumed.keys() == straight.keys() and any(".lora_B." in name for name in straight)

@@ -97,7 +97,7 @@ def test_unknown_model_needs_a_layer_and_missing_model_is_a_user_error(tmp_path:
 def test_a_model_asking_for_custom_code_is_refused_and_never_run(
     roberta_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 29 F12: bert-score loads --bertscore-model itself, without trust_remote_code; a local
+    """bert-score loads --bertscore-model itself, without trust_remote_code; a local
     folder whose config has auto_map is refused before it could ask on stdin to run its Python."""
     import json
     import shutil

@@ -109,7 +109,7 @@ def test_a_vision_only_model_is_refused(tmp_path: Path) -> None:
 def test_a_clip_asking_for_custom_code_is_refused_and_never_run(
     clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 29 F12: --clip-model and --reward-clip load with trust_remote_code=False, and a config
+    """--clip-model and --reward-clip load with trust_remote_code=False, and a config
     with auto_map is refused before transformers could ask on stdin to run the folder's Python."""
     import json
     import shutil

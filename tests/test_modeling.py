@@ -202,7 +202,7 @@ def test_any_causal_lm_can_be_the_decoder(tiny_components, tmp_path):
     assert model.generate(PIXELS, num_beams=3, num_return_sequences=2, max_new_tokens=5).shape[0] == 6
 
 
-# ---------------------------------------------------------------------- no remote code (issue 29 F12)
+# ---------------------------------------------------------------------- no remote code
 # A component's config file -> what makes transformers offer to run the folder's own evil.py: an
 # auto_map naming its classes, and a type transformers does not know (else it uses its own class).
 CUSTOM_CODE = {
@@ -271,7 +271,7 @@ def test_no_command_reads_stdin_or_runs_a_models_code(tiny_model_dir, tmp_path, 
     assert len(errors) == 1 and errors[0].startswith("error: ") and "auto_map" in errors[0], done.stderr
 
 
-# ---------------------------------------------------------------------- foreign entries (issue 29 F11)
+# ---------------------------------------------------------------------- foreign entries
 def test_save_pretrained_refuses_or_keeps_what_it_did_not_write(tiny_model_dir, tmp_path):
     """A model folder is replaced only when it holds nothing but a model directory's entries;
     `keep_foreign=True` (training's best/) replaces the model and keeps the rest."""
@@ -301,7 +301,7 @@ def test_save_pretrained_refuses_or_keeps_what_it_did_not_write(tiny_model_dir, 
 
 def test_loading_from_python_shows_no_transformers_bars_or_load_reports(tiny_model_dir, tiny_components) -> None:
     """The CLI silences transformers for the whole process; a Python program keeps its own settings,
-    and prefixcap's loads are quiet (issue 28: "Loading weights" bars and a 30-line LOAD REPORT of the
+    and prefixcap's loads are quiet ("Loading weights" bars and a 30-line LOAD REPORT of the
     CLIP text tower's unused weights appeared on `Captioner.from_pretrained`)."""
     script = f"""
 from transformers.utils import logging

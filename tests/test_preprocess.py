@@ -38,9 +38,10 @@ OTHER_PROCESSORS = {
 }
 
 
-def _processors():
-    yield from (pytest.param(lambda s=s: CLIPImageProcessorPil(**s), id=name) for name, s in PROCESSORS.items())
-    yield from (pytest.param(make, id=name) for name, make in OTHER_PROCESSORS.items())
+def _processors() -> list:
+    """The parameters as a list: pytest will stop taking a generator."""
+    clip = [pytest.param(lambda s=s: CLIPImageProcessorPil(**s), id=name) for name, s in PROCESSORS.items()]
+    return clip + [pytest.param(make, id=name) for name, make in OTHER_PROCESSORS.items()]
 
 
 @pytest.mark.parametrize("make_processor", _processors())

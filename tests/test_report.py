@@ -123,7 +123,7 @@ def test_report_opens_from_disk_without_network(evaluation: Evaluation, tmp_path
 
 
 def test_worst_examples_are_only_captions_that_miss_their_references(tmp_path: Path) -> None:
-    """Issue 28: with fewer imperfect captions than places, "Worst 6" filled up with perfect ones
+    """With fewer imperfect captions than places, "Worst 6" filled up with perfect ones
     (a caption equal to a reference can still rank low by CIDEr, whose weights vary per image)."""
     samples = [Sample(str(n), f"a shape {n}", (f"a shape {n}",), None) for n in range(8)]  # all right...
     samples += [Sample("8", "a wrong caption", ("a shape 8",), None)]  # ...but this one
@@ -145,7 +145,7 @@ def test_worst_examples_are_only_captions_that_miss_their_references(tmp_path: P
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
 def test_thumbnails_show_the_whole_image(tmp_path: Path) -> None:
-    """Issue 28: cards cropped thumbnails to fill a wide box, cutting the top and bottom off square
+    """Cards cropped thumbnails to fill a wide box, cutting the top and bottom off square
     images. A square image with a red top band and a blue bottom band must show both."""
     from playwright.sync_api import sync_playwright
 

@@ -18,7 +18,9 @@ from prefixcap.evaluation.clipscore import PROMPT, CLIPScorer
 from prefixcap.jobs.writers import RecordWriter, Result, read_part, write_part
 from prefixcap.pipeline.loop import RankedCaptions
 from prefixcap.serving import ServerConfig, create_app
+from prefixcap.testing import build_clip
 from tests.helpers_serve import multipart
+from tests.reference import captions_one_by_one
 
 DECODING = {"num_beams": 3, "num_return_sequences": 3, "max_new_tokens": 6}
 
@@ -35,8 +37,9 @@ class LastIsBest:
 
 
 @pytest.fixture(scope="module")
-def captioner(tiny_model_dir) -> Captioner:
-    return Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+def captioner(image_dependent_model_dir) -> Captioner:
+    """A model whose beams differ with the image, so that reranking reorders them."""
+    return Captioner.from_pretrained(image_dependent_model_dir, device="cpu", dtype="float32")
 
 
 def test_captions_come_back_in_the_rerankers_order(captioner, example_images) -> None:
@@ -83,15 +86,30 @@ def test_part_round_trip_keeps_scores(tmp_path) -> None:
     assert second.ranked == ["plain"] and second.scores is None
 
 
-def test_cli_reranks_with_the_models_own_clip(tiny_model_dir, tiny_components, example_images, tmp_path) -> None:
+def test_cli_reranks_with_the_models_own_clip(
+    image_dependent_model_dir, tiny_components, example_images, tmp_path
+) -> None:
     clip_dir, _ = tiny_components
     images = [str(path) for path in example_images[:2]]
     out = tmp_path / "ranked.jsonl"
     decoding = ["--num-beams", "3", "--num-captions", "3", "--max-new-tokens", "6"]
-    args = ["caption", "--model", str(tiny_model_dir), *images, *decoding, "--format", "jsonl", "--output", str(out)]
+    args = [
+        "caption",
+        "--model",
+        str(image_dependent_model_dir),
+        *images,
+        *decoding,
+        "--format",
+        "jsonl",
+        "--output",
+        str(out),
+    ]
     assert main([*args, "--rerank", "clipscore", "--workers", "0"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [record["path"] for record in records] == images
+    captioner = Captioner.from_pretrained(image_dependent_model_dir, device="cpu")
+    alone = captions_one_by_one(captioner, images, num_beams=3, num_return_sequences=3, max_new_tokens=6)
+    assert [sorted(record["captions"]) for record in records] == [sorted(captions) for captions in alone]
     scorer = CLIPScorer.from_pretrained(str(clip_dir), device="cpu")
     for record in records:
         assert len(record["scores"]) == len(record["captions"]) == 3
@@ -148,20 +166,44 @@ def test_captions_longer_than_the_text_towers_positions_are_cut_to_fit(
         assert record["scores"] == pytest.approx(sorted(expected, reverse=True), abs=1e-4)
 
 
-def test_server_rerank_field(captioner, example_images) -> None:
-    payload = {"images": [base64.b64encode(path.read_bytes()).decode() for path in example_images[:2]], **DECODING}
+def served_scores_are_clip_s(answer: list, images: list, scorer: CLIPScorer) -> None:
+    """Each image's answer holds CLIP-S of each caption against that image, best first."""
+    for entry, path in zip(answer, images, strict=True):
+        captions, scores = [item["generated_text"] for item in entry], [item["score"] for item in entry]
+        assert scores == sorted(scores, reverse=True)
+        expected = scorer.score([str(path)] * len(captions), captions, workers=0).clip_s.tolist()
+        assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_server_rerank_field(captioner, example_images, tiny_components) -> None:
+    images = example_images[:2]
+    payload = {"images": [base64.b64encode(path.read_bytes()).decode() for path in images], **DECODING}
     app = create_app(captioner, ServerConfig(model_name="tiny", max_batch_size=8))
     with TestClient(app) as client:
         plain = client.post("/v1/caption", json=payload)
         ranked = client.post("/v1/caption", json={**payload, "rerank": "clipscore"})
         wrong = client.post("/v1/caption", json={**payload, "rerank": "bleu"})
     assert plain.status_code == ranked.status_code == 200
+    alone = captions_one_by_one(captioner, images, **DECODING)
+    assert [[item["generated_text"] for item in entry] for entry in plain.json()] == alone
     for before, after in zip(plain.json(), ranked.json(), strict=True):
         assert all(set(item) == {"generated_text"} for item in before)  # no rerank: the answer as before
-        scores = [item["score"] for item in after]
-        assert scores == sorted(scores, reverse=True)
         assert sorted(item["generated_text"] for item in after) == sorted(item["generated_text"] for item in before)
+    # the scores are CLIPScore against each image with the model's own CLIP, as `prefixcap score` gives
+    served_scores_are_clip_s(ranked.json(), images, CLIPScorer.from_pretrained(str(tiny_components[0]), device="cpu"))
     assert wrong.status_code == 422 and wrong.json()["error"]["kind"] == "invalid_options"
+
+
+def test_server_reranks_with_another_clip(captioner, example_images, tmp_path) -> None:
+    """`serve --rerank-clip OTHER`: the scores come from OTHER, not from the model's own CLIP."""
+    other = build_clip(tmp_path / "other-clip", seed=1)
+    images = example_images[:2]
+    payload = {"images": [base64.b64encode(path.read_bytes()).decode() for path in images], **DECODING}
+    app = create_app(captioner, ServerConfig(model_name="tiny", rerank_clip=str(other)))
+    with TestClient(app) as client:
+        answer = client.post("/v1/caption", json={**payload, "rerank": "clipscore"})
+    assert answer.status_code == 200, answer.text
+    served_scores_are_clip_s(answer.json(), images, CLIPScorer.from_pretrained(str(other), device="cpu"))
 
 
 def test_server_without_a_text_tower_answers_422(captioner, example_images, tiny_model_dir) -> None:
@@ -185,14 +227,17 @@ def test_server_rerank_form_field(captioner, example_images) -> None:
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
 
 
-def test_sidecars_are_written_best_first(tiny_model_dir, example_images, tmp_path) -> None:
+def test_sidecars_are_written_best_first(image_dependent_model_dir, example_images, tmp_path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     image = folder / example_images[0].name
     image.write_bytes(example_images[0].read_bytes())
     decoding = ["--num-beams", "3", "--num-captions", "3", "--max-new-tokens", "6", "--workers", "0"]
-    common = ["caption", "--model", str(tiny_model_dir), str(image), *decoding, "--rerank", "clipscore"]
+    common = ["caption", "--model", str(image_dependent_model_dir), str(image), *decoding, "--rerank", "clipscore"]
     assert main([*common, "--sidecar"]) == 0
     assert main([*common, "--format", "jsonl", "--output", str(tmp_path / "out.jsonl")]) == 0
     record = json.loads((tmp_path / "out.jsonl").read_text())
     assert image.with_suffix(".txt").read_text().splitlines() == record["captions"]
+    assert main([*common[:-2], "--format", "jsonl", "--output", str(tmp_path / "plain.jsonl")]) == 0
+    plain = json.loads((tmp_path / "plain.jsonl").read_text())["captions"]
+    assert sorted(plain) == sorted(record["captions"]) and plain != record["captions"]  # reordered, best first

@@ -23,7 +23,7 @@ from prefixcap.training.config import MAX_SAMPLES_PER_IMAGE
 from prefixcap.training.scst import SCSTLoss, SelfCritical, clip_reward, sampling_seed
 from prefixcap.training.state import STATE_DIR, load_training_state
 from prefixcap.training.trainer import Trainer
-from tests.helpers_pipeline import model_weights, synthetic_store
+from tests.helpers_pipeline import model_weights, record_steps, synthetic_store
 
 K = 4
 
@@ -164,7 +164,7 @@ def test_scst_options_are_checked() -> None:
     ],
 )
 def test_scst_bounds_are_refused(flag: str, value: str, message: str, tmp_path: Path, capsys) -> None:
-    """Issue 29 F14: an unbounded sample count, and a reward that is zero whatever the captions."""
+    """An unbounded sample count, and a reward that is zero whatever the captions."""
     typed = int(value) if flag == "samples_per_image" else value
     with pytest.raises(UserError, match=message):
         TrainConfig(objective="scst", init="model", reward="cider+clipscore", **{flag: typed})
@@ -182,7 +182,7 @@ def test_scst_bounds_are_refused(flag: str, value: str, message: str, tmp_path: 
 
 
 def test_the_mean_baseline_grows_with_b_times_k_not_k_squared(model: CaptionModel) -> None:
-    """Issue 29 F14: the mean of the other samples is (sum - own) / (k - 1), never a B x k x k
+    """The mean of the other samples is (sum - own) / (k - 1), never a B x k x k
     array. tracemalloc (NumPy reports its buffers to it) measures the peak between the rewards'
     return and the loss inputs' start: a [B, k, k] float64 array alone is B * k * k * 8 bytes."""
     images, k = 4, MAX_SAMPLES_PER_IMAGE
@@ -226,12 +226,14 @@ class Interrupted(Exception):
 
 @pytest.mark.slow
 def test_resumed_scst_run_equals_the_uninterrupted_one_and_logs_the_reward(
-    tmp_path: Path, features: Path, tiny_model_dir: Path, one_thread, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, features: Path, image_dependent_model_dir: Path, one_thread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Checkpoints every 7 steps (10 per epoch); the first run stops right after the one at step 7,
-    mid-epoch, so the resumed run must sample the same captions from there on."""
+    mid-epoch, so the resumed run must sample the same captions from there on. The --init model
+    names colours, so its samples share words with the references and earn a reward above 0."""
+    init_dir = image_dependent_model_dir
     options = {"save_every": 7}
-    Trainer(scst_run(features, tmp_path / "straight", tiny_model_dir, **options)).fit()
+    Trainer(scst_run(features, tmp_path / "straight", init_dir, **options)).fit()
 
     checkpoint = Trainer._checkpoint
 
@@ -242,19 +244,24 @@ def test_resumed_scst_run_equals_the_uninterrupted_one_and_logs_the_reward(
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "_checkpoint", stop_after_first)
         with pytest.raises(Interrupted):
-            Trainer(scst_run(features, tmp_path / "stopped", tiny_model_dir, **options)).fit()
+            Trainer(scst_run(features, tmp_path / "stopped", init_dir, **options)).fit()
     assert load_training_state(tmp_path / "stopped" / "last" / STATE_DIR).progress.step == 7
-    Trainer(scst_run(features, tmp_path / "stopped", tiny_model_dir, **options), resume=True).fit()
+    resumed_run = Trainer(scst_run(features, tmp_path / "stopped", init_dir, **options), resume=True)
+    steps = record_steps(monkeypatch, resumed_run)
+    resumed_run.fit()
+    assert steps == list(range(7, 20))  # from the checkpoint's step on, not from 0
 
     resumed, straight = model_weights(tmp_path / "stopped" / "last"), model_weights(tmp_path / "straight" / "last")
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[name], straight[name]) for name in straight)
+    init = model_weights(init_dir)
+    assert init.keys() == straight.keys() and not all(torch.equal(init[name], straight[name]) for name in init)
     rows = [list(csv.DictReader((tmp_path / run / "metrics.csv").open())) for run in ("stopped", "straight")]
     timing = ("reward_share", "sample_share")  # wall-clock shares differ from run to run
     assert [{k: v for k, v in row.items() if k not in timing} for row in rows[0]] == [
         {k: v for k, v in row.items() if k not in timing} for row in rows[1]
     ]
     for row in rows[1]:  # the reward, its baseline and the reward's share of the step time, per epoch
-        assert float(row["reward"]) >= 0 and abs(float(row["baseline"]) - float(row["reward"])) < 1e-9
+        assert float(row["reward"]) > 0 and abs(float(row["baseline"]) - float(row["reward"])) < 1e-9
         assert 0 < float(row["reward_share"]) < 1 and 0 < float(row["sample_share"]) < 1
     assert (tmp_path / "straight" / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert CaptionModel.from_pretrained(tmp_path / "straight" / "best").config.prefix_length == 4

@@ -12,14 +12,17 @@ from fastapi.testclient import TestClient
 from prefixcap import Captioner
 from prefixcap.serving import ServerConfig, create_app
 from tests.helpers_serve import call_asgi, metric_samples, multipart, png, with_app
+from tests.reference import assert_distinct, captions_one_by_one
 
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD_MB = 1
 
 
 @pytest.fixture(scope="module")
-def captioner(tiny_model_dir):
-    return Captioner.from_pretrained(tiny_model_dir, max_pixels=MAX_PIXELS)
+def captioner(image_dependent_model_dir):
+    """A model whose captions depend on the image, so that answers handed to the wrong image or
+    request show; the references caption each image alone (`captions_one_by_one`)."""
+    return Captioner.from_pretrained(image_dependent_model_dir, max_pixels=MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_health(client):
 def test_multipart_captions_match_the_captioner(client, captioner, photos):
     answer = client.post("/v1/caption", files=multipart(*photos))
     assert answer.status_code == 200
-    assert texts(answer.json()) == captioner(photos)
+    assert texts(answer.json()) == captions_one_by_one(captioner, photos)
 
 
 def test_json_base64_and_data_urls_with_options(client, captioner, photos):
@@ -58,7 +61,7 @@ def test_json_base64_and_data_urls_with_options(client, captioner, photos):
     body = {"images": [encoded[0], "data:image/jpeg;base64," + encoded[1]], "max_new_tokens": 4}
     answer = client.post("/v1/caption", json=body)
     assert answer.status_code == 200
-    assert texts(answer.json()) == captioner(photos, max_new_tokens=4)
+    assert texts(answer.json()) == captions_one_by_one(captioner, photos, max_new_tokens=4)
 
 
 def test_multipart_options_are_form_fields(client, captioner, photos):
@@ -68,14 +71,19 @@ def test_multipart_options_are_form_fields(client, captioner, photos):
     assert texts(answer.json()) == captioner(photos[:1], num_beams=3, num_return_sequences=2, max_new_tokens=5)
 
 
-def test_several_captions_turn_on_beam_search_or_sampling(client, photos):
-    for options in (
-        {"num_return_sequences": 3},
-        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "num_return_sequences": 3},
-    ):
-        answer = client.post("/v1/caption", json={"images": [base64.b64encode(photos[0]).decode()], **options})
-        assert answer.status_code == 200, answer.text
-        assert [len(entry) for entry in answer.json()] == [3]
+def test_several_captions_turn_on_beam_search_or_sampling(client, captioner, photos):
+    images = [base64.b64encode(photo).decode() for photo in photos]
+    beams = {"num_return_sequences": 3}
+    answer = client.post("/v1/caption", json={"images": images, **beams})
+    assert answer.status_code == 200, answer.text
+    assert texts(answer.json()) == captions_one_by_one(captioner, photos, **beams)
+    assert all(len(set(entry)) == 3 for entry in texts(answer.json()))  # three beams, not one caption thrice
+    # a seeded sample draws from the batch's generator: the same batch gives the same captions
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "num_return_sequences": 3, "seed": 5}
+    answer = client.post("/v1/caption", json={"images": images, **sampling})
+    assert answer.status_code == 200, answer.text
+    assert texts(answer.json()) == captioner(photos, **sampling)
+    assert_distinct(texts(answer.json()))
 
 
 def test_page_static_files_and_docs(client):
@@ -226,7 +234,8 @@ def test_concurrent_requests_are_batched_up_to_the_limit(captioner, photos):
         return answers, (await client.get("/metrics")).text
 
     answers, metrics = asyncio.run(with_app(app, scenario))
-    assert [texts(answer.json()) for answer in answers] == [captioner([photos[i % 2]]) for i in range(8)]
+    alone = captions_one_by_one(captioner, photos)
+    assert [texts(answer.json()) for answer in answers] == [[alone[i % 2]] for i in range(8)]
     samples = metric_samples(metrics)
     batches, images = samples[("prefixcap_batch_size_count", ())], samples[("prefixcap_batch_size_sum", ())]
     assert images == 8 and batches < 8  # some batch held more than one request
@@ -261,7 +270,7 @@ def test_a_client_that_disconnects_does_not_break_the_batch(captioner, photos):
         return staying, sent, (await client.get("/metrics")).text
 
     staying, sent, metrics = asyncio.run(with_app(app, scenario))
-    assert texts(staying.json()) == captioner(photos[1:])
+    assert texts(staying.json()) == captions_one_by_one(captioner, photos)[1:]
     assert sent[0]["status"] == 499
     samples = metric_samples(metrics)
     assert samples[("prefixcap_requests_total", (("status", "499"),))] == 1

@@ -120,7 +120,7 @@ def test_the_page_captions_uploaded_images(live_server, captioner, example_image
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 def test_the_docs_page_renders_the_api(live_server):
-    """Issue 28: /docs said "Unable to render this definition": FastAPI's schema is OpenAPI 3.1,
+    """/docs said "Unable to render this definition": FastAPI's schema is OpenAPI 3.1,
     which the bundled Swagger UI predated. The page must list the caption operation, from local
     files only (the browser may not reach any other host)."""
     from playwright.sync_api import expect, sync_playwright

@@ -15,24 +15,27 @@ from PIL import Image
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
 from prefixcap.jobs.sidecar import SEPARATOR, plan_sidecars
+from prefixcap.testing import COLOURS
 from tests.helpers_pipeline import kill_when, run_prefixcap
+from tests.reference import assert_distinct
 
 SETTINGS = ["--max-new-tokens", "3", "--batch-size", "2", "--workers", "0", "--dtype", "float32"]  # no dtype notice
 
 
 def save_images(root: Path) -> dict[str, Path]:
-    """A small training set in nested folders, with awkward names and colour modes: relative path -> file."""
+    """A small training set in nested folders, with awkward names and colour modes: relative path -> file.
+    Each image has its own colour, which the image-dependent test model names in its caption."""
     images = {
-        "plain.jpg": ("RGB", "JPEG"),
-        "alpha.png": ("RGBA", "PNG"),
-        "sub folder/pal ette.gif": ("P", "GIF"),
-        "sub folder/ünïcode/写真 cmyk.jpg": ("CMYK", "JPEG"),
+        "plain.jpg": ("RGB", "JPEG", "red"),
+        "alpha.png": ("RGBA", "PNG", "green"),
+        "sub folder/pal ette.gif": ("P", "GIF", "blue"),
+        "sub folder/ünïcode/写真 cmyk.jpg": ("CMYK", "JPEG", "white"),
     }
     paths = {}
-    for seed, (name, (mode, fmt)) in enumerate(images.items()):
+    for seed, (name, (mode, fmt, colour)) in enumerate(images.items()):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.new("RGB", (40 + 3 * seed, 36), ((seed * 67) % 256, 90, 200))
+        image = Image.new("RGB", (40 + 3 * seed, 36), COLOURS[colour])
         (image.quantize(8) if mode == "P" else image.convert(mode)).save(path, fmt)
         paths[name] = path
     return paths
@@ -48,22 +51,23 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 @pytest.fixture
-def caption(tiny_model_dir):
-    """`prefixcap caption ARGS` in this process, with the tiny model and quick settings."""
+def caption(image_dependent_model_dir):
+    """`prefixcap caption ARGS` in this process, with a tiny model whose captions depend on the
+    image (a caption file holding its neighbour's caption shows) and quick settings."""
 
     def run(*args) -> int:
-        return main(["caption", "--model", str(tiny_model_dir), *SETTINGS, *map(str, args)])
+        return main(["caption", "--model", str(image_dependent_model_dir), *SETTINGS, *map(str, args)])
 
     return run
 
 
 @pytest.fixture(scope="module")
-def captioner(tiny_model_dir) -> Captioner:
-    return Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")  # as SETTINGS
+def captioner(image_dependent_model_dir) -> Captioner:
+    return Captioner.from_pretrained(image_dependent_model_dir, device="cpu", dtype="float32")  # as SETTINGS
 
 
 def expected(captioner: Captioner, image: Path) -> str:
-    """What the captioner itself says about `image`, with the command's settings."""
+    """What the captioner itself says about `image` alone, with the command's settings."""
     return captioner([image], max_new_tokens=3)[0][0]
 
 
@@ -79,6 +83,7 @@ def test_every_image_in_nested_folders_gets_its_caption_file(caption, captioner,
     images = save_images(tmp_path / "set")
     (tmp_path / "set" / "sub folder" / "broken.png").write_bytes(b"\x89PNG not really")
     assert caption(tmp_path / "set", "--sidecar") == 1
+    assert_distinct([expected(captioner, image) for image in images.values()])
     for image in images.values():
         assert caption_file(image).read_text(encoding="utf-8") == expected(captioner, image) + "\n"
     assert not caption_file(tmp_path / "set" / "sub folder" / "broken.png").exists()
@@ -109,6 +114,13 @@ def test_an_existing_caption_file_under_each_policy(caption, captioner, tmp_path
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"{4 - skipped} written, {skipped} skipped (caption file exists), 0 failed"
     )
+    if policy in ("append", "prepend"):  # on every run, as the README says: a second run joins again
+        assert caption(tmp_path / "set", "--sidecar", "--existing", policy) == 0
+        twice = {
+            "append": f"sks person, hand-written{SEPARATOR}{new}{SEPARATOR}{new}\n",
+            "prepend": f"{new}{SEPARATOR}{new}{SEPARATOR}sks person, hand-written\n",
+        }[policy]
+        assert caption_file(old).read_text(encoding="utf-8") == twice
 
 
 def test_a_rerun_of_a_finished_folder_loads_no_model(caption, tmp_path, capsys, monkeypatch, no_model_load):
@@ -146,6 +158,7 @@ def test_sidecar_dir_mirrors_a_read_only_image_tree(caption, captioner, tmp_path
     before = snapshot(tmp_path / "set")
     assert caption(tmp_path / "set", f"{tmp_path / 'more'}/", "--sidecar-dir", tmp_path / "out") == 0
     assert snapshot(tmp_path / "set") == before  # nothing written into the image tree
+    assert_distinct([expected(captioner, image) for image in images.values()])
     for name, image in images.items():
         text = (tmp_path / "out" / name).with_suffix(".txt").read_text(encoding="utf-8")
         assert text == expected(captioner, image) + "\n"

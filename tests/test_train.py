@@ -14,6 +14,7 @@ import torch
 from prefixcap import CaptionModel
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
+from prefixcap.testing import colour_captions
 from prefixcap.training import TrainConfig, resolve_config
 from prefixcap.training.data import CaptionTargets, process_batches
 from prefixcap.training.objective import CaptionLoss
@@ -29,11 +30,12 @@ from prefixcap.training.state import (
     save_training_state,
     to_storable,
 )
-from prefixcap.training.step import freeze_first_blocks
+from prefixcap.training.step import build_scheduler, freeze_first_blocks, train_step
 from prefixcap.training.trainer import Trainer
 from tests.helpers_pipeline import (
     kill_when,
     model_weights,
+    record_steps,
     run_prefixcap,
     synthetic_store,
 )
@@ -241,6 +243,80 @@ def test_freeze_modes(tiny_components) -> None:
         freeze_first_blocks(partly.decoder, 3)
 
 
+# ---------------------------------------------------------------------- optimizer steps and schedules
+def colour_targets(model: CaptionModel) -> CaptionTargets:
+    """Four captions of equal token length, so that two micro-batches of two weigh their tokens as
+    one batch of four does."""
+    records = [CaptionRecord(str(i), f"{i}.png", (text,), "train") for i, text in enumerate(colour_captions().values())]
+    embeds = torch.randn(len(records), model.config.embed_dim, generator=torch.Generator().manual_seed(0))
+    targets = CaptionTargets.build(records[:4], embeds[:4], model.tokenizer)
+    assert len(set(targets.lengths.tolist())) == 1  # the precondition
+    return targets
+
+
+def weights_after_one_step(tiny_components, micro_batches: list[list[int]], max_grad_norm: float = 0.0):
+    """(weights before, weights after) one SGD step of `train_step` over these micro-batches."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = CaptionModel.from_components(*tiny_components, mapper="mlp", prefix_length=3).eval()  # no dropout
+    targets = colour_targets(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [targets.batch(np.array(indices)) for indices in micro_batches]
+    train_step(CaptionLoss(model), optimizer, scheduler, Accelerator(cpu=True), batches, max_grad_norm)
+    return before, {name: p.detach().clone() for name, p in trainable.items()}
+
+
+def test_grad_accum_equals_one_larger_batch(tiny_components, one_thread) -> None:
+    before, accumulated = weights_after_one_step(tiny_components, [[0, 1], [2, 3]])
+    _, whole = weights_after_one_step(tiny_components, [[0, 1, 2, 3]])
+    assert any(not torch.equal(before[name], whole[name]) for name in whole)  # the step moved the weights
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_max_grad_norm_clips_the_step(tiny_components, one_thread) -> None:
+    def step_norm(max_grad_norm: float) -> float:
+        before, after = weights_after_one_step(tiny_components, [[0, 1, 2, 3]], max_grad_norm)
+        return torch.sqrt(sum(((after[name] - before[name]) ** 2).sum() for name in after)).item()
+
+    assert step_norm(0.0) > 0.5 * 1e-2  # unclipped: lr x a gradient norm above the cap below
+    assert step_norm(1e-2) == pytest.approx(0.5 * 1e-2, rel=1e-3)  # lr x the cap
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedules_warm_up_then_decay_as_named(schedule: str) -> None:
+    import math
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(lr=1.0, warmup=0.2, lr_schedule=schedule), total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    decay = {"linear": lambda x: 1 - x, "cosine": lambda x: 0.5 * (1 + math.cos(math.pi * x))}[schedule]
+    expected = [step / 2 for step in range(2)] + [decay((step - 2) / 8) for step in range(2, 10)]
+    assert rates == pytest.approx(expected)
+
+
+def test_one_caption_per_image_draws_each_image_once_per_epoch(tiny_model: CaptionModel) -> None:
+    records = [
+        CaptionRecord(str(i), f"{i}.png", tuple(f"caption {i} {j}" for j in range(3)), "train") for i in range(6)
+    ]
+    targets = CaptionTargets.build(records, torch.randn(6, 24), tiny_model.tokenizer)
+    assert len(targets.epoch_order("all", seed=0, epoch=0)) == 18
+    seen = set()
+    for epoch in range(8):
+        order = targets.epoch_order("one", seed=0, epoch=epoch)
+        assert sorted(targets.image_of[order].tolist()) == list(range(6))  # every image once
+        seen.update(order.tolist())
+    assert len(seen) > 6  # a different caption of some image in another epoch
+
+
 # ---------------------------------------------------------------------- runs
 def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfig:
     values = {"features": str(features), "out": str(out), "decoder": str(decoder), "prefix_length": 4,
@@ -249,7 +325,7 @@ def small_run(features: Path, out: Path, decoder: Path, **options) -> TrainConfi
 
 
 def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, capsys, monkeypatch
 ) -> None:
     config = small_run(synth_features, tmp_path / "run", tiny_components[1])
     Trainer(config).fit()
@@ -271,13 +347,15 @@ def test_run_writes_checkpoints_logs_and_refuses_to_overwrite(
         Trainer(config)
     with pytest.raises(UserError, match="--lr 0.1 differs from the resumed run's 0.001"):
         Trainer(config, resume=True, given={"lr": 0.1})
-    assert Trainer(TrainConfig(out=str(run)), resume=True).fit().step == 20  # options from the run; nothing left
+    finished = Trainer(TrainConfig(out=str(run)), resume=True)  # options from the run; nothing left
+    steps = record_steps(monkeypatch, finished)
+    assert finished.fit().step == 20 and steps == []
 
 
 def test_checkpoints_keep_what_the_user_put_in_best_and_last(
     tmp_path: Path, synth_features: Path, tiny_components, one_thread
 ) -> None:
-    """Issue 29 F11: re-saving RUN/best deleted an `evaluate --out RUN/best/eval` folder mid-run.
+    """Re-saving RUN/best deleted an `evaluate --out RUN/best/eval` folder mid-run.
     Checkpoints replace the model's own entries and keep everything else."""
     run = tmp_path / "run"
     trainer = Trainer(small_run(synth_features, run, tiny_components[1]))
@@ -306,7 +384,7 @@ def test_checkpoints_keep_what_the_user_put_in_best_and_last(
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
-    tmp_path: Path, synth_features: Path, tiny_components, one_thread
+    tmp_path: Path, synth_features: Path, tiny_components, one_thread, monkeypatch
 ) -> None:
     """Checkpoints every 7 steps (10 steps per epoch): the kill lands mid-epoch, so the resumed
     run must restore optimizer, scheduler, RNG (the tiny GPT-2 has dropout) and the data position."""
@@ -317,8 +395,13 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(
             "--save-every", "7"]  # fmt: skip
 
     kill_when(args, ready=lambda: (tmp_path / "killed" / "last" / STATE_DIR / "state.json").exists())
-    assert load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress.step < 30
-    Trainer(killed, resume=True, given={"epochs": 3, "seed": 3}).fit()
+    checkpoint = load_training_state(tmp_path / "killed" / "last" / STATE_DIR).progress.step
+    assert 0 < checkpoint < 30
+    resumed_run = Trainer(killed, resume=True, given={"epochs": 3, "seed": 3})
+    with monkeypatch.context() as patch:
+        steps = record_steps(patch, resumed_run)
+        resumed_run.fit()
+    assert steps == list(range(checkpoint, 30))  # from the checkpoint's step on, not from 0
     Trainer(small_run(synth_features, tmp_path / "straight", tiny_components[1], **options)).fit()
 
     resumed, straight = model_weights(tmp_path / "killed" / "last"), model_weights(tmp_path / "straight" / "last")

@@ -1,4 +1,4 @@
-"""Review hardening of feature stores, training, evaluation and scoring: damaged stores and
+"""Feature stores, training runs, evaluation and scoring with bad inputs: damaged stores and
 training states, over-long captions, resuming on other data, one metric's failure, offline SPICE,
 range-checked options, and commands that never write into folders that are not theirs."""
 
@@ -66,7 +66,7 @@ def one_error(capsys: pytest.CaptureFixture) -> str:
     return errors[0]
 
 
-# ---------------------------------------------------------------------- 12. damaged feature stores
+# ---------------------------------------------------------------------- damaged feature stores
 def truncate_embeddings(store: Path) -> str:
     path = shard_path(store, 1, ".safetensors")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -142,7 +142,7 @@ def test_prepare_rerun_encodes_a_damaged_shard_again(
     assert repaired.records() == original.records() and torch.equal(repaired.embeddings(), original.embeddings())
 
 
-# ---------------------------------------------------------------------- 13. over-long captions
+# ---------------------------------------------------------------------- over-long captions
 def test_targets_never_exceed_the_decoder_positions() -> None:
     token_ids = [[5] * 3, [5] * 4, [5] * 100_000]
     targets = CaptionTargets.from_token_ids(token_ids, np.arange(3), torch.zeros(3, 2), 0, 0, max_tokens=None, limit=20)
@@ -174,7 +174,7 @@ def test_huge_caption_or_length_is_capped_and_reported(
     assert (f"--max-caption-tokens {asked} is capped to {limit}" in err) == (asked is not None)
 
 
-# ---------------------------------------------------------------------- 14. damaged training state
+# ---------------------------------------------------------------------- damaged training state
 def _write(name: str, data: bytes):
     return lambda state: (state / name).write_bytes(data)
 
@@ -232,7 +232,7 @@ def test_training_state_is_written_atomically(
     assert {path.name: path.read_bytes() for path in directory.iterdir()} == before  # old state intact, no debris
 
 
-# ---------------------------------------------------------------------- 21. resuming on other features
+# ---------------------------------------------------------------------- resuming on other features
 def test_resume_refuses_another_feature_store_but_follows_a_moved_one(
     finished_run: Path, store: Path, tiny_components, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -247,7 +247,7 @@ def test_resume_refuses_another_feature_store_but_follows_a_moved_one(
     assert main(["train", str(moved), "--out", str(run), "--resume", "--epochs", "1"]) == 0
 
 
-# ---------------------------------------------------------------------- 25, 26. metric failures, offline SPICE
+# ---------------------------------------------------------------------- metric failures, offline SPICE
 @pytest.fixture
 def clip_without_pad(tiny_components, tmp_path: Path) -> Path:
     """The tiny CLIP, but its tokenizer has no pad token, so batching its texts fails."""
@@ -305,11 +305,11 @@ def test_score_offline_never_downloads_corenlp(
     assert summary["skipped"]["SPICE"].startswith("offline") and "BLEU-4" in summary["metrics"]
     notes = [line for line in capsys.readouterr().err.splitlines() if "SPICE" in line]
     assert len(notes) == 1 and notes[0].startswith("note: SPICE skipped: offline")
-    assert main([*score, "--metrics", "bleu,spice"]) == 2  # named: an error (issue 29, "Evaluate")
+    assert main([*score, "--metrics", "bleu,spice"]) == 2  # named: an error
     assert one_error(capsys).startswith("error: SPICE cannot run: offline")
 
 
-# ---------------------------------------------------------------------- 16. numeric options
+# ---------------------------------------------------------------------- numeric options
 def numeric_options(command: str) -> dict[str, argparse.Action]:
     """The options of `command` that parse numbers (any type but str and Path)."""
     parser = build_parser()
@@ -357,7 +357,7 @@ def test_config_files_are_range_checked_too(text: str, tmp_path: Path) -> None:
         resolve_config({}, tmp_path / "run.yaml")
 
 
-# ---------------------------------------------------------------------- 2. folders that are not ours
+# ---------------------------------------------------------------------- folders that are not ours
 def test_prepare_refuses_a_folder_that_is_not_a_feature_store(
     dataset: Path, tiny_components, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

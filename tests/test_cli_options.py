@@ -1,5 +1,5 @@
 """Every numeric option of every command is range-checked by one shared type, and decoding options
-refuse values that would silently produce empty captions (hardening findings 16 and 20)."""
+refuse values that would silently produce empty captions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`prefixcap caption` inputs and outputs under hostile or unlucky conditions (review issue 16):
+"""`prefixcap caption` inputs and outputs under hostile or unlucky conditions:
 file names that look like shell commands, outputs that are inputs, names that are not UTF-8,
 models retrained in place, unwritable outputs, symlink loops, unreadable folders, interrupts."""
 
@@ -28,7 +28,7 @@ from prefixcap.jobs.plan import plan_parts
 from prefixcap.jobs.writers import RecordWriter
 from prefixcap.model.fingerprint import model_fingerprint
 
-PWNED_JPG = "pipe:touch PWNED;cat ok.jpg;.jpg"  # the review's repro: a shell command as a file name
+PWNED_JPG = "pipe:touch PWNED;cat ok.jpg;.jpg"  # a shell command as a file name
 PWNED_TAR = "pipe:touch PWNED;cat ok.tar;.tar"
 NOT_UTF8 = os.fsdecode(b"bad\xff.jpg")  # a name Python holds with a surrogate escape
 
@@ -73,9 +73,9 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if path.name.endswith(".tmp"))
 
 
-# ---------------------------------------------------------------------- 1. names that look like commands
+# ---------------------------------------------------------------------- names that look like commands
 def test_file_named_like_a_pipe_command_is_opened_as_a_file_from_the_shell(tiny_model_dir, tmp_path):
-    """The review's repro, through the real command line: `prefixcap caption .` in a folder
+    """A shell command as a file name, through the real command line: `prefixcap caption .` in a folder
     holding a file named `pipe:touch PWNED;...`."""
     save_image(tmp_path / "ok.jpg")
     shutil.copy(tmp_path / "ok.jpg", tmp_path / PWNED_JPG)
@@ -138,13 +138,13 @@ def test_dataset_record_naming_a_pipe_command_reads_a_file(tmp_path, monkeypatch
     assert not (tmp_path / "PWNED").exists()
 
 
-# ---------------------------------------------------------------------- 3. an output that is an input
+# ---------------------------------------------------------------------- an output that is an input
 def test_an_output_that_is_an_input_is_refused(caption, tmp_path, no_model_load, capsys):
     victim = save_image(tmp_path / "victim.jpg")
     original = victim.read_bytes()
     (tmp_path / "link.jpg").symlink_to(victim)
     for inputs, output in [
-        ([victim], victim),  # the review's case
+        ([victim], victim),  # named directly
         ([tmp_path], tmp_path / "victim.jpg"),  # found in a folder
         ([tmp_path / "*.jpg"], tmp_path / "." / "link.jpg"),  # by a glob, written through a link
     ]:
@@ -155,7 +155,7 @@ def test_an_output_that_is_an_input_is_refused(caption, tmp_path, no_model_load,
     assert victim.read_bytes() == original
 
 
-# ---------------------------------------------------------------------- 4. names that break formats
+# ---------------------------------------------------------------------- names that break formats
 @pytest.fixture
 def awkward_names(tmp_path) -> Path:
     """Images whose names are not UTF-8, or hold a tab, a newline or a backslash."""
@@ -201,7 +201,7 @@ def test_awkward_names_in_every_format(caption, awkward_names, tmp_path):
     assert summary["captioned"] == len(names) and summary["parts_reused"] == summary["parts"]
 
 
-# ---------------------------------------------------------------------- 5. a model retrained in place
+# ---------------------------------------------------------------------- a model retrained in place
 def test_folder_resume_redoes_the_parts_of_a_changed_model(caption, tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -265,7 +265,7 @@ def test_model_fingerprint_covers_the_folders_a_model_refers_to(caption, tiny_co
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["parts_reused"] == 0
 
 
-# ---------------------------------------------------------------------- 15. outputs that cannot be written
+# ---------------------------------------------------------------------- outputs that cannot be written
 def test_an_unwritable_output_fails_before_the_model_loads(caption, tmp_path, no_model_load, capsys):
     image = save_image(tmp_path / "a.jpg")
     assert caption(image, "--output", tmp_path / "missing" / "out.txt") == 2
@@ -309,7 +309,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(caption, tmp_path, monkeypat
     assert not (tmp_path / "folder" / "captions.csv").exists() and not leftovers(tmp_path / "folder")
 
 
-# ---------------------------------------------------------------------- 17. symlink loops
+# ---------------------------------------------------------------------- symlink loops
 @pytest.fixture
 def looped(tmp_path) -> Path:
     """photos/ with a loop (sub/up -> ..), a second way into sub/ (again -> sub) and a link to a
@@ -335,7 +335,7 @@ def test_symlink_loops_give_each_image_once(looped):
         assert not problems
 
 
-# ---------------------------------------------------------------------- 18. unreadable folders
+# ---------------------------------------------------------------------- unreadable folders
 def test_an_unreadable_subfolder_is_a_failure(caption, tmp_path, monkeypatch, capsys):
     photos = tmp_path / "photos"
     (photos / "private").mkdir(parents=True)
@@ -360,7 +360,7 @@ def test_an_unreadable_subfolder_is_a_failure(caption, tmp_path, monkeypatch, ca
     ]
 
 
-# ---------------------------------------------------------------------- 19. Ctrl-C
+# ---------------------------------------------------------------------- Ctrl-C
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "csv", "parquet"])
 def test_an_interrupt_leaves_no_partial_output(caption, tmp_path, monkeypatch, fmt):
     images = [save_image(tmp_path / f"img{seed}.jpg", seed) for seed in range(3)]

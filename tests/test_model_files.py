@@ -1,5 +1,5 @@
 """Model directories: no folder deleted that prefixcap did not create, readable permissions, and
-one clear line for every damaged, inconsistent or non-finite file (review issue 16)."""
+one clear line for every damaged, inconsistent or non-finite file."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def convert(checkpoint: Path, out: Path, components, **kwargs) -> CaptionModel:
 
 
 def foreign_folder(path: Path) -> Path:
-    """A user's folder, as in the review's repro."""
+    """A user's folder, which no command may delete."""
     (path / "photos").mkdir(parents=True)
     (path / "photos" / "cat.jpg").write_bytes(b"jpeg")
     (path / "thesis.txt").write_text("years of work")
@@ -72,7 +72,7 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(values))
 
 
-# ---------------------------------------------------------------------- 2: nothing deleted that we did not create
+# ---------------------------------------------------------------------- nothing deleted that we did not create
 def test_convert_refuses_a_folder_that_is_not_a_model_directory(checkpoint, tiny_components, tmp_path):
     out = foreign_folder(tmp_path / "out")
     for overwrite in (False, True):
@@ -118,7 +118,7 @@ def test_save_pretrained_never_deletes_a_folder_that_is_not_a_model_directory(ti
     assert CaptionModel.from_pretrained(tmp_path / "best").config == model.config
 
 
-# ---------------------------------------------------------------------- 8: readable by other users
+# ---------------------------------------------------------------------- readable by other users
 @pytest.fixture
 def umask_022():
     previous = os.umask(0o022)
@@ -141,7 +141,7 @@ def test_saved_and_converted_models_get_the_umask_permissions(
     assert_shared(tmp_path / "converted")
 
 
-# ---------------------------------------------------------------------- 11: damaged files and wrong types
+# ---------------------------------------------------------------------- damaged files and wrong types
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -223,7 +223,7 @@ def test_sizes_that_would_allocate_absurd_memory_are_refused_before_allocation()
         CaptionConfig(mapper="transformer", decoder_hidden_size=32, mapper_num_heads=5)
 
 
-# ---------------------------------------------------------------------- 22: non-finite weights
+# ---------------------------------------------------------------------- non-finite weights
 def _poison(path: Path, value: float = float("nan")) -> str:
     """Put `value` into the first floating tensor of a safetensors file; returns its name."""
     tensors = load_file(path)
@@ -253,7 +253,7 @@ def test_checkpoints_with_nan_weights_are_not_converted(checkpoint, tiny_compone
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------- 23: shape mismatches name the tensor
+# ---------------------------------------------------------------------- shape mismatches name the tensor
 def test_a_decoder_that_does_not_match_its_config_names_the_tensor(tiny_model_dir, tmp_path):
     model_dir = broken_copy(tiny_model_dir, tmp_path)
     edit_json(model_dir / "decoder" / "config.json", n_inner=48)  # the weights have 4 * 32 = 128
@@ -289,7 +289,7 @@ def test_a_checkpoint_that_does_not_fit_the_decoder_names_the_tensor(checkpoint,
     assert f"{key} has shape {(rows + 1, columns)}, but the model needs {(rows, columns)}" in message
 
 
-# ---------------------------------------------------------------------- 10: defaults that cannot work fail at load
+# ---------------------------------------------------------------------- defaults that cannot work fail at load
 @pytest.mark.parametrize(
     "changes, reason",
     [
