@@ -147,6 +147,9 @@ def test_the_command_exports_a_model_directory(image_dependent_model_dir, ort_we
     assert main([*args, "--quantize", "int8"]) == 2  # an earlier export is replaced only with --overwrite
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+    (out / "NOTES.md").write_text("mine")  # a file the user keeps in the export is never deleted
+    assert main([*args, "--overwrite"]) == 2
+    assert "NOTES.md" in capsys.readouterr().err and (out / "NOTES.md").read_text() == "mine"
 
 
 def copy_of(source: Path, tmp_path: Path) -> Path:

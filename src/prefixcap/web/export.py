@@ -46,7 +46,8 @@ WEB_MANIFEST = "prefixcap_web.json"
 WEB_DIRECTORY = "prefixcap web export"
 STATIC_DIR = Path(__file__).with_name("static")
 PAGE_FILES = ("index.html", "page.js", "captioner.js", "preprocess.js", "search.js", "text.js")
-MODEL_DIR, ORT_DIR = "model", "ort"
+MODEL_DIR, ORT_DIR, HEADERS_FILE = "model", "ort", "_headers"
+WEB_ENTRIES = (WEB_MANIFEST, *PAGE_FILES, MODEL_DIR, ORT_DIR, HEADERS_FILE)  # all an export writes at its top
 # Pillow filters that preprocess.js reproduces (all of its convolution filters; NEAREST is another code path)
 RESAMPLE_NAMES = {1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 # tokenizers decoders that text.js runs (its SUPPORTED_DECODERS; a test checks that both agree)
@@ -105,7 +106,7 @@ def export_web(
         generation = onnx_manifest["generation"]
     else:
         generation = CaptionConfig.load(model).generation
-    check_output_dir(out_dir, what=WEB_DIRECTORY, is_ours=is_web_export, overwrite=overwrite)
+    check_output_dir(out_dir, what=WEB_DIRECTORY, is_ours=is_web_export, overwrite=overwrite, entries=WEB_ENTRIES)
     # everything the browser cannot do is refused before the slow steps
     text = text_data(model / "tokenizer")
     image = image_constants(
@@ -113,7 +114,7 @@ def export_web(
     )
     if generation.get("do_sample"):
         raise UserError(f"{model}: the model's default is sampling, which the browser captioner does not offer")
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, ours=WEB_ENTRIES) as staging:
         if from_onnx:
             source = model
         else:
@@ -139,7 +140,7 @@ def export_web(
         for name in PAGE_FILES:
             shutil.copyfile(STATIC_DIR / name, staging / name)
         headers = "".join(f"  {name}: {value}\n" for name, value in ISOLATION_HEADERS.items())
-        (staging / "_headers").write_text(f"/*\n{headers}")
+        (staging / HEADERS_FILE).write_text(f"/*\n{headers}")
         manifest = build_manifest(staging, onnx_manifest, text, image, bundles, int8=int8, source=model)
         (staging / WEB_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
