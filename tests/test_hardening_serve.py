@@ -32,10 +32,10 @@ from prefixcap.errors import ImageTooLargeError, UserError
 from prefixcap.inputs.images import decode_bytes, load_image, open_image
 from prefixcap.serving import ServerConfig, create_app
 from prefixcap.serving.decoding import ImageDecoder, MemoryBudget
-from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.serving.limits import HeaderTimeoutH11Protocol
 from prefixcap.serving.security import default_allowed_hosts
 from tests.helpers_serve import call_asgi, metric_samples, multipart, png, with_app
+from tests.helpers_serve_process import serve_in_subprocess
 
 MAX_PIXELS = 1_000_000
 CAPTION = "/v1/caption"

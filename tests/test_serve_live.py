@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefixcap import Captioner
 from prefixcap.cli import build_parser
-from prefixcap.serving.launcher import serve_in_subprocess
+from tests.helpers_serve_process import serve_in_subprocess
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
