@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--mapper-width", metavar="W", help="resampler: width of its queries and layers (default: the decoder's "
         "hidden size)")  # fmt: skip
     add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
-        "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10); lora: train the mapper "
+        "first:N: freeze the decoder's embeddings and first N blocks (e.g. first:10 of GPT-2's 12); lora: train the mapper "
         "and LoRA adapters on the decoder (needs peft: pip install 'prefixcap[lora]')")  # fmt: skip
     add("--lora-rank", metavar="R", help="--freeze lora: the rank of each adapter")
     add("--lora-alpha", metavar="ALPHA", help="--freeze lora: adapter scale numerator; the scale is ALPHA / R "
@@ -85,7 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--max-grad-norm", metavar="X", help="clip the gradient norm to X (0: no clipping)")
     add("--compile", action="store_true", help="torch.compile the model: faster steps on GPUs after a slow first few")
     add("--precision", choices=PRECISIONS, help="bf16/fp16 autocast or fp32 (default: bf16 on a CUDA GPU, else fp32)")
-    add("--seed", metavar="S", help="seed for weights, data order and dropout")
+    add(
+        "--seed",
+        metavar="S",
+        help="random seed: the same seed gives the same initial weights, data order, caption choice and dropout",
+    )
 
     data = parser.add_argument_group("data")
     add = _adder(data)

@@ -13,7 +13,7 @@ from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
 from prefixcap.options.fields import check_types
 
 CONFIG_NAME = "config.json"
-DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
+DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as in ClipCap
 MAPPER_KINDS = ("linear", "mlp", "transformer", "resampler")
 # Mappers that read the encoder's patch tokens [B, N, patch_dim] instead of its pooled embedding.
 PATCH_MAPPERS = ("resampler",)

@@ -19,7 +19,7 @@ MAX_PARAMETERS = 2**30
 
 
 class LinearMapper(nn.Module):
-    """The seed's mapper: a single Linear + Tanh."""
+    """The simplest mapper: a single Linear + Tanh (the linear-mapper baseline in the README)."""
 
     def __init__(self, embed_dim: int, hidden_size: int, prefix_length: int):
         super().__init__()
