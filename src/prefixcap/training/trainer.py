@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from prefixcap.errors import UserError
-from prefixcap.model.caption_model import MODEL_ENTRIES, CaptionModel
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.directory import MODEL_ENTRIES
 from prefixcap.model.registry import resolve_model_dir
 from prefixcap.pipeline.features import FeatureStore
 from prefixcap.system.atomic import check_output_dir, foreign_entries, holds_only, replace_dir
