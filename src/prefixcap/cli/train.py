@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from prefixcap.cli.common import bounded
+from prefixcap.engine.families import FAMILIES
 from prefixcap.model.config import MAPPER_KINDS
 from prefixcap.system.extras import require
 from prefixcap.training.config import (
@@ -70,8 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--lora-alpha", metavar="ALPHA", help="--freeze lora: adapter scale numerator; the scale is ALPHA / R "
         "(default: twice R)")  # fmt: skip
     add("--lora-targets", metavar="NAMES", help="--freeze lora: comma-separated names of the decoder modules to "
-        "adapt (default: every linear layer of the blocks: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,"
-        "o_proj,gate_proj,up_proj,down_proj for Llama, SmolLM2, Qwen2/2.5/3 and Mistral)")  # fmt: skip
+        f"adapt (default: every linear layer of the blocks: {_default_lora_targets()})")  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     add = _adder(optim)
@@ -152,6 +152,15 @@ def run(args: argparse.Namespace) -> int:
     config, given = resolve_config(options, args.config_file)
     Trainer(config, resume=args.resume, overwrite=args.overwrite, given=given).fit()
     return 0
+
+
+def _default_lora_targets() -> str:
+    """Each decoder family's default LoRA targets, as the help lists them (families that share
+    them together): "c_attn,c_proj,c_fc for gpt2; q_proj,... for llama, qwen2, ..."."""
+    families: dict[tuple[str, ...], list[str]] = {}
+    for family in FAMILIES.values():
+        families.setdefault(family.lora_targets, []).append(family.name)
+    return "; ".join(f"{','.join(targets)} for {', '.join(names)}" for targets, names in families.items())
 
 
 def _adder(group: Any):

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import ModelLoadError
+from prefixcap.model.mappers import MAPPERS
 from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
 from prefixcap.options.fields import check_types
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as in ClipCap
-MAPPER_KINDS = ("linear", "mlp", "transformer", "resampler")
+MAPPER_KINDS = tuple(MAPPERS)
 # Mappers that read the encoder's patch tokens [B, N, patch_dim] instead of its pooled embedding.
-PATCH_MAPPERS = ("resampler",)
+PATCH_MAPPERS = tuple(name for name, kind in MAPPERS.items() if kind.reads_patches)
 # What a feature store holds per image: the pooled embedding, or the patch tokens (for PATCH_MAPPERS).
 FEATURE_KINDS = ("pooled", "patches")
 # Upper bounds for every size in a config, far above real models (GPT-2 XL is 1600 wide, ClipCap
@@ -36,7 +37,7 @@ SIZE_LIMITS = {
 class CaptionConfig:
     vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen image encoder (CLIP, SigLIP, DINOv2)
     decoder: str = "gpt2"  # hub id or dir of the causal LM the decoder started from
-    mapper: str = "mlp"  # prefix mapper kind: linear | mlp | transformer | resampler (reads patch tokens)
+    mapper: str = "mlp"  # prefix mapper kind: a MAPPERS entry (linear | mlp | transformer | resampler)
     prefix_length: int = 10  # K, the number of prefix embeddings given to the decoder
     embed_dim: int = 512  # the mapper's input width: the pooled embedding's, or a patch token's (resampler)
     decoder_hidden_size: int = 768  # size of the decoder's input embeddings (mapper output)
@@ -60,16 +61,8 @@ class CaptionConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= limit:
                 raise ModelLoadError(f"{name} must be in [1, {limit}], got {value}")
-        if self.mapper == "transformer" and self.decoder_hidden_size % self.mapper_num_heads:
-            raise ModelLoadError(
-                f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by "
-                f"mapper_num_heads {self.mapper_num_heads}"
-            )
-        if self.mapper == "resampler" and self.resampler_width % self.mapper_num_heads:
-            raise ModelLoadError(
-                f"the resampler's width {self.resampler_width} (mapper_width, else decoder_hidden_size) is not "
-                f"divisible by mapper_num_heads {self.mapper_num_heads}"
-            )
+        if problem := MAPPERS[self.mapper].problem(self):
+            raise ModelLoadError(problem)
         self._check_generation()
         prompt = self.prompt
         if prompt is not None and not (0 < len(prompt) <= MAX_TEXT_CHARS and clean_prompt(prompt) == prompt):
@@ -81,7 +74,7 @@ class CaptionConfig:
     @property
     def uses_patches(self) -> bool:
         """Whether the mapper reads patch tokens [B, N, embed_dim] rather than pooled embeddings [B, embed_dim]."""
-        return self.mapper in PATCH_MAPPERS
+        return MAPPERS[self.mapper].reads_patches
 
     @property
     def resampler_width(self) -> int:
