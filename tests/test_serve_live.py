@@ -59,7 +59,7 @@ def test_cli_help_and_bad_arguments(capsys):
     assert "--max-batch-size" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-batch-size", "0"])
-    assert "--max-batch-size/--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+    assert "--max-batch-size/--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_busy_port_is_one_clear_error(tiny_model_dir):

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefixcap.cli.common import bounded
 from prefixcap.engine.families import FAMILIES
-from prefixcap.model.config import MAPPER_KINDS
+from prefixcap.model.config import MAPPER_KINDS, CaptionConfig, mapper_option_help
 from prefixcap.system.extras import require
 from prefixcap.training.config import (
     BEST_METRICS,
@@ -15,6 +15,7 @@ from prefixcap.training.config import (
     CAPTION_MODES,
     OBJECTIVES,
     PRECISIONS,
+    RENAMED,
     SCHEDULES,
     SCST_BASELINES,
     SCST_REWARDS,
@@ -23,6 +24,7 @@ from prefixcap.training.config import (
 )
 
 DEFAULTS = TrainConfig()
+CONFIG_DEFAULTS = {name: value for name, value in vars(CaptionConfig()).items() if value is not None}
 _OPTION_NAMES = frozenset(TrainConfig.__dataclass_fields__)
 
 
@@ -60,10 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
     add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
     add("--prefix-length", metavar="K", help="prefix embeddings per image")
-    add("--mapper-layers", metavar="N", help="transformer and resampler mappers: attention layers (default 8)")
-    add("--mapper-heads", metavar="N", help="transformer and resampler mappers: attention heads (default 8)")
-    add("--mapper-width", metavar="W", help="resampler: width of its queries and layers (default: the decoder's "
-        "hidden size)")  # fmt: skip
+    for name in ("mapper_num_layers", "mapper_num_heads", "mapper_width"):  # the model config's mapper sizes
+        default = CONFIG_DEFAULTS.get(name)
+        earlier = [_flag(old) for old, new in RENAMED.items() if new == name]  # --mapper-layers still works
+        add(_flag(name), *earlier, dest=name, metavar="N", help=mapper_option_help(name) + (f" (default {default})"
+            if default else ""))  # fmt: skip
     add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
         "first:N: freeze the decoder's embeddings and first N blocks (e.g. first:10 of GPT-2's 12); lora: train the mapper "
         "and LoRA adapters on the decoder (needs peft: pip install 'prefixcap[lora]')")  # fmt: skip
@@ -154,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _default_lora_targets() -> str:
     """Each decoder family's default LoRA targets, as the help lists them (families that share
     them together): "c_attn,c_proj,c_fc for gpt2; q_proj,... for llama, qwen2, ..."."""
@@ -165,14 +172,15 @@ def _default_lora_targets() -> str:
 
 def _adder(group: Any):
     """`group.add_argument`, with default None (so that a config file can fill the option), the
-    TrainConfig default appended to the help, and every numeric option range-checked by its BOUNDS."""
+    TrainConfig default appended to the help, and every numeric option checked against its field's
+    BOUNDS by the one validator, which says what TrainConfig would."""
 
     def add(*flags: str, **kwargs: Any) -> None:
         name = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
         if name in _OPTION_NAMES:
             kwargs.setdefault("default", None)
             if name in BOUNDS:
-                kwargs["type"] = bounded({"int": int, "float": float}[field_kind(name)], *BOUNDS[name])
+                kwargs["type"] = bounded({"int": int, "float": float}[field_kind(name)], bounds=BOUNDS[name], name=name)
             default = getattr(DEFAULTS, name)
             if default is not None:
                 kwargs["help"] += f" (default: {default})"

@@ -11,7 +11,7 @@ from typing import Any
 from prefixcap.errors import ModelLoadError
 from prefixcap.model.mappers import MAPPERS
 from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
-from prefixcap.options.fields import check_types
+from prefixcap.options.fields import between, check_fields, field_bounds, option
 
 CONFIG_NAME = "config.json"
 DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as in ClipCap
@@ -20,31 +20,30 @@ MAPPER_KINDS = tuple(MAPPERS)
 PATCH_MAPPERS = tuple(name for name, kind in MAPPERS.items() if kind.reads_patches)
 # What a feature store holds per image: the pooled embedding, or the patch tokens (for PATCH_MAPPERS).
 FEATURE_KINDS = ("pooled", "patches")
-# Upper bounds for every size in a config, far above real models (GPT-2 XL is 1600 wide, ClipCap
-# uses K = 10..40), so that a damaged or hostile config.json fails before anything is allocated.
-SIZE_LIMITS = {
-    "prefix_length": 1024,
-    "embed_dim": 16384,
-    "decoder_hidden_size": 16384,
-    "mapper_num_layers": 64,
-    "mapper_num_heads": 256,
-    "mapper_clip_length": 1024,
-    "mapper_width": 16384,
-}
 
 
 @dataclass
 class CaptionConfig:
+    """A model's architecture and defaults. The sizes' upper bounds (their fields' `bounds`) are far
+    above real models (GPT-2 XL is 1600 wide, ClipCap uses K = 10..40), so that a damaged or hostile
+    config.json fails before anything is allocated."""
+
     vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen image encoder (CLIP, SigLIP, DINOv2)
     decoder: str = "gpt2"  # hub id or dir of the causal LM the decoder started from
     mapper: str = "mlp"  # prefix mapper kind: a MAPPERS entry (linear | mlp | transformer | resampler)
-    prefix_length: int = 10  # K, the number of prefix embeddings given to the decoder
-    embed_dim: int = 512  # the mapper's input width: the pooled embedding's, or a patch token's (resampler)
-    decoder_hidden_size: int = 768  # size of the decoder's input embeddings (mapper output)
-    mapper_num_layers: int = 8  # transformer and resampler mappers: attention layers
-    mapper_num_heads: int = 8  # transformer and resampler mappers: attention heads
-    mapper_clip_length: int = 10  # transformer mapper: tokens the image embedding is expanded to
-    mapper_width: int | None = None  # resampler: width of its queries and layers (None: decoder_hidden_size)
+    prefix_length: int = option(10, "K, the number of prefix embeddings given to the decoder", bounds=between(1, 1024))
+    embed_dim: int = option(
+        512, "the mapper's input width: the pooled embedding's, or a patch token's", bounds=between(1, 16384)
+    )
+    decoder_hidden_size: int = option(
+        768, "size of the decoder's input embeddings (mapper output)", bounds=between(1, 16384)
+    )
+    mapper_num_layers: int = option(8, "attention layers", bounds=between(1, 64))
+    mapper_num_heads: int = option(8, "attention heads", bounds=between(1, 256))
+    mapper_clip_length: int = option(10, "tokens the image embedding is expanded to", bounds=between(1, 1024))
+    mapper_width: int | None = option(
+        None, "width of its queries and layers (default: the decoder's hidden size)", bounds=between(1, 16384)
+    )
     freeze_decoder: bool = False  # True: only the mapper is trained (ClipCap's prefix-only mode)
     decoder_adapter: bool = False  # True: the decoder is `decoder` plus the LoRA adapter in decoder_adapter/
     stop_token: str | None = None  # text that ends a caption besides EOS ("." for ClipCap imports)
@@ -54,13 +53,11 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
         `"no"` for a bool), and a wrong value must fail here, not deep inside torch."""
-        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, error=ModelLoadError)
+        check_fields(
+            type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, error=ModelLoadError
+        )
         if self.mapper not in MAPPER_KINDS:
             raise ModelLoadError(f"unknown mapper kind {self.mapper!r}; choose one of {MAPPER_KINDS}")
-        for name, limit in SIZE_LIMITS.items():
-            value = getattr(self, name)
-            if value is not None and not 1 <= value <= limit:
-                raise ModelLoadError(f"{name} must be in [1, {limit}], got {value}")
         if problem := MAPPERS[self.mapper].problem(self):
             raise ModelLoadError(problem)
         self._check_generation()
@@ -83,7 +80,7 @@ class CaptionConfig:
     def _check_generation(self) -> None:
         """The generation defaults must be valid GenerationOptions. The types are checked here too,
         for messages naming the key in config.json (`generation.max_new_tokens`)."""
-        check_types(GenerationOptions, self.generation, prefix="generation.", error=ModelLoadError)
+        check_fields(GenerationOptions, self.generation, prefix="generation.", error=ModelLoadError, ranges=False)
         try:
             GenerationOptions.from_kwargs(self.generation)
         except ValueError as error:
@@ -112,6 +109,19 @@ class CaptionConfig:
             return cls(**values)
         except ModelLoadError as error:
             raise ModelLoadError(f"{path}: {error}") from None
+
+
+def mapper_option_help(name: str) -> str:
+    """The help of a mapper's size field, naming the mappers that read it ("transformer and
+    resampler mappers: attention layers")."""
+    kinds = [kind.name for kind in MAPPERS.values() if name in kind.fields]
+    which = f"{', '.join(kinds[:-1])} and {kinds[-1]} mappers" if len(kinds) > 1 else f"{kinds[0]} mapper"
+    return f"{which}: {CONFIG_FIELDS[name].metadata['help']}"
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(CaptionConfig)}
+# The largest value of each size, for checks of what a config will hold (a ClipCap checkpoint's K).
+SIZE_LIMITS = {name: int(bounds.high) for name, bounds in field_bounds(CaptionConfig).items()}
 
 
 def normalize_model_id(source: str | Path) -> str:
