@@ -13,6 +13,7 @@ from prefixcap.training.config import (
     BEST_METRICS,
     BOUNDS,
     CAPTION_MODES,
+    MAPPER_SIZE_FIELDS,
     OBJECTIVES,
     PRECISIONS,
     RENAMED,
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
     add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
     add("--prefix-length", metavar="K", help="prefix embeddings per image")
-    for name in ("mapper_num_layers", "mapper_num_heads", "mapper_width"):  # the model config's mapper sizes
+    for name in MAPPER_SIZE_FIELDS:  # the model config's mapper sizes
         default = CONFIG_DEFAULTS.get(name)
         earlier = [_flag(old) for old, new in RENAMED.items() if new == name]  # --mapper-layers still works
         add(_flag(name), *earlier, dest=name, metavar="N", help=mapper_option_help(name) + (f" (default {default})"

@@ -29,7 +29,8 @@ SCST_BASELINES = ("mean", "greedy")
 MAX_SAMPLES_PER_IMAGE = 100  # scst: each step samples batch_size x this many captions at most
 # The model config's fields that a run sets (by the model config's names, with its ranges and help);
 # a new model is `CaptionConfig(vision_encoder=<the store's>, **TrainConfig.model_options)`.
-MODEL_FIELDS = ("decoder", "mapper", "prefix_length", "mapper_num_layers", "mapper_num_heads", "mapper_width")
+MAPPER_SIZE_FIELDS = ("mapper_num_layers", "mapper_num_heads", "mapper_width")  # each a --flag
+MODEL_FIELDS = ("decoder", "mapper", "prefix_length", *MAPPER_SIZE_FIELDS)
 # Earlier names of options, which flags, config files and stored runs may still use.
 RENAMED = {"mapper_layers": "mapper_num_layers", "mapper_heads": "mapper_num_heads"}
 
