@@ -49,7 +49,7 @@ from prefixcap.inputs.loader import chunked
 from prefixcap.model.caption_model import CaptionModel
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.options import GenerationOptions
-from prefixcap.system.hardware import cpu_support, quantize_int8
+from prefixcap.system.hardware import cpu_flags, quantize_int8
 from prefixcap.testing import build_full_size_model
 
 NEW_TOKENS = 20
@@ -203,6 +203,26 @@ def machine_name(device: torch.device) -> str:
         names = (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line)
         cpu = next(names, cpu)
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_support() -> str:
+    """One line for the results: the CPU model and its bf16/int8 matrix instructions."""
+    flags = cpu_flags()
+    names = {"amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI"}
+    found = [label for flag, label in names.items() if flag in flags] or ["none of AMX / AVX512-BF16 / VNNI"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model_name()}: {', '.join(found)} (PyTorch CPU kernels: {capability})"
 
 
 # ---------------------------------------------------------------------- benchmarks

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -34,8 +35,10 @@ import torch
 import transformers
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.testing import build_full_size_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the tests' server launcher
+from tests.helpers_serve_process import serve_in_subprocess  # noqa: E402
 
 PHOTOS = [path.read_bytes() for path in sorted((Path(__file__).parents[1] / "examples" / "images").glob("*.jpg"))]
 PREFIX_LENGTH = 10

@@ -92,7 +92,7 @@ def test_folders_and_globs_expand_to_images_only(image_dir, tmp_path):
 
 def test_bad_options_and_missing_model_are_one_line_errors(tiny_model_dir, image_dir, tmp_path):
     result = run_cli("caption", image_dir / "img1.jpg", "--model", tiny_model_dir, "--top-p", "1.5", "--do-sample")
-    assert result.returncode == 2 and result.stderr.strip() == "error: top_p must be in (0, 1]"
+    assert result.returncode == 2 and result.stderr.strip() == "error: top_p must be in (0, 1], got 1.5"
     result = run_cli("caption", image_dir / "img1.jpg", "--model", tmp_path / "no-model")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "no-model" in result.stderr
 

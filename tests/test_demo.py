@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from prefixcap.cli import main
-from prefixcap.serving.launcher import serve_in_subprocess
 from tests.helpers_pipeline import subprocess_env
+from tests.helpers_serve_process import serve_in_subprocess
 
 EXACT_MATCH = re.compile(r"^exact_match_pct\s+([0-9.]+)$", re.MULTILINE)
 

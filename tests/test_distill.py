@@ -12,9 +12,9 @@ import pytest
 
 from prefixcap import Captioner
 from prefixcap.cli import main
-from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.testing import build_learnable_components
 from tests.helpers_pipeline import exact_matches
+from tests.helpers_serve_process import serve_in_subprocess
 
 
 @pytest.mark.slow

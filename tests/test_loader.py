@@ -173,8 +173,8 @@ def test_the_servers_budgeted_decode_loads_through_the_loader(loader, inputs):
     """The server's async path: its decoder reads the header, waits for the memory budget, then calls
     `ImageLoader.load` in a worker thread; load failures become 400 answers with the same message."""
     pytest.importorskip("fastapi")
-    from prefixcap.serving.decoding import ImageDecoder
     from prefixcap.serving.errors import APIError
+    from prefixcap.serving.image_decoding import ImageDecoder
 
     data = inputs["files"][0].read_bytes()
     small = ImageLoader(loader.preprocessor, max_pixels=1000)

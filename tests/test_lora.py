@@ -168,10 +168,10 @@ def test_lora_options_come_from_config_files_and_flags(tmp_path: Path) -> None:
     assert (config.lora_rank, config.lora_scale_alpha, config.lora_target_names) == (2, 4.0, ("c_attn", "c_fc"))
     assert given["lora_alpha"] == 4
     path.write_text("lora-rank: 0.5\n")
-    with pytest.raises(UserError, match="lora-rank must be int, got 0.5"):
+    with pytest.raises(UserError, match="lora_rank must be an integer, got 0.5"):
         resolve_config({}, path)
     path.write_text("lora-rank: 0\n")
-    with pytest.raises(UserError, match="lora_rank must be a finite number between 1 and 4096"):
+    with pytest.raises(UserError, match=r"lora_rank must be in \[1, 4096\], got 0"):
         resolve_config({}, path)
 
 

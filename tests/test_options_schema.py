@@ -196,3 +196,50 @@ def test_the_cli_applies_the_same_rule(tiny_model_dir, example_images, capsys) -
     assert capsys.readouterr().err == (
         "error: num_return_sequences must be <= num_beams without sampling (greedy gives one caption)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "line"),
+    [
+        ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+        ("num_beams", 0, "num_beams must be >= 1, got 0"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be > 0, got 0.0"),
+    ],
+)
+def test_an_out_of_range_option_is_one_line_the_same_everywhere(
+    name: str, value: float, line: str, tiny_model_dir, example_images, capsys
+) -> None:
+    """The range is the field's `bounds`, checked by the one validator where each entry point
+    builds its request: the Python API, the server and the CLI all say the same line."""
+    from fastapi.testclient import TestClient
+
+    from prefixcap import Captioner
+    from prefixcap.serving import ServerConfig, create_app
+    from prefixcap.serving.app import CAPTION_PATH
+
+    captioner = Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    with pytest.raises(ValueError) as raised:
+        captioner.request(**{name: value})
+    assert str(raised.value) == line
+    with TestClient(create_app(captioner, ServerConfig(model_name="tiny"))) as client:
+        image = ("images", ("a.jpg", example_images[0].read_bytes()))
+        answer = client.post(CAPTION_PATH, files=[image], data={name: str(value)})
+    assert answer.status_code == 422 and answer.json()["error"]["message"] == line
+    flag = FIELDS[name].metadata.get("flag", "--" + name.replace("_", "-"))
+    assert main(["caption", str(example_images[0]), "--model", str(tiny_model_dir), flag, str(value)]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_a_training_option_out_of_range_is_the_same_line_on_the_command_line(tmp_path, capsys) -> None:
+    """Training's flags are checked as they are parsed, by the validator TrainConfig uses."""
+    from prefixcap.errors import UserError
+    from prefixcap.training import TrainConfig
+
+    with pytest.raises(UserError) as raised:
+        TrainConfig(mapper_num_layers=65)
+    assert str(raised.value) == "mapper_num_layers must be in [1, 64], got 65"
+    for flag in ("--mapper-num-layers", "--mapper-layers"):  # the flag users know still works
+        with pytest.raises(SystemExit):
+            main(["train", str(tmp_path), flag, "65"])
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last == f"prefixcap train: error: argument --mapper-num-layers/--mapper-layers: {raised.value}"

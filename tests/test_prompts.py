@@ -73,7 +73,7 @@ def test_a_prompted_caption_is_the_greedy_continuation_of_prefix_and_prompt(
     # --keep-prompt: the prompt and its continuation, decoded together
     prompt_ids = model.tokenizer.encode(PROMPT, add_special_tokens=False)
     kept = model.caption(pixels=pixels, prompt=PROMPT, keep_prompt=True, max_new_tokens=8)
-    assert kept == [[model.decode(torch.tensor([prompt_ids + row]))[0]] for row in expected]
+    assert kept == [[model.detokenize(torch.tensor([prompt_ids + row]))[0]] for row in expected]
     assert all(texts[0].startswith(PROMPT) for texts in kept)
 
 

@@ -157,8 +157,8 @@ def test_scst_options_are_checked() -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("samples_per_image", str(MAX_SAMPLES_PER_IMAGE + 1), f"between 1 and {MAX_SAMPLES_PER_IMAGE}"),
-        ("samples_per_image", "100000", f"between 1 and {MAX_SAMPLES_PER_IMAGE}"),
+        ("samples_per_image", str(MAX_SAMPLES_PER_IMAGE + 1), f"1, {MAX_SAMPLES_PER_IMAGE}], got"),
+        ("samples_per_image", "100000", f"1, {MAX_SAMPLES_PER_IMAGE}], got"),
         ("reward_weights", "0,0", "reward_weights must not both be 0"),
         ("reward_weights", "0,-0.0", "reward_weights must not both be 0"),
     ],

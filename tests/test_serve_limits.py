@@ -31,11 +31,11 @@ from prefixcap.cli.serve import uvicorn_config
 from prefixcap.errors import ImageTooLargeError, UserError
 from prefixcap.inputs.images import decode_bytes, load_image, open_image
 from prefixcap.serving import ServerConfig, create_app
-from prefixcap.serving.decoding import ImageDecoder, MemoryBudget
-from prefixcap.serving.launcher import serve_in_subprocess
+from prefixcap.serving.image_decoding import ImageDecoder, MemoryBudget
 from prefixcap.serving.limits import HeaderTimeoutH11Protocol
 from prefixcap.serving.security import default_allowed_hosts
 from tests.helpers_serve import call_asgi, metric_samples, multipart, png, with_app
+from tests.helpers_serve_process import serve_in_subprocess
 
 MAX_PIXELS = 1_000_000
 CAPTION = "/v1/caption"
@@ -434,7 +434,7 @@ def test_decodes_wait_for_the_memory_budget(captioner, monkeypatch):
 
 def test_large_jpegs_decode_at_reduced_scale(captioner, example_images, monkeypatch):
     """JPEGs over LARGE_JPEG_PIXELS (here lowered below a 320x213 photo) use PIL's draft mode."""
-    monkeypatch.setattr("prefixcap.serving.decoding.LARGE_JPEG_PIXELS", 10_000)
+    monkeypatch.setattr("prefixcap.serving.image_decoding.LARGE_JPEG_PIXELS", 10_000)
     photo, drawn = example_images[0].read_bytes(), png(320, 213)
     preprocessor = captioner.model.preprocessor
 

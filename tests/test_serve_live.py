@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefixcap import Captioner
 from prefixcap.cli import build_parser
-from prefixcap.serving.launcher import serve_in_subprocess
+from tests.helpers_serve_process import serve_in_subprocess
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
@@ -62,7 +62,7 @@ def test_cli_help_and_bad_arguments(capsys):
     assert "--max-batch-size" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-batch-size", "0"])
-    assert "--max-batch-size/--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+    assert "--max-batch-size/--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_busy_port_is_one_clear_error(tiny_model_dir):

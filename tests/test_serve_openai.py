@@ -18,8 +18,8 @@ from PIL import Image
 from prefixcap import Captioner
 from prefixcap.pipeline import loop
 from prefixcap.serving import ServerConfig, create_app
-from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.testing import colour_image
+from tests.helpers_serve_process import serve_in_subprocess
 
 KEY = "pc-test-key-5d1e"
 

@@ -68,7 +68,7 @@ def test_cli_writes_the_dataset_and_rejects_bad_sizes(tmp_path: Path, capsys: py
     with pytest.raises(SystemExit) as raised:
         main(["synth", str(tmp_path / "bad"), "--num-images", "0"])
     assert raised.value.code == 2
-    assert "--num-images: must be at least 3" in capsys.readouterr().err
+    assert "--num-images: must be >= 3, got 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

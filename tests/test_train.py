@@ -14,6 +14,7 @@ import torch
 from prefixcap import CaptionModel
 from prefixcap.data import CaptionRecord
 from prefixcap.errors import UserError
+from prefixcap.model.config import CaptionConfig
 from prefixcap.testing import colour_captions
 from prefixcap.training import TrainConfig, resolve_config
 from prefixcap.training.data import CaptionTargets, process_batches
@@ -153,8 +154,8 @@ def test_config_file_fills_options_and_flags_win(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("lr: fast\n", "lr must be float"),
-        ("batch_size: 1.5\n", "batch_size must be int"),
+        ("lr: fast\n", "lr must be a number"),
+        ("batch_size: 1.5\n", "batch_size must be an integer"),
         ("learning_rate: 1\n", "unknown option 'learning_rate'"),
         ("- 1\n", "must hold a mapping"),
         ("freeze: some\n", "freeze must be frozen, none, lora or first:N"),
@@ -433,3 +434,23 @@ def test_two_processes_train_and_write_one_checkpoint(tmp_path: Path, synth_feat
         "tensorboard",
     ]
     CaptionModel.from_pretrained(tmp_path / "run" / "last")
+
+
+def test_the_mapper_sizes_are_the_model_configs_and_their_earlier_names_still_read(tmp_path: Path) -> None:
+    """A run's model options are the model config's fields, by its names; config files and runs
+    stored before may still say mapper_layers and mapper_heads."""
+    path = tmp_path / "run.yaml"
+    path.write_text("mapper: transformer\nmapper-layers: 3\nmapper_heads: 2\nmapper-width: 16\n")
+    config, _ = resolve_config({}, path)
+    assert (config.mapper_num_layers, config.mapper_num_heads, config.mapper_width) == (3, 2, 16)
+    model = CaptionConfig(**config.model_options)
+    assert (model.mapper, model.mapper_num_layers, model.mapper_num_heads, model.mapper_width) == (
+        "transformer",
+        3,
+        2,
+        16,
+    )
+    stored = {
+        ("mapper_layers" if name == "mapper_num_layers" else name): value for name, value in config.to_dict().items()
+    }
+    assert TrainConfig.from_stored(stored) == config

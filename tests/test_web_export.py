@@ -16,8 +16,8 @@ from PIL import Image
 from prefixcap.cli import main
 from prefixcap.errors import UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
-from prefixcap.model.caption_model import read_safetensors
 from prefixcap.model.encoders import load_image_processor
+from prefixcap.model.hf_loading import read_safetensors
 from prefixcap.onnx.export import export_onnx
 from prefixcap.web import ort_web
 from prefixcap.web.export import WEB_MANIFEST, export_web, pillow_shrinks_height_first, read_web_manifest, text_data

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from prefixcap import Captioner
-from prefixcap.serving.launcher import serve_in_subprocess
 from prefixcap.web.export import ISOLATION_HEADERS
+from tests.helpers_serve_process import serve_in_subprocess
 from tests.test_web_browser import CHROMIUM, CHROMIUM_ARGS, NO_GPU
 from tests.test_web_export import onnx_exports, ort_web_tarball, web_exports  # noqa: F401 (fixtures)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from prefixcap.engine.families import FAMILIES as ENGINE_FAMILIES
 from prefixcap.model.config import CONFIG_NAME
 
 # Words the tiny tokenizer learns; chosen to cover the synthetic captions and test sentences.
@@ -199,7 +200,6 @@ def build_dinov2(out_dir: str | Path, *, full_size: bool = False, registers: int
 
 
 # ---------------------------------------------------------------------- decoders: GPT-2 and the Llama family
-DECODER_FAMILIES = ("gpt2", "llama", "smollm2", "qwen2", "qwen3", "mistral")
 
 # Tiny shapes: 2 layers, 4 heads over 2 key/value heads (grouped-query attention), wide random
 # weights (initializer_range 0.2) so that greedy outputs vary from step to step.
@@ -207,9 +207,11 @@ _TINY = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.2,
 }  # fmt: skip
-# family -> (config class, model class, tiny config, full-size config: the shapes of a hub model)
+# test decoder -> (its engine family, `prefixcap.engine.families`, which names its transformers class;
+# its tiny config; its full-size config: the shapes of a hub model). An engine family without an
+# entry here is built with the tiny shape alone.
 _DECODERS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {
+    "llama": ("llama", {
         "tie_word_embeddings": False, "rope_theta": 10000.0,  # the llama3 scaling acts on 16-d heads at 32
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32},
@@ -220,29 +222,30 @@ _DECODERS = {
                          "original_max_position_embeddings": 8192},
         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
     }),
-    "smollm2": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "rope_theta": 100000.0}, {
+    "smollm2": ("llama", {"tie_word_embeddings": True, "rope_theta": 100000.0}, {
         # SmolLM2 135M
         "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
         "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0,
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
     }),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True, "rope_theta": 1000000.0}, {
+    "qwen2": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}, {
         # Qwen2.5 0.5B (q/k/v biases: always, in Qwen2)
         "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
         "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
     }),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {
+    "qwen3": ("qwen3", {
         "head_dim": 24, "tie_word_embeddings": False, "rope_theta": 1000000.0,  # head_dim != 64 / 4
     }, {  # Qwen3 0.6B
         "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
         "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
         "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
     }),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {
+    "mistral": ("mistral", {
         "tie_word_embeddings": False, "sliding_window": 64,  # half the positions: decodes past it use HF
     }, None),  # no full size: Mistral's smallest model has 7B parameters
 }  # fmt: skip
+DECODER_FAMILIES = (*ENGINE_FAMILIES, *(name for name in _DECODERS if name not in ENGINE_FAMILIES))
 
 
 def build_decoder(
@@ -270,7 +273,7 @@ def build_decoder(
         if num_layers is not None:
             raise ValueError("num_layers applies to Llama-family decoders, not gpt2")
         return build_gpt2(out_dir, full_size=full_size, seed=seed)
-    config_name, model_name, tiny, full = _DECODERS[family]
+    engine_family, tiny, full = _DECODERS.get(family, (family, {}, None))
     if full_size and full is None:
         raise ValueError(f"there is no full-size {family} decoder: its smallest model is too large to benchmark")
     torch.manual_seed(seed)
@@ -279,8 +282,9 @@ def build_decoder(
     if num_layers is not None:
         shape = {**shape, "num_hidden_layers": num_layers}
     eos = tokenizer.eos_token_id
-    config = getattr(transformers, config_name)(**{**shape, **config_overrides}, bos_token_id=eos, eos_token_id=eos)
-    getattr(transformers, model_name)(config).save_pretrained(out_dir)
+    model_class = getattr(transformers, ENGINE_FAMILIES[engine_family].model_class)
+    config = model_class.config_class(**{**shape, **config_overrides}, bos_token_id=eos, eos_token_id=eos)
+    model_class(config).save_pretrained(out_dir)
     return Path(out_dir)
 
 

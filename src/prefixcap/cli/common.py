@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import typing
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.dataset_paths import OUTSIDE_ROOT_FLAG
 from prefixcap.model.registry import DEFAULT_MODEL, REGISTRY
 from prefixcap.options import CaptionRequest, GenerationOptions, TextOptions
+from prefixcap.options.fields import Bounds, range_problem
 from prefixcap.system.hardware import QUANTIZE_CHOICES
 from prefixcap.system.hub import missing_from_hub
 from prefixcap.system.terminal import for_terminal
@@ -80,8 +80,8 @@ OPTION_GROUPS = ((GENERATION_GROUP, GenerationOptions), (TEXT_GROUP, TextOptions
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per GenerationOptions and TextOptions field: its help, its `flag` metadata or
     --field-name, dest = the field name, default None (unset = the model's or the schema's
-    default); bools as --x/--no-x. Numbers are only checked finite here: the ranges are checked in
-    one place, GenerationOptions.validate."""
+    default); bools as --x/--no-x. Numbers are only checked finite here: their ranges are checked
+    where the request is made, as the API's and the server's are."""
     for title, schema in OPTION_GROUPS:
         group = parser.add_argument_group(title)
         hints = typing.get_type_hints(schema)
@@ -94,7 +94,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
             elif kind is str:
                 how = {"metavar": "TEXT"}
             else:
-                how = {"type": bounded(kind), "metavar": metavar}
+                how = {"type": bounded(kind, name=option.name), "metavar": metavar}
             group.add_argument(flag, dest=option.name, help=option.metadata["help"], **how)
 
 
@@ -208,23 +208,27 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, *, serve: bool = False
 
 
 def bounded(
-    kind: Callable[[str], Number], minimum: Number | None = None, maximum: Number | None = None
+    kind: Callable[[str], Number],
+    minimum: Number | None = None,
+    maximum: Number | None = None,
+    *,
+    bounds: Bounds | None = None,
+    name: str | None = None,
 ) -> Callable[[str], Number]:
-    """An argparse type (`int` or `float`) in [minimum, maximum], so that a bad value fails before
-    any work starts. Every numeric option of every command uses it: NaN and infinities are refused
-    (`inf` would pass a lower bound, and NaN passes no comparison at all)."""
+    """An argparse type (`int` or `float`) in [minimum, maximum] (or `bounds`, an option field's),
+    so that a bad value fails before any work starts. Every numeric option of every command uses
+    it; the range is checked by the options' one validator (`range_problem`), so the line is the
+    one the Python API gives for the field `name`. NaN and infinities are refused."""
+    if bounds is None and (minimum is not None or maximum is not None):
+        bounds = Bounds(minimum, maximum)
 
     def parse(text: str) -> Number:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            span = f"at most {maximum}" if minimum is None else f"at least {minimum}"
-            span = span if None in (minimum, maximum) else f"between {minimum} and {maximum}"
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        if problem := range_problem(value, bounds):
+            raise argparse.ArgumentTypeError(f"{name} {problem}" if name else problem)
         return value
 
     return parse

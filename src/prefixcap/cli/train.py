@@ -6,14 +6,17 @@ import argparse
 from typing import Any
 
 from prefixcap.cli.common import bounded
-from prefixcap.model.config import MAPPER_KINDS
+from prefixcap.engine.families import FAMILIES
+from prefixcap.model.config import MAPPER_KINDS, CaptionConfig, mapper_option_help
 from prefixcap.system.extras import require
 from prefixcap.training.config import (
     BEST_METRICS,
     BOUNDS,
     CAPTION_MODES,
+    MAPPER_SIZE_FIELDS,
     OBJECTIVES,
     PRECISIONS,
+    RENAMED,
     SCHEDULES,
     SCST_BASELINES,
     SCST_REWARDS,
@@ -22,6 +25,7 @@ from prefixcap.training.config import (
 )
 
 DEFAULTS = TrainConfig()
+CONFIG_DEFAULTS = {name: value for name, value in vars(CaptionConfig()).items() if value is not None}
 _OPTION_NAMES = frozenset(TrainConfig.__dataclass_fields__)
 
 
@@ -59,19 +63,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--decoder", metavar="ID_OR_DIR", help="causal LM to start from: hub id or folder")
     add("--mapper", choices=MAPPER_KINDS, help="prefix mapper")
     add("--prefix-length", metavar="K", help="prefix embeddings per image")
-    add("--mapper-layers", metavar="N", help="transformer and resampler mappers: attention layers (default 8)")
-    add("--mapper-heads", metavar="N", help="transformer and resampler mappers: attention heads (default 8)")
-    add("--mapper-width", metavar="W", help="resampler: width of its queries and layers (default: the decoder's "
-        "hidden size)")  # fmt: skip
+    for name in MAPPER_SIZE_FIELDS:  # the model config's mapper sizes
+        default = CONFIG_DEFAULTS.get(name)
+        earlier = [_flag(old) for old, new in RENAMED.items() if new == name]  # --mapper-layers still works
+        add(_flag(name), *earlier, dest=name, metavar="N", help=mapper_option_help(name) + (f" (default {default})"
+            if default else ""))  # fmt: skip
     add("--freeze", metavar="MODE", help="frozen: train the mapper only (ClipCap); none: train everything; "
-        "first:N: freeze the decoder's embeddings and first N blocks (the seed: first:10); lora: train the mapper "
+        "first:N: freeze the decoder's embeddings and first N blocks (e.g. first:10 of GPT-2's 12); lora: train the mapper "
         "and LoRA adapters on the decoder (needs peft: pip install 'prefixcap[lora]')")  # fmt: skip
     add("--lora-rank", metavar="R", help="--freeze lora: the rank of each adapter")
     add("--lora-alpha", metavar="ALPHA", help="--freeze lora: adapter scale numerator; the scale is ALPHA / R "
         "(default: twice R)")  # fmt: skip
     add("--lora-targets", metavar="NAMES", help="--freeze lora: comma-separated names of the decoder modules to "
-        "adapt (default: every linear layer of the blocks: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,"
-        "o_proj,gate_proj,up_proj,down_proj for Llama, SmolLM2, Qwen2/2.5/3 and Mistral)")  # fmt: skip
+        f"adapt (default: every linear layer of the blocks: {_default_lora_targets()})")  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     add = _adder(optim)
@@ -85,7 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--max-grad-norm", metavar="X", help="clip the gradient norm to X (0: no clipping)")
     add("--compile", action="store_true", help="torch.compile the model: faster steps on GPUs after a slow first few")
     add("--precision", choices=PRECISIONS, help="bf16/fp16 autocast or fp32 (default: bf16 on a CUDA GPU, else fp32)")
-    add("--seed", metavar="S", help="seed for weights, data order and dropout")
+    add(
+        "--seed",
+        metavar="S",
+        help="random seed: the same seed gives the same initial weights, data order, caption choice and dropout",
+    )
 
     data = parser.add_argument_group("data")
     add = _adder(data)
@@ -165,16 +173,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_lora_targets() -> str:
+    """Each decoder family's default LoRA targets, as the help lists them (families that share
+    them together): "c_attn,c_proj,c_fc for gpt2; q_proj,... for llama, qwen2, ..."."""
+    families: dict[tuple[str, ...], list[str]] = {}
+    for family in FAMILIES.values():
+        families.setdefault(family.lora_targets, []).append(family.name)
+    return "; ".join(f"{','.join(targets)} for {', '.join(names)}" for targets, names in families.items())
+
+
 def _adder(group: Any):
     """`group.add_argument`, with default None (so that a config file can fill the option), the
-    TrainConfig default appended to the help, and every numeric option range-checked by its BOUNDS."""
+    TrainConfig default appended to the help, and every numeric option checked against its field's
+    BOUNDS by the one validator, which says what TrainConfig would."""
 
     def add(*flags: str, **kwargs: Any) -> None:
         name = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
         if name in _OPTION_NAMES:
             kwargs.setdefault("default", None)
             if name in BOUNDS:
-                kwargs["type"] = bounded({"int": int, "float": float}[field_kind(name)], *BOUNDS[name])
+                kwargs["type"] = bounded({"int": int, "float": float}[field_kind(name)], bounds=BOUNDS[name], name=name)
             default = getattr(DEFAULTS, name)
             if default is not None:
                 kwargs["help"] += f" (default: {default})"

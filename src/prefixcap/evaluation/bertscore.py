@@ -1,7 +1,7 @@
 """BERTScore against all references of each image, raw and baseline-rescaled, via bert-score.
 
-The defaults are the seed's setting, which is bert-score's own for English: roberta-large,
-layer 17, no idf. The seed scored against one reference; here every reference counts and a
+The defaults are bert-score's own for English (the setting of the linear-mapper baseline's published
+BERTScore, see the README): roberta-large, layer 17, no idf. That baseline scored against one reference; here every reference counts and a
 caption gets its best match, which is what bert-score does with a list of references.
 """
 

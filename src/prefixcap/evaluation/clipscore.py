@@ -135,7 +135,7 @@ class CLIPScorer:
             inputs = self.tokenizer(
                 batch, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
             ).to(self.device)
-            chunks.append(_features(self.model.get_text_features(**inputs)).float().cpu())
+            chunks.append(self.model.get_text_features(**inputs).pooler_output.float().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -147,7 +147,7 @@ class CLIPScorer:
     def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, D] projected embeddings of uint8 `pixels` (normalised on the model's device)."""
         pixel_values = self.preprocessor.normalize(pixels.to(self.device)).to(self.model.dtype)
-        return _features(self.model.get_image_features(pixel_values=pixel_values)).float().cpu()
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu()
 
     def __call__(self, pixels: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
         """CLIP-S of each image's candidate captions: `captioner.Reranker`, for reranking at inference.
@@ -206,8 +206,3 @@ def load_reranker(captioner: Any, clip_model: str | None = None, *, flag: str = 
     full CLIP with a text tower; `flag` is the option that names another, for the error."""
     name = clip_model or str(captioner.model.config.vision_encoder)
     return CLIPScorer.from_pretrained(name, device=captioner.model.device, flag=flag)
-
-
-def _features(output: Any) -> torch.Tensor:
-    """Projected features from get_*_features: a tensor in transformers 4, an output object in 5."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -23,12 +23,16 @@ from prefixcap.inputs.loader import read_image
 
 # Published figures on the COCO Karpathy test split: the two ClipCap rows from the ClipCap paper (Mokady et al.,
 # 2021, arXiv:2111.09734), the re-run from issue #38 of rmokady/CLIP_prefix_caption; the BERTScore row from the
-# seed project's evaluation (one reference per image).
+# linear-mapper baseline's evaluation (the README's; one reference per image).
 PUBLISHED: dict[str, dict[str, float]] = {
     "ClipCap MLP, GPT-2 fine-tuned": {"BLEU-4": 32.15, "METEOR": 27.10, "CIDEr": 108.35, "SPICE": 20.12},
     "ClipCap transformer, GPT-2 frozen": {"BLEU-4": 33.53, "METEOR": 27.45, "CIDEr": 113.08, "SPICE": 21.05},
     "re-run of the transformer variant (ClipCap #38)": {"BLEU-4": 31.0, "CIDEr": 105.7, "SPICE": 20.4},
-    "seed (1 reference, selection split)": {"BERTScore-P": 0.912, "BERTScore-R": 0.902, "BERTScore-F1": 0.906},
+    "linear-mapper baseline (1 reference, selection split)": {
+        "BERTScore-P": 0.912,
+        "BERTScore-R": 0.902,
+        "BERTScore-F1": 0.906,
+    },
 }
 # Table rows in reading order: (metric key, how to print it).
 METRIC_ROWS = [
@@ -194,7 +198,7 @@ def _metrics_table(metrics: dict[str, float]) -> str:
         f"<table><thead><tr><th>metric</th><th>this run</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
         '<p class="note">COCO metrics are x100, as in papers; published figures are on the COCO Karpathy test split '
         "(5,000 images, 5 references each), so they compare only with a run on that split. "
-        "The seed scored one truncated reference per image on the split it chose its checkpoint with, "
+        "The linear-mapper baseline scored one truncated reference per image on the split it chose its checkpoint with, "
         "so its BERTScore is higher than a multi-reference one would be for the same captions. "
         "Simple-tokenization scores (no Java) are close to, but not comparable with, published ones. "
         'CLIPScore follows Hessel et al. (2021): w = 2.5, prompt "A photo depicts".</p>'

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.model.caption_model import CaptionModel, check_model_output, load_weights
+from prefixcap.model.caption_model import CaptionModel
 from prefixcap.model.config import SIZE_LIMITS, CaptionConfig
+from prefixcap.model.directory import check_model_output
+from prefixcap.model.hf_loading import load_weights
 
 # Old transformers versions saved GPT-2's causal-mask buffers; they are not weights.
 _LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")

@@ -9,45 +9,45 @@ from pathlib import Path
 from typing import Any
 
 from prefixcap.errors import ModelLoadError
+from prefixcap.model.mappers import MAPPERS
 from prefixcap.options import MAX_TEXT_CHARS, GenerationOptions, clean_prompt
-from prefixcap.options.fields import check_types
+from prefixcap.options.fields import between, check_fields, field_bounds, option
 from prefixcap.options.text import template_problem
 
 CONFIG_NAME = "config.json"
-DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # ClipCap's and the seed's CLIP ViT-B/32
-MAPPER_KINDS = ("linear", "mlp", "transformer", "resampler")
+DEFAULT_VISION_ENCODER = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as in ClipCap
+MAPPER_KINDS = tuple(MAPPERS)
 # Mappers that read the encoder's patch tokens [B, N, patch_dim] instead of its pooled embedding.
-PATCH_MAPPERS = ("resampler",)
+PATCH_MAPPERS = tuple(name for name, kind in MAPPERS.items() if kind.reads_patches)
 # What a feature store holds per image: the pooled embedding, or the patch tokens (for PATCH_MAPPERS).
 FEATURE_KINDS = ("pooled", "patches")
-# Upper bounds for every size in a config, far above real models (GPT-2 XL is 1600 wide, ClipCap
-# uses K = 10..40), so that a damaged or hostile config.json fails before anything is allocated.
-SIZE_LIMITS = {
-    "prefix_length": 1024,
-    "embed_dim": 16384,
-    "decoder_hidden_size": 16384,
-    "mapper_num_layers": 64,
-    "mapper_num_heads": 256,
-    "mapper_clip_length": 1024,
-    "mapper_width": 16384,
-}
 MAX_RETRIEVE_K = 64  # retrieved captions per image: SmallCap uses 4; far more would not fit a prompt
-MAX_RETRIEVAL_PROMPT_TOKENS = 16384  # far above any decoder's positions, as SIZE_LIMITS
+MAX_RETRIEVAL_PROMPT_TOKENS = 16384  # far above any decoder's positions, as the sizes' bounds
 RETRIEVAL_FIELDS = ("retrieval_k", "retrieval_template", "retrieval_prompt_tokens")
 
 
 @dataclass
 class CaptionConfig:
+    """A model's architecture and defaults. The sizes' upper bounds (their fields' `bounds`) are far
+    above real models (GPT-2 XL is 1600 wide, ClipCap uses K = 10..40), so that a damaged or hostile
+    config.json fails before anything is allocated."""
+
     vision_encoder: str = DEFAULT_VISION_ENCODER  # hub id or dir of the frozen image encoder (CLIP, SigLIP, DINOv2)
     decoder: str = "gpt2"  # hub id or dir of the causal LM the decoder started from
-    mapper: str = "mlp"  # prefix mapper kind: linear | mlp | transformer | resampler (reads patch tokens)
-    prefix_length: int = 10  # K, the number of prefix embeddings given to the decoder
-    embed_dim: int = 512  # the mapper's input width: the pooled embedding's, or a patch token's (resampler)
-    decoder_hidden_size: int = 768  # size of the decoder's input embeddings (mapper output)
-    mapper_num_layers: int = 8  # transformer and resampler mappers: attention layers
-    mapper_num_heads: int = 8  # transformer and resampler mappers: attention heads
-    mapper_clip_length: int = 10  # transformer mapper: tokens the image embedding is expanded to
-    mapper_width: int | None = None  # resampler: width of its queries and layers (None: decoder_hidden_size)
+    mapper: str = "mlp"  # prefix mapper kind: a MAPPERS entry (linear | mlp | transformer | resampler)
+    prefix_length: int = option(10, "K, the number of prefix embeddings given to the decoder", bounds=between(1, 1024))
+    embed_dim: int = option(
+        512, "the mapper's input width: the pooled embedding's, or a patch token's", bounds=between(1, 16384)
+    )
+    decoder_hidden_size: int = option(
+        768, "size of the decoder's input embeddings (mapper output)", bounds=between(1, 16384)
+    )
+    mapper_num_layers: int = option(8, "attention layers", bounds=between(1, 64))
+    mapper_num_heads: int = option(8, "attention heads", bounds=between(1, 256))
+    mapper_clip_length: int = option(10, "tokens the image embedding is expanded to", bounds=between(1, 1024))
+    mapper_width: int | None = option(
+        None, "width of its queries and layers (default: the decoder's hidden size)", bounds=between(1, 16384)
+    )
     freeze_decoder: bool = False  # True: only the mapper is trained (ClipCap's prefix-only mode)
     decoder_adapter: bool = False  # True: the decoder is `decoder` plus the LoRA adapter in decoder_adapter/
     stop_token: str | None = None  # text that ends a caption besides EOS ("." for ClipCap imports)
@@ -56,30 +56,22 @@ class CaptionConfig:
     # A retrieval-augmented model (`train --datastore`): each image's prompt is the captions of its
     # retrieval_k nearest in a datastore, put in retrieval_template and kept within
     # retrieval_prompt_tokens decoder tokens (prefixcap.retrieval). All None: trained without retrieval.
-    retrieval_k: int | None = None
+    retrieval_k: int | None = option(None, "captions retrieved per image", bounds=between(1, MAX_RETRIEVE_K))
     retrieval_template: str | None = None
-    retrieval_prompt_tokens: int | None = None
+    retrieval_prompt_tokens: int | None = option(
+        None, "most decoder tokens of a retrieval prompt", bounds=between(1, MAX_RETRIEVAL_PROMPT_TOKENS)
+    )
 
     def __post_init__(self) -> None:
         """Check every field's type and range: config.json may hold anything (`"10"`, `10.0`,
         `"no"` for a bool), and a wrong value must fail here, not deep inside torch."""
-        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, error=ModelLoadError)
+        check_fields(
+            type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, error=ModelLoadError
+        )
         if self.mapper not in MAPPER_KINDS:
             raise ModelLoadError(f"unknown mapper kind {self.mapper!r}; choose one of {MAPPER_KINDS}")
-        for name, limit in SIZE_LIMITS.items():
-            value = getattr(self, name)
-            if value is not None and not 1 <= value <= limit:
-                raise ModelLoadError(f"{name} must be in [1, {limit}], got {value}")
-        if self.mapper == "transformer" and self.decoder_hidden_size % self.mapper_num_heads:
-            raise ModelLoadError(
-                f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by "
-                f"mapper_num_heads {self.mapper_num_heads}"
-            )
-        if self.mapper == "resampler" and self.resampler_width % self.mapper_num_heads:
-            raise ModelLoadError(
-                f"the resampler's width {self.resampler_width} (mapper_width, else decoder_hidden_size) is not "
-                f"divisible by mapper_num_heads {self.mapper_num_heads}"
-            )
+        if problem := MAPPERS[self.mapper].problem(self):
+            raise ModelLoadError(problem)
         self._check_generation()
         prompt = self.prompt
         if prompt is not None and not (0 < len(prompt) <= MAX_TEXT_CHARS and clean_prompt(prompt) == prompt):
@@ -101,12 +93,6 @@ class CaptionConfig:
             raise ModelLoadError(f"{', '.join(RETRIEVAL_FIELDS)} must be all set or all null")
         if not all(given):
             return
-        if not 1 <= self.retrieval_k <= MAX_RETRIEVE_K:
-            raise ModelLoadError(f"retrieval_k must be in [1, {MAX_RETRIEVE_K}], got {self.retrieval_k}")
-        if not 1 <= self.retrieval_prompt_tokens <= MAX_RETRIEVAL_PROMPT_TOKENS:
-            raise ModelLoadError(
-                f"retrieval_prompt_tokens must be in [1, {MAX_RETRIEVAL_PROMPT_TOKENS}], got {self.retrieval_prompt_tokens}"
-            )
         problem = template_problem(self.retrieval_template)
         if problem is not None or self.retrieval_template != " ".join(self.retrieval_template.split()):
             raise ModelLoadError(f"retrieval_template: {problem or 'surrounding or repeated whitespace'}")
@@ -116,7 +102,7 @@ class CaptionConfig:
     @property
     def uses_patches(self) -> bool:
         """Whether the mapper reads patch tokens [B, N, embed_dim] rather than pooled embeddings [B, embed_dim]."""
-        return self.mapper in PATCH_MAPPERS
+        return MAPPERS[self.mapper].reads_patches
 
     @property
     def resampler_width(self) -> int:
@@ -125,7 +111,7 @@ class CaptionConfig:
     def _check_generation(self) -> None:
         """The generation defaults must be valid GenerationOptions. The types are checked here too,
         for messages naming the key in config.json (`generation.max_new_tokens`)."""
-        check_types(GenerationOptions, self.generation, prefix="generation.", error=ModelLoadError)
+        check_fields(GenerationOptions, self.generation, prefix="generation.", error=ModelLoadError, ranges=False)
         try:
             GenerationOptions.from_kwargs(self.generation)
         except ValueError as error:
@@ -154,6 +140,19 @@ class CaptionConfig:
             return cls(**values)
         except ModelLoadError as error:
             raise ModelLoadError(f"{path}: {error}") from None
+
+
+def mapper_option_help(name: str) -> str:
+    """The help of a mapper's size field, naming the mappers that read it ("transformer and
+    resampler mappers: attention layers")."""
+    kinds = [kind.name for kind in MAPPERS.values() if name in kind.fields]
+    which = f"{', '.join(kinds[:-1])} and {kinds[-1]} mappers" if len(kinds) > 1 else f"{kinds[0]} mapper"
+    return f"{which}: {CONFIG_FIELDS[name].metadata['help']}"
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(CaptionConfig)}
+# The largest value of each size, for checks of what a config will hold (a ClipCap checkpoint's K).
+SIZE_LIMITS = {name: int(bounds.high) for name, bounds in field_bounds(CaptionConfig).items()}
 
 
 def normalize_model_id(source: str | Path) -> str:

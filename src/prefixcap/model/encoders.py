@@ -1,5 +1,6 @@
 """Frozen image encoders behind one small interface: CLIP, SigLIP (and fixed-resolution SigLIP 2)
 and DINOv2 towers, each giving a pooled embedding [B, embed_dim] or patch tokens [B, N, patch_dim].
+Each family is one `ENCODERS` entry (its configs, loader, widths and forward): a new family is one entry.
 
     family   checkpoints (model_type)                      pooled                     patch tokens
     clip     clip, clip_vision_model (OpenAI, LAION, DFN)  projected image_embeds     last_hidden_state minus CLS
@@ -17,6 +18,8 @@ their models already.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,18 +38,72 @@ from transformers import (
 from prefixcap.errors import ModelLoadError
 from prefixcap.model.hf_loading import hf_call, load_checked
 
-FAMILIES = ("clip", "siglip", "dinov2")
-# The vision towers' model_type (a full two-tower checkpoint is read as its vision tower) -> family.
-_FAMILY_OF = {
-    "clip_vision_model": "clip",
-    "siglip_vision_model": "siglip",
-    "dinov2": "dinov2",
-    "dinov2_with_registers": "dinov2",
-}
 _REFUSED = {
     "siglip2": "SigLIP 2 NaFlex checkpoints (model_type 'siglip2', variable resolution) are not supported; "
     "use a fixed-resolution SigLIP 2 checkpoint such as google/siglip2-base-patch16-224",
 }
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """Everything prefixcap knows about one family of vision towers. The image processor needs no
+    entry: transformers' AutoImageProcessor reads it from any of them."""
+
+    name: str  # clip | siglip | dinov2
+    title: str  # as messages write it: CLIP, SigLIP, DINOv2
+    model_types: tuple[str, ...]  # the vision towers' config model_type
+    loader: Callable[..., PreTrainedModel]  # from_pretrained of the class the tower loads as
+    embed_dim: Callable[[PretrainedConfig], int]  # the pooled embedding's width
+    leading_tokens: Callable[[PretrainedConfig], int]  # tokens before the patches (CLS, registers)
+    forward: Callable[[PreTrainedModel, torch.Tensor, bool, int], torch.Tensor]  # (model, pixels, patches, leading)
+    # A full two-tower checkpoint's model_type -> its vision tower's config
+    two_tower: Mapping[str, Callable[[PretrainedConfig], PretrainedConfig]] = field(default_factory=dict)
+    refuse: Callable[[PretrainedConfig], str | None] = lambda config: None  # why a tower cannot serve
+
+
+def _clip_tower(config: PretrainedConfig) -> PretrainedConfig:
+    """A full CLIP checkpoint's vision config, with its projection size (which lives at top level)."""
+    vision_config = config.vision_config
+    vision_config.projection_dim = config.projection_dim
+    return vision_config
+
+
+def _clip_forward(model: PreTrainedModel, pixel_values: torch.Tensor, patches: bool, leading: int) -> torch.Tensor:
+    if patches:  # the tower alone: the projection serves the pooled embedding only
+        return model.vision_model(pixel_values=pixel_values).last_hidden_state[:, leading:]
+    return model(pixel_values=pixel_values).image_embeds
+
+
+def _pooler_forward(model: PreTrainedModel, pixel_values: torch.Tensor, patches: bool, leading: int) -> torch.Tensor:
+    output = model(pixel_values=pixel_values)
+    return output.last_hidden_state[:, leading:] if patches else output.pooler_output
+
+
+ENCODERS: dict[str, EncoderFamily] = {
+    family.name: family
+    for family in (
+        EncoderFamily(
+            "clip", "CLIP", ("clip_vision_model",), CLIPVisionModelWithProjection.from_pretrained,
+            embed_dim=lambda config: config.projection_dim, leading_tokens=lambda config: 1,
+            forward=_clip_forward, two_tower={"clip": _clip_tower},
+        ),
+        EncoderFamily(  # SiglipVisionModel reads the vision tower's tensors of a full SiglipModel too
+            "siglip", "SigLIP", ("siglip_vision_model",), SiglipVisionModel.from_pretrained,
+            embed_dim=lambda config: config.hidden_size, leading_tokens=lambda config: 0,
+            forward=_pooler_forward, two_tower={"siglip": lambda config: config.vision_config},
+            refuse=lambda config: None if getattr(config, "vision_use_head", True)
+            else "this SigLIP tower has no pooling head (vision_use_head is false)",
+        ),
+        EncoderFamily(
+            "dinov2", "DINOv2", ("dinov2", "dinov2_with_registers"), AutoModel.from_pretrained,
+            embed_dim=lambda config: config.hidden_size,
+            leading_tokens=lambda config: 1 + getattr(config, "num_register_tokens", 0),
+            forward=_pooler_forward,
+        ),
+    )
+}  # fmt: skip
+_BY_MODEL_TYPE = {model_type: family for family in ENCODERS.values() for model_type in family.model_types}
+_TWO_TOWERS = {model_type: read for family in ENCODERS.values() for model_type, read in family.two_tower.items()}
 
 
 class EncoderSpec(NamedTuple):
@@ -67,24 +124,22 @@ def load_encoder_config(source: str | Path) -> tuple[EncoderSpec, PretrainedConf
     """The vision tower's config of a checkpoint (a full two-tower model or a vision-only one) and
     its EncoderSpec; anything but the supported families is refused in one line."""
     config = hf_call(AutoConfig.from_pretrained, source, "image encoder config")
-    if config.model_type == "clip":  # a full CLIP checkpoint: its projection size lives at top level
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-        config = vision_config
-    elif config.model_type == "siglip":
-        config = config.vision_config
+    if config.model_type in _TWO_TOWERS:  # a full two-tower checkpoint: read as its vision tower
+        config = _TWO_TOWERS[config.model_type](config)
     if config.model_type in _REFUSED:
         raise ModelLoadError(f"{source}: {_REFUSED[config.model_type]}")
-    family = _FAMILY_OF.get(config.model_type)
+    family = _BY_MODEL_TYPE.get(config.model_type)
     if family is None:
+        *others, last = (family.title for family in ENCODERS.values())
         raise ModelLoadError(
-            f"{source}: expected a CLIP, SigLIP or DINOv2 image encoder, found model_type {config.model_type!r}"
+            f"{source}: expected a {', '.join(others)} or {last} image encoder, found model_type {config.model_type!r}"
         )
-    if family == "siglip" and not getattr(config, "vision_use_head", True):
-        raise ModelLoadError(f"{source}: this SigLIP tower has no pooling head (vision_use_head is false)")
-    embed_dim = config.projection_dim if family == "clip" else config.hidden_size
-    leading = 0 if family == "siglip" else 1 + getattr(config, "num_register_tokens", 0)
-    return EncoderSpec(family, embed_dim, config.hidden_size, config.patch_size, leading), config
+    if reason := family.refuse(config):
+        raise ModelLoadError(f"{source}: {reason}")
+    spec = EncoderSpec(
+        family.name, family.embed_dim(config), config.hidden_size, config.patch_size, family.leading_tokens(config)
+    )
+    return spec, config
 
 
 class ImageEncoder(nn.Module):
@@ -121,12 +176,7 @@ class ImageEncoder(nn.Module):
         return self.model.device
 
     def forward(self, pixel_values: torch.Tensor, *, patches: bool = False) -> torch.Tensor:
-        if self.family == "clip":
-            if patches:  # the tower alone: the projection serves the pooled embedding only
-                return self.model.vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
-            return self.model(pixel_values=pixel_values).image_embeds
-        output = self.model(pixel_values=pixel_values)
-        return output.last_hidden_state[:, self.spec.leading_tokens :] if patches else output.pooler_output
+        return ENCODERS[self.family].forward(self.model, pixel_values, patches, self.spec.leading_tokens)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> None:
         """The tower as a vision-only checkpoint, which `load_image_encoder` reads back."""
@@ -136,12 +186,7 @@ class ImageEncoder(nn.Module):
 def load_image_encoder(source: str | Path) -> ImageEncoder:
     """The image encoder of a hub id or folder; its family follows from the config's model_type."""
     spec, config = load_encoder_config(source)
-    if spec.family == "clip":
-        loader = CLIPVisionModelWithProjection.from_pretrained
-    elif spec.family == "siglip":  # reads the vision tower's tensors of a full SiglipModel too
-        loader = SiglipVisionModel.from_pretrained
-    else:
-        loader = AutoModel.from_pretrained
+    loader = ENCODERS[spec.family].loader
     return ImageEncoder(load_checked(loader, source, "image encoder", config=config), spec)
 
 

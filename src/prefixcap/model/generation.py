@@ -178,11 +178,11 @@ class CaptionGeneration:
         kept = self.prompt_ids(prompt) if request.text.keep_prompt else []
         if kept:
             ids = torch.cat([ids.new_tensor(kept).expand(ids.shape[0], -1), ids], dim=1)
-        texts = self.decode(ids)
+        texts = self.detokenize(ids)
         per_image = len(texts) // prefix.shape[0]
         return [texts[start : start + per_image] for start in range(0, len(texts), per_image)]
 
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
+    def detokenize(self, token_ids: torch.Tensor) -> list[str]:
         """Generated ids to captions: special tokens dropped, whitespace normalised."""
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 
 from prefixcap.errors import ModelLoadError
 from prefixcap.system.files import TooLargeError, read_regular
@@ -105,3 +108,29 @@ def read_json(path: Path) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged one (empty, truncated, bad header) is one line."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{path}: damaged safetensors file ({error})") from None
+
+
+def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, *, prefix: str = "") -> None:
+    """`module.load_state_dict(state)`, with one line naming `source` and the tensor (as the file
+    names it: `prefix` + key) for a missing or unexpected tensor, a wrong shape or non-finite values."""
+    expected = module.state_dict()
+    if expected.keys() - state.keys():
+        raise ModelLoadError(f"{source}: tensor {prefix}{first_names(expected.keys() - state.keys())} is missing")
+    if state.keys() - expected.keys():
+        raise ModelLoadError(f"{source}: unexpected tensor {prefix}{first_names(state.keys() - expected.keys())}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelLoadError(
+                f"{source}: tensor {prefix}{name} has shape {tuple(tensor.shape)}, but the model needs "
+                f"{tuple(expected[name].shape)}"
+            )
+    check_finite(state, source, prefix=prefix)
+    module.load_state_dict(state)

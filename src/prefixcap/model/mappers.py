@@ -3,15 +3,25 @@
 linear, mlp and transformer read the encoder's pooled embedding [B, embed_dim] (ClipCap's
 designs); resampler reads its patch tokens [B, N, embed_dim] (a Perceiver resampler, as in
 Flamingo, or a Q-Former without text, as in BLIP-2), so the prefix can describe where things
-are and not only what the image is about overall."""
+are and not only what the image is about overall.
+
+Each kind is one `MAPPERS` entry: its module, whether it reads patch tokens, the config fields it
+reads and the sizes it needs; a new mapper is its class and one entry (plus a CaptionConfig field
+for each new size it takes)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prefixcap.errors import ModelLoadError
-from prefixcap.model.config import CaptionConfig
+
+if TYPE_CHECKING:  # the config reads this table
+    from prefixcap.model.config import CaptionConfig
 
 # 4 GiB in float32, 30x ClipCap's MLP mapper (K=10 on GPT-2): sizes that ask for more come from a
 # damaged or mistaken config.json, and would exhaust memory instead of failing.
@@ -19,7 +29,7 @@ MAX_PARAMETERS = 2**30
 
 
 class LinearMapper(nn.Module):
-    """The seed's mapper: a single Linear + Tanh."""
+    """The simplest mapper: a single Linear + Tanh (the linear-mapper baseline in the README)."""
 
     def __init__(self, embed_dim: int, hidden_size: int, prefix_length: int):
         super().__init__()
@@ -130,12 +140,62 @@ class PrefixMapper(nn.Module):
         return prefix.reshape(image_embeds.shape[0], self.prefix_length, self.hidden_size)
 
 
+@dataclass(frozen=True)
+class MapperKind:
+    name: str
+    build: Callable[[CaptionConfig], nn.Module]  # the mapper, sized by the config
+    reads_patches: bool  # patch tokens [B, N, embed_dim], not the pooled embedding [B, embed_dim]
+    fields: tuple[str, ...] = ()  # the CaptionConfig sizes it reads besides embed_dim, hidden size and K
+    problem: Callable[[CaptionConfig], str | None] = lambda config: None  # sizes it cannot take
+
+
+def _sizes(config: CaptionConfig) -> tuple[int, int, int]:
+    return config.embed_dim, config.decoder_hidden_size, config.prefix_length
+
+
+def _heads_divide(
+    width_name: str, width: Callable[[CaptionConfig], int], note: str = ""
+) -> Callable[[CaptionConfig], str | None]:
+    """The problem of attention heads that do not divide the width they split."""
+
+    def problem(config: CaptionConfig) -> str | None:
+        if width(config) % config.mapper_num_heads:
+            return f"{width_name} {width(config)}{note} is not divisible by mapper_num_heads {config.mapper_num_heads}"
+        return None
+
+    return problem
+
+
+MAPPERS: dict[str, MapperKind] = {
+    kind.name: kind
+    for kind in (
+        MapperKind("linear", lambda config: LinearMapper(*_sizes(config)), reads_patches=False),
+        MapperKind("mlp", lambda config: MLPMapper(*_sizes(config)), reads_patches=False),
+        MapperKind(
+            "transformer",
+            lambda config: TransformerMapper(
+                *_sizes(config), config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads
+            ),
+            reads_patches=False,
+            fields=("mapper_num_layers", "mapper_num_heads", "mapper_clip_length"),
+            problem=_heads_divide("decoder_hidden_size", lambda config: config.decoder_hidden_size),
+        ),
+        MapperKind(
+            "resampler",
+            lambda config: ResamplerMapper(
+                *_sizes(config), config.resampler_width, config.mapper_num_layers, config.mapper_num_heads
+            ),
+            reads_patches=True,
+            fields=("mapper_num_layers", "mapper_num_heads", "mapper_width"),
+            problem=_heads_divide(
+                "the resampler's width",
+                lambda config: config.resampler_width,
+                " (mapper_width, else decoder_hidden_size)",
+            ),
+        ),
+    )
+}
+
+
 def _build(config: CaptionConfig) -> nn.Module:
-    sizes = (config.embed_dim, config.decoder_hidden_size, config.prefix_length)
-    if config.mapper == "linear":
-        return LinearMapper(*sizes)
-    if config.mapper == "mlp":
-        return MLPMapper(*sizes)
-    if config.mapper == "resampler":
-        return ResamplerMapper(*sizes, config.resampler_width, config.mapper_num_layers, config.mapper_num_heads)
-    return TransformerMapper(*sizes, config.mapper_clip_length, config.mapper_num_layers, config.mapper_num_heads)
+    return MAPPERS[config.mapper].build(config)

@@ -9,13 +9,12 @@ here: the configuration and the command line import it cheaply.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prefixcap.options.fields import check_types, option
+from prefixcap.options.fields import Bounds, above, at_least, check_fields, option
 
 # Below this, sampling is greedy decoding in all but name, and logits / temperature overflow to inf
 # (at 1e-45 every token becomes NaN and captions come out empty).
@@ -27,25 +26,34 @@ class GenerationOptions:
     """How to decode captions. Built from loose values (a config file, a request, keyword arguments)
     with `from_kwargs` or `resolve`; every instance is type- and range-checked."""
 
-    max_new_tokens: int = option(30, "longest caption, in tokens")
-    min_new_tokens: int = option(0, "shortest caption, in tokens (EOS and the stop token are banned before)")
-    num_beams: int = option(1, "beam search with this many beams (1 = greedy or sampling)")
+    max_new_tokens: int = option(30, "longest caption, in tokens", bounds=at_least(1))
+    min_new_tokens: int = option(
+        0, "shortest caption, in tokens (EOS and the stop token are banned before)", bounds=at_least(0)
+    )
+    num_beams: int = option(1, "beam search with this many beams (1 = greedy or sampling)", bounds=at_least(1))
     length_penalty: float = option(1.0, "beam search: score = sum of log-probs / length ** length_penalty")
     early_stopping: bool = option(True, "beam search: stop once num_beams captions are finished")
     do_sample: bool = option(False, "sample instead of greedy or beam search")
-    temperature: float = option(1.0, f"sampling: divide the logits by this (at least {MIN_TEMPERATURE})")
-    top_k: int = option(0, "sampling: keep the k most likely tokens (0 = all)")
-    top_p: float = option(1.0, "sampling: keep the most likely tokens holding this much probability, in (0, 1]")
-    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the caption")
-    no_repeat_ngram_size: int = option(0, "forbid repeating any n-gram of this size (0 = off)")
-    num_return_sequences: int = option(
-        1, "captions per image; without sampling, beam search with as many beams", flag="--num-captions"
+    temperature: float = option(
+        1.0, f"sampling: divide the logits by this (at least {MIN_TEMPERATURE})", bounds=at_least(MIN_TEMPERATURE)
     )
-    seed: int | None = option(None, "sampling: seed for reproducible captions")
+    top_k: int = option(0, "sampling: keep the k most likely tokens (0 = all)", bounds=at_least(0))
+    top_p: float = option(
+        1.0,
+        "sampling: keep the most likely tokens holding this much probability, in (0, 1]",
+        bounds=Bounds(0, 1, low_open=True),
+    )
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the caption", bounds=above(0))
+    no_repeat_ngram_size: int = option(0, "forbid repeating any n-gram of this size (0 = off)", bounds=at_least(0))
+    num_return_sequences: int = option(
+        1, "captions per image; without sampling, beam search with as many beams", bounds=at_least(1),
+        flag="--num-captions",
+    )  # fmt: skip
+    seed: int | None = option(None, "sampling: seed for reproducible captions", bounds=Bounds(0, 2**63, high_open=True))
 
     def __post_init__(self) -> None:
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(GenerationOptions)}
-        check_types(GenerationOptions, values)
+        check_fields(GenerationOptions, values)  # types, and the ranges of the fields' metadata
         for name in _FLOAT_OPTIONS:  # 1 and 1.0 alike: the same options, and HF gets floats
             object.__setattr__(self, name, float(values[name]))
         self.validate()
@@ -63,29 +71,17 @@ class GenerationOptions:
         without sampling, and no num_beams requested, switch beam search on with as many beams."""
         merged = {**defaults, **requested}
         _check_names(merged)
-        check_types(GenerationOptions, merged)  # before the rule compares them
+        check_fields(GenerationOptions, merged, ranges=False)  # the types, before the rule compares them
         captions = merged.get("num_return_sequences", 1)
         if captions > 1 and not merged.get("do_sample") and "num_beams" not in requested:
             merged["num_beams"] = max(merged.get("num_beams", 1), captions)
         return cls(**merged)
 
     def validate(self) -> None:
-        """Raise ValueError with a readable reason for any option out of range: the only range checks."""
-        for schema_field in dataclasses.fields(self):
-            value = getattr(self, schema_field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{schema_field.name} must be a finite number, got {value}")
+        """Raise ValueError with a readable reason for options that do not fit together (each
+        one's own range is its field's `bounds`, checked by `check_fields`)."""
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
-            (self.num_beams >= 1, "num_beams must be >= 1"),
-            (self.temperature >= MIN_TEMPERATURE, f"temperature must be >= {MIN_TEMPERATURE}"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
-            (self.num_return_sequences >= 1, "num_return_sequences must be >= 1"),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
             (
                 self.do_sample or self.num_return_sequences <= self.num_beams,
                 "num_return_sequences must be <= num_beams without sampling (greedy gives one caption)",

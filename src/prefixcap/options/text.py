@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prefixcap.options.fields import check_types, option
+from prefixcap.options.fields import check_fields, option
 
 # Longest prompt, prefix or suffix, in characters: far above any real use, and it keeps one server
 # request from tokenising megabytes. The prompt's tokens are also checked against the decoder's positions.
@@ -47,7 +47,7 @@ class TextOptions:
     suffix: str = option("", "text put after each caption")
 
     def __post_init__(self) -> None:
-        check_types(TextOptions, {option.name: getattr(self, option.name) for option in dataclasses.fields(self)})
+        check_fields(TextOptions, {option.name: getattr(self, option.name) for option in dataclasses.fields(self)})
         for name in ("prompt", "prefix", "suffix"):
             value = getattr(self, name)
             if value is not None and len(value) > MAX_TEXT_CHARS:

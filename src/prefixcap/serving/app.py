@@ -37,8 +37,8 @@ from prefixcap.options.request import Reranker
 from prefixcap.pipeline import loop as caption_loop
 from prefixcap.retrieval.inference import Retrieval, retrieved_json
 from prefixcap.serving.batching import DynamicBatcher
-from prefixcap.serving.decoding import ImageDecoder, default_workers
 from prefixcap.serving.errors import APIError, ErrorBody, install_error_handlers
+from prefixcap.serving.image_decoding import ImageDecoder, default_workers
 from prefixcap.serving.inputs import NamedImage, caption_request, check_limits, read_caption_request
 from prefixcap.serving.limits import RequestBodyLimits
 from prefixcap.serving.metrics import RequestMetricsMiddleware, ServerMetrics

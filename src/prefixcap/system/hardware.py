@@ -73,20 +73,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
-def cpu_model_name() -> str:
-    """The CPU's model name ("model name" in /proc/cpuinfo), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16), which make bf16
     matmuls faster than fp32. Reads /proc/cpuinfo on Linux; elsewhere asks PyTorch whether its
@@ -96,15 +82,6 @@ def cpu_has_fast_bf16() -> bool:
     if flags:
         return bool({"amx_bf16", "avx512_bf16"} & flags)
     return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
-
-
-def cpu_support() -> str:
-    """One line for logs and benchmarks: the CPU model and its bf16/int8 matrix instructions."""
-    flags = cpu_flags()
-    names = {"amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI"}
-    found = [label for flag, label in names.items() if flag in flags] or ["none of AMX / AVX512-BF16 / VNNI"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu_model_name()}: {', '.join(found)} (PyTorch CPU kernels: {capability})"
 
 
 def auto_dtype(device: torch.device, *, quantize: str | None = None) -> tuple[torch.dtype, str]:

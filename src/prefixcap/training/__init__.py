@@ -1,6 +1,6 @@
 """Training a CaptionModel on a feature store (`prefixcap train`).
 
-`config` holds the options and imports nothing heavy (the CLI's --help reads it); `trainer` holds
+`config` holds the options and imports no training library (the CLI's --help reads it); `trainer` holds
 the loop: `Trainer(TrainConfig(...)).fit()`.
 """
 

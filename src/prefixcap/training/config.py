@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from prefixcap.errors import UserError
-from prefixcap.model.config import MAPPER_KINDS, MAX_RETRIEVAL_PROMPT_TOKENS, MAX_RETRIEVE_K, CaptionConfig
+from prefixcap.model.config import CONFIG_FIELDS, MAPPER_KINDS, CaptionConfig
 from prefixcap.options import MAX_TEXT_CHARS
+from prefixcap.options.fields import above, at_least, between, check_fields, field_bounds, option
 from prefixcap.options.text import template_problem
 
 _FREEZE = re.compile(r"^(frozen|none|lora|first:(\d+))$")
@@ -27,48 +28,56 @@ OBJECTIVES = ("xent", "scst")
 SCST_REWARDS = ("cider", "clipscore", "cider+clipscore")
 SCST_BASELINES = ("mean", "greedy")
 MAX_SAMPLES_PER_IMAGE = 100  # scst: each step samples batch_size x this many captions at most
-# The range of every numeric option, inclusive (None: no maximum). Config files and the command
-# line's flags are checked against this one table, and neither accepts NaN or infinities.
-BOUNDS: dict[str, tuple[float, float | None]] = {
-    "prefix_length": (1, None), "mapper_layers": (1, 64), "mapper_heads": (1, 256), "mapper_width": (1, 16384),
-    "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
-    "warmup": (0, None), "weight_decay": (0, None), "grad_accum": (1, None), "max_grad_norm": (0, None),
-    "seed": (0, 2**32 - 1),  # NumPy's legacy seeding, which accelerate's set_seed uses, takes 32 bits
-    "max_caption_tokens": (2, None), "val_images": (0, None), "save_every": (0, None), "log_every": (1, None),
-    "samples_per_image": (1, MAX_SAMPLES_PER_IMAGE), "max_new_tokens": (1, None),
-    "lora_rank": (1, 4096), "lora_alpha": (0, None),
-    "retrieve_k": (1, MAX_RETRIEVE_K), "retrieval_prompt_tokens": (1, MAX_RETRIEVAL_PROMPT_TOKENS),
-}  # fmt: skip
+# The model config's fields that a run sets (by the model config's names, with its ranges and help);
+# a new model is `CaptionConfig(vision_encoder=<the store's>, **TrainConfig.model_options)`.
+MAPPER_SIZE_FIELDS = ("mapper_num_layers", "mapper_num_heads", "mapper_width")  # each a --flag
+MODEL_FIELDS = ("decoder", "mapper", "prefix_length", *MAPPER_SIZE_FIELDS)
+# Earlier names of options, which flags, config files and stored runs may still use.
+RENAMED = {"mapper_layers": "mapper_num_layers", "mapper_heads": "mapper_num_heads"}
+
+
+def _model_field(name: str, default: Any) -> Any:
+    """A TrainConfig field that is the model config's field `name` (its help and range)."""
+    return field(default=default, metadata=CONFIG_FIELDS[name].metadata)
 
 
 @dataclass
 class TrainConfig:
     features: str | None = None  # FEATURES folder written by `prefixcap prepare`
     out: str | None = None  # RUN_DIR: checkpoints, logs and plots
+    # The model: MODEL_FIELDS, as the model config names them (None: the model config's default)
     decoder: str = CaptionConfig.decoder  # causal LM to start from: hub id or folder
-    mapper: str = CaptionConfig.mapper  # prefix mapper: linear | mlp | transformer
-    prefix_length: int = CaptionConfig.prefix_length  # K, prefix embeddings per image
-    mapper_layers: int | None = None  # transformer and resampler mappers: attention layers (None: 8)
-    mapper_heads: int | None = None  # transformer and resampler mappers: attention heads (None: 8)
-    mapper_width: int | None = None  # resampler: width of its queries and layers (None: the decoder's hidden size)
+    mapper: str = CaptionConfig.mapper  # prefix mapper: a MAPPERS kind
+    prefix_length: int = _model_field("prefix_length", CaptionConfig.prefix_length)
+    mapper_num_layers: int | None = _model_field("mapper_num_layers", None)
+    mapper_num_heads: int | None = _model_field("mapper_num_heads", None)
+    mapper_width: int | None = _model_field("mapper_width", None)
     freeze: str = "none"  # frozen: mapper only (ClipCap) | none | first:N embeddings + first N blocks | lora
-    epochs: int = 10
-    batch_size: int = 256  # captions per process per micro-batch
-    lr: float = 1e-4  # peak learning rate
-    warmup: float = 0.05  # warm-up: a fraction of all steps if < 1, else a number of steps
+    epochs: int = option(10, bounds=at_least(1))
+    batch_size: int = option(256, bounds=at_least(1))  # captions per process per micro-batch
+    lr: float = option(1e-4, bounds=above(0))  # peak learning rate
+    warmup: float = option(0.05, bounds=at_least(0))  # warm-up: a fraction of all steps if < 1, else a number of steps
     lr_schedule: str = "linear"  # decay after warm-up: linear | cosine
-    weight_decay: float = 0.01  # AdamW decay of weight matrices (not of biases and norms)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 = no clipping)
+    weight_decay: float = option(0.01, bounds=at_least(0))  # AdamW decay of weight matrices (not of biases and norms)
+    grad_accum: int = option(1, bounds=at_least(1))  # micro-batches per optimizer step
+    max_grad_norm: float = option(1.0, bounds=at_least(0))  # clip the gradient norm to this (0 = no clipping)
     precision: str | None = None  # bf16 | fp16 | fp32 (None: bf16 on a CUDA GPU that has it, else fp32)
-    seed: int = 0  # initial weights, data order, caption choice and dropout all follow from it
+    # The random seed: initial weights, data order, caption choice and dropout all follow from it. NumPy's
+    # legacy seeding, which accelerate's set_seed uses, takes 32 bits.
+    seed: int = option(0, bounds=between(0, 2**32 - 1))
     captions_per_image: str = "all"  # all: every (image, caption) pair per epoch; one: one random caption
-    max_caption_tokens: int | None = None  # caption tokens incl. EOS (None: enough for 99% of captions)
+    max_caption_tokens: int | None = option(
+        None, bounds=at_least(2)
+    )  # caption tokens incl. EOS (None: enough for 99% of captions)
     prompt: str | None = None  # text every caption continues (None: each record's own `prompt`, if any)
-    val_images: int = 1000  # val images captioned for BLEU-4 and CIDEr-D after each epoch (0 = none)
+    val_images: int = option(
+        1000, bounds=at_least(0)
+    )  # val images captioned for BLEU-4 and CIDEr-D after each epoch (0 = none)
     best_metric: str = "cider"  # what picks RUN_DIR/best: cider | bleu4 | loss (val loss)
-    save_every: int = 0  # also checkpoint RUN_DIR/last every N optimizer steps (0 = at epoch ends)
-    log_every: int = 10  # optimizer steps between train-loss points in TensorBoard
+    save_every: int = option(
+        0, bounds=at_least(0)
+    )  # also checkpoint RUN_DIR/last every N optimizer steps (0 = at epoch ends)
+    log_every: int = option(10, bounds=at_least(1))  # optimizer steps between train-loss points in TensorBoard
     compile: bool = False  # torch.compile the model (worth it on GPUs; the first steps compile)
     # Self-critical sequence training (training/scst.py): `objective="scst"` fine-tunes the `init` model
     # on a reward of its own sampled captions; `batch_size` then counts images, each sampled
@@ -76,27 +85,34 @@ class TrainConfig:
     objective: str = "xent"  # xent: cross-entropy on the references | scst: self-critical sequence training
     init: str | None = None  # model to start from: a model directory, registered name or hub id
     reward: str = "cider"  # scst reward: cider (CIDEr-D) | clipscore (CLIP-S) | cider+clipscore
-    samples_per_image: int = 5  # scst: captions sampled per image per step
+    samples_per_image: int = option(
+        5, bounds=between(1, MAX_SAMPLES_PER_IMAGE)
+    )  # scst: captions sampled per image per step
     baseline: str = "mean"  # scst: mean (of the image's other samples' rewards) | greedy (its greedy caption's)
-    max_new_tokens: int | None = None  # scst: longest sampled caption in tokens (None: max_caption_tokens)
+    max_new_tokens: int | None = option(
+        None, bounds=at_least(1)
+    )  # scst: longest sampled caption in tokens (None: max_caption_tokens)
     reward_clip: str | None = None  # scst: full CLIP for CLIP-S (None: the model's own encoder's CLIP)
     reward_weights: str = "1,1"  # scst cider+clipscore: weights of CIDEr-D and CLIP-S, "W_CIDER,W_CLIP"
     # LoRA (`freeze="lora"`, prefixcap.model.lora): the mapper trains fully, the decoder only through low-rank
     # adapters on `lora_targets`; a model directory then holds the adapter, not a decoder copy.
-    lora_rank: int = 16  # r, the rank of each adapter
-    lora_alpha: float | None = None  # the adapters' scale is alpha / rank (None: 2 x rank, a scale of 2)
+    lora_rank: int = option(16, bounds=between(1, 4096))  # r, the rank of each adapter
+    lora_alpha: float | None = option(
+        None, bounds=above(0)
+    )  # the adapters' scale is alpha / rank (None: 2 x rank, a scale of 2)
     lora_targets: str | None = None  # comma-separated module names (None: the decoder family's block linears)
     # Retrieval augmentation (SmallCap; prefixcap.retrieval): each image's prompt is the captions of its
     # `retrieve_k` nearest in `datastore` (its own left out), in `retrieval_template`, within
     # `retrieval_prompt_tokens` decoder tokens; the model records all three.
     datastore: str | None = None  # DS folder of `prefixcap datastore build`, built with the features' CLIP
-    retrieve_k: int = 4  # captions retrieved per image (SmallCap's 4)
+    retrieve_k: int = _model_field("retrieval_k", 4)  # SmallCap's 4
     retrieval_template: str | None = (
         None  # with {captions} once (None: "Similar images show {captions} This image shows")
     )
-    retrieval_prompt_tokens: int = 128  # most decoder tokens of a retrieval prompt (also at most half the positions)
+    retrieval_prompt_tokens: int = _model_field("retrieval_prompt_tokens", 128)  # also at most half the positions
 
     def __post_init__(self) -> None:
+        check_fields(TrainConfig, {name: getattr(self, name) for name in FIELDS}, error=UserError)
         checks = [
             (self.mapper in MAPPER_KINDS, f"mapper must be one of {', '.join(MAPPER_KINDS)}"),
             (_FREEZE.match(self.freeze) is not None, "freeze must be frozen, none, lora or first:N"),
@@ -107,9 +123,6 @@ class TrainConfig:
             (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}"),
             (self.captions_per_image in CAPTION_MODES, "captions_per_image must be all or one"),
             (self.best_metric in BEST_METRICS, f"best_metric must be one of {', '.join(BEST_METRICS)}"),
-            *((in_bounds(name, getattr(self, name)), bounds_text(name)) for name in BOUNDS),
-            (self.lr > 0, "lr must be > 0"),
-            (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha must be > 0"),
             (
                 self.lora_targets is None or all(_MODULE_NAME.match(name) for name in self.lora_targets.split(",")),
                 "lora_targets must be comma-separated module names, e.g. q_proj,v_proj",
@@ -167,8 +180,18 @@ class TrainConfig:
         assert pair is not None  # checked in __post_init__
         return pair
 
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """The model config's values this run sets (MODEL_FIELDS; unset sizes left out)."""
+        return {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name) is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> TrainConfig:
+        """The options a run stored (`to_dict`), by their current names."""
+        return cls(**renamed(values))
 
 
 def _weights(text: str) -> tuple[float, float] | None:
@@ -182,17 +205,14 @@ def _weights(text: str) -> tuple[float, float] | None:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The range of every numeric option (its field's bounds): config files, the command line's flags and
+# TrainConfig itself are checked against them by the one validator, and none takes NaN or infinities.
+BOUNDS = field_bounds(TrainConfig)
 
 
-def in_bounds(name: str, value: float | None) -> bool:
-    """Whether `value` (None: unset) is a finite number in option `name`'s BOUNDS."""
-    low, high = BOUNDS[name]
-    return value is None or (math.isfinite(value) and low <= value and (high is None or value <= high))
-
-
-def bounds_text(name: str) -> str:
-    low, high = BOUNDS[name]
-    return f"{name} must be a finite number " + (f">= {low}" if high is None else f"between {low} and {high}")
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with options under their earlier names (RENAMED) under their current ones."""
+    return {RENAMED.get(name, name): value for name, value in values.items()}
 
 
 def field_kind(name: str) -> str:
@@ -220,25 +240,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: a config file must hold a mapping of option names to values")
     values = {}
     for key, value in document.items():
-        name = str(key).replace("-", "_")
+        name = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if name not in FIELDS:
             options = sorted(field.replace("_", "-") for field in FIELDS)  # as the flags and the README write them
             raise UserError(f"{path}: unknown option {key!r}; valid: {', '.join(options)}")
-        values[name] = _check_type(name, value, f"{path}: {key}")
+        if field_kind(name) == "float" and isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            value = _float_or_text(value)
+        check_fields(TrainConfig, {name: value}, prefix=f"{path}: ", error=UserError, ranges=False)
+        values[name] = value
     return values
 
 
-def _check_type(name: str, value: Any, where: str) -> Any:
-    """`value` if it suits the field's type; YAML's `1e-4` (a string in YAML 1.1) becomes a float."""
-    kind = field_kind(name)
-    if value is None and "None" in FIELDS[name].type:
-        return None
-    if kind == "float" and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind]
-    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-        raise UserError(f"{where} must be {kind}, got {value!r}")
-    return value
+def _float_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text

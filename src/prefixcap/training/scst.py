@@ -189,7 +189,7 @@ class SelfCritical:
         ids = torch.full((len(rows), max(map(len, rows))), self.model.tokenizer.pad_token_id, dtype=torch.long)
         for index, row in enumerate(rows):
             ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return self.model.decode(ids)
+        return self.model.detokenize(ids)
 
     def _inputs(self, images: np.ndarray, samples: list[list[int]], advantages: np.ndarray) -> dict[str, torch.Tensor]:
         """[prompt; sample] rows, padded on the right, with labels on the sampled tokens only."""

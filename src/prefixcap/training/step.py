@@ -50,7 +50,7 @@ def apply_freeze_policy(model: CaptionModel, config: TrainConfig) -> None:
 def freeze_first_blocks(decoder: nn.Module, count: int) -> None:
     """Freeze the decoder's input embeddings (and GPT-2's learned positions) and its first `count`
     blocks (where its family keeps them, `prefixcap.engine.families`; for other decoders, the base
-    model's `h` or `layers`), as the seed project did with 10 of GPT-2's 12. A tied output layer
+    model's `h` or `layers`), e.g. 10 of GPT-2's 12 (the README's linear-mapper baseline). A tied output layer
     (GPT-2, SmolLM2, Qwen2.5-0.5B) is the input embedding, so it stays frozen too; an untied one
     (Llama 3 8B, Mistral) is the top of the model and trains."""
     base = decoder.base_model

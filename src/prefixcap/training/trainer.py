@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from prefixcap.errors import UserError
-from prefixcap.model.caption_model import MODEL_ENTRIES, CaptionModel
+from prefixcap.model.caption_model import CaptionModel
+from prefixcap.model.directory import MODEL_ENTRIES
 from prefixcap.model.registry import resolve_model_dir
 from prefixcap.pipeline.features import FeatureStore
 from prefixcap.retrieval.training import TrainingRetrieval
@@ -437,13 +438,9 @@ def _load_model(config: TrainConfig, store: FeatureStore, checkpoint: Path | Non
     elif config.init is not None:  # a trained model to fine-tune (SCST, or more cross-entropy)
         model = CaptionModel.from_pretrained(resolve_model_dir(config.init), merge_adapter=merge)
     else:
-        sizes = {"mapper_num_layers": config.mapper_layers, "mapper_num_heads": config.mapper_heads,
-                 "mapper_width": config.mapper_width}  # fmt: skip
         model = CaptionModel.from_components(
-            vision_encoder=store.encoder, decoder=config.decoder, mapper=config.mapper,
-            prefix_length=config.prefix_length, freeze_decoder=config.freeze == "frozen",
-            **{name: value for name, value in sizes.items() if value is not None},
-        )  # fmt: skip
+            vision_encoder=store.encoder, freeze_decoder=config.freeze == "frozen", **config.model_options
+        )
     store.check_encoder(model.config, model.image_processor)
     apply_freeze_policy(model, config)  # the same for every way in (new, --init, resumed)
     return model
@@ -477,7 +474,7 @@ def _resumed_config(saved: dict[str, Any], given: dict[str, Any], state_dir: Pat
     """The run's own options; options given again must agree with them. FEATURES may name the
     run's feature store in another folder (`_check_same_store` makes sure it is the same one)."""
     try:
-        config = TrainConfig(**{**saved, "features": given.get("features", saved["features"])})
+        config = TrainConfig.from_stored({**saved, "features": given.get("features", saved["features"])})
     except (KeyError, TypeError, UserError) as error:
         raise damaged(state_dir / JSON_FILE, error) from None
     for name, value in given.items():

@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 
 from prefixcap.errors import UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
-from prefixcap.model.caption_model import read_safetensors
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import load_image_processor
+from prefixcap.model.hf_loading import read_safetensors
 from prefixcap.onnx.export import export_onnx
 from prefixcap.onnx.manifest import is_onnx_export, read_manifest
 from prefixcap.system.atomic import atomic_dir, check_output_dir

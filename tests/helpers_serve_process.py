@@ -1,4 +1,4 @@
-"""Run `prefixcap serve` in a child process, for end-to-end tests and benchmarks.
+"""Run `prefixcap serve` in a child process, for end-to-end tests and `benchmarks/bench_serve.py`.
 
 A real process on a real socket is what users run; it also keeps the server's memory and CPU
 apart from the client's, so RSS and throughput measurements are about the server alone.
