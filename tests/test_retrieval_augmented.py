@@ -145,6 +145,40 @@ def test_a_models_retrieval_fields_are_checked_on_load(world, tmp_path, change, 
         CaptionConfig.load(model)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"prefix_dropout": 0.5}, "prefix_dropout needs datastore"),
+        ({"prefix_dropout": 0.5, "datastore": "DS", "objective": "scst", "init": "M"}, "objective xent"),
+        ({"prefix_dropout": 1.5, "datastore": "DS"}, "prefix_dropout must be a finite number between 0 and 1"),
+    ],
+)
+def test_prefix_dropout_is_checked(options, message) -> None:
+    from prefixcap.training import TrainConfig
+
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**options)
+
+
+def test_prefix_dropout_trains_a_share_of_the_captions_without_their_image(world) -> None:
+    """In train mode, about P of the rows see the prefix of a zero embedding; in eval mode none do."""
+    from prefixcap.model.caption_model import CaptionModel
+    from prefixcap.training.objective import CaptionLoss
+
+    model = CaptionModel.from_pretrained(world["model"])
+    seen = []
+    model.mapper.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
+    loss = CaptionLoss(model, prefix_dropout=0.5)
+    embeds = torch.randn(400, model.config.embed_dim) + 3
+    ids = torch.zeros(400, 2, dtype=torch.long)
+    batch = {"image_embeds": embeds, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss.train()(**batch)
+    zeroed = (seen[-1] == 0).all(dim=-1)
+    assert 150 < int(zeroed.sum()) < 250 and torch.equal(seen[-1][~zeroed], embeds[~zeroed])
+    loss.eval()(**batch)
+    assert torch.equal(seen[-1], embeds)
+
+
 # ---------------------------------------------------------------------- captioning
 def b_test_records(world) -> list:
     return [record for record in load_records(world["B"]) if record.split == "test"]

@@ -38,6 +38,7 @@ BOUNDS: dict[str, tuple[float, float | None]] = {
     "samples_per_image": (1, MAX_SAMPLES_PER_IMAGE), "max_new_tokens": (1, None),
     "lora_rank": (1, 4096), "lora_alpha": (0, None),
     "retrieve_k": (1, MAX_RETRIEVE_K), "retrieval_prompt_tokens": (1, MAX_RETRIEVAL_PROMPT_TOKENS),
+    "prefix_dropout": (0, 1),
 }  # fmt: skip
 
 
@@ -95,6 +96,10 @@ class TrainConfig:
         None  # with {captions} once (None: "Similar images show {captions} This image shows")
     )
     retrieval_prompt_tokens: int = 128  # most decoder tokens of a retrieval prompt (also at most half the positions)
+    # With a datastore: the chance that a caption is trained without its image (its prefix the mapper's output for a
+    # zero embedding), so that the model learns to caption from the retrieved captions too, and follows another
+    # domain's datastore when captioning, not only the words it learned for the images it saw.
+    prefix_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -138,6 +143,15 @@ class TrainConfig:
             (
                 self.datastore is None or self.prompt is None,
                 "--prompt and --datastore: with a datastore each image's prompt is the captions it retrieves",
+            ),
+            (
+                not self.prefix_dropout or self.datastore is not None,
+                "prefix_dropout needs datastore: without retrieved captions, a caption without its image has "
+                "nothing to follow",
+            ),
+            (
+                not self.prefix_dropout or self.objective == "xent",
+                "prefix_dropout is for cross-entropy training (objective xent): scst samples captions of the images",
             ),
         ]
         for ok, message in checks:
