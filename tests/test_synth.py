@@ -72,6 +72,29 @@ def test_cli_writes_the_dataset_and_rejects_bad_sizes(tmp_path: Path, capsys: py
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_pairs_choose_a_domain_of_colour_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--pairs` writes only the pairs named, each drawn in its colours (a pixel of each, at least);
+    unknown colours, and pairs for the two-balls task, are refused."""
+    assert main(["synth", str(tmp_path / "b"), "--num-images", "20", "--image-size", "16",
+                 "--pairs", "yellow:red,green:blue"]) == 0  # fmt: skip
+    rows = read_dataset(tmp_path / "b")
+    assert {row["caption"] for row, _ in rows} == {
+        "a yellow shape on a red background", "a green shape on a blue background"
+    }  # fmt: skip
+    palette = {**OBJECT_COLORS, **BACKGROUND_COLORS}
+    for row, pixels in rows:
+        obj, bg = row["caption"].split()[1], row["caption"].split()[5]
+        colours = {tuple(pixel) for pixel in pixels.reshape(-1, 3)}
+        assert palette[obj] in colours and palette[bg] in colours
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(["synth", str(tmp_path / "bad"), "--pairs", "red:teal"])
+    assert raised.value.code == 2 and "--pairs: want OBJ:BG pairs" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "bad"), "--pairs", "red:blue", "--task", "two-balls"]) == 2
+    assert "error: --pairs: the two-balls task" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_wordings_task_gives_each_image_differently_worded_references_of_its_colours(tmp_path: Path) -> None:
     records = load_records(make_synthetic_dataset(tmp_path, num_images=200, seed=2, task="wordings"))
     templates = [template for _, template in WORDINGS]

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 from prefixcap.cli.common import bounded
-from prefixcap.data.synth import MIN_IMAGE_SIZE, MIN_NUM_IMAGES, TASKS, make_synthetic_dataset
+from prefixcap.data.synth import (
+    BACKGROUND_COLORS,
+    MIN_IMAGE_SIZE,
+    MIN_NUM_IMAGES,
+    OBJECT_COLORS,
+    TASKS,
+    make_synthetic_dataset,
+)
+from prefixcap.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,12 +53,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "captions of one of two balls; wordings: shapes with 5 differently worded references each, for SCST "
         "(default: shapes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pairs", type=colour_pairs, metavar="OBJ:BG,...",
+        help="shapes and wordings: only these (object, background) colour pairs, from "
+        f"{', '.join(sorted({**OBJECT_COLORS, **BACKGROUND_COLORS}))}, e.g. red:yellow,yellow:red: a domain of its "
+        "own, such as one whose captions a model never saw, for `caption --datastore` (default: every object "
+        "colour on every background colour)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
+def colour_pairs(text: str) -> list[tuple[str, str]]:
+    """ "red:yellow,green:blue" as [("red", "yellow"), ("green", "blue")], every name a palette colour."""
+    palette = {**OBJECT_COLORS, **BACKGROUND_COLORS}
+    pairs = [tuple(item.strip().split(":")) for item in text.split(",")]
+    if not all(len(pair) == 2 and all(name in palette for name in pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"want OBJ:BG pairs separated by commas, with colours from {sorted(palette)}")
+    return pairs
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.pairs and args.task == "two-balls":
+        raise UserError("--pairs: the two-balls task has its own colours; use it with --task shapes or wordings")
     captions = make_synthetic_dataset(
-        args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size, task=args.task
-    )
+        args.out_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size, task=args.task,
+        pairs=args.pairs,
+    )  # fmt: skip
     print(f"wrote {args.num_images} images and {captions}")
     return 0

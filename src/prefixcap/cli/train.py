@@ -127,6 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: 'Similar images show {captions} This image shows')")  # fmt: skip
     add("--retrieval-prompt-tokens", metavar="N", help="most decoder tokens of a prompt, at most half the positions "
         "after the prefix: whole captions, best first, while they fit")  # fmt: skip
+    add("--prefix-dropout", metavar="P", help="the chance that a training caption is learned without its image, "
+        "from the retrieved captions alone, so that the model follows them, also another domain's datastore when "
+        "captioning")  # fmt: skip
 
     scst = parser.add_argument_group(
         "self-critical sequence training",

@@ -110,6 +110,10 @@ class TrainConfig:
         None  # with {captions} once (None: "Similar images show {captions} This image shows")
     )
     retrieval_prompt_tokens: int = _model_field("retrieval_prompt_tokens", 128)  # also at most half the positions
+    # With a datastore: the chance that a caption is trained without its image (its prefix the mapper's output for a
+    # zero embedding), so that the model learns to caption from the retrieved captions too, and follows another
+    # domain's datastore when captioning, not only the words it learned for the images it saw.
+    prefix_dropout: float = option(0.0, bounds=between(0, 1))
 
     def __post_init__(self) -> None:
         check_fields(TrainConfig, {name: getattr(self, name) for name in FIELDS}, error=UserError)
@@ -151,6 +155,15 @@ class TrainConfig:
             (
                 self.datastore is None or self.prompt is None,
                 "--prompt and --datastore: with a datastore each image's prompt is the captions it retrieves",
+            ),
+            (
+                not self.prefix_dropout or self.datastore is not None,
+                "prefix_dropout needs datastore: without retrieved captions, a caption without its image has "
+                "nothing to follow",
+            ),
+            (
+                not self.prefix_dropout or self.objective == "xent",
+                "prefix_dropout is for cross-entropy training (objective xent): scst samples captions of the images",
             ),
         ]
         for ok, message in checks:

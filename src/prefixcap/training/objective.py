@@ -21,9 +21,15 @@ from prefixcap.model.caption_model import CaptionModel
 
 
 class CaptionLoss(nn.Module):
-    def __init__(self, model: CaptionModel):
+    """`prefix_dropout`: the chance that a training caption's image embedding is zeroed (only in
+    train mode), so that its prefix is the mapper's constant output for "no image" and the caption
+    must come from the prompt alone: with retrieval, the model learns to read the retrieved captions
+    instead of ignoring them for its image (`train --prefix-dropout`)."""
+
+    def __init__(self, model: CaptionModel, prefix_dropout: float = 0.0):
         super().__init__()
         self.model = model
+        self.prefix_dropout = prefix_dropout
         use_one_kernel_gelu(model.decoder)
 
     def forward(
@@ -40,6 +46,9 @@ class CaptionLoss(nn.Module):
         causal attention alone keeps every real position from seeing padding. Without a mask,
         SDPA takes its causal fast path and no padding mask is built at every step."""
         targets = labels != -100
+        if self.training and self.prefix_dropout:
+            dropped = torch.rand(image_embeds.shape[0], device=image_embeds.device) < self.prefix_dropout
+            image_embeds = image_embeds.masked_fill(dropped.view(-1, *[1] * (image_embeds.ndim - 1)), 0)
         return F.cross_entropy(self.target_logits(image_embeds, input_ids, targets).float(), labels[targets])
 
     def target_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,7 @@ class Trainer:
         self.optimizer = build_optimizer(model.to(self.accelerator.device), config, self.accelerator.device)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.model = model  # the CaptionModel: validated, saved
-        objective = SCSTLoss(model) if self.scst is not None else CaptionLoss(model)
+        objective = SCSTLoss(model) if self.scst is not None else CaptionLoss(model, config.prefix_dropout)
         self.objective, self.optimizer = self.accelerator.prepare(objective, self.optimizer)  # trained
         self.progress = Progress() if saved is None else saved.progress
         if saved is not None:
