@@ -2,10 +2,13 @@
 one CPU and a second node with two CPUs and a `captioner` resource) and an S3 store on 127.0.0.1
 (moto's server); jobs that must give exactly the single-process captions, each image once, also
 after a captioning actor is killed with SIGKILL; reruns (nothing to do; everything to do after the model's files change); sidecar files;
-the actor class in a plain Ray Data pipeline; and no Ray process left behind."""
+the actor class in a plain Ray Data pipeline; `prepare --ray`, which must write the in-process
+feature store, resume shard by shard and survive a killed encoding actor; and no Ray process left
+behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -14,19 +17,25 @@ import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from prefixcap.captioner import Captioner
 from prefixcap.cli import main
+from prefixcap.data import load_records
+from prefixcap.data.synth import make_synthetic_dataset
 from prefixcap.inputs.expand import expand_inputs
 from prefixcap.jobs.ray_job import caption_to_shards, read_shard
+from prefixcap.pipeline.features import BAD_IMAGES, MANIFEST, SHARD_DIR, shard_path
+from prefixcap.pipeline.prepare import prepare_features
 from prefixcap.testing import COLOURS, colour_image
-from tests.helpers_pipeline import prefixcap_command, subprocess_env
+from tests.helpers_pipeline import prefixcap_command, store_contents, subprocess_env
 from tests.test_core_install import core_env, run_core  # noqa: F401 - core_env is a fixture
 
 ray = pytest.importorskip("ray")
@@ -34,6 +43,8 @@ pytestmark = pytest.mark.slow
 
 from prefixcap.jobs.ray import PrefixCaptioner, RayCaptioner  # noqa: E402 - needs ray
 from prefixcap.jobs.ray_inputs import expand_ray_inputs  # noqa: E402
+from prefixcap.jobs.ray_prepare import prepare_on_ray  # noqa: E402
+from prefixcap.jobs.ray_units import RayCluster  # noqa: E402
 
 NAMES = list(COLOURS)
 OPTIONS = {"max_new_tokens": 8}
@@ -369,6 +380,143 @@ def test_changed_model_files_redo_everything_on_a_local_cluster_that_leaves_no_p
     assert dict(shard_records(job["out"], "parquet")) == job["reference"]
 
 
+def write_dataset(root: Path, num_images: int) -> Path:
+    """A JSON lines caption dataset of `num_images` synthetic 16-pixel images, plus a shard
+    member, a missing image and a broken one; returns its file."""
+    captions = make_synthetic_dataset(root, num_images=num_images, image_size=16)
+    write_shard(root / "pack.tar", NAMES[:1])
+    (root / "images" / "broken.png").write_bytes(b"not a picture")
+    extra = [("pack.tar#sample000.png", "train"), ("images/missing.png", "val"), ("images/broken.png", "train")]
+    with captions.open("a") as out:
+        for image, split in extra:
+            out.write(json.dumps({"image": image, "caption": f"a caption of {image}", "split": split}) + "\n")
+    return captions
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a feature store but the embeddings (whose metadata name their inputs), by name."""
+    return {
+        str(path.relative_to(store)): path.read_bytes()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and path.suffix != ".safetensors"
+    }
+
+
+def assert_same_store(store: Path, expected: Path) -> None:
+    """The same records, shard files, bad images and manifest; embeddings equal up to rounding."""
+    assert store_files(store) == store_files(expected)
+    (records, embeds), (expected_records, expected_embeds) = store_contents(store), store_contents(expected)
+    assert records == expected_records
+    assert embeds.keys() == expected_embeds.keys()
+    for split in expected_embeds:
+        torch.testing.assert_close(embeds[split], expected_embeds[split], atol=1e-3, rtol=1e-3)
+
+
+PREPARE = {"shard_size": 4, "batch_size": 3}
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster, tiny_components, tmp_path_factory) -> dict:
+    """A dataset encoded on the cluster through the Python API, the encoding actor on the second
+    node (decoding tasks on both), and in one process."""
+    root = tmp_path_factory.mktemp("prepare")
+    captions = write_dataset(root / "data", num_images=10)
+    encoder = tiny_components[0]
+    with RayCluster(address=cluster.address, resources={"captioner": 1}) as ray_cluster:
+        manifest = prepare_on_ray(ray_cluster, captions, root / "ray", vision_encoder=encoder, **PREPARE)
+    prepare_features(captions, root / "local", vision_encoder=encoder, num_workers=0, **PREPARE)
+    return {
+        "captions": captions,
+        "encoder": encoder,
+        "ray": root / "ray",
+        "local": root / "local",
+        "manifest": manifest,
+    }
+
+
+def test_prepare_on_ray_writes_the_in_process_feature_store(prepared):
+    local, _ = store_contents(prepared["local"])
+    records, embeds = store_contents(prepared["ray"])
+    bad = {"images/missing.png", "images/broken.png"}
+    assert records == local == [record for record in load_records(prepared["captions"]) if record.image_id not in bad]
+    rows = torch.cat(list(embeds.values()))
+    assert len({tuple(row.tolist()) for row in rows}) == len(rows) == 11  # distinct images, distinct rows
+    assert_same_store(prepared["ray"], prepared["local"])
+    manifest = prepared["manifest"]
+    assert (manifest.num_records, manifest.num_images, manifest.num_bad, manifest.num_shards) == (13, 11, 2, 4)
+    bad = [json.loads(line) for line in (prepared["ray"] / BAD_IMAGES).read_text().splitlines()]
+    assert [(entry["image_id"], entry["reason"].split(" (")[0]) for entry in bad] == [
+        ("images/missing.png", "no such file"), ("images/broken.png", "not an image, or an unsupported format"),
+    ]  # fmt: skip
+
+
+def test_prepare_on_ray_reruns_only_the_shards_not_written(prepared, cluster, monkeypatch, capsys):
+    """A rerun over the finished store sends nothing to the cluster and rewrites nothing; after a
+    shard is lost, a rerun encodes that shard's images alone, and the store is whole again."""
+    store, units = prepared["ray"], []
+    command = ["prepare", str(prepared["captions"]), "--out", str(store), "--vision-encoder", str(prepared["encoder"]),
+               "--shard-size", "4", "--batch-size", "3", "--ray", cluster.address]  # fmt: skip
+    stamps = {path.name: path.stat().st_mtime_ns for path in (store / SHARD_DIR).iterdir()}
+
+    def nothing_to_do(self, *args, **kwargs):
+        raise AssertionError("a finished store sent work to the cluster")
+
+    monkeypatch.setattr(RayCluster, "map_units", nothing_to_do)
+    assert main(command) == 0
+    assert "4 finished shards kept" in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in (store / SHARD_DIR).iterdir()} == stamps
+    monkeypatch.undo()
+
+    map_units = RayCluster.map_units
+
+    def counted(self, work, **kwargs):
+        work = list(work)
+        units.extend(work)
+        return map_units(self, work, **kwargs)
+
+    monkeypatch.setattr(RayCluster, "map_units", counted)
+    shard_path(store, 1, ".safetensors").unlink()
+    assert main(command) == 0
+    assert "3 finished shards kept" in capsys.readouterr().err
+    shard = load_records(prepared["captions"])[4:8]
+    assert [image for unit in units for image in unit] == [record.image for record in shard]
+    rewritten = {
+        path.name for path in (store / SHARD_DIR).iterdir() if path.stat().st_mtime_ns != stamps.get(path.name)
+    }
+    assert rewritten == {"000001.safetensors", "000001.jsonl"}
+    assert (store / MANIFEST).exists()
+    assert_same_store(store, prepared["local"])
+
+
+def test_prepare_on_ray_survives_a_killed_encoding_actor(cluster, tiny_components, tmp_path):
+    """SIGKILL the encoding actor's process mid-run (from a thread, while this process drives the
+    job): Ray replaces it and retries its batches; the store holds every image once, as the
+    in-process store does."""
+    captions = write_dataset(tmp_path / "data", num_images=30)
+    out, killed = tmp_path / "ray", {}
+
+    def kill_the_actor_after_the_first_shard() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            actors = [pid for pid, command in ray_processes(psutil.Process()).items() if "PrefixEncoder" in command]
+            written = len(list(out.glob(f"{SHARD_DIR}/*.safetensors")))
+            if actors and written:
+                os.kill(actors[0], signal.SIGKILL)
+                killed.update(pid=actors[0], written=written, finished=(out / MANIFEST).exists())
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_actor_after_the_first_shard, daemon=True)
+    killer.start()
+    with RayCluster(address=cluster.address) as ray_cluster:
+        prepare_on_ray(ray_cluster, captions, out, vision_encoder=tiny_components[0], shard_size=2, batch_size=1)
+    killer.join(timeout=10)
+    assert killed and killed["written"] < 17 and not killed["finished"]  # mid-run (33 images in 17 shards)
+    assert not alive([killed["pid"]])
+    prepare_features(captions, tmp_path / "local", vision_encoder=tiny_components[0], shard_size=2, num_workers=0)
+    assert_same_store(out, tmp_path / "local")
+
+
 def test_shutdown_leaves_no_ray_process(cluster):
     processes, left = cluster.shutdown()
     assert any("gcs_server" in command for command in processes.values())
@@ -381,5 +529,17 @@ def test_without_ray_the_flag_names_the_extra(core_env, tmp_path):  # noqa: F811
     assert result.returncode == 2
     assert (
         result.stderr.strip()
+        == 'error: Ray jobs (--ray) needs ray[data], pandas, pyarrow: pip install "prefixcap[ray]"'
+    )
+
+
+def test_without_ray_prepare_names_the_extra_before_reading_the_dataset(tmp_path, monkeypatch, capsys):
+    """The same line from `prepare --ray` (here with the extra's packages hidden from the import
+    system), before the dataset, which does not exist, is looked at."""
+    find_spec, hidden = importlib.util.find_spec, {"ray", "pandas", "pyarrow"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else find_spec(name, *a))
+    assert main(["prepare", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path / "out"), "--ray"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
         == 'error: Ray jobs (--ray) needs ray[data], pandas, pyarrow: pip install "prefixcap[ray]"'
     )

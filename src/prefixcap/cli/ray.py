@@ -1,11 +1,13 @@
-"""`--ray [ADDRESS]` for `prefixcap caption`: the options, and the run on a Ray cluster (the work
-itself is `prefixcap.jobs.ray` and `prefixcap.jobs.ray_job`)."""
+"""`--ray [ADDRESS]` for `prefixcap caption` and `prefixcap prepare`: the options, the cluster they
+describe, and the caption run on it (the work itself is `prefixcap.jobs.ray` and
+`prefixcap.jobs.ray_job`; for prepare, `prefixcap.jobs.ray_prepare`)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+from typing import Any
 
 from prefixcap.cli.common import bounded, generation_kwargs, report_failure
 from prefixcap.errors import UserError
@@ -20,30 +22,56 @@ on a Ray cluster (pip install "prefixcap[ray]"):
   which every node reads itself through pyarrow.
   prefixcap caption 'shards/{0000..0999}.tar' --ray auto --ray-actors 8 --ray-gpus 1 --output out/ --format parquet
 """
+PREPARE_EPILOG = """\
+on a Ray cluster (pip install "prefixcap[ray]"):
+  --ray starts a cluster on this machine for the job; --ray auto joins the cluster this machine
+  belongs to (ray start), --ray ray://HOST:10001 one elsewhere. Ray tasks decode the images on any
+  node, actors encode them, and this process writes the same feature store as without --ray; a
+  rerun keeps the finished shards. Every node must read the dataset's images at the same paths.
+  prefixcap prepare coco/dataset_coco.json --out features/coco --ray auto --ray-actors 8 --ray-gpus 1
+"""
 # auto, local, ray://HOST:PORT, or HOST:PORT of a cluster's head (what `ray start` prints)
 _ADDRESS = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9.\-\[\]:]+:\d+)$")
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+def add_ray_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    work: tuple[str, str] = ("captioning", "captions"),
+    writes: str = "Writes shards into --output OUT/ (or --sidecar files)",
+) -> None:
+    """The --ray options of a command whose actors do `work` (their adjective, and the verb for
+    what they do on CPUs) and which `writes` what the help names."""
+    actor, verb = work
     group = parser.add_argument_group("Ray cluster (scale out; see README, Scaling out)")
     group.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS",
         help="run the job on a Ray cluster: without ADDRESS one started on this machine for the job "
         "(127.0.0.1 only); auto: the cluster this machine joined with `ray start`; ray://HOST:PORT or "
-        "HOST:PORT: that cluster. Writes shards into --output OUT/ (or --sidecar files)",
+        f"HOST:PORT: that cluster. {writes}",
     )  # fmt: skip
     group.add_argument(
         "--ray-actors", type=bounded(int, 1), default=1, metavar="N",
-        help="captioning actors, each with its own copy of the model (default: 1)",
+        help=f"{actor} actors, each with its own copy of the model (default: 1)",
     )  # fmt: skip
     group.add_argument(
         "--ray-gpus", type=bounded(float, 0), default=0, metavar="G",
-        help="GPUs per captioning actor: 1 for one model per GPU, 0.5 for two; 0 captions on CPUs (default: 0)",
+        help=f"GPUs per {actor} actor: 1 for one model per GPU, 0.5 for two; 0 {verb} on CPUs (default: 0)",
     )  # fmt: skip
     group.add_argument(
         "--ray-cpus", type=bounded(float, 0), default=1, metavar="C",
-        help="CPUs reserved per captioning actor; decoding tasks take one CPU each from the rest (default: 1)",
+        help=f"CPUs reserved per {actor} actor; decoding tasks take one CPU each from the rest (default: 1)",
     )  # fmt: skip
+
+
+def cluster_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `RayCluster` settings the --ray options give; refuses an ADDRESS that names no cluster."""
+    if not _ADDRESS.match(args.ray):
+        raise UserError(
+            f"--ray {args.ray}: expected auto, ray://HOST:PORT or HOST:PORT (put a bare --ray after the inputs)"
+        )
+    return {"address": args.ray, "actors": args.ray_actors, "gpus_per_actor": args.ray_gpus,
+            "cpus_per_actor": args.ray_cpus}  # fmt: skip
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -52,18 +80,14 @@ def run_caption(args: argparse.Namespace) -> int:
     from prefixcap.jobs.ray import RayCaptioner
     from prefixcap.system.processes import SingleProcess
 
-    if not _ADDRESS.match(args.ray):
-        raise UserError(
-            f"--ray {args.ray}: expected auto, ray://HOST:PORT or HOST:PORT (put a bare --ray after the inputs)"
-        )
+    cluster = cluster_settings(args)
     if args.rerank:
         raise UserError("--rerank does not run on Ray yet; caption without --ray")
     sidecar = sidecar_requested(args)
     if not sidecar:
         fmt = _check_output(args)
     captioner = RayCaptioner(
-        args.model, address=args.ray, actors=args.ray_actors, gpus_per_actor=args.ray_gpus,
-        cpus_per_actor=args.ray_cpus, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        args.model, **cluster, device=args.device, dtype=args.dtype, quantize=args.quantize,
         jpeg_draft=args.jpeg_draft, batch_size=args.batch_size,
     )  # fmt: skip
     try:  # checked once, here, against the model's text side; the actors caption with it
