@@ -2,7 +2,7 @@
 measured side by side in one run, and the size of the web exports.
 
 A full-size model with random weights (CLIP ViT-B/32 + MLP mapper (K=10) + GPT-2 124M; speed does
-not depend on weight values) is exported with `prefixcap export onnx` (float32 and int8) and
+not depend on weight values) is exported with `prefixcap export onnx` (float32, int8, int4) and
 `prefixcap export web`. Both runtimes run the same graphs and caption the same JPEG files one at a
 time, as the page does, greedy, exactly --new-tokens tokens each (min_new_tokens = max_new_tokens),
 image decoding and preprocessing included:
@@ -12,8 +12,9 @@ image decoding and preprocessing included:
 - Python ONNX Runtime on 1 thread and on all cores (`OnnxCaptionModel`, the engine's search).
 
 Reported: each export's size in MB (10^6 bytes; the folder: graphs, embeddings, tokenizer data and
-onnxruntime-web), captions/s, the browser's share of Python's, and the issue's targets (the int8
-export at most 200 MB; single-thread WASM int8 at least 50% of single-thread Python int8).
+onnxruntime-web) and per file, captions/s, the browser's share of Python's, and the issue's targets
+for each quantized export (at most 200 MB; single-thread WASM at least 50% of single-thread Python
+ONNX Runtime at the same precision).
 
     python benchmarks/bench_web.py                          # full size; exports are kept in --workdir
     python benchmarks/bench_web.py --tiny --images 2 --new-tokens 3      # checks that it runs
@@ -41,7 +42,7 @@ from prefixcap.web.preview import serve_folder
 PHOTOS = [path.read_bytes() for path in sorted((Path(__file__).parents[1] / "examples" / "images").glob("*.jpg"))]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-TARGET_INT8_MB, TARGET_WASM_SHARE = 200, 0.5
+TARGET_MB, TARGET_WASM_SHARE = 200, 0.5
 
 # In the page: caption the files one at a time with the page's own Captioner; seconds for all.
 CAPTION_ALL = """async ([files, options]) => {
@@ -64,12 +65,20 @@ def folder_mb(directory: Path) -> float:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file()) / 1e6
 
 
+def file_mb(directory: Path) -> dict[str, float]:
+    """The export's files over 0.1 MB, by path, in MB."""
+    sizes = {
+        str(path.relative_to(directory)): path.stat().st_size / 1e6 for path in directory.rglob("*") if path.is_file()
+    }
+    return {name: round(size, 1) for name, size in sorted(sizes.items()) if size >= 0.1}
+
+
 def exports(model: Path, workdir: Path, precision: str, ort_web: Path | None) -> tuple[Path, Path]:
     """(ONNX export, web export) of `model` at `precision`, made once per --workdir."""
     onnx_dir, web_dir = workdir / f"onnx-{precision}", workdir / f"web-{precision}"
     if not is_onnx_export(onnx_dir):
         print(f"exporting {precision} ONNX graphs ...", flush=True)
-        export_onnx(model, onnx_dir, quantize="int8" if precision == "int8" else None, overwrite=True)
+        export_onnx(model, onnx_dir, quantize=None if precision == "float32" else precision, overwrite=True)
     if not is_web_export(web_dir):
         export_web(onnx_dir, web_dir, ort_web_tarball=ort_web, overwrite=True)
     return onnx_dir, web_dir
@@ -123,7 +132,9 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=16, help="images captioned per measurement (default: 16)")
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens per caption (default: 20)")
-    parser.add_argument("--precisions", default="int8,float32", help="exports to measure (default: int8,float32)")
+    parser.add_argument(
+        "--precisions", default="int4,int8,float32", help="exports to measure: int4, int8, float32 (default: all three)"
+    )
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny test model instead of the full-size one (a quick check)"
     )
@@ -139,11 +150,13 @@ def main() -> None:
         model = build_image_dependent_model(workdir / "tiny") if args.tiny else build_full_size_model(workdir)
         results: dict[str, Any] = {
             "machine": {"cpu": cpu_name(), "cores": cores},
-            "new_tokens": args.new_tokens, "images": args.images, "tiny": args.tiny, "sizes_mb": {}, "captions_per_s": {},
+            "new_tokens": args.new_tokens, "images": args.images, "tiny": args.tiny, "sizes_mb": {}, "file_sizes_mb": {},
+            "captions_per_s": {},
         }  # fmt: skip
         for precision in args.precisions.split(","):
             onnx_dir, web_dir = exports(model, workdir, precision, args.ort_web)
             results["sizes_mb"][precision] = round(folder_mb(web_dir), 1)
+            results["file_sizes_mb"][precision] = file_mb(web_dir)
             rates = {
                 f"python ort, {t} thread(s)": python_rate(onnx_dir, files, t, args.new_tokens) for t in thread_counts
             }
@@ -152,19 +165,26 @@ def main() -> None:
             rates |= {f"chromium wasm, {t} thread(s)": rate for t, rate in browser.items()}
             results["captions_per_s"][precision] = rates
             print(f"\n{precision}: web export {results['sizes_mb'][precision]} MB")
+            for name, size in results["file_sizes_mb"][precision].items():
+                print(f"  {name:36s} {size:8.1f} MB")
             for name, rate in rates.items():
                 print(f"  {name:28s} {rate:8.2f} captions/s")
             for t in thread_counts:
                 share = browser[t] / rates[f"python ort, {t} thread(s)"]
                 print(f"  browser / python, {t} thread(s): {share:.2f}")
 
-        if "int8" in results["captions_per_s"]:
-            int8 = results["captions_per_s"]["int8"]
-            share = int8["chromium wasm, 1 thread(s)"] / int8["python ort, 1 thread(s)"]
-            results["targets"] = {
-                f"int8 export <= {TARGET_INT8_MB} MB": results["sizes_mb"]["int8"] <= TARGET_INT8_MB,
-                f"single-thread WASM int8 >= {TARGET_WASM_SHARE:.0%} of Python ORT": share >= TARGET_WASM_SHARE,
+        results["targets"] = {}
+        for precision in ("int4", "int8"):
+            if precision not in results["captions_per_s"]:
+                continue
+            rates = results["captions_per_s"][precision]
+            share = rates["chromium wasm, 1 thread(s)"] / rates["python ort, 1 thread(s)"]
+            results["targets"] |= {
+                f"{precision} export <= {TARGET_MB} MB": results["sizes_mb"][precision] <= TARGET_MB,
+                f"single-thread WASM {precision} >= {TARGET_WASM_SHARE:.0%} of Python ORT {precision}": share
+                >= TARGET_WASM_SHARE,
             }
+        if results["targets"]:
             print(
                 "\ntargets:",
                 ", ".join(f"{name}: {'met' if met else 'MISSED'}" for name, met in results["targets"].items()),

@@ -15,12 +15,23 @@ import torch
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
 from prefixcap.errors import ModelLoadError, UserError
+from prefixcap.model.caption_model import read_safetensors
 from prefixcap.onnx import export as export_module
-from prefixcap.onnx.export import ExportCheckError, check_export, export_onnx
+from prefixcap.onnx.export import (
+    INT4_BLOCK_SIZE,
+    QUANTIZED_TOLERANCE,
+    ExportCheckError,
+    check_export,
+    dequantize_int4,
+    export_onnx,
+    int4_blocks,
+)
 from prefixcap.onnx.manifest import MANIFEST_NAME
 from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
 from prefixcap.testing import COLOURS, colour_image
 from tests.reference import assert_distinct, captions_one_by_one
+from tests.test_web_browser import INT4_AGREEMENT, MIN_DISTINCT_CAPTIONS, images, python_tokens  # noqa: F401 (fixture)
+from tests.test_web_export import onnx_exports  # noqa: F401 (fixture)
 
 onnx = pytest.importorskip("onnx")  # the onnx extra: onnx, onnxruntime, onnxscript
 pytest.importorskip("onnxruntime")
@@ -422,6 +433,35 @@ def test_int8_export_agrees_with_float32(image_dependent_model_dir: Path, onnx_d
     got = captioner(colours, num_beams=2, max_new_tokens=8)
     agree = sum(a == b for a, b in zip(got, expected, strict=True))
     assert agree >= len(expected) - 1, (got, expected)
+
+
+@pytest.mark.slow
+def test_int4_export_has_4_bit_weights_int4_embeddings_and_mostly_the_float32_captions(
+    onnx_exports: dict[str, Path],  # noqa: F811 (the fixture imported above)
+    images: list[tuple[str, bytes]],  # noqa: F811
+) -> None:
+    int4, float32 = onnx_exports["int4"], onnx_exports["float32"]
+    manifest = json.loads((int4 / MANIFEST_NAME).read_text())
+    assert manifest["quantize"] == "int4" and manifest["quantization"]["op"] == "com.microsoft.MatMulNBits"
+    assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["block_size"] == INT4_BLOCK_SIZE
+    assert max(manifest["checked"]["int4"].values()) <= QUANTIZED_TOLERANCE["int4"]
+    for graph in ("encoder.onnx", "decoder.onnx"):
+        model = onnx.load(str(int4 / graph)).graph
+        weights = {tensor.name for tensor in model.initializer}
+        float_weights = [n.name for n in model.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+        assert "MatMulNBits" in {node.op_type for node in model.node} and float_weights == [], graph
+    embeddings = read_safetensors(int4 / "embeddings.safetensors")["weight"]
+    assert torch.equal(dequantize_int4(*int4_blocks(embeddings), embeddings.shape[1]), embeddings)  # int4 values
+    assert not torch.equal(embeddings, read_safetensors(float32 / "embeddings.safetensors")["weight"])
+
+    captioner = Captioner.from_pretrained(int4)
+    assert captioner.precision == "float32 activations, int4 weights (ONNX export)"
+    got = python_tokens(captioner.model, images) + python_tokens(captioner.model, images, num_beams=3)
+    reference = OnnxCaptionModel.from_pretrained(float32, threads=1)
+    expected = python_tokens(reference, images) + python_tokens(reference, images, num_beams=3)
+    assert len({str(rows) for rows in expected}) >= MIN_DISTINCT_CAPTIONS  # the captions depend on the image
+    agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
+    assert agreement >= INT4_AGREEMENT, f"{agreement:.0%} of int4 captions are the float32 export's"
 
 
 @pytest.mark.slow

@@ -18,9 +18,16 @@ from prefixcap.errors import UserError
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.encoders import load_image_processor
 from prefixcap.model.hf_loading import read_safetensors
-from prefixcap.onnx.export import export_onnx
+from prefixcap.onnx.export import export_onnx, int4_blocks
 from prefixcap.web import ort_web
-from prefixcap.web.export import WEB_MANIFEST, export_web, pillow_shrinks_height_first, read_web_manifest, text_data
+from prefixcap.web.export import (
+    WEB_MANIFEST,
+    export_web,
+    pillow_shrinks_height_first,
+    read_web_manifest,
+    text_data,
+    write_embeddings,
+)
 
 T = TypeVar("T")
 
@@ -52,13 +59,14 @@ def ort_web_tarball(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_exports(image_dependent_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """The image-dependent model's ONNX exports, float32 and int8 ({"float32": dir, "int8": dir})."""
+    """The image-dependent model's ONNX exports, float32, int8 and int4 ({"float32": dir, ...})."""
 
     def build() -> dict[str, Path]:
         root = tmp_path_factory.mktemp("onnx")
         export_onnx(image_dependent_model_dir, root / "float32")
-        export_onnx(image_dependent_model_dir, root / "int8", quantize="int8")
-        return {"float32": root / "float32", "int8": root / "int8"}
+        for quantize in ("int8", "int4"):
+            export_onnx(image_dependent_model_dir, root / quantize, quantize=quantize)
+        return {precision: root / precision for precision in ("float32", "int8", "int4")}
 
     return once("onnx", build)
 
@@ -122,6 +130,42 @@ def test_an_int8_export_runs_on_wasm_with_int8_embeddings(onnx_exports, web_expo
     assert stored["weight"].dtype == torch.int8 and stored["scale"].shape == (reference.shape[0],)
     error = (stored["weight"].float() * stored["scale"].unsqueeze(1) - reference).abs()
     assert (error <= stored["scale"].unsqueeze(1) / 2 + 1e-7).all()  # rounded to the nearest step
+
+
+def test_an_int4_export_reads_a_tied_decoders_embeddings_from_its_lm_head(onnx_exports, web_exports, tmp_path):
+    from onnx import load_from_string, numpy_helper
+
+    manifest = read_web_manifest(web_exports["int4"])
+    assert manifest["precision"] == manifest["embeddings"] == "int4" and manifest["onnx"]["quantize"] == "int4"
+    assert set(manifest["ort"]["bundles"]) == {"wasm"}  # the WebGPU build would add 29 MB
+    assert (
+        "embeddings" not in manifest["files"]
+        and not (web_exports["int4"] / "model" / "embeddings.safetensors").exists()
+    )
+    # the ranges hold the int4 blocks of the ONNX export's embeddings, which are the LM head's
+    spec = manifest["int4_embeddings"]
+    decoder = (web_exports["int4"] / manifest["files"]["decoder"]).read_bytes()
+    embeddings = read_safetensors(onnx_exports["int4"] / "embeddings.safetensors")["weight"]
+    packed, scales = int4_blocks(embeddings)
+    (weight_at, weight_length), (scale_at, scale_length) = spec["weight"], spec["scale"]
+    assert decoder[weight_at : weight_at + weight_length] == packed.tobytes()
+    assert decoder[scale_at : scale_at + scale_length] == scales.tobytes()
+    lm_head = load_from_string(decoder).graph.initializer
+    assert any(numpy_helper.to_array(tensor).tobytes() == packed.tobytes() for tensor in lm_head)
+    model_bytes = {
+        kind: sum(path.stat().st_size for path in (web_exports[kind] / "model").iterdir()) for kind in web_exports
+    }
+    assert model_bytes["int4"] < model_bytes["int8"]  # on the tiny model; bench_web.py measures the full-size one
+    # a decoder without those blocks (untied embeddings) gets them in a file of their own
+    decoder_copy = tmp_path / "decoder.onnx"
+    decoder_copy.write_bytes(decoder.replace(packed.tobytes(), bytes(len(packed.tobytes()))))
+    assert write_embeddings(embeddings, "int4", tmp_path, tmp_path / "source") is None
+    stored = read_safetensors(tmp_path / "embeddings.safetensors")
+    assert stored["weight"].numpy().tobytes() == packed.tobytes() and torch.equal(
+        stored["scale"], torch.from_numpy(scales)
+    )
+    with pytest.raises(UserError, match="not int4 values"):
+        write_embeddings(embeddings * 1.01, "int4", tmp_path, tmp_path / "source")
 
 
 def test_the_command_exports_a_model_directory(image_dependent_model_dir, ort_web_tarball, tmp_path, capsys):

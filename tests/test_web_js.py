@@ -22,8 +22,9 @@ from prefixcap import engine
 from prefixcap.inputs.images import to_rgb
 from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.caption_model import CaptionModel
+from prefixcap.onnx.export import INT4_BLOCK_SIZE, dequantize_int4, int4_blocks
 from prefixcap.options import GenerationOptions
-from prefixcap.web.export import SUPPORTED_DECODERS, image_constants, text_data
+from prefixcap.web.export import SUPPORTED_DECODERS, image_constants, quantize_rows, text_data, write_embeddings
 
 JS_TESTS = Path(__file__).parent / "js"
 NODE = shutil.which("node")
@@ -241,3 +242,37 @@ def test_text_matches_hugging_face_decoding(kind, tiny_components, tmp_path):
 
 def test_python_and_javascript_agree_on_the_supported_decoders():
     assert oracle({"op": "decoders"}) == list(SUPPORTED_DECODERS)
+
+
+# ---------------------------------------------------------------------------- token embeddings
+@pytest.mark.parametrize("precision", ["float32", "int8", "int4", "int4 in the decoder"])
+def test_token_embeddings_read_as_python_reads_them(precision, tmp_path):
+    """captioner.js's embeddings equal, bit for bit, the float32 values Python feeds the decoder: int4
+    blocks from their own file (an untied decoder) or from the decoder graph's bytes (a tied one)."""
+    vocab, hidden = 40, 48  # hidden: one and a half int4 blocks
+    weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0))
+    kind = precision.split()[0]
+    if kind == "int4":
+        weight = dequantize_int4(*int4_blocks(weight), hidden)  # what an int4 ONNX export stores
+        packed, scales = int4_blocks(weight)
+        parts = [b"graph bytes before", scales.tobytes(), b"between", packed.tobytes(), b"after"]
+        (tmp_path / "decoder.onnx").write_bytes(b"".join(parts) if precision.endswith("decoder") else b"no blocks")
+    in_decoder = write_embeddings(weight, kind, tmp_path, tmp_path / "source")
+    assert (in_decoder is not None) == precision.endswith("decoder")
+    file = tmp_path / ("decoder.onnx" if in_decoder else "embeddings.safetensors")
+    manifest = {
+        "model": {"vocab_size": vocab, "hidden_size": hidden},
+        "embeddings": kind,
+        "int4_embeddings": in_decoder,
+    }
+    if kind == "int4" and in_decoder is None:
+        manifest["int4_embeddings"] = {"block_size": INT4_BLOCK_SIZE}
+    ids = [0, 7, vocab - 1]
+    answer = oracle(
+        {"op": "embeddings", "bytes": b64(np.frombuffer(file.read_bytes(), np.uint8)), "manifest": manifest, "ids": ids}
+    )
+    got = np.frombuffer(base64.b64decode(answer["values"]), np.float32).reshape(len(ids), hidden)
+    if kind == "int8":
+        stored = quantize_rows(weight)
+        weight = stored["weight"].float() * stored["scale"].unsqueeze(1)
+    assert np.array_equal(got, weight[ids].numpy())

@@ -6,9 +6,11 @@
 //   {"op": "search", "tables", "cases": [{"spec", "starts"}]}             -> [[token ids per row]]
 //   {"op": "text", "text", "sequences": [[ids]]}                          -> ["caption", ...]
 //   {"op": "decoders"}                                                     -> the supported decoder types
+//   {"op": "embeddings", "bytes", "manifest", "ids"}                       -> {"values": base64 float32 [ids, hidden]}
 import { modelPixels, normalize, rgbFromRGBA } from "../../src/prefixcap/web/static/preprocess.js";
 import { generate, resolveOptions } from "../../src/prefixcap/web/static/search.js";
 import { SUPPORTED_DECODERS, TokenDecoder } from "../../src/prefixcap/web/static/text.js";
+import { Captioner, readEmbeddings } from "../../src/prefixcap/web/static/captioner.js";
 
 const bytes = (text) => new Uint8Array(Buffer.from(text, "base64"));
 const base64 = (array) => Buffer.from(array.buffer, array.byteOffset, array.byteLength).toString("base64");
@@ -69,6 +71,12 @@ const ops = {
     return sequences.map((ids) => decoder.caption(ids));
   },
   decoders: () => SUPPORTED_DECODERS,
+  embeddings: ({ bytes: file, manifest, ids }) => {
+    const embeddings = readEmbeddings(bytes(file), manifest);
+    const out = new Float32Array(ids.length * embeddings.hidden);
+    ids.forEach((id, i) => Captioner.prototype.embed.call({ embeddings }, id, out.subarray(i * embeddings.hidden)));
+    return { values: base64(out) };
+  },
 };
 
 const chunks = [];

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefixcap.cli.common import bounded
 from prefixcap.model.registry import REGISTRY
-from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.hardware import EXPORT_QUANTIZE_CHOICES
 
 EPILOG = """\
 the export folder:
@@ -43,10 +43,10 @@ the export folder (serve it from any static host, e.g. `python -m http.server -d
 
 WASM by default, with threads when the page is cross-origin isolated (COOP/COEP headers: `prefixcap
 serve --web OUT_DIR` and hosts that read _headers send them); WebGPU for float32 exports where the
-browser has it. int8 exports run on WASM.
+browser has it. int8 and int4 exports run on WASM.
 
 examples:
-  prefixcap export web my-model/ exports/my-model-web --quantize int8
+  prefixcap export web my-model/ exports/my-model-web --quantize int4      # the smallest
   prefixcap export web exports/my-model-int8 exports/my-model-web      # reuse an `export onnx` folder
   prefixcap serve --model my-model/ --web exports/my-model-web         # the page offers both
 """
@@ -76,9 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "out_dir", metavar="OUT_DIR", type=Path, help="folder to write (new, empty, or an earlier export)"
     )
     onnx.add_argument(
-        "--quantize", choices=QUANTIZE_CHOICES,
+        "--quantize", choices=EXPORT_QUANTIZE_CHOICES,
         help="int8: int8 weights in both graphs (ONNX Runtime dynamic quantization of their MatMuls): a quarter of the size, "
-        "faster on CPUs with VNNI or AMX; checked against fp32 with a looser tolerance (default: float32)",
+        "faster on CPUs with VNNI or AMX; int4: 4-bit weights in blocks of 32 (MatMulNBits), about a sixth of the "
+        "size; both checked against fp32 with a looser tolerance (default: float32)",
     )  # fmt: skip
     onnx.add_argument(
         "--opset", type=bounded(int, 18), default=18,
@@ -108,9 +109,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "out_dir", metavar="OUT_DIR", type=Path, help="folder to write (new, empty, or an earlier web export)"
     )
     web.add_argument(
-        "--quantize", choices=QUANTIZE_CHOICES,
-        help="int8: int8 weights (as `export onnx --quantize int8`) and int8 token embeddings; runs on WASM "
-        "(default: float32, which can also run on WebGPU)",
+        "--quantize", choices=EXPORT_QUANTIZE_CHOICES,
+        help="int8: int8 weights (as `export onnx --quantize int8`) and int8 token embeddings; int4: 4-bit weights "
+        "and embeddings, the smallest export (a tied decoder's embeddings are read from its LM head); both run on "
+        "WASM (default: float32, which can also run on WebGPU)",
     )  # fmt: skip
     web.add_argument(
         "--ort-web", metavar="FILE.tgz", type=Path,
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=progress,
     )  # fmt: skip
     checked = "; ".join(
-        f"{kind} max {'relative ' if kind == 'int8' else ''}error: encoder {errors['encoder']:.2g}, decoder "
+        f"{kind} max {'relative ' if kind != 'fp32' else ''}error: encoder {errors['encoder']:.2g}, decoder "
         f"{errors['decoder']:.2g}"
         for kind, errors in manifest["checked"].items()
     )

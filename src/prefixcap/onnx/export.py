@@ -8,16 +8,18 @@ shares them with the `present.*` outputs, as `onnx.runtime.OrtDecoder` does). An
 forward takes `inputs_embeds`, `position_ids` and `logits_to_keep` and whose attention modules call
 transformers' attention interface exports the same way (GPT-2 and the Llama family are tested; the
 numerical check below decides for others). Graphs come from `torch.onnx.export`'s maintained
-exporter (torch.export + onnxscript); int8 weights from ONNX Runtime's `quantize_dynamic`.
+exporter (torch.export + onnxscript); int8 weights from ONNX Runtime's `quantize_dynamic`, int4
+weights from its `MatMulNBitsQuantizer` (com.microsoft MatMulNBits, which onnxruntime-web runs too).
 
 Every export is checked on the spot, before the folder appears: both graphs run in ONNX Runtime on
-sample inputs and must match PyTorch (fp32: `FP32_TOLERANCE`; int8: `INT8_TOLERANCE`). An export
+sample inputs and must match PyTorch (fp32: `FP32_TOLERANCE`; int8 and int4: `QUANTIZED_TOLERANCE`). An export
 that fails its check is never written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -52,25 +55,40 @@ from prefixcap.onnx.manifest import (
 from prefixcap.onnx.runtime import OrtDecoder, session
 from prefixcap.system.atomic import atomic_dir, check_output_dir
 from prefixcap.system.extras import require
-from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.hardware import EXPORT_QUANTIZE_CHOICES
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and onnxruntime-web run it
 MIN_OPSET = 18  # the exporter's own ops are written for 18 and up
 # fp32 graphs must match PyTorch within atol + rtol * max|reference| (max over all outputs compared)
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-# int8 weights: prefix embeddings and logits within this fraction of the fp32 reference's range
-# (max |diff| / (max - min)); the captions' agreement is what matters, which tests/test_cpu_speed.py guards.
-INT8_TOLERANCE = {"max_relative_error": 0.05}
+# Quantized weights: prefix embeddings and logits within this fraction of the fp32 reference's range
+# (max |diff| / (max - min)); the captions' agreement is what matters, which tests/test_cpu_speed.py (int8),
+# tests/test_onnx.py and tests/test_web_browser.py (int4) guard. int4: full-size CLIP B/32 + MLP + GPT-2
+# with random weights measures 0.10 (encoder) and 0.12 (decoder), the tiny test models under 0.05;
+# 0.25 leaves room for trained weights' outliers, while a wrong scale or block layout measures near 1.
+QUANTIZED_TOLERANCE = {"int8": 0.05, "int4": 0.25}
 QUANTIZE_PER_CHANNEL = True  # int8 weights with one scale per output channel (see quantize_graph)
-QUANTIZATION = {  # what --quantize int8 does, for the manifest
-    "method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": QUANTIZE_PER_CHANNEL,
-    "ops": ["MatMul", "Gemm"], "graphs": ["encoder", "decoder"],
+INT4_BLOCK_SIZE = 32  # int4 weights: one float32 scale per 32 weights along the input dimension
+QUANTIZATION = {  # what each --quantize does, for the manifest
+    "int8": {
+        "method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": QUANTIZE_PER_CHANNEL,
+        "ops": ["MatMul", "Gemm"], "graphs": ["encoder", "decoder"],
+    },
+    "int4": {
+        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "op": "com.microsoft.MatMulNBits",
+        "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True, "ops": ["MatMul", "Gemm"], "graphs": ["encoder", "decoder"],
+        "embeddings": "int4 in the same blocks, stored dequantized as float32 (the values the graphs' int4 LM head holds "
+        "for a tied decoder)",
+    },
 }  # fmt: skip
 TOLERANCE_TEXT = {  # the checks, in words, for the manifest (its "checked" entry gives the measured values)
     "fp32": f"max |onnxruntime - pytorch| <= {FP32_TOLERANCE['atol']} + {FP32_TOLERANCE['rtol']} * max |pytorch|, "
     "for the prefix embeddings and for the logits and keys/values of a prefill and cached steps",
-    "int8": f"max |onnxruntime int8 - pytorch fp32| <= {INT8_TOLERANCE['max_relative_error']} * (max - min of pytorch "
-    "fp32), for the prefix embeddings and the logits",
+    **{
+        kind: f"max |onnxruntime {kind} - pytorch fp32| <= {limit} * (max - min of pytorch fp32), for the prefix "
+        "embeddings and the logits"
+        for kind, limit in QUANTIZED_TOLERANCE.items()
+    },
 }
 CHECK_ROWS, CHECK_STEPS = 3, 3  # sample rows and cached steps after the prefill, for the check
 
@@ -178,13 +196,13 @@ def export_onnx(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export the model directory `model_dir` to `out_dir` (see the module docstring) and return
-    the manifest written there. `quantize="int8"` gives the decoder int8 weights (dynamic
-    quantization of its MatMuls). The folder appears only once both graphs passed their check
+    the manifest written there. `quantize="int8"` gives both graphs int8 weights (dynamic
+    quantization of their MatMuls), `quantize="int4"` 4-bit blockwise ones (`quantize_graph`). The folder appears only once both graphs passed their check
     (`ExportCheckError` otherwise); an earlier export there is replaced only with `overwrite`,
     and a folder holding anything else (an export included) is refused. `progress` is told each step's name."""
     require("onnx", feature="prefixcap export onnx")
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise UserError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize is not None and quantize not in EXPORT_QUANTIZE_CHOICES:
+        raise UserError(f"quantize={quantize!r}: choose one of {', '.join(EXPORT_QUANTIZE_CHOICES)}")
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
     check_output_dir(
@@ -206,11 +224,14 @@ def export_onnx(
         say("checking the graphs against PyTorch in ONNX Runtime")
         checked = {"fp32": check_export(model, staging)}
         if quantize is not None:
-            say("quantizing the graphs to int8")
+            say(f"quantizing the graphs to {quantize}")
             for graph in (ENCODER_FILE, DECODER_FILE):
-                quantize_graph(staging / graph)
-            say("checking the int8 graphs")
-            checked["int8"] = check_export(model, staging, quantized=True)
+                quantize_graph(staging / graph, quantize)
+            if quantize == "int4":  # the embeddings the int4 LM head holds, so that both stores agree
+                save_file({"weight": dequantize_int4(*int4_blocks(embeddings), embeddings.shape[1])},
+                          staging / EMBEDDINGS_FILE)  # fmt: skip
+            say(f"checking the {quantize} graphs")
+            checked[quantize] = check_export(model, staging, quantized=quantize)
         manifest = build_manifest(model, shape, quantize=quantize, opset=opset, checked=checked, source=model_dir)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         say("reading the export back as prefixcap reads it")
@@ -291,31 +312,97 @@ def export_decoder(decoder: nn.Module, path: Path, shape: CacheShape, *, opset: 
         )  # fmt: skip
 
 
-def quantize_graph(path: Path) -> None:
-    """Give a graph int8 weights in place: ONNX Runtime's dynamic quantization of every MatMul and
-    Gemm with a constant weight (int8 per output channel; activations quantized per call). Layer
-    norms, attention scores, the encoder's patch embedding (a Conv) and the embeddings stay float."""
+def quantize_graph(path: Path, kind: str = "int8") -> None:
+    """Give a graph quantized weights in place, for every MatMul and Gemm with a constant weight.
+    int8: ONNX Runtime's dynamic quantization (int8 per output channel; activations quantized per
+    call). int4: MatMulNBits, 4-bit symmetric blocks of INT4_BLOCK_SIZE weights along the input
+    dimension with a float32 scale each, float32 activations (Gemms become MatMul + Add first: the
+    quantizer takes MatMuls only). Layer norms, attention scores, the encoder's patch embedding (a
+    Conv), position tables and the embeddings stay float."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantized = path.with_suffix(".int8.onnx")
+    quantized = path.with_suffix(f".{kind}.onnx")
     with _quiet_exporter():
-        quantize_dynamic(
-            path, quantized, weight_type=QuantType.QInt8, per_channel=QUANTIZE_PER_CHANNEL,
-            op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True},
-        )  # fmt: skip
+        if kind == "int8":
+            quantize_dynamic(
+                path, quantized, weight_type=QuantType.QInt8, per_channel=QUANTIZE_PER_CHANNEL,
+                op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True},
+            )  # fmt: skip
+        else:
+            graph = onnx.load(str(path))
+            _gemms_as_matmuls(graph.graph)
+            quantizer = MatMulNBitsQuantizer(graph, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
     quantized.replace(path)
     for leftover in path.parent.glob(f"{path.name}.data"):  # fp32 weights stored beside a large graph
         leftover.unlink()
 
 
+def _gemms_as_matmuls(graph: Any) -> None:
+    """Rewrite each Gemm with a constant weight (alpha = beta = 1, A not transposed) as MatMul then
+    Add of its bias, in place; the weight is stored transposed where the Gemm transposed it."""
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        options = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        plain = options.get("alpha", 1.0) == options.get("beta", 1.0) == 1.0 and not options.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in initializers:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if options.get("transB", 0):
+            array = numpy_helper.to_array(initializers[weight]).T.copy()
+            weight = f"{weight}.transposed"
+            graph.initializer.append(numpy_helper.from_array(array, weight))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}.bias"))
+    used = {name for node in nodes for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept)
+
+
+def int4_blocks(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """`weight` [rows, width] in MatMulNBits' int4 layout, each row quantized as the quantizer does a
+    weight's column: (packed uint8 [rows, blocks, INT4_BLOCK_SIZE / 2], two values a byte, low nibble
+    first, each value + 8; scales float32 [rows, blocks]). A width that is not a whole number of
+    blocks is padded with zeros."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+    columns = np.ascontiguousarray(weight.detach().float().numpy().T)  # the C++ kernel reads it row-major
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(columns)
+    return packed, scales
+
+
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, width: int) -> torch.Tensor:
+    """The float32 values [rows, width] of `int4_blocks`' output: (nibble - 8) * the block's scale."""
+    rows, blocks, _ = packed.shape
+    nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(rows, blocks, INT4_BLOCK_SIZE)
+    values = (nibbles.astype(np.float32) - 8) * scales[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(values.reshape(rows, -1)[:, :width]))
+
+
 # ---------------------------------------------------------------------- the check
 @torch.no_grad()
-def check_export(model: CaptionModel, directory: Path, *, quantized: bool = False) -> CheckResult:
+def check_export(model: CaptionModel, directory: Path, *, quantized: str | None = None) -> CheckResult:
     """Run both graphs of `directory` in ONNX Runtime on sample inputs and compare with PyTorch:
     the encoder's prefix embeddings, then the decoder's logits (and, fp32, its keys and values) for
     a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same input embeddings;
     the graph keeps its own cache, shared with its outputs as `OrtDecoder` runs it. `quantized`
-    graphs (int8) are held to INT8_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError
+    graphs ("int8", "int4") are held to QUANTIZED_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError
     naming the graph and the difference when over the tolerance."""
     encoder, decoder = session(directory / ENCODER_FILE), session(directory / DECODER_FILE)
     generator = torch.Generator().manual_seed(0)
@@ -324,7 +411,7 @@ def check_export(model: CaptionModel, directory: Path, *, quantized: bool = Fals
     pixel_values = model.preprocessor.normalize(pixels)
     prefix = EncoderGraph(model)(pixel_values)
     (got,) = encoder.run(None, {"pixel_values": pixel_values.numpy()})
-    compare = _check_int8 if quantized else _check_close
+    compare = functools.partial(_check_quantized, quantized) if quantized else _check_close
     encoder_error = compare(directory / ENCODER_FILE, "prefix embeddings", torch.from_numpy(got), prefix)
 
     step, embedding = DecoderStep(model.decoder), model.decoder.get_input_embeddings()
@@ -343,7 +430,7 @@ def check_export(model: CaptionModel, directory: Path, *, quantized: bool = Fals
         got_logits = graph(embeds, past.shape[4], cache)
         where = "the prefill" if index == 0 else f"cached step {index}"
         errors = [compare(directory / DECODER_FILE, f"logits at {where}", got_logits, logits)]
-        if not quantized:  # int8 keys and values differ as much as the logits do: those are checked
+        if not quantized:  # quantized keys and values differ as much as the logits do: those are checked
             got_present = cache[:, :, :, :, : present.shape[4]]
             errors.append(_check_close(directory / DECODER_FILE, f"keys and values at {where}", got_present, present))
         decoder_error = max(decoder_error, *errors)
@@ -366,16 +453,16 @@ def _check_close(path: Path, what: str, got: torch.Tensor, expected: torch.Tenso
     return error
 
 
-def _check_int8(path: Path, what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |got - expected| / (max - min of expected), checked against INT8_TOLERANCE."""
+def _check_quantized(kind: str, path: Path, what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / (max - min of expected), checked against QUANTIZED_TOLERANCE[kind]."""
     if got.shape != expected.shape:
         raise ExportCheckError(f"{path}: {what} have shape {tuple(got.shape)}, PyTorch's {tuple(expected.shape)}")
     spread = float(expected.max() - expected.min()) or 1.0
     error = float((got - expected).abs().max()) / spread
-    limit = INT8_TOLERANCE["max_relative_error"]
+    limit = QUANTIZED_TOLERANCE[kind]
     if not error <= limit:
         raise ExportCheckError(
-            f"{path}: ONNX Runtime's int8 {what} differ from PyTorch's fp32 by {error:.3g} of their range "
+            f"{path}: ONNX Runtime's {kind} {what} differ from PyTorch's fp32 by {error:.3g} of their range "
             f"(tolerance {limit}); the export is not written"
         )
     return error
@@ -441,7 +528,7 @@ def build_manifest(
         "decoder_type": decoder_config.model_type,
         "dtype": "float32",
         "quantize": quantize,
-        "quantization": None if quantize is None else QUANTIZATION,
+        "quantization": None if quantize is None else QUANTIZATION[quantize],
         "opset": opset,
         "tolerance": {name: TOLERANCE_TEXT[name] for name in checked},
         "checked": {name: result._asdict() for name, result in checked.items()},

@@ -27,7 +27,7 @@ from prefixcap.errors import ModelLoadError
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.hf_loading import check_finite, read_json
 from prefixcap.system.extras import require
-from prefixcap.system.hardware import QUANTIZE_CHOICES
+from prefixcap.system.hardware import EXPORT_QUANTIZE_CHOICES
 
 MANIFEST_NAME = "prefixcap_onnx.json"
 FORMAT = "prefixcap-onnx"
@@ -124,8 +124,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     if numbers["max_positions"] > MAX_POSITIONS:
         raise ModelLoadError(f"{path}: max_positions {numbers['max_positions']} is over {MAX_POSITIONS}")
     quantize = values.get("quantize")
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise ModelLoadError(f"{path}: quantize must be null or one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize is not None and quantize not in EXPORT_QUANTIZE_CHOICES:
+        raise ModelLoadError(f"{path}: quantize must be null or one of {', '.join(EXPORT_QUANTIZE_CHOICES)}")
     files = values.get("files")
     if not isinstance(files, dict) or set(files) != set(FILES):
         raise ModelLoadError(f"{path}: files must name exactly {', '.join(FILES)}")

@@ -17,7 +17,9 @@ from torch import nn
 
 from prefixcap.errors import UserError
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8",)  # PyTorch models (`quantize_int8`) and ONNX exports
+# ONNX exports also take int4: 4-bit blockwise weights exist as ONNX Runtime graphs (MatMulNBits), not PyTorch modules
+EXPORT_QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def default_device() -> torch.device:

@@ -6,7 +6,9 @@
     text.js
     model/encoder.onnx,        the ONNX export's graphs, unchanged (`onnx.export`: the decoder's
     model/decoder.onnx         GroupQueryAttention runs in onnxruntime-web's WASM and WebGPU builds)
-    model/embeddings.safetensors  token embeddings: float32, or int8 with a scale per token (int8 exports)
+    model/embeddings.safetensors  token embeddings: float32, int8 with a scale per token (int8 exports), or
+                               int4 blocks (int4 exports); none where the decoder's int4 LM head holds
+                               the same blocks (a tied decoder): the page reads them from decoder.onnx
     model/text.json            id -> token string, special ids, the tokenizer's decoder pipeline
     ort/                       onnxruntime-web, the pinned release (`web.ort_web`)
     prefixcap_web.json         the manifest: shapes, preprocessing constants, prompt and stop ids,
@@ -36,7 +38,7 @@ from prefixcap.inputs.preprocess import ImagePreprocessor
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import load_image_processor
 from prefixcap.model.hf_loading import read_safetensors
-from prefixcap.onnx.export import export_onnx
+from prefixcap.onnx.export import INT4_BLOCK_SIZE, dequantize_int4, export_onnx, int4_blocks
 from prefixcap.onnx.manifest import is_onnx_export, read_manifest
 from prefixcap.system.atomic import atomic_dir, check_output_dir
 from prefixcap.web import ort_web
@@ -89,8 +91,9 @@ def export_web(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write the web export of `model` (a model directory, or a folder written by `export onnx`,
-    whose graphs are reused) to `out_dir` and return its manifest. `quantize="int8"` exports int8
-    graphs (a model directory only: an ONNX export's precision was fixed when it was written).
+    whose graphs are reused) to `out_dir` and return its manifest. `quantize="int8"` or `"int4"`
+    exports quantized graphs (a model directory only: an ONNX export's precision was fixed when it
+    was written).
     `ort_web_tarball`: onnxruntime-web's npm tarball (None: `npm pack` it). The folder appears
     only when complete; an earlier web export there is replaced only with `overwrite`."""
     say = progress or (lambda step: None)
@@ -122,28 +125,64 @@ def export_web(
             export_onnx(model, source, quantize=quantize, progress=say)
             onnx_manifest = read_manifest(source).values
         say("writing the web export")
-        int8 = onnx_manifest.get("quantize") == "int8"
+        precision = onnx_manifest.get("quantize") or "float32"
         files = onnx_manifest["files"]
         (staging / MODEL_DIR).mkdir()
         move = shutil.copyfile if from_onnx else shutil.move  # our own scratch export is moved
         for name in ("encoder", "decoder"):
             move(source / files[name], staging / MODEL_DIR / f"{name}.onnx")
         embeddings = read_safetensors(source / files["embeddings"])["weight"].float()
-        save_file(quantize_rows(embeddings) if int8 else {"weight": embeddings.contiguous()},
-                  staging / MODEL_DIR / "embeddings.safetensors")  # fmt: skip
+        in_decoder = write_embeddings(embeddings, precision, staging / MODEL_DIR, source / files["embeddings"])
         (staging / MODEL_DIR / "text.json").write_text(json.dumps(text, ensure_ascii=False), encoding="utf-8")
         if not from_onnx:
             shutil.rmtree(source)
-        bundles = ["wasm"] if int8 else ["wasm", "webgpu"]  # int8's MatMulInteger has no WebGPU kernel
+        # int8's MatMulInteger has no WebGPU kernel; int4's MatMulNBits has one, but the WebGPU build
+        # (29 MB) would double the runtime's share of an export whose point is its size
+        bundles = ["wasm", "webgpu"] if precision == "float32" else ["wasm"]
         say(f"adding onnxruntime-web {ort_web.VERSION}")
         ort_web.install(staging / ORT_DIR, bundles, Path(ort_web_tarball) if ort_web_tarball else None)
         for name in PAGE_FILES:
             shutil.copyfile(STATIC_DIR / name, staging / name)
         headers = "".join(f"  {name}: {value}\n" for name, value in ISOLATION_HEADERS.items())
         (staging / HEADERS_FILE).write_text(f"/*\n{headers}")
-        manifest = build_manifest(staging, onnx_manifest, text, image, bundles, int8=int8, source=model)
+        manifest = build_manifest(
+            staging, onnx_manifest, text, image, bundles, precision=precision, in_decoder=in_decoder, source=model
+        )
         (staging / WEB_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
+
+
+def write_embeddings(weight: torch.Tensor, precision: str, directory: Path, source: Path) -> dict[str, Any] | None:
+    """Write the token embeddings for the page as `precision` stores them (float32; int8 with a
+    scale per token; int4 blocks) in directory/embeddings.safetensors. int4 exports' embeddings
+    (`source`) are already int4 values, stored as float32: the blocks found again here give the
+    same floats, exactly. Where decoder.onnx (in `directory`) holds the very same blocks (a tied
+    decoder's LM head), no file is written: returns where the blocks lie in the decoder's bytes."""
+    if precision != "int4":
+        tensors = quantize_rows(weight) if precision == "int8" else {"weight": weight.contiguous()}
+        save_file(tensors, directory / "embeddings.safetensors")
+        return None
+    packed, scales = int4_blocks(weight)
+    if not torch.equal(dequantize_int4(packed, scales, weight.shape[1]), weight):
+        raise UserError(f"{source}: these embeddings are not int4 values; export the model again with --quantize int4")
+    decoder = (directory / "decoder.onnx").read_bytes()
+    ranges = {
+        name: _only_occurrence(decoder, array.tobytes()) for name, array in (("weight", packed), ("scale", scales))
+    }
+    if None not in ranges.values():
+        return {"block_size": INT4_BLOCK_SIZE, **ranges}
+    save_file(
+        {"weight": torch.from_numpy(packed), "scale": torch.from_numpy(scales)}, directory / "embeddings.safetensors"
+    )
+    return None
+
+
+def _only_occurrence(data: bytes, part: bytes) -> list[int] | None:
+    """[offset, length] of `part` in `data` if it occurs there exactly once, else None."""
+    offset = data.find(part)
+    if offset < 0 or data.find(part, offset + 1) >= 0:
+        return None
+    return [offset, len(part)]
 
 
 def quantize_rows(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,24 +277,31 @@ def build_manifest(
     image: dict[str, Any],
     bundles: list[str],
     *,
-    int8: bool,
+    precision: str,
+    in_decoder: dict[str, Any] | None,
     source: Path,
 ) -> dict[str, Any]:
     """What captioner.js reads (see the module docstring); sizes let the page show progress and
-    refuse a truncated download."""
+    refuse a truncated download. `in_decoder`: where the int4 embeddings lie in decoder.onnx, if
+    they have no file of their own."""
     files = {
         "encoder": f"{MODEL_DIR}/encoder.onnx",
         "decoder": f"{MODEL_DIR}/decoder.onnx",
         "embeddings": f"{MODEL_DIR}/embeddings.safetensors",
         "text": f"{MODEL_DIR}/text.json",
     }
+    if in_decoder is not None:
+        del files["embeddings"]
     shapes = ("prefix_length", "hidden_size", "vocab_size", "num_layers", "num_kv_heads", "head_dim", "max_positions")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": source.resolve().name,
-        "precision": "int8" if int8 else "float32",
-        "embeddings": "int8" if int8 else "float32",
+        "precision": precision,
+        "embeddings": precision,
+        # int4: the blocks' size, and the byte ranges [offset, length] of the blocks ("weight") and
+        # their scales ("scale") in decoder.onnx, where it holds them; else they are the embeddings file's
+        "int4_embeddings": None if precision != "int4" else in_decoder or {"block_size": INT4_BLOCK_SIZE},
         "files": files,
         "sizes": {name: (staging / path).stat().st_size for name, path in files.items()},
         "model": {name: onnx_manifest[name] for name in ("decoder_type", *shapes)},

@@ -44,7 +44,7 @@ export class Captioner {
    * @param {string|URL} url the export folder
    * @param {object} [settings]
    * @param {"auto"|"wasm"|"webgpu"} [settings.backend] auto: WebGPU for a float32 export when the
-   *   browser has an adapter, else WASM (int8 exports always run on WASM)
+   *   browser has an adapter, else WASM (int8 and int4 exports always run on WASM)
    * @param {number} [settings.threads] WASM threads (default: all cores when the page is
    *   cross-origin isolated, else 1)
    * @param {(progress: {file: string, loaded: number, total: number}) => void} [settings.onProgress]
@@ -72,8 +72,9 @@ export class Captioner {
     };
     const options = { executionProviders: [chosen], graphOptimizationLevel: "all", logSeverityLevel: 3 };
     const encoder = await ort.InferenceSession.create(await download("encoder"), options);
-    const decoder = await ort.InferenceSession.create(await download("decoder"), options);
-    const embeddings = readEmbeddings(await download("embeddings"), manifest);
+    const decoderBytes = await download("decoder"); // onnxruntime-web copies it: the bytes stay ours
+    const decoder = await ort.InferenceSession.create(decoderBytes, options);
+    const embeddings = readEmbeddings(files.embeddings ? await download("embeddings") : decoderBytes, manifest);
     const text = JSON.parse(new TextDecoder().decode(await download("text")));
     return new Captioner({ ort, manifest, encoder, decoder, embeddings, text, backend: chosen, threads: ort.env.wasm.numThreads });
   }
@@ -162,12 +163,20 @@ export class Captioner {
     return { data: out, dims: [batch, total, hidden] };
   }
 
-  /** Write the embedding of token `id` into `out` (float32 as stored, or int8 times the row's scale). */
+  /** Write the embedding of token `id` into `out` (float32 as stored, int8 times the row's scale, or int4 blocks). */
   embed(id, out) {
-    const { weight, scale, hidden } = this.embeddings;
-    const row = weight.subarray(id * hidden, (id + 1) * hidden);
-    if (!scale) out.set(row);
-    else for (let i = 0; i < hidden; i++) out[i] = row[i] * scale[id];
+    const { weight, scale, hidden, blockSize } = this.embeddings;
+    if (blockSize) {
+      // MatMulNBits' layout: per row, blocks of blockSize values, two a byte (low nibble first), each + 8
+      const blocks = Math.ceil(hidden / blockSize);
+      const bytes = weight.subarray(id * blocks * (blockSize / 2));
+      const scales = scale.subarray(id * blocks);
+      for (let i = 0; i < hidden; i++) {
+        const byte = bytes[i >> 1];
+        out[i] = ((i & 1 ? byte >> 4 : byte & 15) - 8) * scales[Math.floor(i / blockSize)];
+      }
+    } else if (!scale) out.set(weight.subarray(id * hidden, (id + 1) * hidden));
+    else for (let i = 0; i < hidden; i++) out[i] = weight[id * hidden + i] * scale[id];
   }
 
   /** The decoder graph as search.generate's model: prefill, then one token per row per step. */
@@ -274,8 +283,22 @@ async function fetchBytes(url, size, onProgress) {
   return bytes;
 }
 
-/** Token embeddings from the export's safetensors file: float32 "weight", or int8 "weight" with a float32 "scale" per row. */
+/**
+ * Token embeddings from the export's safetensors file: float32 "weight", int8 "weight" with a float32
+ * "scale" per row, or int4 blocks (uint8 "weight", float32 "scale" per block); int4 blocks may
+ * instead be byte ranges of the decoder graph (`bytes`), copied out of it.
+ */
 export function readEmbeddings(bytes, manifest) {
+  const { vocab_size: vocab, hidden_size: hidden } = manifest.model;
+  const int4 = manifest.int4_embeddings;
+  if (manifest.embeddings === "int4" && int4?.weight) {
+    const blocks = Math.ceil(hidden / int4.block_size);
+    const [weightAt, weightLength] = int4.weight;
+    const [scaleAt, scaleLength] = int4.scale;
+    if (weightLength !== (vocab * blocks * int4.block_size) / 2 || scaleLength !== vocab * blocks * 4) throw new Error("embeddings: wrong shape");
+    const copy = (offset, length) => bytes.buffer.slice(bytes.byteOffset + offset, bytes.byteOffset + offset + length);
+    return { weight: new Uint8Array(copy(weightAt, weightLength)), scale: new Float32Array(copy(scaleAt, scaleLength)), hidden, blockSize: int4.block_size };
+  }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const headerLength = Number(view.getBigUint64(0, true));
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength)));
@@ -288,7 +311,13 @@ export function readEmbeddings(bytes, manifest) {
     if (offset % Type.BYTES_PER_ELEMENT === 0) return new Type(bytes.buffer, offset, (to - from) / Type.BYTES_PER_ELEMENT);
     return new Type(bytes.buffer.slice(offset, start + to)); // a copy, aligned for the typed array
   };
-  const { vocab_size: vocab, hidden_size: hidden } = manifest.model;
+  if (manifest.embeddings === "int4") {
+    const blocks = Math.ceil(hidden / int4.block_size);
+    const weight = tensor("weight", Uint8Array, "U8");
+    const scale = tensor("scale", Float32Array, "F32");
+    if (weight.length !== (vocab * blocks * int4.block_size) / 2 || scale.length !== vocab * blocks) throw new Error("embeddings: wrong shape");
+    return { weight, scale, hidden, blockSize: int4.block_size };
+  }
   const int8 = manifest.embeddings === "int8";
   const weight = int8 ? tensor("weight", Int8Array, "I8") : tensor("weight", Float32Array, "F32");
   const scale = int8 ? tensor("scale", Float32Array, "F32") : null;
