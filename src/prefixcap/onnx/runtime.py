@@ -116,9 +116,14 @@ class OrtDecoder:
         """Token embeddings [rows, 1, E] (the graph adds the positions)."""
         return F.embedding(tokens, self.embeddings).unsqueeze(1)
 
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, embeds: torch.Tensor, start: int, cache: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1 against the cache's first
-        `start` positions, store their keys and values in `cache`; returns the logits [rows, V]."""
+        `start` positions, store their keys and values in `cache`; returns the logits [rows, V].
+        The graph takes one past length for all rows: no `lengths` (rows of different lengths)."""
+        if lengths is not None:
+            raise ValueError("this decoder graph runs rows of one length only")
         if not cache.is_contiguous() or cache.dtype != self.dtype or start + embeds.shape[1] > cache.shape[4]:
             raise ValueError("the cache must be a contiguous float32 tensor with room for the new positions")
         inputs = embeds.to(self.dtype).contiguous().numpy()  # held until the run is over
