@@ -1,6 +1,6 @@
 """Rows of different prefix lengths in one batch (an image prefix plus each image's own prompt, as
-retrieval gives them): the engine on GPT-2 and Llama-family decoders decodes such a batch at once
-and gives every row the tokens it gets decoded alone.
+retrieval gives them): the engine on GPT-2 and Llama-family decoders, and the HF `generate`
+fallback, decode such a batch at once and give every row the tokens it gets decoded alone.
 
 The rows are right-padded with large noise (`helpers_engine.ragged_prefixes`), so a row that read
 its padding, or ran at another row's positions, would change its tokens.
@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefixcap.engine import DecodeSpec, ragged
+from prefixcap.engine import DecodeSpec, backends, ragged
+from prefixcap.engine.backends import HFGenerateBackend
 from prefixcap.engine.gpt2 import GPT2Forward
 from prefixcap.engine.runner import DecodeRunner
 from prefixcap.options import GenerationOptions
@@ -58,6 +59,33 @@ def test_the_engine_decodes_rows_of_different_lengths_as_alone(decoders, family,
     prefix = ragged_prefixes(RAGGED, seed=1)
     stop_ids = stop_ids_seen_in(decoder, prefix, STOPS, lengths=RAGGED)
     assert_rows_decode_as_alone(engine_decode(decoder, stop_ids, options), prefix, RAGGED, per_input)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_generate_decodes_rows_of_different_lengths_as_alone(decoders, family, search):
+    """Decoders the engine does not run: left padding, an attention mask, positions from the mask."""
+    decoder, (options, per_input) = decoders[family], SEARCHES[search]
+    prefix = ragged_prefixes(RAGGED, seed=2)
+    stop_ids = stop_ids_seen_in(decoder, prefix, STOPS, lengths=RAGGED)
+    spec = DecodeSpec.of(GenerationOptions(max_new_tokens=12, **options), eos_token_ids=stop_ids, pad_token_id=PAD)
+    backend = HFGenerateBackend(decoder, "HF generate (the test's choice)")
+    assert_rows_decode_as_alone(lambda p, lengths: backend.generate(p, spec, lengths), prefix, RAGGED, per_input)
+    # and the engine gives the same tokens
+    assert torch.equal(
+        backend.generate(prefix, spec, torch.tensor(RAGGED)), engine_decode(decoder, stop_ids, options)(prefix, RAGGED)
+    )
+
+
+def test_the_backends_generate_passes_the_lengths_on(decoders, monkeypatch):
+    decoder = decoders["llama"]
+    prefix = ragged_prefixes(RAGGED, seed=3)
+    stop_ids = stop_ids_seen_in(decoder, prefix, STOPS, lengths=RAGGED)
+    spec = DecodeSpec.of(GenerationOptions(max_new_tokens=12), eos_token_ids=stop_ids, pad_token_id=PAD)
+    expected = engine_decode(decoder, stop_ids, {})(prefix, RAGGED)
+    assert torch.equal(backends.generate(decoder, prefix, spec, RAGGED), expected)
+    monkeypatch.setattr(backends, "choose_backend", lambda decoder, positions=None: HFGenerateBackend(decoder, "HF"))
+    assert torch.equal(backends.generate(decoder, prefix, spec, RAGGED), expected)
 
 
 def test_rows_of_equal_length_take_the_path_without_a_mask(decoders, monkeypatch):

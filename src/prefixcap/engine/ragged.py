@@ -7,7 +7,8 @@ padding, of any finite value). None means every row is K long, the fast path tha
 The engine keeps the rows right-padded in its KV cache too, which is what ONNX Runtime's
 GroupQueryAttention does with its per-row `seqlens_k`: a row's positions always start at 0, so the
 prefill is the plain causal prefill (a real position never sees a later pad) and only a decode
-step needs per-row positions and a key mask.
+step needs per-row positions and a key mask. HF `generate` wants left padding and an attention
+mask instead (`left_padded`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def check_lengths(
     if bool((lengths == longest).all()):
         return prefix_embeds[:, :longest], None
     return prefix_embeds[:, :longest], lengths
+
+
+def left_padded(prefix_embeds: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows moved to the right end, zeros before them, and the attention mask (1 on
+    the real positions): what HF `generate` continues from, every row ending at the last position."""
+    batch, width, hidden = prefix_embeds.shape
+    lengths = lengths.to(prefix_embeds.device)
+    source = torch.arange(width, device=prefix_embeds.device) - (width - lengths).unsqueeze(1)  # [B, K]
+    real = source >= 0
+    shifted = prefix_embeds.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden))
+    return shifted * real.unsqueeze(-1).to(prefix_embeds.dtype), real.long()
 
 
 def last_positions(states: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
