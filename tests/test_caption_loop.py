@@ -98,7 +98,9 @@ def test_a_requests_options_are_checked_once(tiny_model_dir: Path, photos: Path,
     monkeypatch.setattr(
         backends,
         "generate",
-        lambda decoder, prefix, spec: reached.append(spec.options) or generate(decoder, prefix, spec),
+        lambda decoder, prefix, spec, *lengths: (
+            reached.append(spec.options) or generate(decoder, prefix, spec, *lengths)
+        ),
     )
 
     captioner = Captioner.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")

@@ -15,7 +15,7 @@ import torch
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
 from prefixcap.errors import ModelLoadError, UserError
-from prefixcap.model.caption_model import read_safetensors
+from prefixcap.model.hf_loading import read_safetensors
 from prefixcap.onnx import export as export_module
 from prefixcap.onnx.export import (
     INT4_BLOCK_SIZE,
@@ -26,9 +26,10 @@ from prefixcap.onnx.export import (
     export_onnx,
     int4_blocks,
 )
-from prefixcap.onnx.manifest import MANIFEST_NAME
-from prefixcap.onnx.runtime import OnnxCaptionModel, is_onnx_export
+from prefixcap.onnx.manifest import FORMAT_VERSION, MANIFEST_NAME
+from prefixcap.onnx.runtime import OnnxCaptionModel, OrtDecoder, is_onnx_export
 from prefixcap.testing import COLOURS, colour_image
+from tests.helpers_engine import RAGGED, assert_rows_decode_as_alone, engine, ragged_prefixes, stop_ids_seen_in
 from tests.reference import assert_distinct, captions_one_by_one
 from tests.test_web_browser import INT4_AGREEMENT, MIN_DISTINCT_CAPTIONS, images, python_tokens  # noqa: F401 (fixture)
 from tests.test_web_export import onnx_exports  # noqa: F401 (fixture)
@@ -55,6 +56,18 @@ def pytorch_model(image_dependent_model_dir: Path) -> CaptionModel:
 @pytest.fixture(scope="module")
 def onnx_model(onnx_dir: Path) -> OnnxCaptionModel:
     return OnnxCaptionModel.from_pretrained(onnx_dir)
+
+
+@pytest.fixture(scope="module")
+def colours(
+    image_dependent_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[CaptionModel, OnnxCaptionModel]:
+    """The image-dependent model (its tokens follow its prefix, where the untrained one's barely do)
+    and its export."""
+    directory = tmp_path_factory.mktemp("onnx") / "colours"
+    export_onnx(image_dependent_model_dir, directory)
+    pytorch = CaptionModel.from_pretrained(image_dependent_model_dir, device="cpu", dtype=torch.float32).eval()
+    return pytorch, OnnxCaptionModel.from_pretrained(directory)
 
 
 def _pixels(count: int) -> torch.Tensor:
@@ -102,6 +115,19 @@ def test_the_check_catches_damaged_weights(
     _scale_largest_weight(damaged / graph, 1.01)
     with pytest.raises(ExportCheckError, match=f"{graph}: ONNX Runtime's {message}.* differ from PyTorch's"):
         check_export(pytorch_model, damaged)
+
+
+def test_the_check_covers_rows_of_different_lengths(
+    onnx_dir: Path, pytorch_model: CaptionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph that ran every row as the longest (as a decoder ignoring the per-row lengths would)
+    fails the export's check."""
+    run = OrtDecoder.__call__
+    monkeypatch.setattr(
+        OrtDecoder, "__call__", lambda self, embeds, start, cache, lengths=None: run(self, embeds, start, cache)
+    )
+    with pytest.raises(ExportCheckError, match="logits of a row of 3 positions in a batch of different lengths"):
+        check_export(pytorch_model, onnx_dir)
 
 
 @pytest.mark.slow
@@ -216,9 +242,24 @@ def test_a_damaged_manifest_is_one_line(onnx_dir: Path, tmp_path: Path) -> None:
     (damaged / MANIFEST_NAME).write_text('{"format": "prefixcap-onnx", "format_version": 99}')
     with pytest.raises(UserError, match="format_version 99 is newer"):
         Captioner.from_pretrained(damaged)
-    (damaged / MANIFEST_NAME).write_text('{"format": "prefixcap-onnx", "format_version": 1}')
-    with pytest.raises(UserError, match="format_version 1 was written by an older prefixcap; export the model again"):
-        Captioner.from_pretrained(damaged)
+    for older in (1, FORMAT_VERSION - 1):  # FORMAT_VERSION - 1: one past length for all rows
+        (damaged / MANIFEST_NAME).write_text(f'{{"format": "prefixcap-onnx", "format_version": {older}}}')
+        with pytest.raises(UserError, match=f"format_version {older} was written by an older prefixcap; export"):
+            Captioner.from_pretrained(damaged)
+
+
+def test_a_decoder_graph_without_per_row_lengths_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
+    """A decoder graph of format 3 (one past_length for all rows) under a current manifest: refused
+    in one line before anything runs, as the version check refuses a format 3 manifest."""
+    export = Path(shutil.copytree(onnx_dir, tmp_path / "export"))
+    graph = onnx.load(str(export / "decoder.onnx"))
+    for node in graph.graph.node:
+        node.input[:] = ["past_length" if name == "lengths" else name for name in node.input]
+    next(arg for arg in graph.graph.input if arg.name == "lengths").name = "past_length"
+    onnx.save(graph, str(export / "decoder.onnx"))
+    with pytest.raises(ModelLoadError, match="lacks the inputs and outputs of a prefixcap decoder graph") as info:
+        OnnxCaptionModel.from_pretrained(export)
+    assert "\n" not in str(info.value)
 
 
 def test_an_export_whose_tokenizer_asks_for_custom_code_is_refused(
@@ -362,28 +403,71 @@ def test_export_overwrite_never_deletes_what_the_user_keeps_in_an_export(
     ]
 
 
-def test_the_decoder_graph_runs_unshared_as_the_manifest_says(onnx_model: OnnxCaptionModel) -> None:
-    """Run plainly (exact-length past in, past + new out, as another runtime would from the
-    manifest), the graph gives the logits, keys and values that OrtDecoder's shared cache holds."""
-    decoder = onnx_model.decoder
+def test_the_decoder_graph_runs_unshared_as_the_manifest_says(colours: tuple[CaptionModel, OnnxCaptionModel]) -> None:
+    """Run plainly (the longest past in, past + new out, as another runtime would from the
+    manifest), the graph gives the logits, keys and values that OrtDecoder's shared cache holds,
+    for rows of different lengths (right-padded: row 1 is one position shorter)."""
+    decoder = colours[1].decoder
     embeds = torch.randn(2, 3, decoder.hidden_size, generator=torch.Generator().manual_seed(0))
     step = decoder.embed(torch.tensor([5, 7]))
+    prefill_lengths, step_lengths = torch.tensor([3, 2]), torch.tensor([4, 3])
     cache = decoder.new_cache(2, 6)  # one position longer than needed: the graph must not read it
     cache[:, :, :, :, 4:] = float("nan")
-    decoder(embeds, 0, cache)
-    shared_logits = decoder(step, 3, cache)
+    decoder(embeds, 0, cache, prefill_lengths)
+    shared_logits = decoder(step, 3, cache, step_lengths)
 
-    def unshared(inputs: torch.Tensor, past: list) -> list:
-        feeds = {"inputs_embeds": inputs.numpy(), "past_length": numpy.array(past[0].shape[2], dtype=numpy.int64)}
+    def unshared(inputs: torch.Tensor, lengths: torch.Tensor, past: list) -> list:
+        feeds = {"inputs_embeds": inputs.numpy(), "lengths": lengths.numpy()}
         return decoder.graph.run(None, {**feeds, **dict(zip(decoder.past_names, past, strict=True))})
 
     empty = numpy.zeros((2, decoder.num_kv_heads, 0, decoder.head_dim), dtype=numpy.float32)
-    _, *present = unshared(embeds, [empty] * len(decoder.past_names))
-    logits, *present = unshared(step, present)
+    _, *present = unshared(embeds, prefill_lengths, [empty] * len(decoder.past_names))
+    logits, *present = unshared(step, step_lengths, present)
     torch.testing.assert_close(torch.from_numpy(logits).squeeze(1), shared_logits)
-    flat = cache[:, :, :, :, :4].flatten(0, 1)
+    alone = decoder.new_cache(1, 3)  # row 1 on its own: its two positions, then the step
+    decoder(embeds[1:, :2], 0, alone)
+    torch.testing.assert_close(decoder(step[1:], 2, alone)[0], shared_logits[1])
+    flat = cache.flatten(0, 1)
     for got, expected in zip(present, flat, strict=True):
-        torch.testing.assert_close(torch.from_numpy(got), expected)
+        for row, length in enumerate(step_lengths.tolist()):  # each row's own positions
+            torch.testing.assert_close(torch.from_numpy(got[row, :, :length]), expected[row, :, :length])
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_onnx_runtime_decodes_rows_of_different_lengths_as_alone(
+    colours: tuple[CaptionModel, OnnxCaptionModel], search: str
+) -> None:
+    """Rows of different prefix lengths (per-row `lengths` through the graph) decode in one batch,
+    each as alone, and as the PyTorch engine decodes the same batch."""
+    pytorch, exported = colours
+    options, per_input = {"greedy": ({}, 1), "beam": ({"num_beams": 3, "num_return_sequences": 2}, 2)}[search]
+    prefix = ragged_prefixes(RAGGED, seed=4, width=exported.decoder.hidden_size)
+    stop_ids = stop_ids_seen_in(pytorch.decoder, prefix, [(0, 2), (1, 5), (3, 8)], lengths=RAGGED)
+
+    def decode(rows: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+        return engine(exported.decoder, rows, stop_ids, lengths=lengths, max_new_tokens=12, **options)
+
+    assert_rows_decode_as_alone(decode, prefix, RAGGED, per_input)
+    expected = engine(pytorch.decoder, prefix, stop_ids, lengths=RAGGED, max_new_tokens=12, **options)
+    assert torch.equal(decode(prefix, RAGGED), expected)
+
+
+def test_prompts_of_different_lengths_caption_in_one_batch_on_onnx_runtime(
+    colours: tuple[CaptionModel, OnnxCaptionModel],
+) -> None:
+    """Each image with its own prompt (as retrieval gives them): one batch on ONNX Runtime, the
+    captions of each image alone, and the PyTorch model's."""
+    from prefixcap.testing import COLOURS, colour_image
+
+    pytorch, exported = colours
+    pixels = torch.stack([torch.from_numpy(colour_image(name)).permute(2, 0, 1) for name in list(COLOURS)[:4]])
+    prompts = ["a photo of", "", None, "a photo of a shape and"]
+    options = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 8}
+    alone = [exported.caption(pixels=pixels[i : i + 1], prompts=[p], **options)[0] for i, p in enumerate(prompts)]
+    assert len({captions[0] for captions in alone}) == len(prompts)  # the images get different captions
+    captions = exported.caption(pixels=pixels, prompts=prompts, **options)
+    assert captions == alone
+    assert captions == pytorch.caption(pixels=pixels, prompts=prompts, **options)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama: grouped-query attention, rotary positions
@@ -406,8 +490,8 @@ def test_the_exported_attention_computes_the_decoders_own_step(tmp_path: Path, f
         expected = DecoderStep(decoder)(prefix, past)
         expected_step = DecoderStep(decoder)(step, list(expected[1:]))
         with attention_of(decoder):
-            got = DecoderGraph(decoder)(prefix, torch.tensor(0), past)
-            got_step = DecoderGraph(decoder)(step, torch.tensor(5), list(got[1:]))
+            got = DecoderGraph(decoder)(prefix, torch.tensor([5, 5]), past)
+            got_step = DecoderGraph(decoder)(step, torch.tensor([6, 6]), list(got[1:]))
     for got_outputs, expected_outputs in ((got, expected), (got_step, expected_step)):
         assert len(got_outputs) == len(expected_outputs) == 1 + 2 * shape.layers
         torch.testing.assert_close(got_outputs[0].squeeze(1), expected_outputs[0])  # the graph's logits: [rows, 1, V]
@@ -479,6 +563,13 @@ def test_llama_family_decoders_export_and_decode_alike(
     export_onnx(tmp_path / "model", tmp_path / "onnx")
     pytorch = CaptionModel.from_pretrained(tmp_path / "model").eval()
     exported = OnnxCaptionModel.from_pretrained(tmp_path / "onnx")
-    for options in ({}, {"num_beams": 3, "num_return_sequences": 2}):
+    prefix = ragged_prefixes(RAGGED, seed=0, width=exported.decoder.hidden_size)
+    stop_ids = stop_ids_seen_in(pytorch.decoder, prefix, [(0, 2), (1, 5), (3, 8)], lengths=RAGGED)
+    for options, per_input in (({}, 1), ({"num_beams": 3, "num_return_sequences": 2}, 2)):
         expected = pytorch.generate(pixels=_pixels(3), max_new_tokens=10, **options)
         assert torch.equal(exported.generate(pixels=_pixels(3), max_new_tokens=10, **options), expected)
+
+        def decode(rows: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+            return engine(exported.decoder, rows, stop_ids, lengths=lengths, max_new_tokens=12, **options)  # noqa: B023
+
+        assert_rows_decode_as_alone(decode, prefix, RAGGED, per_input)  # rotary positions per row

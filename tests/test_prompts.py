@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from prefixcap import Captioner, CaptionModel
 from prefixcap.cli import main
 from prefixcap.data import CaptionRecord, load_records
+from prefixcap.engine import backends
 from prefixcap.errors import ModelLoadError, UserError
 from prefixcap.model.config import CONFIG_NAME, CaptionConfig
 from prefixcap.options import TextOptions
@@ -97,6 +98,39 @@ def test_one_prompt_per_image_captions_each_image_with_its_own(captioner: Captio
     with_prompt = model.caption(pixels=pixels, prompt=PROMPT, max_new_tokens=6)
     without = model.caption(pixels=pixels, prompt="", max_new_tokens=6)
     assert mixed == [with_prompt[0], without[1], with_prompt[2]]
+
+
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "hf-generate"])
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return_sequences": 2}], ids=["greedy", "beam"])
+def test_prompts_of_different_lengths_caption_in_one_batch_as_alone(
+    image_dependent_model_dir: Path, engine: bool, options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retrieval gives every image its own prompt: the images are decoded in one batch (one
+    backend call, not one per prompt), and each gets the captions it gets alone, prompt kept or not."""
+    from prefixcap.testing import COLOURS, colour_image
+
+    model = CaptionModel.from_pretrained(image_dependent_model_dir, device="cpu", dtype=torch.float32).eval()
+    if not engine:
+        monkeypatch.setattr("prefixcap.engine.backends.choose_backend", hf_generate_only)
+    names = list(COLOURS)[:5]
+    pixels = torch.stack([torch.from_numpy(colour_image(name)).permute(2, 0, 1) for name in names])
+    prompts = [PROMPT, "", None, "a photo of a shape and", "a"]  # None: the model's own
+    assert len({len(model.prompt_ids(prompt)) for prompt in prompts}) >= 4
+
+    def alone(**text) -> list[list[str]]:
+        return [
+            model.caption(pixels=pixels[i : i + 1], prompts=[p], **text, **options)[0] for i, p in enumerate(prompts)
+        ]
+
+    expected = alone()
+    assert len({captions[0] for captions in expected}) == len(names)  # the images get different captions
+    calls = []
+    generate = backends.generate
+    monkeypatch.setattr(backends, "generate", lambda *args: calls.append(args) or generate(*args))
+    assert model.caption(pixels=pixels, prompts=prompts, **options) == expected
+    assert len(calls) == 1
+    kept = model.caption(pixels=pixels, prompts=prompts, keep_prompt=True, **options)
+    assert kept == alone(keep_prompt=True) and kept[3][0].startswith("a photo of a shape and")
 
 
 def test_prefix_and_suffix_wrap_the_captioners_captions(captioner: Captioner, example_images: list[Path]) -> None:

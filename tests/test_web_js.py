@@ -136,7 +136,8 @@ class ScriptedForward:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.one_hot(tokens, VOCAB).float().unsqueeze(1)
 
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor, lengths=None) -> torch.Tensor:
+        assert lengths is None  # rows of one length, as the page decodes them
         tokens = embeds.argmax(dim=-1)
         position = start + tokens.shape[1] - 1
         cache[0, 0, :, 0, start : position + 1, 0] = tokens.float()

@@ -16,7 +16,7 @@ from prefixcap.system.hardware import EXPORT_QUANTIZE_CHOICES
 EPILOG = """\
 the export folder:
   encoder.onnx            pixel_values [batch, 3, H, W] -> prefix embeddings [batch, K, hidden]
-  decoder.onnx            one decoder step: (inputs_embeds, past_length, past keys/values) -> (last logits,
+  decoder.onnx            one decoder step: (inputs_embeds, lengths, past keys/values) -> (last logits,
                           keys/values); attention is ONNX Runtime's GroupQueryAttention, which appends
                           to the past in place when past and present share a buffer (see the manifest)
   embeddings.safetensors  token embeddings, to feed chosen tokens back

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from prefixcap import engine
+from prefixcap.engine.ragged import check_lengths, left_padded
 from prefixcap.engine.runner import DecoderForward
 from prefixcap.engine.spec import DecodeSpec
 
@@ -29,8 +31,11 @@ logger = logging.getLogger("prefixcap")
 class Backend(Protocol):
     description: str  # e.g. "prefixcap engine (llama)", "HF generate (PhiForCausalLM: not supported by the engine)"
 
-    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
-        """New token ids [B * rows_per_input, T] continuing `prefix_embeds` [B, K, E], padded after the stop."""
+    def generate(
+        self, prefix_embeds: torch.Tensor, spec: DecodeSpec, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """New token ids [B * rows_per_input, T] continuing `prefix_embeds` [B, K, E], padded after
+        the stop; `lengths` [B]: rows of different lengths, right-padded (`engine.ragged`)."""
         ...
 
 
@@ -39,8 +44,10 @@ class EngineBackend:
     decoder: nn.Module | DecoderForward
     description: str
 
-    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
-        return engine.generate(self.decoder, prefix_embeds, spec)
+    def generate(
+        self, prefix_embeds: torch.Tensor, spec: DecodeSpec, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return engine.generate(self.decoder, prefix_embeds, spec, lengths=lengths)
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,11 @@ class HFGenerateBackend:
     description: str
 
     @torch.no_grad()
-    def generate(self, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+    def generate(
+        self, prefix_embeds: torch.Tensor, spec: DecodeSpec, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """HF `generate`; ragged rows are moved to the right end, with an attention mask over the
+        padding before them (from which HF also derives each row's position ids)."""
         options = spec.options
         if options.seed is not None:
             torch.manual_seed(options.seed)
@@ -62,7 +73,11 @@ class HFGenerateBackend:
         if options.num_beams == 1:
             for name in ("length_penalty", "early_stopping"):
                 kwargs.pop(name)
-        attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+        prefix_embeds, lengths = check_lengths(prefix_embeds, lengths)
+        if lengths is None:
+            attention_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+        else:
+            prefix_embeds, attention_mask = left_padded(prefix_embeds, lengths)
         return self.decoder.generate(
             inputs_embeds=prefix_embeds, attention_mask=attention_mask, eos_token_id=list(spec.stop_token_ids),
             pad_token_id=spec.pad_token_id, **kwargs,
@@ -86,14 +101,21 @@ def choose_backend(decoder: nn.Module | DecoderForward, positions: int | None = 
     return EngineBackend(decoder, f"prefixcap engine ({family.name})")
 
 
-def generate(decoder: nn.Module | DecoderForward, prefix_embeds: torch.Tensor, spec: DecodeSpec) -> torch.Tensor:
+def generate(
+    decoder: nn.Module | DecoderForward,
+    prefix_embeds: torch.Tensor,
+    spec: DecodeSpec,
+    lengths: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
     """New token ids [B * rows_per_input, T] continuing `prefix_embeds` [B, K, E] on the backend
     `choose_backend` picks; rows are padded with the pad token after their stop token, which is
-    kept. The path taken is logged at INFO once per decoder (and again if it changes: a decode
-    longer than a sliding window moves to HF generate)."""
+    kept. `lengths` [B] gives rows of different lengths, right-padded (`engine.ragged`): every
+    backend decodes them in one batch, as each row alone. The path taken is logged at INFO once
+    per decoder (and again if it changes: a decode longer than a sliding window moves to HF generate)."""
+    prefix_embeds, lengths = check_lengths(prefix_embeds, lengths)
     backend = choose_backend(decoder, prefix_embeds.shape[1] + spec.options.max_new_tokens - 1)
     _log_path(decoder, backend.description)
-    return backend.generate(prefix_embeds, spec)
+    return backend.generate(prefix_embeds, spec, lengths)
 
 
 # The path last logged per decoder.

@@ -20,6 +20,7 @@ from torch import nn
 
 from prefixcap.engine.cached import CachedForward
 from prefixcap.engine.head import LMHead
+from prefixcap.engine.ragged import key_mask, last_positions, write_positions
 
 # Activations that equal GPT-2's `gelu_new` (the tanh approximation of GELU).
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -115,6 +116,7 @@ class GPT2Forward(CachedForward):
     The cache is one tensor [layers, 2 (key, value), rows, heads, length, head_dim]. A call feeds
     `S` new positions starting at `start` for every row: the prefill feeds the whole prefix
     (start 0, causal), a decode step feeds one token (no mask: every cached position is visible).
+    Rows of different lengths (`engine.ragged`) add a key mask and per-row positions to decode steps.
 
     `compile_blocks=True` compiles the position-independent parts of each block with `torch.compile`
     (fusing layer norms, GELU and residual adds); attention and the cache stay eager, so the
@@ -135,24 +137,39 @@ class GPT2Forward(CachedForward):
         self.blocks = [block_parameters(layer) for layer in transformer.h]
         self.use_block_functions(attention_input, block_output, compile_blocks)
 
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, embeds: torch.Tensor, start: int, cache: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1, writing their keys and values
-        into `cache`; return the final hidden state of the last position, [rows, E]."""
+        into `cache`; return the final hidden state of the last position, [rows, E]. With
+        `lengths` (ragged rows, see `runner.DecoderForward`), a decode step runs each row at its own
+        position, lengths - 1, and attends to its first `lengths` positions only."""
         rows, length, width = embeds.shape
         end = start + length
-        x = (embeds + self.wpe[start:end]).view(rows * length, width)
+        step = lengths is not None and length == 1  # a ragged decode step
+        if step:
+            positions = lengths - 1
+            x = embeds.reshape(rows, width) + F.embedding(positions, self.wpe)
+            mask = key_mask(lengths, end)
+        else:
+            x = (embeds + self.wpe[start:end]).view(rows * length, width)
+            mask = None
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             qkv = self._attention_input(x, block, self.eps)
             # [rows*S, 3E] -> [3 (q, k, v), rows, heads, S, head_dim], a view
             qkv = qkv.view(rows, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            layer_cache[:, :, :, start:end] = qkv[1:]
-            # A prefill starts at 0, so its causal mask is the plain lower triangle
+            if step:
+                write_positions(layer_cache, qkv[1:], positions)
+            else:
+                layer_cache[:, :, :, start:end] = qkv[1:]
+            # A prefill starts at 0, so its causal mask is the plain lower triangle (right-padded
+            # rows included: a real position never sees the padding after it)
             attended = F.scaled_dot_product_attention(
-                qkv[0], layer_cache[0, :, :, :end], layer_cache[1, :, :, :end], is_causal=length > 1
+                qkv[0], layer_cache[0, :, :, :end], layer_cache[1, :, :, :end], attn_mask=mask, is_causal=length > 1
             )
             attended = attended.transpose(1, 2).reshape(rows * length, width)
             x = self._block_output(x, attended, block, self.eps)
-        last = x.view(rows, length, width)[:, -1]
+        last = last_positions(x.view(rows, length, width), None if step else lengths)
         return F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)
 
     def refresh(self) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from prefixcap.engine.cached import CachedForward
 from prefixcap.engine.head import LMHead
+from prefixcap.engine.ragged import key_mask, last_positions, write_positions
 
 # The linear layers of a Llama-family block: what LoRA adapts by default.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -144,7 +145,8 @@ def attention_input(
     x: torch.Tensor, block: Block, cos: torch.Tensor, sin: torch.Tensor, shape: tuple[int, ...], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input norm, q/k/v projections, per-head norms (Qwen3), rotary positions: [rows*S, E] ->
-    q, k, v as [rows, S, heads, head_dim]. `shape` is (rows, S, head_dim); `cos`/`sin` [S, 1, head_dim]."""
+    q, k, v as [rows, S, heads, head_dim]. `shape` is (rows, S, head_dim); `cos`/`sin` broadcast to q
+    ([S, 1, head_dim], or [rows, 1, 1, head_dim] for per-row positions)."""
     rows, length, head_dim = shape
     h = rms_norm(x, block.input_norm, eps)
     q = project(h, block.q, block.q_bias).view(rows, length, -1, head_dim)
@@ -169,6 +171,7 @@ class LlamaForward(CachedForward):
     The cache is one tensor [layers, 2 (key, value), rows, kv_heads, length, head_dim]. A call
     feeds `S` new positions starting at `start` for every row: the prefill feeds the whole prefix
     (start 0, causal), a decode step feeds one token (no mask: every cached position is visible).
+    Rows of different lengths (`engine.ragged`) add a key mask and per-row positions to decode steps.
     `compile_blocks=True` compiles the position-independent parts of each block (norms, projections,
     rotary, MLP) with `torch.compile`; attention and the cache stay eager.
     """
@@ -192,31 +195,46 @@ class LlamaForward(CachedForward):
         self.blocks = [block_parameters(layer) for layer in body.layers]
         self.use_block_functions(attention_input, block_output, compile_blocks)
 
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, embeds: torch.Tensor, start: int, cache: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1, writing their keys and values
-        into `cache`; return the final hidden state of the last position, [rows, E] (normed)."""
+        into `cache`; return the final hidden state of the last position, [rows, E] (normed). With
+        `lengths` (ragged rows, see `runner.DecoderForward`), a decode step runs each row at its own
+        position, lengths - 1, and attends to its first `lengths` positions only."""
         rows, length, width = embeds.shape
         end = start + length
-        positions = torch.arange(start, end, device=embeds.device).unsqueeze(0)
-        cos, sin = (t[0].unsqueeze(1) for t in self.rotary(embeds, positions))  # [S, 1, head_dim] each
+        step = lengths is not None and length == 1  # a ragged decode step
+        if step:
+            positions = lengths - 1
+            cos, sin = (t.unsqueeze(2) for t in self.rotary(embeds, positions.unsqueeze(1)))  # [rows, 1, 1, head_dim]
+            mask = key_mask(lengths, end)
+        else:
+            positions = torch.arange(start, end, device=embeds.device).unsqueeze(0)
+            cos, sin = (t[0].unsqueeze(1) for t in self.rotary(embeds, positions))  # [S, 1, head_dim] each
+            mask = None
         shape = (rows, length, self.head_dim)
         x = embeds.reshape(rows * length, width)
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             q, k, v = self._attention_input(x, block, cos, sin, shape, self.eps)
-            layer_cache[0, :, :, start:end] = k.transpose(1, 2)
-            layer_cache[1, :, :, start:end] = v.transpose(1, 2)
+            if step:
+                write_positions(layer_cache, torch.stack((k, v)).transpose(2, 3), positions)
+            else:
+                layer_cache[0, :, :, start:end] = k.transpose(1, 2)
+                layer_cache[1, :, :, start:end] = v.transpose(1, 2)
             keys, values = layer_cache[0, :, :, :end], layer_cache[1, :, :, :end]
             if length == 1:  # each key/value head's query heads become its query rows
                 grouped = q.reshape(rows, self.num_kv_heads, self.groups, self.head_dim)
-                attended = F.scaled_dot_product_attention(grouped, keys, values, scale=self.scale)
+                attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
                 attended = attended.reshape(rows, -1)
-            else:  # a prefill starts at 0, so its causal mask is the plain lower triangle
+            else:  # a prefill starts at 0, so its causal mask is the plain lower triangle (right padding included)
                 attended = F.scaled_dot_product_attention(
                     q.transpose(1, 2), keys, values, is_causal=True, scale=self.scale, enable_gqa=self.groups > 1
                 )
                 attended = attended.transpose(1, 2).reshape(rows * length, -1)
             x = self._block_output(x, attended, block, self.eps)
-        return rms_norm(x.view(rows, length, width)[:, -1], self.norm, self.eps)
+        last = last_positions(x.view(rows, length, width), None if step else lengths)
+        return rms_norm(last, self.norm, self.eps)
 
     def refresh(self) -> None:
         """Bring the LM head's padded CUDA copy up to date (weights may have changed since capture)."""

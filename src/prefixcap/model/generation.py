@@ -4,8 +4,9 @@ ONNX export (`prefixcap.onnx.runtime.OnnxCaptionModel`) both inherit `CaptionGen
 It owns the text policy: a request's options over the model's generation defaults, checked once
 and against the decoder's positions (`request`); the prompt the decoder continues after the image
 (the model's trained one by default); the stop tokens; and turning generated ids into captions.
-Generation itself joins the prompt's embeddings to the image prefix and hands the result to the
-backend that `prefixcap.engine.backends` chooses for the model's decoder.
+Generation itself joins the prompt's embeddings to the image prefix (each row's own, when images
+have prompts of different lengths: right-padded, with each row's length) and hands the result to
+the backend that `prefixcap.engine.backends` chooses for the model's decoder, in one batch.
 
 A runtime provides `config`, `tokenizer`, `decoder` (what the backend decodes with),
 `max_new_tokens_limit`, `image_prefix` (its inputs to prefix embeddings) and `token_embeddings`.
@@ -129,16 +130,41 @@ class CaptionGeneration:
         return self.generate_from_prefix(prefix, request.generation, request.text.prompt)
 
     def generate_from_prefix(
-        self, prefix: torch.Tensor, options: GenerationOptions, prompt: str | None = None
+        self,
+        prefix: torch.Tensor,
+        options: GenerationOptions,
+        prompt: str | None = None,
+        *,
+        prompts: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """New token ids [B * n, T] continuing `prefix` [B, K, E] and `prompt`'s embeddings (the
-        backend takes any prefix length: the prompt joins it), on the backend the decoder gets."""
-        prompt_ids = self.prompt_ids(prompt)
-        if prompt_ids:
-            prompt_embeds = self.token_embeddings(prompt_ids, prefix)
-            prefix = torch.cat([prefix, prompt_embeds.expand(prefix.shape[0], -1, -1)], dim=1)
+        backend takes any prefix length: the prompt joins it), on the backend the decoder gets.
+        `prompts` gives each row its own prompt instead: rows of different lengths, decoded in one
+        batch (`prefixcap.engine.ragged`), each as it would be alone."""
+        prompt_ids = [self.prompt_ids(text) for text in prompts] if prompts is not None else [self.prompt_ids(prompt)]
+        embeds, lengths = self._prompted(prefix, prompt_ids)
         spec = DecodeSpec.of(options, eos_token_ids=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id)
-        return backends.generate(self.decoder, prefix, spec)
+        return backends.generate(self.decoder, embeds, spec, lengths)
+
+    def _prompted(self, prefix: torch.Tensor, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, list[int] | None]:
+        """[prefix; prompt embeddings] per row, from one prompt's ids for every row or one per row:
+        (the embeddings, right-padded to the longest row, and each row's length, None when all are
+        equal)."""
+        batch, length, _ = prefix.shape
+        if all(ids == prompt_ids[0] for ids in prompt_ids):
+            if not prompt_ids[0]:
+                return prefix, None
+            prompt_embeds = self.token_embeddings(prompt_ids[0], prefix)
+            return torch.cat([prefix, prompt_embeds.expand(batch, -1, -1)], dim=1), None
+        if len(prompt_ids) != batch:
+            raise ValueError(f"{len(prompt_ids)} prompts for {batch} rows: give one prompt per row")
+        lengths = [length + len(ids) for ids in prompt_ids]
+        embeds = prefix.new_zeros((batch, max(lengths), prefix.shape[2]))
+        embeds[:, :length] = prefix
+        for ids in {tuple(ids) for ids in prompt_ids if ids}:  # each distinct prompt embedded once
+            rows = [row for row, other in enumerate(prompt_ids) if tuple(other) == ids]
+            embeds[rows, length : length + len(ids)] = self.token_embeddings(list(ids), prefix)
+        return embeds, lengths
 
     @torch.no_grad()
     def caption(
@@ -153,37 +179,32 @@ class CaptionGeneration:
     ) -> list[list[str]]:
         """Captions grouped per image (`num_return_sequences` each, best first), decoded and
         whitespace-normalised; the inputs and options are those of `generate`. `prompts` gives
-        each image its own prompt (a dataset's records': None, the model's trained one), checked
-        against the positions too; the images are then captioned in groups sharing a prompt (a
-        list as `prompt=` means the same). With `keep_prompt`, each caption starts with its prompt
-        (decoded with what follows it, so the spacing is the tokens')."""
+        each image its own prompt (a dataset's records', or retrieved captions': None, the model's
+        trained one), each checked against the positions too; the images are then decoded in one
+        batch whatever their prompts' lengths (a list as `prompt=` means the same). With
+        `keep_prompt`, each caption starts with its prompt (decoded with what follows it, so the
+        spacing is the tokens')."""
         if not isinstance(kwargs.get("prompt"), str | None):
             prompts = list(kwargs.pop("prompt"))
         request = self._request_of(request, kwargs)
         prefix = self.image_prefix(pixel_values, pixels, image_embeds)
         if prompts is None:
-            return self._caption_prefix(prefix, request, request.text.prompt)
-        if len(prompts) != prefix.shape[0]:
+            prompts = [request.text.prompt] * prefix.shape[0]
+        elif len(prompts) != prefix.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {prefix.shape[0]} images: give one prompt per image")
-        results: list[list[str]] = [[] for _ in prompts]
-        for prompt in dict.fromkeys(prompts):  # distinct, in first-seen order
-            self.check_prompt(prompt, request.generation)
-            rows = [row for row, other in enumerate(prompts) if other == prompt]
-            for row, per_image in zip(rows, self._caption_prefix(prefix[rows], request, prompt)):
-                results[row] = per_image
-        return results
-
-    def _caption_prefix(self, prefix: torch.Tensor, request: CaptionRequest, prompt: str | None) -> list[list[str]]:
-        ids = self.generate_from_prefix(prefix, request.generation, prompt)
-        kept = self.prompt_ids(prompt) if request.text.keep_prompt else []
-        if kept:
-            ids = torch.cat([ids.new_tensor(kept).expand(ids.shape[0], -1), ids], dim=1)
-        texts = self.detokenize(ids)
-        per_image = len(texts) // prefix.shape[0]
+        else:
+            for prompt in dict.fromkeys(prompts):  # distinct, in first-seen order
+                self.check_prompt(prompt, request.generation)
+        ids = self.generate_from_prefix(prefix, request.generation, prompts=prompts)
+        per_image = ids.shape[0] // max(prefix.shape[0], 1)
+        rows: list[list[int]] | torch.Tensor = ids
+        if request.text.keep_prompt:
+            rows = [self.prompt_ids(prompts[row // per_image]) + tokens for row, tokens in enumerate(ids.tolist())]
+        texts = self.detokenize(rows)
         return [texts[start : start + per_image] for start in range(0, len(texts), per_image)]
 
-    def detokenize(self, token_ids: torch.Tensor) -> list[str]:
-        """Generated ids to captions: special tokens dropped, whitespace normalised."""
+    def detokenize(self, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Generated ids (rows of ids) to captions: special tokens dropped, whitespace normalised."""
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
 

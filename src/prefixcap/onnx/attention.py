@@ -19,7 +19,8 @@ module calls `ALL_ATTENTION_FUNCTIONS` (GPT-2, the Llama family) exports the sam
 - its translation to the ONNX op (`TRANSLATION`, for `torch.onnx.export(custom_translation_table=)`);
 - a transformers attention implementation, `ATTENTION` (see `attention_of`), that calls the op
   with the layer's buffers, passed to the forward in the `shared_kv` keyword (a `SharedKV`); the
-  causal mask is the op's own.
+  causal mask is the op's own, and rows of different lengths are the op's right-padded rows
+  (per-row `seqlens_k`, from the graph's `lengths` input).
 """
 
 from __future__ import annotations
@@ -48,22 +49,35 @@ def group_query_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupQueryAttention on unshared buffers: query [B, S, heads * D], key and value
-    [B, S, kv_heads * D] for the new positions, past_key/value [B, kv_heads, P, D] (P = total - S);
-    returns the attention output [B, S, heads * D] and present_key/value [B, kv_heads, P + S, D].
-    Causal: new position i sees the past and new positions <= i. `seqlens_k` (total - 1 per row)
-    and `total_length` are the op's own inputs, for its shared-buffer form; here P fixes them."""
+    [B, S, kv_heads * D] for the new positions, past_key/value [B, kv_heads, P, D]; returns the
+    attention output [B, S, heads * D] and present_key/value [B, kv_heads, P + S, D].
+
+    Rows may differ in length, right-padded as the op's `seqlens_k` has them: row b holds
+    seqlens_k[b] + 1 positions after the step. A prefill (no past, every row at most S long) gives
+    row b new positions 0 .. seqlens_k[b] (the rest of its S are padding); any other step appends
+    the row's S new positions after its own past, seqlens_k[b] + 1 - S positions (the rest of P is
+    padding). Causal: new position i of row b sees its positions up to its past + i. Outputs at a
+    row's padding are unspecified. `total_length` (the longest row's) is the op's own input, for
+    its shared-buffer form; here P + S is the present's length."""
     rows, length, _ = query.shape
     head_dim = past_key.shape[-1]
 
     def heads(states: torch.Tensor, count: int) -> torch.Tensor:
         return states.view(rows, length, count, head_dim).transpose(1, 2)
 
-    present_key = torch.cat([past_key, heads(key, kv_num_heads)], dim=2)
-    present_value = torch.cat([past_value, heads(value, kv_num_heads)], dim=2)
     past = past_key.shape[2]
-    visible = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)
+    past_lengths = (seqlens_k.long() + 1 - length).clamp(min=0)  # [B]
+    new_positions = (past_lengths.unsqueeze(1) + torch.arange(length)).clamp(max=past + length - 1)  # [B, S]
+    index = new_positions.view(rows, 1, length, 1).expand(-1, kv_num_heads, -1, head_dim)
+
+    def present(past_states: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        room = torch.cat([past_states, past_states.new_zeros(rows, kv_num_heads, length, head_dim)], dim=2)
+        return room.scatter(2, index, heads(states, kv_num_heads))
+
+    present_key, present_value = present(past_key, key), present(past_value, value)
+    visible = torch.arange(past + length).view(1, 1, -1) <= new_positions.unsqueeze(2)  # [B, S, P + S]
     output = F.scaled_dot_product_attention(
-        heads(query, num_heads), present_key, present_value, attn_mask=visible, scale=scale,
+        heads(query, num_heads), present_key, present_value, attn_mask=visible.unsqueeze(1), scale=scale,
         enable_gqa=num_heads != kv_num_heads,
     )  # fmt: skip
     return output.transpose(1, 2).reshape(rows, length, -1), present_key, present_value
@@ -115,10 +129,10 @@ TRANSLATION = {torch.ops.prefixcap.group_query_attention.default: _to_onnx}
 @dataclass
 class SharedKV:
     """One step's cache for the graph: per layer its past keys and values [rows, kv_heads, P, D]
-    and the number of positions before this step; `present` collects each layer's outputs."""
+    and each row's positions after this step; `present` collects each layer's outputs."""
 
     past: list[torch.Tensor]  # past.0.key, past.0.value, past.1.key, ...
-    past_length: torch.Tensor  # int64 scalar: positions already in the cache
+    lengths: torch.Tensor  # int64 [rows]: each row's positions after this step (right-padded rows)
     present: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -145,14 +159,14 @@ def shared_kv_attention(
     rows, num_heads, length, head_dim = query.shape
     kv_num_heads = key.shape[1]
     layer = module.layer_idx
-    total = (shared_kv.past_length + length).to(torch.int32)
+    lengths = shared_kv.lengths.to(torch.int32)
 
     def packed(states: torch.Tensor) -> torch.Tensor:
         return states.transpose(1, 2).reshape(rows, length, -1)
 
     output, present_key, present_value = group_query_attention(
         packed(query), packed(key), packed(value), shared_kv.past[2 * layer], shared_kv.past[2 * layer + 1],
-        (total - 1).expand(rows), total, num_heads, kv_num_heads, scaling if scaling is not None else head_dim**-0.5,
+        lengths - 1, lengths.max(), num_heads, kv_num_heads, scaling if scaling is not None else head_dim**-0.5,
     )  # fmt: skip
     shared_kv.present += [present_key, present_value]
     return output.view(rows, length, num_heads, head_dim), None

@@ -4,12 +4,14 @@ embeddings, the tokenizer, the image processor and a manifest (layout: `onnx.run
 The decoder graph is the Hugging Face decoder's own forward, run without a transformers cache and
 with `onnx.attention`'s attention implementation, which makes each layer's attention one
 GroupQueryAttention node over that layer's `past.*` buffers (appended to in place when the caller
-shares them with the `present.*` outputs, as `onnx.runtime.OrtDecoder` does). Any causal LM whose
-forward takes `inputs_embeds`, `position_ids` and `logits_to_keep` and whose attention modules call
-transformers' attention interface exports the same way (GPT-2 and the Llama family are tested; the
-numerical check below decides for others). Graphs come from `torch.onnx.export`'s maintained
-exporter (torch.export + onnxscript); int8 weights from ONNX Runtime's `quantize_dynamic`, int4
-weights from its `MatMulNBitsQuantizer` (com.microsoft MatMulNBits, which onnxruntime-web runs too).
+shares them with the `present.*` outputs, as `onnx.runtime.OrtDecoder` does). Rows of one batch may
+differ in length (a prompt per image): the graph takes each row's length and runs each row at its
+own positions. Any causal LM whose base model takes `inputs_embeds` and `position_ids`, whose
+attention modules call transformers' attention interface and whose LM head is its output
+embeddings exports the same way (GPT-2 and the Llama family are tested; the numerical check below
+decides for others). Graphs come from `torch.onnx.export`'s maintained exporter (torch.export +
+onnxscript); int8 weights from ONNX Runtime's `quantize_dynamic`, int4 weights from its
+`MatMulNBitsQuantizer` (com.microsoft MatMulNBits, which onnxruntime-web runs too).
 
 Every export is checked on the spot, before the folder appears: both graphs run in ONNX Runtime on
 sample inputs and must match PyTorch (fp32: `FP32_TOLERANCE`; int8 and int4: `QUANTIZED_TOLERANCE`). An export
@@ -83,10 +85,11 @@ QUANTIZATION = {  # what each --quantize does, for the manifest
 }  # fmt: skip
 TOLERANCE_TEXT = {  # the checks, in words, for the manifest (its "checked" entry gives the measured values)
     "fp32": f"max |onnxruntime - pytorch| <= {FP32_TOLERANCE['atol']} + {FP32_TOLERANCE['rtol']} * max |pytorch|, "
-    "for the prefix embeddings and for the logits and keys/values of a prefill and cached steps",
+    "for the prefix embeddings, for the logits and keys/values of a prefill and cached steps, and for the logits "
+    "of rows of different lengths against each row alone",
     **{
         kind: f"max |onnxruntime {kind} - pytorch fp32| <= {limit} * (max - min of pytorch fp32), for the prefix "
-        "embeddings and the logits"
+        "embeddings and the logits (rows of different lengths included)"
         for kind, limit in QUANTIZED_TOLERANCE.items()
     },
 }
@@ -140,23 +143,28 @@ class DecoderStep(nn.Module):
 class DecoderGraph(nn.Module):
     """The module exported as decoder.onnx: the same step as `DecoderStep`, run inside
     `onnx.attention.attention_of(decoder)` (GroupQueryAttention over the `past` buffers, see the
-    manifest's usage) and positions past_length .. past_length+S-1 from the `past_length` input.
-    Returns the last position's logits as [rows, 1, V], then the presents."""
+    manifest's usage), for rows that may differ in length: `lengths` [rows] is each row's positions
+    after the step, right-padded. A prefill (every row at most S long) runs row r's positions
+    0 .. lengths[r] - 1; any other step continues each row after its own past, lengths - S
+    positions. Returns each row's logits at its last new position, [rows, 1, V], then the presents."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
 
     def forward(
-        self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, past: list[torch.Tensor]
+        self, inputs_embeds: torch.Tensor, lengths: torch.Tensor, past: list[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
-        positions = (torch.arange(inputs_embeds.shape[1]) + past_length).unsqueeze(0)
-        shared_kv = SharedKV(past, past_length)
-        logits = self.decoder(
-            inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False, logits_to_keep=1, shared_kv=shared_kv
-        ).logits
-        # [rows, 1, V] (logits_to_keep=1) as it is: selecting the position in the graph copies [rows, V] every step
-        return logits, *shared_kv.present
+        length = inputs_embeds.shape[1]
+        past_lengths = (lengths - length).clamp(min=0)
+        positions = past_lengths.unsqueeze(1) + torch.arange(length)
+        shared_kv = SharedKV(past, lengths)
+        hidden = self.decoder.base_model(
+            inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False, shared_kv=shared_kv
+        ).last_hidden_state
+        # each row's last new position, then the LM head on [rows, 1, hidden] only
+        last = (lengths - past_lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        return self.decoder.get_output_embeddings()(hidden.gather(1, last)), *shared_kv.present
 
 
 class CacheShape(NamedTuple):
@@ -287,26 +295,26 @@ def export_encoder(model: CaptionModel, path: Path, *, opset: int = DEFAULT_OPSE
 
 
 def export_decoder(decoder: nn.Module, path: Path, shape: CacheShape, *, opset: int = DEFAULT_OPSET) -> None:
-    """decoder.onnx: (inputs_embeds [rows, S, hidden], past_length [] int64, past.{layer}.key/value
-    [rows, kv_heads, L, head_dim]) -> (logits [rows, 1, V] of the last position, present.{layer}.key/value);
-    see `DecoderGraph` and the manifest's usage."""
+    """decoder.onnx: (inputs_embeds [rows, S, hidden], lengths [rows] int64, past.{layer}.key/value
+    [rows, kv_heads, L, head_dim]) -> (logits [rows, 1, V] of each row's last position,
+    present.{layer}.key/value); see `DecoderGraph` and the manifest's usage."""
     from torch.export import Dim
 
     hidden = decoder.get_input_embeddings().embedding_dim
     rows, length, past_length = 2, 3, 4  # distinct sample sizes, none 0 or 1 (those would be specialised)
     sample = (
         torch.randn(rows, length, hidden),
-        torch.tensor(past_length),
+        torch.tensor([past_length + length, past_length + length - 1]),
         [torch.randn(rows, shape.kv_heads, past_length, shape.head_dim) for _ in range(2 * shape.layers)],
     )
     rows_dim, past_dim = Dim("rows"), Dim("past_length")
     with attention_of(decoder):
         _export(
             DecoderGraph(decoder).eval(), sample, path, opset=opset, custom_translation_table=TRANSLATION,
-            input_names=["inputs_embeds", "past_length", *past_names(shape.layers)],
+            input_names=["inputs_embeds", "lengths", *past_names(shape.layers)],
             output_names=["logits", *present_names(shape.layers)],
             dynamic_shapes={
-                "inputs_embeds": {0: rows_dim, 1: Dim("length")}, "past_length": None,
+                "inputs_embeds": {0: rows_dim, 1: Dim("length")}, "lengths": {0: rows_dim},
                 "past": [{0: rows_dim, 2: past_dim}] * (2 * shape.layers),
             },
         )  # fmt: skip
@@ -400,10 +408,11 @@ def dequantize_int4(packed: np.ndarray, scales: np.ndarray, width: int) -> torch
 def check_export(model: CaptionModel, directory: Path, *, quantized: str | None = None) -> CheckResult:
     """Run both graphs of `directory` in ONNX Runtime on sample inputs and compare with PyTorch:
     the encoder's prefix embeddings, then the decoder's logits (and, fp32, its keys and values) for
-    a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same input embeddings;
-    the graph keeps its own cache, shared with its outputs as `OrtDecoder` runs it. `quantized`
-    graphs ("int8", "int4") are held to QUANTIZED_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError
-    naming the graph and the difference when over the tolerance."""
+    a prefill of the prefix and CHECK_STEPS cached steps, each step fed the same input embeddings,
+    and for rows of different lengths in one batch; the graph keeps its own cache, shared with its
+    outputs as `OrtDecoder` runs it. `quantized` graphs ("int8", "int4") are held to
+    QUANTIZED_TOLERANCE, others to FP32_TOLERANCE. Raises ExportCheckError naming the graph and the
+    difference when over the tolerance."""
     encoder, decoder = session(directory / ENCODER_FILE), session(directory / DECODER_FILE)
     generator = torch.Generator().manual_seed(0)
     size = model.preprocessor.pixels(_blank_image()).shape
@@ -436,7 +445,28 @@ def check_export(model: CaptionModel, directory: Path, *, quantized: str | None 
         decoder_error = max(decoder_error, *errors)
         past = present
         embeds = embedding(logits.argmax(dim=-1)).unsqueeze(1)
-    return CheckResult(encoder_error, decoder_error)
+    ragged_error = _check_ragged(step, graph, prefix, functools.partial(compare, directory / DECODER_FILE))
+    return CheckResult(encoder_error, max(decoder_error, ragged_error))
+
+
+def _check_ragged(step: DecoderStep, graph: OrtDecoder, prefix: torch.Tensor, compare: Callable) -> float:
+    """The decoder graph on rows of different lengths (the prefix's rows cut to K, K-1, ...; a
+    prefill and a cached step) against the reference on each row alone, with `compare(what, got,
+    expected)`: the largest difference."""
+    width, empty = prefix.shape[1], [torch.zeros(1, graph.num_kv_heads, 0, graph.head_dim)] * len(graph.past_names)
+    lengths = (width - torch.arange(prefix.shape[0])).clamp(min=1)
+    cache = graph.new_cache(prefix.shape[0], width + 1)
+    got_prefill = graph(prefix, 0, cache, lengths)
+    tokens = got_prefill.argmax(dim=-1)
+    got_step = graph(graph.embed(tokens), width, cache, lengths + 1)
+    errors = []
+    for row, length in enumerate(lengths.tolist()):
+        logits, *present = step(prefix[row : row + 1, :length], empty)
+        where = f"a row of {length} positions in a batch of different lengths"
+        errors.append(compare(f"logits of {where}", got_prefill[row : row + 1], logits))
+        logits, *_ = step(graph.embed(tokens[row : row + 1]), present)
+        errors.append(compare(f"logits of {where}, cached step", got_step[row : row + 1], logits))
+    return max(errors)
 
 
 def _check_close(path: Path, what: str, got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -499,15 +529,19 @@ def build_manifest(
         "usage": {
             "encoder": f"pixel_values [batch, 3, {height}, {width}] float32, the image processor's normalised "
             f"output -> prefix_embeds [batch, {model.config.prefix_length}, {hidden}]",
-            "decoder": f"inputs_embeds [rows, length, {hidden}] float32, past_length [] int64 (positions already in "
-            f"the cache; 0 for the prefill) and, for each layer i < {shape.layers}, past.i.key and past.i.value [rows, "
-            f"kv_heads={shape.kv_heads}, L, head_dim={shape.head_dim}] -> logits [rows, 1, vocab] of the last position "
-            "and, for each layer, present.i.key and present.i.value. Attention is com.microsoft GroupQueryAttention. Shared "
-            "buffers (fastest): bind each past.i.* and present.i.* to the same buffer of any length L >= past_length + "
-            "length; the step reads its first past_length positions and writes the new ones after them, in place. "
-            "Unshared: L = past_length, and present.i.* [rows, kv_heads, past_length + length, head_dim] is the past "
-            "followed by the new positions, the next step's past. Positions past_length .. past_length + length - 1 "
-            "are added by the graph",
+            "decoder": f"inputs_embeds [rows, length, {hidden}] float32, lengths [rows] int64 (each row's positions "
+            f"after this step: past + new) and, for each layer i < {shape.layers}, past.i.key and past.i.value [rows, "
+            f"kv_heads={shape.kv_heads}, L, head_dim={shape.head_dim}] -> logits [rows, 1, vocab] of each row's last "
+            "new position and, for each layer, present.i.key and present.i.value. Attention is com.microsoft "
+            "GroupQueryAttention. Rows of different lengths are right-padded: a row's positions start at 0. The "
+            "prefill (empty past, L = 0 unshared) runs row r's first lengths[r] of the length inputs (the rest is "
+            "padding; the longest row fills them all); a later step gives every row one new position (length 1), "
+            "after its own past of lengths[r] - 1 positions. Shared buffers (fastest): bind each past.i.* and "
+            "present.i.* to the same buffer of any length L >= max(lengths); the step reads each row's past "
+            "positions and writes its new ones after them, in place. Unshared: L = the longest past, and "
+            "present.i.* [rows, kv_heads, L + length, head_dim] holds each row's past followed by its new "
+            "positions, the next step's past. Positions (lengths - length, clamped at 0) onwards are added by "
+            "the graph",
             "embeddings": f"{EMBEDDINGS_FILE} tensor 'weight' [vocab, {hidden}]: token embeddings (no positions) "
             "for the decoder's inputs_embeds",
             "decoding": "prefill [prefix_embeds; embeddings of prompt_ids], then feed each chosen token's embedding "

@@ -31,7 +31,9 @@ from prefixcap.system.hardware import EXPORT_QUANTIZE_CHOICES
 
 MANIFEST_NAME = "prefixcap_onnx.json"
 FORMAT = "prefixcap-onnx"
-FORMAT_VERSION = 3  # 3: GroupQueryAttention, with past_length and past/present buffers that may be shared
+# 3: GroupQueryAttention, with past_length and past/present buffers that may be shared;
+# 4: per-row `lengths` in place of past_length (rows of different lengths in one batch)
+FORMAT_VERSION = 4
 ENCODER_FILE, DECODER_FILE, EMBEDDINGS_FILE = "encoder.onnx", "decoder.onnx", "embeddings.safetensors"
 # The manifest's `files`: what each entry is, and the name an export gives it
 FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "embeddings": EMBEDDINGS_FILE,
@@ -140,7 +142,7 @@ def check_graphs(manifest: Manifest, encoder: Any, decoder: Any, *, image_size: 
     inputs = {arg.name: arg.shape for arg in decoder.get_inputs()}
     outputs = {arg.name: arg.shape for arg in decoder.get_outputs()}
     layers = sum(name.startswith("past.") for name in inputs) // 2
-    expected = (["inputs_embeds", "past_length", *past_names(layers)], ["logits", *present_names(layers)])
+    expected = (["inputs_embeds", "lengths", *past_names(layers)], ["logits", *present_names(layers)])
     if (list(inputs), list(outputs)) != expected:
         raise manifest.refuse(f"{manifest.files['decoder']} lacks the inputs and outputs of a prefixcap decoder graph")
     encoder_in, encoder_out = [arg.name for arg in encoder.get_inputs()], [arg.name for arg in encoder.get_outputs()]

@@ -5,16 +5,18 @@ writes it, and its manifest, which describes it for other runtimes and which `on
 checks before any graph runs):
 
     encoder.onnx            pixel_values [B, 3, H, W] -> prefix_embeds [B, K, hidden]
-    decoder.onnx            (inputs_embeds [rows, S, hidden], past_length [] int64,
+    decoder.onnx            (inputs_embeds [rows, S, hidden], lengths [rows] int64,
                             past.{layer}.key/value [rows, kv_heads, L, head_dim])
-                            -> (logits of the last position [rows, 1, V], present.{layer}.key/value)
+                            -> (logits of each row's last position [rows, 1, V], present.{layer}.key/value)
     embeddings.safetensors  the token embedding matrix ("weight", [V, hidden]), no positions
     tokenizer/, image_processor/, prefixcap_onnx.json (the manifest)
 
-The decoder's attention is ONNX Runtime's GroupQueryAttention (`onnx.attention`). Bound to the same
-buffer as its `present`, each `past` is a cache of any length L >= past_length + S that the step
-appends to in place; unshared, `past` holds exactly past_length positions and `present` returns
-them followed by the new ones.
+The decoder's attention is ONNX Runtime's GroupQueryAttention (`onnx.attention`). `lengths` is each
+row's positions after the step, so rows of different lengths (a prompt per image) decode in one
+batch, right-padded as the engine keeps them (`engine.ragged`). Bound to the same buffer as its
+`present`, each `past` is a cache of any length L >= max(lengths) that the step appends to in
+place; unshared, `past` holds the longest row's past and `present` returns it followed by the new
+positions.
 
 No second search lives here: `OrtDecoder` is the decoding engine's forward object (the contract of
 `engine.runner.DecodeRunner`: new_cache, embed, __call__, logits, refresh), so greedy, beam search
@@ -116,16 +118,23 @@ class OrtDecoder:
         """Token embeddings [rows, 1, E] (the graph adds the positions)."""
         return F.embedding(tokens, self.embeddings).unsqueeze(1)
 
-    def __call__(self, embeds: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, embeds: torch.Tensor, start: int, cache: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run `embeds` [rows, S, E] at positions start..start+S-1 against the cache's first
-        `start` positions, store their keys and values in `cache`; returns the logits [rows, V]."""
-        if not cache.is_contiguous() or cache.dtype != self.dtype or start + embeds.shape[1] > cache.shape[4]:
+        `start` positions (ragged rows: each row's own, from `lengths`, see
+        `engine.runner.DecoderForward`), store their keys and values in `cache`; returns the logits
+        [rows, V]."""
+        rows, length = embeds.shape[:2]
+        if not cache.is_contiguous() or cache.dtype != self.dtype or start + length > cache.shape[4]:
             raise ValueError("the cache must be a contiguous float32 tensor with room for the new positions")
         inputs = embeds.to(self.dtype).contiguous().numpy()  # held until the run is over
-        past_length = np.array(start, dtype=np.int64)
+        if lengths is None:
+            lengths = torch.full((rows,), start + length)
+        row_lengths = lengths.to(torch.int64).contiguous().numpy()
         binding = self.graph.io_binding()
         binding.bind_cpu_input("inputs_embeds", inputs)
-        binding.bind_cpu_input("past_length", past_length)
+        binding.bind_cpu_input("lengths", row_lengths)
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
         shape = list(cache.shape[2:])
         for buffer, past, present in zip(cache.flatten(0, 1), self.past_names, self.present_names, strict=True):

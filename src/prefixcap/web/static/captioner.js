@@ -190,7 +190,8 @@ export class Captioner {
     const run = async (embeds, rows, length) => {
       const feeds = {
         inputs_embeds: new ort.Tensor("float32", embeds, [rows, length, hidden]),
-        past_length: new ort.Tensor("int64", BigInt64Array.of(BigInt(pastLength)), []),
+        // every row as long as the others: the page decodes one prompt for all its rows
+        lengths: new ort.Tensor("int64", new BigInt64Array(rows).fill(BigInt(pastLength + length)), [rows]),
       };
       for (const name of names) {
         const data = past ? past[name] : new Float32Array(0);
