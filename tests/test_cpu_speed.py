@@ -78,7 +78,11 @@ def test_int8_quantizes_the_blocks_and_decodes_with_the_engine(tiny_model_dir: P
         ({"device": "cpu", "dtype": "bfloat16"}, "--quantize int8 needs --dtype float32"),
     ],
 )
-def test_int8_refusals_are_one_line(tiny_model_dir: Path, kwargs: dict, message: str) -> None:
+def test_int8_refusals_are_one_line(tiny_model_dir: Path, kwargs: dict, message: str, monkeypatch) -> None:
+    from prefixcap.system import hardware
+
+    # as on a machine with a GPU, where the device itself is accepted and int8 is what is refused
+    monkeypatch.setattr(hardware, "available_devices", lambda: ["cpu", "cuda:0"])
     with pytest.raises(UserError, match=message):
         Captioner.from_pretrained(tiny_model_dir, quantize="int8", **kwargs)
 
