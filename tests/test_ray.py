@@ -1,5 +1,6 @@
 """Captioning on Ray: a real two-node cluster on 127.0.0.1 (Ray's test-cluster utility: a head with
-one CPU and a second node with two CPUs and a `captioner` resource) and an S3 store on 127.0.0.1
+one CPU and a second node with two CPUs, a `captioner` resource and a GPU that exists only as a
+Ray resource) and an S3 store on 127.0.0.1
 (moto's server); jobs that must give exactly the single-process captions, each image once, also
 after a captioning actor is killed with SIGKILL; reruns (nothing to do; everything to do after the model's files change); sidecar files;
 the actor class in a plain Ray Data pipeline; `prepare --ray`, which must write the in-process
@@ -138,7 +139,8 @@ class LoopbackCluster:
             initialize_head=True,
             head_node_args={**common, "num_cpus": 1, "include_dashboard": False, "temp_dir": self.temp},
         )
-        self.cluster.add_node(**common, num_cpus=2, resources={"captioner": 1})
+        # one GPU as a Ray resource only (torch here has no CUDA): actors that ask for it caption on CPU
+        self.cluster.add_node(**common, num_cpus=2, num_gpus=1, resources={"captioner": 1})
         self.cluster.wait_for_nodes()
         self.address = self.cluster.address
         self.stopped = False
@@ -211,7 +213,7 @@ def job(cluster, store, model, tmp_path_factory) -> dict:
     """A folder (with an unreadable image), a Parquet file and a WebDataset shard (and an empty
     one), and an S3 prefix holding two images, a shard and a Parquet file, captioned on the
     cluster through the Python API into Parquet shards; the actor runs on the second node (the
-    only one with a `captioner`), decoding runs as tasks on both."""
+    only one with a `captioner`) and, as it works on CPUs, decodes its own images."""
     root = tmp_path_factory.mktemp("inputs")
     (root / "photos").mkdir()
     for index, name in enumerate(NAMES[:4]):
@@ -324,6 +326,39 @@ def test_a_killed_actor_loses_no_image_and_repeats_none(cluster, model, tmp_path
     assert dict(records) == expected
 
 
+def test_gpu_actors_are_fed_by_decoding_tasks_of_their_own(cluster, model, tmp_path):
+    """Actors that ask for a GPU (the second node's, here a Ray resource only: the model runs on
+    its CPU) only caption: the images are decoded in a stage of their own, which CPU-only nodes
+    can run, while actors that work on CPUs decode their own (the `job`)."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for index, name in enumerate(NAMES[:5]):
+        (folder / f"{index}.png").write_bytes(png(name, 36 + index))
+    (folder / "broken.png").write_bytes(b"not a picture")
+    sources, _ = expand_ray_inputs([str(folder)])
+    titles: set[str] = set()
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            titles.update(command for command in ray_processes(psutil.Process()).values() if "MapWorker" in command)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with RayCaptioner(str(model), address=cluster.address, gpus_per_actor=1, device="cpu", **SETTINGS) as captioner:
+            request = captioner.request(**OPTIONS)
+            caption_to_shards(captioner, sources, tmp_path / "out", request, fmt="jsonl", part_size=2)
+    finally:
+        watching.set()
+        watcher.join(timeout=10)
+    assert any("MapWorker(MapBatches(PrefixCaptioner))" in title for title in titles), titles  # not fused
+    assert not any("decode_units" in title for title in titles), titles
+    expected = reference(model, sorted(str(path) for path in folder.iterdir()))
+    assert dict(shard_records(tmp_path / "out", "jsonl")) == expected
+
+
 def test_sidecar_files_on_ray(cluster, model, tmp_path, capsys):
     folder = tmp_path / "set"
     (folder / "sub").mkdir(parents=True)
@@ -350,13 +385,15 @@ def test_sidecar_files_on_ray(cluster, model, tmp_path, capsys):
 def test_changed_model_files_redo_everything_on_a_local_cluster_that_leaves_no_process(job, model, tmp_path):
     """The last test to use `job`: the model saved again (a new modification time) makes a rerun
     caption every image again, on a cluster that `--ray` starts for the job (no address), whose
-    processes must all be gone once the command exits."""
+    processes must all be gone once the command exits. Its one actor holds every CPU of that
+    cluster, so decoding must run inside it: a task of its own would wait for a CPU forever."""
     old_parts = {path.name for path in (job["out"] / "parts").iterdir()}
     for file in model.rglob("*.safetensors"):
         os.utime(file, ns=(time.time_ns(), time.time_ns()))
     command = prefixcap_command(
         "caption", *job["inputs"], "--model", model, "--ray", "--output", f"{job['out']}/", "--format", "parquet",
         "--part-size", "2", "--batch-size", "2", "--max-new-tokens", str(OPTIONS["max_new_tokens"]), "--dtype", "float32",
+        "--ray-actors", "1", "--ray-cpus", str(os.cpu_count()),
     )  # fmt: skip
     env = {**subprocess_env(), "RAY_AUTH_MODE": "disabled"}
     job_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)

@@ -60,7 +60,8 @@ def add_ray_arguments(
     )  # fmt: skip
     group.add_argument(
         "--ray-cpus", type=bounded(float, 0), default=1, metavar="C",
-        help=f"CPUs reserved per {actor} actor; decoding tasks take one CPU each from the rest (default: 1)",
+        help=f"CPUs reserved per {actor} actor (its threads); actors on CPUs decode their own images, and for GPU "
+        "actors decoding tasks take one CPU each from the rest (default: 1)",
     )  # fmt: skip
 
 

@@ -45,9 +45,8 @@ class RayCluster:
 
     `actors` actors of `gpus_per_actor` GPUs, `cpus_per_actor` CPUs and custom `resources` each
     (`{"captioner": 1}` places them on the nodes started with that resource). Decoding takes one
-    CPU per task wherever the cluster has CPUs free; when the actors ask for nothing else (work
-    on CPUs), Ray runs it inside the actors instead, which spares moving pixels between
-    processes."""
+    CPU per task wherever the cluster has CPUs free; when the actors work on CPUs, Ray runs it
+    inside the actors instead, which spares moving pixels between processes."""
 
     address: str = LOCAL
     actors: int = 1
@@ -106,7 +105,10 @@ class RayCluster:
 
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         dataset = dataset.map_batches(
-            decode_units, fn_kwargs={"loader": loader, "batch_size": batch_size}, batch_size=1, num_cpus=1
+            decode_units,
+            fn_kwargs={"loader": loader, "batch_size": batch_size},
+            batch_size=1,
+            **self._decode_resources(),
         )
         dataset = dataset.map_batches(
             actor,
@@ -120,10 +122,9 @@ class RayCluster:
         pending: dict[int, _Unit] = {}
         done: set[int] = set()  # units handed over: rows that Ray delivers again are ignored
         try:
-            for table in dataset.select_columns([*_COLUMNS, result]).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
-                for row in table.to_pylist():
+            # the columns are picked here, not by a Ray stage: its tasks would wait for CPUs the actors hold
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in table.select([*_COLUMNS, result]).to_pylist():
                     if row["unit"] in done:
                         continue
                     unit = pending.setdefault(row["unit"], _Unit(result))
@@ -141,6 +142,14 @@ class RayCluster:
         if len(done) != len(rows):  # Ray lost rows: never hand over a unit with holes
             missing = sorted(set(range(len(rows))) - done)
             raise RuntimeError(f"Ray returned no complete result for units {missing[:10]}")
+
+    def _decode_resources(self) -> dict[str, Any]:
+        """What a decoding task asks for: one CPU wherever one is free, or, for actors that work on
+        CPUs, exactly what the actors ask for, so that Ray fuses decoding into them (it fuses only
+        stages with equal resources): a task of its own would wait for a CPU that the actors hold."""
+        if self.gpus_per_actor:
+            return {"num_cpus": 1}
+        return {"num_cpus": self.cpus_per_actor, "resources": self.resources}
 
     def _connect(self) -> None:
         """Join the cluster at `address`, or start one on this machine (127.0.0.1 only)."""
