@@ -42,7 +42,7 @@ import torch
 from prefixcap.errors import ImageLoadError, UserError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS
 from prefixcap.inputs.loader import ImageLoader
-from prefixcap.jobs.ray_units import RayCluster, failed_rows
+from prefixcap.jobs.ray_units import RayCluster, failed_rows, on_torch_thread
 from prefixcap.options import CaptionRequest
 from prefixcap.pipeline import loop as caption_loop
 from prefixcap.pipeline.loop import Outcome
@@ -73,9 +73,10 @@ class PrefixCaptioner:
     ):
         from prefixcap.captioner import Captioner
 
-        self.captioner = Captioner.from_pretrained(
-            model, device=device, dtype=dtype, quantize=quantize, max_pixels=max_pixels, jpeg_draft=jpeg_draft
-        )
+        self.captioner = on_torch_thread(
+            Captioner.from_pretrained, model, device=device, dtype=dtype, quantize=quantize, max_pixels=max_pixels,
+            jpeg_draft=jpeg_draft,
+        )  # fmt: skip
         try:  # bad options fail here, once per actor, not on every batch
             self.request = self.captioner.request(**options)
         except ValueError as error:
@@ -83,6 +84,9 @@ class PrefixCaptioner:
         self.column = column
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return on_torch_thread(self._captioned, batch)
+
+    def _captioned(self, batch: dict[str, Any]) -> dict[str, Any]:
         errors = failed_rows(batch)
         rows = len(errors)
         images = self._pixels(batch, errors)

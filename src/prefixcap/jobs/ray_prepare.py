@@ -27,7 +27,7 @@ from prefixcap.errors import ImageLoadError
 from prefixcap.inputs.images import DEFAULT_MAX_PIXELS
 from prefixcap.inputs.loader import ImageLoader
 from prefixcap.inputs.preprocess import ImagePreprocessor
-from prefixcap.jobs.ray_units import RayCluster, failed_rows
+from prefixcap.jobs.ray_units import RayCluster, failed_rows, on_torch_thread
 from prefixcap.model.caption_model import embed_pixels
 from prefixcap.model.encoders import load_image_processor
 from prefixcap.pipeline.features import StoreManifest
@@ -45,12 +45,15 @@ class PrefixEncoder:
     "patches"`: its patch tokens) as float16 bytes, null where `error` is set."""
 
     def __init__(self, encoder: str, *, features: str = "pooled", device: str = "cpu"):
-        self.encoder = load_encoder(encoder, parse_device(device))
+        self.encoder = on_torch_thread(load_encoder, encoder, parse_device(device))
         self.preprocessor = ImagePreprocessor(load_image_processor(encoder))
         self.patches = features == "patches"
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return on_torch_thread(self._encoded, batch)
+
+    @torch.inference_mode()
+    def _encoded(self, batch: dict[str, Any]) -> dict[str, Any]:
         errors = failed_rows(batch)
         good = [row for row, error in enumerate(errors) if error is None]
         cells: list[bytes | None] = [None] * len(errors)

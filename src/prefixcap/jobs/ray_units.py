@@ -12,9 +12,11 @@ handed over.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +176,21 @@ class RayCluster:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
+@functools.cache
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread of this worker process that does torch work: an actor's loading and calls,
+    and the decoding that Ray runs inside it. Ray Data builds an actor in one thread and calls it
+    from another; torch's OpenMP runtime gives each thread that runs parallel work a team of its
+    own, so work in both would keep two teams of threads on the actor's cores, competing.
+    `on_torch_thread` runs a call there."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixcap-torch")
+
+
+def on_torch_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` on this process's torch thread; its result, or its exception raised here."""
+    return torch_thread().submit(function, *args, **kwargs).result()
+
+
 def decode_units(batch: dict[str, Any], *, loader: ImageLoader, batch_size: int) -> Iterator[dict[str, Any]]:
     """The CPU stage: the images of each unit (a row: `unit`, `sources`, `kinds`) decoded by
     prefixcap's loader, in batches of at most `batch_size` rows with columns `unit`, `position`
@@ -182,25 +199,32 @@ def decode_units(batch: dict[str, Any], *, loader: ImageLoader, batch_size: int)
     pixels). A unit without images (an empty shard) gives one row at position -1."""
     for unit, sources, kinds in zip(batch["unit"], batch["sources"], batch["kinds"]):
         typed = [_KINDS[kind](source) for source, kind in zip(sources, kinds)]
-        chunks = chunked(_decoded(typed, loader, batch_size), batch_size)
-        chunk, position = next(chunks, []), 0
-        while chunk is not None:
-            following = next(chunks, None)  # None: `chunk` is the unit's last
-            keys = [key for key, _ in chunk]
-            errors = [outcome.reason if isinstance(outcome, ImageLoadError) else None for _, outcome in chunk]
-            blank = _blank([outcome for _, outcome in chunk], loader)
-            pixels = [blank if isinstance(outcome, ImageLoadError) else outcome for _, outcome in chunk]
-            positions = list(range(position, position + len(chunk)))
-            if not chunk:  # the end of a unit without images
-                keys, positions, pixels, errors = [""], [-1], [blank], ["no images"]
-            position += len(chunk)
-            count = position if following is None else -1
-            yield {
-                "unit": np.full(len(keys), unit), "position": np.array(positions), "count": np.full(len(keys), count),
-                "key": np.array(keys, dtype=object), "pixels": np.stack([p.numpy() for p in pixels]),
-                "error": np.array(errors, dtype=object),
-            }  # fmt: skip
-            chunk = following
+        batches = _unit_batches(unit, typed, loader, batch_size)
+        while (rows := on_torch_thread(next, batches, None)) is not None:  # the decoding's torch work, there
+            yield rows
+
+
+def _unit_batches(unit: int, sources: list[Any], loader: ImageLoader, batch_size: int) -> Iterator[dict[str, Any]]:
+    """`decode_units`'s batches of one unit."""
+    chunks = chunked(_decoded(sources, loader, batch_size), batch_size)
+    chunk, position = next(chunks, []), 0
+    while chunk is not None:
+        following = next(chunks, None)  # None: `chunk` is the unit's last
+        keys = [key for key, _ in chunk]
+        errors = [outcome.reason if isinstance(outcome, ImageLoadError) else None for _, outcome in chunk]
+        blank = _blank([outcome for _, outcome in chunk], loader)
+        pixels = [blank if isinstance(outcome, ImageLoadError) else outcome for _, outcome in chunk]
+        positions = list(range(position, position + len(chunk)))
+        if not chunk:  # the end of a unit without images
+            keys, positions, pixels, errors = [""], [-1], [blank], ["no images"]
+        position += len(chunk)
+        count = position if following is None else -1
+        yield {
+            "unit": np.full(len(keys), unit), "position": np.array(positions), "count": np.full(len(keys), count),
+            "key": np.array(keys, dtype=object), "pixels": np.stack([p.numpy() for p in pixels]),
+            "error": np.array(errors, dtype=object),
+        }  # fmt: skip
+        chunk = following
 
 
 def _decoded(
