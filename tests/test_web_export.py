@@ -24,6 +24,7 @@ from prefixcap.web.export import (
     WEB_MANIFEST,
     export_web,
     pillow_shrinks_height_first,
+    quantize_rows,
     read_web_manifest,
     text_data,
     write_embeddings,
@@ -120,16 +121,29 @@ def test_the_folder_holds_the_graphs_the_runtime_and_what_javascript_needs(onnx_
     assert str(source.parent) not in (out / WEB_MANIFEST).read_text()
 
 
-def test_an_int8_export_runs_on_wasm_with_int8_embeddings(onnx_exports, web_exports):
+def test_an_int8_export_runs_on_wasm_with_its_lm_heads_int8_embeddings(onnx_exports, web_exports):
+    """The int8 LM head of a tied decoder holds each token's embedding quantized as the page
+    quantizes it (a column of [hidden, vocab] int8 values, one scale per token): the export ships
+    them once, in decoder.onnx, and the manifest says where."""
+    from onnx import load_from_string, numpy_helper
+
     manifest = read_web_manifest(web_exports["int8"])
     assert manifest["precision"] == manifest["embeddings"] == "int8"
     assert set(manifest["ort"]["bundles"]) == {"wasm"}  # MatMulInteger has no WebGPU kernel
     assert not (web_exports["int8"] / "ort" / ort_web.BUNDLES["webgpu"][-1]).exists()
-    stored = read_safetensors(web_exports["int8"] / manifest["files"]["embeddings"])
-    reference = read_safetensors(onnx_exports["int8"] / "embeddings.safetensors")["weight"]
-    assert stored["weight"].dtype == torch.int8 and stored["scale"].shape == (reference.shape[0],)
+    assert "embeddings" not in manifest["files"] and manifest["int4_embeddings"] is None
+    assert not (web_exports["int8"] / "model" / "embeddings.safetensors").exists()
+    reference = read_safetensors(onnx_exports["int8"] / "embeddings.safetensors")["weight"].float()
+    stored = quantize_rows(reference)
     error = (stored["weight"].float() * stored["scale"].unsqueeze(1) - reference).abs()
     assert (error <= stored["scale"].unsqueeze(1) / 2 + 1e-7).all()  # rounded to the nearest step
+    decoder = (web_exports["int8"] / manifest["files"]["decoder"]).read_bytes()
+    columns = stored["weight"].T.contiguous().numpy()
+    (weight_at, weight_length), (scale_at, scale_length) = manifest["int8_embeddings"].values()
+    assert decoder[weight_at : weight_at + weight_length] == columns.tobytes()
+    assert decoder[scale_at : scale_at + scale_length] == stored["scale"].numpy().tobytes()
+    initializers = load_from_string(decoder).graph.initializer
+    assert any(numpy_helper.to_array(tensor).tobytes() == columns.tobytes() for tensor in initializers)
 
 
 def test_an_int4_export_reads_a_tied_decoders_embeddings_from_its_lm_head(onnx_exports, web_exports, tmp_path):
@@ -184,9 +198,8 @@ def test_the_command_exports_a_model_directory(image_dependent_model_dir, ort_we
     assert f"wrote {out} (int8, " in capsys.readouterr().out
     manifest = read_web_manifest(out)
     assert manifest["precision"] == "int8" and manifest["name"] == image_dependent_model_dir.name
-    assert sorted(path.name for path in (out / "model").iterdir()) == [
-        "decoder.onnx", "embeddings.safetensors", "encoder.onnx", "text.json"
-    ]  # fmt: skip
+    # no embeddings file: they are the tied LM head's
+    assert sorted(path.name for path in (out / "model").iterdir()) == ["decoder.onnx", "encoder.onnx", "text.json"]
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # the scratch ONNX export is gone
     assert main([*args, "--quantize", "int8"]) == 2  # an earlier export is replaced only with --overwrite
     assert "pass --overwrite" in capsys.readouterr().err

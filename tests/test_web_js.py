@@ -246,10 +246,12 @@ def test_python_and_javascript_agree_on_the_supported_decoders():
 
 
 # ---------------------------------------------------------------------------- token embeddings
-@pytest.mark.parametrize("precision", ["float32", "int8", "int4", "int4 in the decoder"])
+@pytest.mark.parametrize("precision", ["float32", "int8", "int8 in the decoder", "int4", "int4 in the decoder"])
 def test_token_embeddings_read_as_python_reads_them(precision, tmp_path):
-    """captioner.js's embeddings equal, bit for bit, the float32 values Python feeds the decoder: int4
-    blocks from their own file (an untied decoder) or from the decoder graph's bytes (a tied one)."""
+    """captioner.js's embeddings equal, bit for bit, the float32 values Python feeds the decoder (int8:
+    the values and scales the int8 export quantizes them to): int8 values and int4 blocks from their
+    own file (an untied decoder) or from the decoder graph's bytes (a tied one: its LM head's,
+    [hidden, vocab] for int8)."""
     vocab, hidden = 40, 48  # hidden: one and a half int4 blocks
     weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0))
     kind = precision.split()[0]
@@ -257,14 +259,20 @@ def test_token_embeddings_read_as_python_reads_them(precision, tmp_path):
         weight = dequantize_int4(*int4_blocks(weight), hidden)  # what an int4 ONNX export stores
         packed, scales = int4_blocks(weight)
         parts = [b"graph bytes before", scales.tobytes(), b"between", packed.tobytes(), b"after"]
-        (tmp_path / "decoder.onnx").write_bytes(b"".join(parts) if precision.endswith("decoder") else b"no blocks")
+    if kind == "int8":
+        rows = quantize_rows(weight)
+        parts = [b"graph bytes before", rows["weight"].T.contiguous().numpy().tobytes(), b"between"]
+        parts += [rows["scale"].numpy().tobytes(), b"after"]
+    if kind != "float32":
+        (tmp_path / "decoder.onnx").write_bytes(b"".join(parts) if precision.endswith("decoder") else b"no values")
     in_decoder = write_embeddings(weight, kind, tmp_path, tmp_path / "source")
     assert (in_decoder is not None) == precision.endswith("decoder")
     file = tmp_path / ("decoder.onnx" if in_decoder else "embeddings.safetensors")
     manifest = {
         "model": {"vocab_size": vocab, "hidden_size": hidden},
         "embeddings": kind,
-        "int4_embeddings": in_decoder,
+        "int4_embeddings": in_decoder if kind == "int4" else None,
+        "int8_embeddings": in_decoder if kind == "int8" else None,
     }
     if kind == "int4" and in_decoder is None:
         manifest["int4_embeddings"] = {"block_size": INT4_BLOCK_SIZE}

@@ -7,8 +7,8 @@
     model/encoder.onnx,        the ONNX export's graphs, unchanged (`onnx.export`: the decoder's
     model/decoder.onnx         GroupQueryAttention runs in onnxruntime-web's WASM and WebGPU builds)
     model/embeddings.safetensors  token embeddings: float32, int8 with a scale per token (int8 exports), or
-                               int4 blocks (int4 exports); none where the decoder's int4 LM head holds
-                               the same blocks (a tied decoder): the page reads them from decoder.onnx
+                               int4 blocks (int4 exports); none where the decoder's quantized LM head
+                               holds the same values (a tied decoder): the page reads them from decoder.onnx
     model/text.json            id -> token string, special ids, the tokenizer's decoder pipeline
     ort/                       onnxruntime-web, the pinned release (`web.ort_web`)
     prefixcap_web.json         the manifest: shapes, preprocessing constants, prompt and stop ids,
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -156,25 +157,37 @@ def write_embeddings(weight: torch.Tensor, precision: str, directory: Path, sour
     """Write the token embeddings for the page as `precision` stores them (float32; int8 with a
     scale per token; int4 blocks) in directory/embeddings.safetensors. int4 exports' embeddings
     (`source`) are already int4 values, stored as float32: the blocks found again here give the
-    same floats, exactly. Where decoder.onnx (in `directory`) holds the very same blocks (a tied
-    decoder's LM head), no file is written: returns where the blocks lie in the decoder's bytes."""
+    same floats, exactly. Where decoder.onnx (in `directory`) holds the very same int8 or int4
+    values (a tied decoder's quantized LM head), no file is written: returns where they lie in the
+    decoder's bytes (int8: the LM head's [hidden, vocab] layout, one column a token)."""
+    if precision == "int8":
+        rows = quantize_rows(weight)
+        columns = {"weight": rows["weight"].T.contiguous().numpy(), "scale": rows["scale"].numpy()}
+        ranges = _in_decoder(directory, columns)
+        if ranges is None:
+            save_file(rows, directory / "embeddings.safetensors")
+        return ranges
     if precision != "int4":
-        tensors = quantize_rows(weight) if precision == "int8" else {"weight": weight.contiguous()}
-        save_file(tensors, directory / "embeddings.safetensors")
+        save_file({"weight": weight.contiguous()}, directory / "embeddings.safetensors")
         return None
     packed, scales = int4_blocks(weight)
     if not torch.equal(dequantize_int4(packed, scales, weight.shape[1]), weight):
         raise UserError(f"{source}: these embeddings are not int4 values; export the model again with --quantize int4")
-    decoder = (directory / "decoder.onnx").read_bytes()
-    ranges = {
-        name: _only_occurrence(decoder, array.tobytes()) for name, array in (("weight", packed), ("scale", scales))
-    }
-    if None not in ranges.values():
+    ranges = _in_decoder(directory, {"weight": packed, "scale": scales})
+    if ranges is not None:
         return {"block_size": INT4_BLOCK_SIZE, **ranges}
     save_file(
         {"weight": torch.from_numpy(packed), "scale": torch.from_numpy(scales)}, directory / "embeddings.safetensors"
     )
     return None
+
+
+def _in_decoder(directory: Path, arrays: dict[str, np.ndarray]) -> dict[str, list[int]] | None:
+    """{name: [offset, length]} of each array's bytes in directory/decoder.onnx, if each occurs
+    there exactly once; else None."""
+    decoder = (directory / "decoder.onnx").read_bytes()
+    ranges = {name: _only_occurrence(decoder, array.tobytes()) for name, array in arrays.items()}
+    return None if None in ranges.values() else ranges
 
 
 def _only_occurrence(data: bytes, part: bytes) -> list[int] | None:
@@ -282,8 +295,8 @@ def build_manifest(
     source: Path,
 ) -> dict[str, Any]:
     """What captioner.js reads (see the module docstring); sizes let the page show progress and
-    refuse a truncated download. `in_decoder`: where the int4 embeddings lie in decoder.onnx, if
-    they have no file of their own."""
+    refuse a truncated download. `in_decoder`: where the int8 or int4 embeddings lie in
+    decoder.onnx, if they have no file of their own."""
     files = {
         "encoder": f"{MODEL_DIR}/encoder.onnx",
         "decoder": f"{MODEL_DIR}/decoder.onnx",
@@ -302,6 +315,9 @@ def build_manifest(
         # int4: the blocks' size, and the byte ranges [offset, length] of the blocks ("weight") and
         # their scales ("scale") in decoder.onnx, where it holds them; else they are the embeddings file's
         "int4_embeddings": None if precision != "int4" else in_decoder or {"block_size": INT4_BLOCK_SIZE},
+        # int8: the byte ranges of the int8 values [hidden, vocab] ("weight") and the scale of each
+        # token ("scale") in decoder.onnx, where its LM head holds them; else null (the embeddings file)
+        "int8_embeddings": in_decoder if precision == "int8" else None,
         "files": files,
         "sizes": {name: (staging / path).stat().st_size for name, path in files.items()},
         "model": {name: onnx_manifest[name] for name in ("decoder_type", *shapes)},

@@ -163,9 +163,9 @@ export class Captioner {
     return { data: out, dims: [batch, total, hidden] };
   }
 
-  /** Write the embedding of token `id` into `out` (float32 as stored, int8 times the row's scale, or int4 blocks). */
+  /** Write the embedding of token `id` into `out` (float32 as stored, int8 times the token's scale, or int4 blocks). */
   embed(id, out) {
-    const { weight, scale, hidden, blockSize } = this.embeddings;
+    const { weight, scale, hidden, blockSize, vocab } = this.embeddings;
     if (blockSize) {
       // MatMulNBits' layout: per row, blocks of blockSize values, two a byte (low nibble first), each + 8
       const blocks = Math.ceil(hidden / blockSize);
@@ -176,6 +176,7 @@ export class Captioner {
         out[i] = ((i & 1 ? byte >> 4 : byte & 15) - 8) * scales[Math.floor(i / blockSize)];
       }
     } else if (!scale) out.set(weight.subarray(id * hidden, (id + 1) * hidden));
+    else if (vocab) for (let i = 0; i < hidden; i++) out[i] = weight[i * vocab + id] * scale[id]; // the LM head's column
     else for (let i = 0; i < hidden; i++) out[i] = weight[id * hidden + i] * scale[id];
   }
 
@@ -286,18 +287,26 @@ async function fetchBytes(url, size, onProgress) {
 
 /**
  * Token embeddings from the export's safetensors file: float32 "weight", int8 "weight" with a float32
- * "scale" per row, or int4 blocks (uint8 "weight", float32 "scale" per block); int4 blocks may
- * instead be byte ranges of the decoder graph (`bytes`), copied out of it.
+ * "scale" per row, or int4 blocks (uint8 "weight", float32 "scale" per block); int8 values and int4
+ * blocks may instead be byte ranges of the decoder graph (`bytes`), copied out of it (int8: the LM
+ * head's [hidden, vocab] values, a column per token, returned with `vocab`).
  */
 export function readEmbeddings(bytes, manifest) {
   const { vocab_size: vocab, hidden_size: hidden } = manifest.model;
+  const copy = (offset, length) => bytes.buffer.slice(bytes.byteOffset + offset, bytes.byteOffset + offset + length);
+  const int8Ranges = manifest.int8_embeddings;
+  if (manifest.embeddings === "int8" && int8Ranges?.weight) {
+    const [weightAt, weightLength] = int8Ranges.weight;
+    const [scaleAt, scaleLength] = int8Ranges.scale;
+    if (weightLength !== vocab * hidden || scaleLength !== vocab * 4) throw new Error("embeddings: wrong shape");
+    return { weight: new Int8Array(copy(weightAt, weightLength)), scale: new Float32Array(copy(scaleAt, scaleLength)), hidden, vocab };
+  }
   const int4 = manifest.int4_embeddings;
   if (manifest.embeddings === "int4" && int4?.weight) {
     const blocks = Math.ceil(hidden / int4.block_size);
     const [weightAt, weightLength] = int4.weight;
     const [scaleAt, scaleLength] = int4.scale;
     if (weightLength !== (vocab * blocks * int4.block_size) / 2 || scaleLength !== vocab * blocks * 4) throw new Error("embeddings: wrong shape");
-    const copy = (offset, length) => bytes.buffer.slice(bytes.byteOffset + offset, bytes.byteOffset + offset + length);
     return { weight: new Uint8Array(copy(weightAt, weightLength)), scale: new Float32Array(copy(scaleAt, scaleLength)), hidden, blockSize: int4.block_size };
   }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
