@@ -209,6 +209,18 @@ def test_the_command_exports_a_model_directory(image_dependent_model_dir, ort_we
     assert "NOTES.md" in capsys.readouterr().err and (out / "NOTES.md").read_text() == "mine"
 
 
+def test_a_bad_manifest_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="not a prefixcap web export"):
+        read_web_manifest(tmp_path)
+    manifest = tmp_path / WEB_MANIFEST
+    manifest.write_text('{"format": "another"}')
+    with pytest.raises(UserError, match="format is not 'prefixcap-web'"):
+        read_web_manifest(tmp_path)
+    manifest.write_text(json.dumps({"format": "prefixcap-web", "format_version": 1, "padding": "x" * (1 << 22)}))
+    with pytest.raises(UserError, match=r"cannot read .* over the 4,194,304-byte limit"):
+        read_web_manifest(tmp_path)
+
+
 def copy_of(source: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(source, tmp_path / "copy"))
 

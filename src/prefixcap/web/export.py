@@ -42,10 +42,12 @@ from prefixcap.model.hf_loading import read_safetensors
 from prefixcap.onnx.export import INT4_BLOCK_SIZE, dequantize_int4, export_onnx, int4_blocks
 from prefixcap.onnx.manifest import is_onnx_export, read_manifest
 from prefixcap.system.atomic import atomic_dir, check_output_dir
+from prefixcap.system.files import read_regular
 from prefixcap.web import ort_web
 
 FORMAT, FORMAT_VERSION = "prefixcap-web", 1
 WEB_MANIFEST = "prefixcap_web.json"
+MAX_MANIFEST_BYTES = 1 << 22  # shapes, preprocessing tables and ids: far less, even for a large vocabulary
 WEB_DIRECTORY = "prefixcap web export"
 STATIC_DIR = Path(__file__).with_name("static")
 PAGE_FILES = ("index.html", "page.js", "captioner.js", "preprocess.js", "search.js", "text.js")
@@ -70,7 +72,7 @@ def read_web_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{directory}: not a {WEB_DIRECTORY} (no {WEB_MANIFEST}; `prefixcap export web` writes one)")
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"{path}: cannot read the web export's manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
