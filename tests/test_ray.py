@@ -415,6 +415,8 @@ def test_changed_model_files_redo_everything_on_a_local_cluster_that_leaves_no_p
     parts = {path.name for path in (job["out"] / "parts").iterdir()}
     assert parts.isdisjoint(old_parts) and len(parts) == summary["parts"]  # the old model's parts are gone
     assert dict(shard_records(job["out"], "parquet")) == job["reference"]
+    rerun = subprocess.run(command, capture_output=True, env=env, text=True)  # starts no cluster
+    assert rerun.returncode == 0 and f"none in this run: its {summary['parts']} part(s) were written" in rerun.stderr
 
 
 def write_dataset(root: Path, num_images: int) -> Path:

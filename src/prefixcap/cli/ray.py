@@ -138,10 +138,14 @@ def _caption_to_shards(captioner, request, args: argparse.Namespace, fmt: str) -
             captioner, sources, output, request, fmt=fmt, part_size=args.part_size, batch_size=args.batch_size,
             input_failures=missing, progress=bar, on_failure=report_failure,
         )  # fmt: skip
+    this_run = (
+        f"{summary.images_this_run} in this run, at {summary.images_per_second:.2f} images/s on {summary.processes} actor(s)"
+        if summary.images_this_run
+        else f"none in this run: its {summary.parts} part(s) were written before"
+    )
     print(
-        f"{summary.captioned} of {summary.images} images captioned ({summary.failed} failed; "
-        f"{summary.images_this_run} in this run, at {summary.images_per_second:.2f} images/s on "
-        f"{summary.processes} actor(s)); wrote {summary.output}",
+        f"{summary.captioned} of {summary.images} images captioned ({summary.failed} failed; {this_run}); "
+        f"wrote {summary.output}",
         file=sys.stderr,
     )
     return 0
