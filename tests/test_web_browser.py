@@ -160,13 +160,19 @@ def test_the_page_captions_many_files_without_a_request(web_exports, onnx_export
     assert requests == []  # nothing uploaded, nothing fetched: everything after load ran in the page
 
 
-def test_int8_tokens_agree_with_python(web_exports, python_models, images):  # noqa: F811
-    model = python_models["int8"]
+def quantized_tokens(precision: str, web_dir: Path, model: OnnxCaptionModel, images) -> tuple[list, list]:
+    """(Python ONNX Runtime's tokens, the browser's) for a quantized export, greedy then beam 3;
+    the export runs on WASM, and the images give distinct captions."""
     expected = python_tokens(model, images) + python_tokens(model, images, num_beams=3)
     assert len({str(rows) for rows in expected}) >= MIN_DISTINCT_CAPTIONS
-    with serve_folder(web_exports["int8"]) as url, loaded_page(url) as (page, _):
-        assert page.evaluate("[captioner.info.backend, captioner.info.precision]") == ["wasm", "int8"]
+    with serve_folder(web_dir) as url, loaded_page(url) as (page, _):
+        assert page.evaluate("[captioner.info.backend, captioner.info.precision]") == ["wasm", precision]
         got = browser_tokens(page, images, numBeams=1) + browser_tokens(page, images, numBeams=3)
+    return expected, got
+
+
+def test_int8_tokens_agree_with_python(web_exports, python_models, images):  # noqa: F811
+    expected, got = quantized_tokens("int8", web_exports["int8"], python_models["int8"], images)
     agreement = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
     assert agreement >= INT8_AGREEMENT, f"{agreement:.0%} of int8 captions agree"
 
@@ -253,12 +259,7 @@ def test_a_llama_family_model_gives_the_same_tokens(llama_web_export, images):
 
 
 def test_int4_tokens_equal_python_and_mostly_agree_with_float32(web_exports, python_models, images):  # noqa: F811
-    model = python_models["int4"]
-    expected = python_tokens(model, images) + python_tokens(model, images, num_beams=3)
-    assert len({str(rows) for rows in expected}) >= MIN_DISTINCT_CAPTIONS
-    with serve_folder(web_exports["int4"]) as url, loaded_page(url) as (page, _):
-        assert page.evaluate("[captioner.info.backend, captioner.info.precision]") == ["wasm", "int4"]
-        got = browser_tokens(page, images, numBeams=1) + browser_tokens(page, images, numBeams=3)
+    expected, got = quantized_tokens("int4", web_exports["int4"], python_models["int4"], images)
     assert got == expected
     float32 = python_models["float32"]
     reference = python_tokens(float32, images) + python_tokens(float32, images, num_beams=3)
